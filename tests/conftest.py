@@ -1,0 +1,100 @@
+"""Fixtures: tiny random models of each supported architecture, saved as real Hugging Face folders."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMOLLM2_TOKENIZER = SHARED_DATA / "tokenizers" / "smollm2-135m-instruct"
+TINY_VOCAB = 49152  # the SmolLM2 tokenizer's, so tiny models can be driven with real text
+
+TINY_CONFIGS = {
+    "llama": dict(tie_word_embeddings=True),
+    "llama3-rope": dict(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,  # puts one frequency in the blended band
+        },
+        rope_theta=500000.0,
+    ),
+    "qwen2": dict(),
+    "qwen3": dict(head_dim=32),
+    "mistral": dict(sliding_window=24),
+}
+
+
+def _hf_class_and_config(name: str):  # noqa: ANN202 (transformers types)
+    import transformers as tf
+
+    family = name.split("-")[0].replace("llama3", "llama")
+    config_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+    }[family]
+    config = config_cls(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        **TINY_CONFIGS[name],
+    )
+    config._attn_implementation = "eager"
+    return model_cls, config
+
+
+def make_tiny_hf_model(name: str, seed: int = 0):  # noqa: ANN201
+    """A transformers model with every parameter random (biases and norms included, so none is inert).
+
+    Large q/k weights make attention sharp, so a wrong position, mask or rotary frequency moves the logits
+    well past the test tolerance instead of being averaged away.
+    """
+    model_cls, config = _hf_class_and_config(name)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            param.normal_(0.0, 0.5 if ("q_proj" in param_name or "k_proj" in param_name) else 0.08)
+    return model
+
+
+def save_tiny_model(name: str, folder: Path) -> Path:
+    make_tiny_hf_model(name).save_pretrained(folder)
+    for file in SMOLLM2_TOKENIZER.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_folder(tiny_arch: str, tmp_path: Path) -> Path:
+    return save_tiny_model(tiny_arch, tmp_path / tiny_arch)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # converted models are shared across tests; nothing is written to the user's real cache
+    monkeypatch.setenv("WARMKV_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "warmkv-cache"))

@@ -1,0 +1,94 @@
+"""Our runner's logits equal transformers' on the same weights, for every way KV reaches attention.
+
+Tolerance: float32 throughout, |ours - theirs| <= 1e-4 + 1e-4 * |theirs| per logit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from warmkv.engine.kv_pool import KVPool
+from warmkv.engine.model_runner import ForwardItem, ModelRunner
+from warmkv.models.config import ModelConfig
+from warmkv.models.loader import _read_json, _read_weights, build_module
+
+from ..conftest import make_tiny_hf_model
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+BLOCK = 8
+PROMPT_LEN = 45  # not a multiple of the block size; past the Mistral sliding window
+
+
+def _runner(folder: Path) -> ModelRunner:
+    config = ModelConfig.from_hf(_read_json(folder / "config.json"))
+    cpu = torch.device("cpu")
+    module = build_module(config, _read_weights(folder, cpu, torch.float32), cpu, torch.float32)
+    pool = KVPool(config.num_layers, 64, BLOCK, config.num_kv_heads, config.head_dim, torch.float32, cpu)
+    return ModelRunner(module, pool)
+
+
+def _blocks_for(runner: ModelRunner, tokens: int) -> list[int]:
+    return runner.pool.allocate(-(-tokens // BLOCK))
+
+
+@pytest.fixture
+def case(tiny_arch: str, tiny_folder: Path) -> tuple[ModelRunner, list[int], torch.Tensor]:
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 49152, (PROMPT_LEN,)).tolist()
+    with torch.no_grad():
+        reference = make_tiny_hf_model(tiny_arch)(torch.tensor([prompt])).logits[0].float()
+    return _runner(tiny_folder), prompt, reference
+
+
+def test_one_shot_prefill_matches(case: tuple[ModelRunner, list[int], torch.Tensor]) -> None:
+    runner, prompt, reference = case
+    (logits,) = runner.forward([ForwardItem(prompt, 0, _blocks_for(runner, len(prompt)), all_logits=True)])
+    torch.testing.assert_close(logits, reference, **TOL)
+
+
+def test_chunked_prefill_matches(case: tuple[ModelRunner, list[int], torch.Tensor]) -> None:
+    runner, prompt, reference = case
+    blocks = _blocks_for(runner, len(prompt))
+    chunks = [
+        runner.forward([ForwardItem(prompt[start : start + 7], start, blocks, all_logits=True)])[0]
+        for start in range(0, len(prompt), 7)
+    ]
+    torch.testing.assert_close(torch.cat(chunks), reference, **TOL)
+
+
+def test_prefill_on_shared_blocks_matches(case: tuple[ModelRunner, list[int], torch.Tensor]) -> None:
+    runner, prompt, reference = case
+    shared_tokens = 4 * BLOCK
+    owner_blocks = _blocks_for(runner, shared_tokens)
+    runner.forward([ForwardItem(prompt[:shared_tokens], 0, owner_blocks)])
+    for block in owner_blocks:  # a second sequence takes the prefix by reference, not by copy
+        runner.pool.incref(block)
+    blocks = owner_blocks + runner.pool.allocate(-(-(len(prompt) - shared_tokens) // BLOCK))
+    (logits,) = runner.forward([ForwardItem(prompt[shared_tokens:], shared_tokens, blocks, all_logits=True)])
+    torch.testing.assert_close(logits, reference[shared_tokens:], **TOL)
+    assert [runner.pool.ref_counts[b] for b in owner_blocks] == [2] * 4
+
+
+def test_decode_matches(case: tuple[ModelRunner, list[int], torch.Tensor]) -> None:
+    runner, prompt, reference = case
+    blocks = _blocks_for(runner, len(prompt))
+    start = len(prompt) - 6
+    runner.forward([ForwardItem(prompt[:start], 0, blocks)])
+    for position in range(start, len(prompt)):
+        (logits,) = runner.forward([ForwardItem([prompt[position]], position, blocks)])
+        torch.testing.assert_close(logits[0], reference[position], **TOL)
+
+
+def test_mixed_batch_matches(case: tuple[ModelRunner, list[int], torch.Tensor]) -> None:
+    """A decode step and another sequence's prefill chunk in one forward pass do not disturb each other."""
+    runner, prompt, reference = case
+    first, second = _blocks_for(runner, len(prompt)), _blocks_for(runner, len(prompt))
+    runner.forward([ForwardItem(prompt[:-1], 0, first)])
+    decoded, prefilled = runner.forward(
+        [ForwardItem(prompt[-1:], len(prompt) - 1, first), ForwardItem(prompt, 0, second, all_logits=True)]
+    )
+    torch.testing.assert_close(decoded[0], reference[-1], **TOL)
+    torch.testing.assert_close(prefilled, reference, **TOL)

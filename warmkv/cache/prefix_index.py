@@ -1,0 +1,79 @@
+"""Token-keyed prefix index over the KV pool (the live tier).
+
+Each full block is keyed by a hash chained over every token before it, so a key names the whole prefix,
+not only the block's own tokens. The index is one more holder of a block's reference: a block the index
+keeps stays intact after its sequences finish, and only blocks that no sequence holds are evicted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from warmkv.engine.kv_pool import KVPool
+
+
+def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    digest = hashlib.blake2b(parent, digest_size=16)
+    digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    return digest.digest()
+
+
+class PrefixIndex:
+    def __init__(self, pool: KVPool, model_fingerprint: str) -> None:
+        self._pool = pool
+        self._fingerprint = model_fingerprint
+        self._blocks: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        pool.reclaim = self.evict_one
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def root(self, namespace: str) -> bytes:
+        """Parent of a chain's first block: keys differ between models and between namespaces."""
+        return hashlib.blake2b(f"{self._fingerprint}\0{namespace}".encode(), digest_size=16).digest()
+
+    def chain(self, namespace: str, token_ids: Sequence[int]) -> list[bytes]:
+        """Keys of every full block of token_ids."""
+        size = self._pool.block_size
+        keys, parent = [], self.root(namespace)
+        for start in range(0, len(token_ids) - size + 1, size):
+            parent = block_hash(parent, token_ids[start : start + size])
+            keys.append(parent)
+        return keys
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        """Blocks of the longest run of leading keys present; each gains a reference for the caller."""
+        blocks = []
+        for key in keys:
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            self._pool.incref(block)
+            blocks.append(block)
+        self.touch(keys[: len(blocks)])
+        return blocks
+
+    def insert(self, key: bytes, block: int) -> None:
+        if key not in self._blocks:
+            self._pool.incref(block)
+            self._blocks[key] = block
+
+    def touch(self, keys: list[bytes]) -> None:
+        # tail first, so a chain's later blocks are evicted before the prefix they depend on
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+
+    def evict_one(self) -> bool:
+        for key, block in self._blocks.items():
+            if self._pool.ref_counts[block] == 1:  # held by the index alone
+                del self._blocks[key]
+                self._pool.decref(block)
+                return True
+        return False
+
+    def clear(self) -> None:
+        while self.evict_one():
+            pass

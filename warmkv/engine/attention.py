@@ -1,0 +1,76 @@
+"""Attention over the paged KV pool: new K/V are written to their slots, then each sequence attends
+to its whole context read back through its block table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class SequenceSlice:
+    """One sequence's share of a batched forward pass."""
+
+    query_start: int  # first row of this sequence in the flattened batch
+    query_len: int  # new tokens computed this step
+    context_slots: torch.Tensor  # [context_len] pool slots of every token attended to, new ones included
+    mask: torch.Tensor | None  # [query_len, context_len] bool, None when no masking is needed
+    is_whole: bool  # the context is exactly this step's tokens: attend to them directly, causally
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # [tokens]: where each new token's K/V is stored
+    sequences: list[SequenceSlice]
+
+
+def build_mask(
+    query_len: int, context_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Causal mask for queries that are the last `query_len` positions of a `context_len` context."""
+    if query_len == 1 and (sliding_window is None or context_len <= sliding_window):
+        return None
+    query_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
+    key_pos = torch.arange(context_len, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if sliding_window is not None:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+def paged_attention(
+    q: torch.Tensor,  # [tokens, heads, head_dim]
+    k: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [slots, kv_heads, head_dim] of one layer
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    k_cache[batch.slot_mapping] = k
+    v_cache[batch.slot_mapping] = v
+    if len(batch.sequences) == 1 and batch.sequences[0].is_whole:
+        return _attend(q, k, v, batch.sequences[0], scale)
+    out = torch.empty_like(q)
+    for seq in batch.sequences:
+        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+        out[rows] = _attend(q[rows], k_cache[seq.context_slots], v_cache[seq.context_slots], seq, scale)
+    return out
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceSlice, scale: float
+) -> torch.Tensor:
+    causal = seq.is_whole and seq.mask is None and seq.query_len > 1
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=None if causal else seq.mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.transpose(0, 1)

@@ -1,0 +1,50 @@
+"""Engine settings: one dataclass, built from CLI flags; defaults live here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from warmkv.errors import WarmkvError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None  # folder or .gguf; None is the default model
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16
+    block_size: int = 16  # tokens per KV block
+    kv_pool_tokens: int | None = None  # pool size in tokens ...
+    kv_pool_gib: float | None = None  # ... or in GiB; neither: 2 GiB on CPU, 85% of free memory on CUDA
+    max_batch_tokens: int = 512  # tokens computed per step: bounds a prefill chunk
+    max_num_seqs: int = 32  # sequences decoding together
+    max_model_len: int | None = None  # context window; default: the model's
+    prefix_cache: bool = True
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise WarmkvError(f"--device {self.device}: CUDA is not available on this machine")
+        return device
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise WarmkvError(f"--dtype {self.dtype}: choose one of auto, {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+    def pool_bytes(self, device: torch.device) -> int | None:
+        """Pool size in bytes when given in GiB or by default; None when given in tokens."""
+        if self.kv_pool_tokens is not None:
+            return None
+        if self.kv_pool_gib is not None:
+            return int(self.kv_pool_gib * 2**30)
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0] * 0.85)
+        return 2 * 2**30

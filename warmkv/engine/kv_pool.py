@@ -1,0 +1,72 @@
+"""The paged KV pool: preallocated K/V slots per device, handed out in fixed-size blocks.
+
+A block's reference count is the number of holders (running sequences, the prefix index) that rely on
+its contents; a block returns to the free list only when the count drops to zero, so KV shared by many
+sequences is never overwritten while one of them still reads it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from warmkv.errors import PoolExhausted
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        # asked for one block when none is free; returns False when nothing can be reclaimed
+        self.reclaim: Callable[[], bool] = lambda: False
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        while len(self._free) < count:
+            if not self.reclaim():
+                raise PoolExhausted(
+                    f"KV pool exhausted: {count} blocks wanted, {len(self._free)} free of {self.num_blocks}"
+                )
+        blocks = [self._free.popleft() for _ in range(count)]
+        for block in blocks:
+            self.ref_counts[block] = 1
+        return blocks
+
+    def incref(self, block: int) -> None:
+        assert self.ref_counts[block] > 0, "only a held block can gain holders"
+        self.ref_counts[block] += 1
+
+    def decref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0
+        if self.ref_counts[block] == 0:
+            self._free.append(block)
+
+    def slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat slot indices of token positions [start, end) of a sequence with these blocks."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
+        return (blocks * self.block_size + positions % self.block_size).to(self.k.device)

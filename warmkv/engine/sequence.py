@@ -1,0 +1,41 @@
+"""A request's state inside the engine: its tokens, its block table and how far its KV is computed."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from warmkv.engine.detokenizer import IncrementalDetokenizer
+from warmkv.engine.sampling import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # end-of-sequence token, stop token id or stop string
+    LENGTH = "length"  # max_tokens or the context window reached
+    ABORT = "abort"  # cancelled by the caller
+
+
+@dataclass(slots=True, eq=False)  # identity, not field equality: two requests may look alike
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt, then generated tokens as they come
+    num_prompt_tokens: int
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    cache_namespace: str = ""
+    block_ids: list[int] = field(default_factory=list)  # the block table
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-index keys of the leading full blocks
+    num_computed: int = 0  # leading tokens whose KV is stored in block_ids
+    num_cached: int = 0  # prompt tokens whose KV was reused rather than computed
+    finish_reason: FinishReason | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed

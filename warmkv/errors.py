@@ -1,0 +1,25 @@
+"""Errors a user can act on. Each is mapped once to an HTTP status (server) and an exit message (CLI)."""
+
+
+class WarmkvError(Exception):
+    """Base class: the message is written for the user."""
+
+
+class ModelLoadError(WarmkvError):
+    """A model folder or GGUF file is missing, incomplete, corrupt or unsupported."""
+
+
+class UnsupportedArchitecture(ModelLoadError):
+    """The model's architecture is not one warmkv implements."""
+
+
+class ContextOverflow(WarmkvError):
+    """A prompt (plus the requested completion) does not fit the context window."""
+
+
+class PoolExhausted(WarmkvError):
+    """The KV block pool has no free block left, even after evicting unreferenced cached blocks."""
+
+
+class InvalidRequest(WarmkvError):
+    """Request parameters that no model could honour (negative max_tokens, top_p > 1, ...)."""

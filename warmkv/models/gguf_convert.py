@@ -1,0 +1,158 @@
+"""Convert a GGUF file into a Hugging Face model folder: config, de-quantised float32 weights, tokenizer.
+
+The conversion runs once per file; the folder it writes then loads like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from warmkv.errors import ModelLoadError, UnsupportedArchitecture
+
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Write out_dir atomically: a half-converted folder never appears under its final name."""
+    import gguf  # imported here: only conversion needs it
+
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as err:  # the reader raises many kinds on a damaged file
+        raise ModelLoadError(f"{gguf_path} is not a readable GGUF file: {err}") from err
+    hf_config = gguf_hf_config(reader)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(_hf_tensors(reader, hf_config, gguf), str(staging / "model.safetensors"))
+        _write_tokenizer(gguf_path, staging)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def gguf_hf_config(reader: Any) -> dict[str, Any]:
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"GGUF architecture {arch!r} is not supported; warmkv runs {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    tensor_names = {t.name for t in reader.tensors}
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise ModelLoadError("GGUF file has no token_embd.weight tensor")
+    heads = _field(reader, f"{arch}.attention.head_count")
+    hidden = _field(reader, f"{arch}.embedding_length")
+    config: dict[str, Any] = {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": int(embedding.shape[1]),
+        "hidden_size": hidden,
+        "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _field(reader, f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": _field(reader, f"{arch}.attention.key_length", hidden // heads),
+        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "max_position_embeddings": _field(reader, f"{arch}.context_length", 4096),
+        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id", None),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
+        "torch_dtype": "float32",
+    }
+    if _field(reader, f"{arch}.rope.scaling.type", "none") == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
+    if "rope_freqs.weight" in tensor_names:
+        raise UnsupportedArchitecture("GGUF with a rope_freqs tensor (llama3 rope scaling) is not supported")
+    return config
+
+
+def _hf_tensors(reader: Any, config: dict[str, Any], gguf: Any) -> dict[str, np.ndarray]:
+    # llama.cpp interleaves the rotary halves of q/k rows for Llama models; undo it for rotate-half
+    permuted = config["model_type"] == "llama"
+    tensors = {}
+    for tensor in tqdm(reader.tensors, desc="converting GGUF tensors", unit="tensor"):
+        name = _hf_name(tensor.name)
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        weights = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        weights = weights.reshape(shape)
+        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+            weights = _unpermute(weights, config["num_attention_heads"])
+        elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+            weights = _unpermute(weights, config["num_key_value_heads"])
+        tensors[name] = np.ascontiguousarray(weights)
+    return tensors
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if not match or match.group(2) not in _LAYER_NAMES:
+        raise UnsupportedArchitecture(f"GGUF tensor {gguf_name!r} has no place in the Llama-family model")
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
+    half = weights.shape[0] // heads // 2
+    return weights.reshape(heads, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as err:
+        raise ModelLoadError(f"the tokenizer in {gguf_path} could not be converted: {err}") from err
+    tokenizer.save_pretrained(str(out_dir))
+
+
+_MISSING = object()
+
+
+def _field(reader: Any, key: str, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise ModelLoadError(f"GGUF metadata lacks {key}")
+        return default
+    value = field.contents()
+    return value.item() if hasattr(value, "item") else value
+

