@@ -30,7 +30,7 @@ TINY_CONFIGS = {
 }
 
 
-def _hf_class_and_config(name: str):  # noqa: ANN202 (transformers types)
+def _hf_class_and_config(name: str):
     import transformers as tf
 
     family = name.split("-")[0].replace("llama3", "llama")
@@ -57,7 +57,7 @@ def _hf_class_and_config(name: str):  # noqa: ANN202 (transformers types)
     return model_cls, config
 
 
-def make_tiny_hf_model(name: str, seed: int = 0):  # noqa: ANN201
+def make_tiny_hf_model(name: str, seed: int = 0):
     """A transformers model with every parameter random (biases and norms included, so none is inert).
 
     Large q/k weights make attention sharp, so a wrong position, mask or rotary frequency moves the logits

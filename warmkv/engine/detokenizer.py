@@ -22,7 +22,7 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(self._ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
-        """Append one token; return the newly released text (may be empty). Sets `stopped` on a stop string."""
+        """Append a token; return the newly released text (maybe empty). Sets `stopped` on a stop string."""
         self._ids.append(token_id)
         text = self.text
         for stop in self._stop:

@@ -43,14 +43,24 @@ class LLMEngine:
         if num_blocks < 2:
             raise InvalidRequest(f"the KV pool holds {pool_tokens} tokens: too small for one block of two")
         self.pool = KVPool(
-            cfg.num_layers, num_blocks, config.block_size, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device
+            cfg.num_layers,
+            num_blocks,
+            config.block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            model.dtype,
+            model.device,
         )
         self.runner = ModelRunner(model.module, self.pool)
         fingerprint = f"{model.folder}:{model.dtype}:{config.block_size}"
         self.prefix_index = PrefixIndex(self.pool, fingerprint) if config.prefix_cache else None
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size)
+        self.max_model_len = min(
+            config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
+        )
         tokenizer_eos = model.tokenizer.eos_token_id
-        self.eos_token_ids = set(cfg.eos_token_ids) | ({tokenizer_eos} if tokenizer_eos is not None else set())
+        self.eos_token_ids = set(cfg.eos_token_ids) | (
+            {tokenizer_eos} if tokenizer_eos is not None else set()
+        )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
@@ -112,7 +122,9 @@ class LLMEngine:
         if not plan:
             return []
         items = [
-            ForwardItem(seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed, seq.block_ids)
+            ForwardItem(
+                seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed, seq.block_ids
+            )
             for seq, n in plan
         ]
         logits = self.runner.forward(items)
@@ -204,7 +216,9 @@ class LLMEngine:
             return StepOutput(seq, "", [], finished=True)
         token = sample(logits, params, seq.generator)  # type: ignore[arg-type]
         seq.token_ids.append(token)
-        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        is_stop_token = token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.eos_token_ids
+        )
         text = "" if is_stop_token else seq.detokenizer.add(token)
         if is_stop_token or seq.detokenizer.stopped:
             self._finish(seq, FinishReason.STOP)

@@ -41,7 +41,11 @@ class ModelRunner:
         rows, offset = [], 0
         for item in items:
             offset += len(item.token_ids)
-            rows.append(hidden[offset - len(item.token_ids) : offset] if item.all_logits else hidden[offset - 1 : offset])
+            rows.append(
+                hidden[offset - len(item.token_ids) : offset]
+                if item.all_logits
+                else hidden[offset - 1 : offset]
+            )
         return [self.module.logits(r) for r in rows]
 
     def _slices(self, items: list[ForwardItem]) -> list[SequenceSlice]:

@@ -82,7 +82,9 @@ def _sliding_window_of(hf: dict[str, Any]) -> int | None:
     if hf.get("model_type") in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         return None
     if hf.get("use_sliding_window") and hf.get("max_window_layers", 0) < hf.get("num_hidden_layers", 0):
-        raise UnsupportedArchitecture("sliding window on only some layers (max_window_layers) is not supported")
+        raise UnsupportedArchitecture(
+            "sliding window on only some layers (max_window_layers) is not supported"
+        )
     return hf.get("sliding_window")
 
 

@@ -96,7 +96,10 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "torch_dtype": "float32",
     }
     if _field(reader, f"{arch}.rope.scaling.type", "none") == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
+        config["rope_scaling"] = {
+            "rope_type": "linear",
+            "factor": _field(reader, f"{arch}.rope.scaling.factor"),
+        }
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedArchitecture("GGUF with a rope_freqs tensor (llama3 rope scaling) is not supported")
     return config
@@ -155,4 +158,3 @@ def _field(reader: Any, key: str, default: Any = _MISSING) -> Any:
         return default
     value = field.contents()
     return value.item() if hasattr(value, "item") else value
-

@@ -88,7 +88,7 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> Lo
     config = ModelConfig.from_hf(_read_json(folder / "config.json"))
     module = build_module(config, _read_weights(folder, device, dtype), device, dtype)
     return LoadedModel(
-        name=spec and Path(spec).name or "SmolLM2-135M-Instruct",
+        name=Path(spec).stem if spec else "SmolLM2-135M-Instruct",
         folder=folder,
         config=config,
         module=module,

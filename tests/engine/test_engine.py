@@ -1,0 +1,131 @@
+"""The engine loop as a caller sees it: tokens out, cached-token counts, stops, batching, eviction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.engine.sampling import SamplingParams
+from warmkv.engine.sequence import FinishReason
+from warmkv.errors import ContextOverflow, InvalidRequest
+from warmkv.models.loader import load_model
+
+PROMPT = list(range(1000, 1050))  # 50 tokens: three full blocks of 16 and a partial one
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_folder: Path):
+    return load_model(str(tiny_llama_folder), torch.device("cpu"), torch.float32)
+
+
+def engine_for(model, **overrides) -> LLMEngine:
+    return LLMEngine(model, EngineConfig(kv_pool_tokens=4096, **overrides))
+
+
+def run(engine: LLMEngine, prompt: list[int], **params) -> tuple[list[int], str, object]:
+    outputs = list(engine.generate(prompt, SamplingParams(**params)))
+    seq = outputs[-1].sequence
+    return seq.output_ids, "".join(o.text for o in outputs), seq
+
+
+def test_extending_request_reuses_cached_blocks_with_identical_output(tiny_model) -> None:
+    cold = engine_for(tiny_model, prefix_cache=False)
+    warm = engine_for(tiny_model)
+    first_ids, _, first = run(warm, PROMPT, max_tokens=8, ignore_eos=True)
+    assert first.num_cached == 0
+    follow_up = PROMPT + first_ids + list(range(2000, 2010))
+    ids, _, seq = run(warm, follow_up, max_tokens=8, ignore_eos=True)
+    # the 50 prompt tokens + 7 computed outputs fill 3 blocks; block granularity caps the hit at 48
+    assert seq.num_cached == 48
+    assert ids == run(cold, follow_up, max_tokens=8, ignore_eos=True)[0]
+
+
+def test_fully_cached_prompt_still_computes_its_last_token(tiny_model) -> None:
+    engine = engine_for(tiny_model)
+    prompt = PROMPT[:48]  # exactly three blocks
+    first, _, _ = run(engine, prompt, max_tokens=4, ignore_eos=True)
+    again, _, seq = run(engine, prompt, max_tokens=4, ignore_eos=True)
+    assert seq.num_cached == 32 and again == first
+
+
+def test_prefill_only_request_caches_the_prompt(tiny_model) -> None:
+    engine = engine_for(tiny_model)
+    ids, _, seq = run(engine, PROMPT, max_tokens=0)
+    assert ids == [] and seq.finish_reason is FinishReason.LENGTH
+    assert run(engine, [*PROMPT, 7, 8], max_tokens=1)[2].num_cached == 48
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny_model) -> None:
+    whole = run(engine_for(tiny_model, prefix_cache=False), PROMPT, max_tokens=10, ignore_eos=True)[0]
+    chunked = run(
+        engine_for(tiny_model, prefix_cache=False, max_batch_tokens=7), PROMPT, max_tokens=10, ignore_eos=True
+    )
+    assert chunked[0] == whole
+
+
+def test_concurrent_requests_decode_together_without_interference(tiny_model) -> None:
+    prompts = [PROMPT, [*PROMPT[:20], 5, 6, 7], list(range(3000, 3033))]
+    alone = [run(engine_for(tiny_model), p, max_tokens=12, ignore_eos=True)[0] for p in prompts]
+    engine = engine_for(tiny_model)
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in prompts]
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+    assert [s.output_ids for s in seqs] == alone
+    assert steps < sum(len(ids) for ids in alone)  # decode steps were shared
+
+
+def test_tiny_pool_evicts_and_preempts_but_stays_exact(tiny_model) -> None:
+    prompts = [list(range(100 * i, 100 * i + 40)) for i in range(1, 6)]
+    roomy = [run(engine_for(tiny_model), p, max_tokens=20, ignore_eos=True)[0] for p in prompts]
+    engine = LLMEngine(tiny_model, EngineConfig(kv_pool_tokens=128, block_size=16))  # 8 blocks
+    seqs = [engine.add_request(p, SamplingParams(max_tokens=20, ignore_eos=True)) for p in prompts]
+    while engine.has_work:
+        engine.step()
+    assert [s.output_ids for s in seqs] == roomy
+    assert engine.pool.num_free + len(engine.prefix_index) == engine.pool.num_blocks  # nothing leaked
+
+
+def test_seed_makes_sampling_reproducible(tiny_model) -> None:
+    engine = engine_for(tiny_model)
+    params = dict(max_tokens=16, temperature=1.5, top_p=0.95, top_k=50, ignore_eos=True)
+    first = run(engine, PROMPT, seed=7, **params)[0]
+    assert run(engine, PROMPT, seed=7, **params)[0] == first
+    assert run(engine, PROMPT, seed=8, **params)[0] != first
+
+
+def test_top_k_one_is_greedy(tiny_model) -> None:
+    engine = engine_for(tiny_model)
+    greedy = run(engine, PROMPT, max_tokens=10, ignore_eos=True)[0]
+    assert run(engine, PROMPT, max_tokens=10, temperature=1.0, top_k=1, seed=3, ignore_eos=True)[0] == greedy
+
+
+def test_stop_string_ends_generation_and_is_not_returned(tiny_model) -> None:
+    engine = engine_for(tiny_model)
+    _, text, _ = run(engine, PROMPT, max_tokens=30, ignore_eos=True)
+    stop = text[10:14]
+    assert stop and text.find(stop) >= 10
+    _, stopped_text, seq = run(engine, PROMPT, max_tokens=30, ignore_eos=True, stop=[stop])
+    assert stopped_text == text[: text.find(stop)]
+    assert seq.finish_reason is FinishReason.STOP
+
+
+def test_stop_token_id_and_max_tokens(tiny_model) -> None:
+    engine = engine_for(tiny_model)
+    ids, _, seq = run(engine, PROMPT, max_tokens=6, ignore_eos=True)
+    assert len(ids) == 6 and seq.finish_reason is FinishReason.LENGTH
+    ids_stopped, _, seq = run(engine, PROMPT, max_tokens=6, ignore_eos=True, stop_token_ids=[ids[3]])
+    assert ids_stopped == ids[: ids.index(ids[3]) + 1] and seq.finish_reason is FinishReason.STOP
+
+
+def test_prompt_past_context_window_is_refused(tiny_model) -> None:
+    engine = engine_for(tiny_model, max_model_len=64)
+    with pytest.raises(ContextOverflow, match="context window is 64 tokens; the prompt has 60"):
+        engine.add_request(list(range(60)), SamplingParams(max_tokens=10))
+    with pytest.raises(InvalidRequest):
+        SamplingParams(top_p=0)

@@ -1,0 +1,133 @@
+"""The `warmkv` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from warmkv.chat.template import encode, render_chat
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.sampling import SamplingParams
+from warmkv.errors import WarmkvError
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = EngineConfig()
+    group = parser.add_argument_group("model and engine")
+    group.add_argument(
+        "--model", help="model folder (Hugging Face layout) or .gguf file; default SmolLM2-135M-Instruct"
+    )
+    group.add_argument(
+        "--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default %(default)s)"
+    )
+    group.add_argument("--dtype", default=defaults.dtype, help="auto, float32, bfloat16 or float16")
+    group.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
+    pool = group.add_mutually_exclusive_group()
+    pool.add_argument("--kv-pool-tokens", type=int, help="KV pool size in tokens")
+    pool.add_argument(
+        "--kv-pool-gib", type=float, help="KV pool size in GiB (default 2 on CPU, 85%% of free GPU)"
+    )
+    group.add_argument(
+        "--max-batch-tokens", type=int, default=defaults.max_batch_tokens, help="tokens per step"
+    )
+    group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per batch")
+    group.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    group.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt in full")
+
+
+def engine_config_from(args: argparse.Namespace) -> EngineConfig:
+    for flag in ("block_size", "max_batch_tokens", "max_num_seqs", "kv_pool_tokens", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        kv_pool_tokens=args.kv_pool_tokens,
+        kv_pool_gib=args.kv_pool_gib,
+        max_batch_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        prefix_cache=not args.no_prefix_cache,
+    )
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=256)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    group.add_argument("--top-p", type=float, default=1.0)
+    group.add_argument("--top-k", type=int, default=0)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from warmkv.engine.llm_engine import LLMEngine
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    engine = LLMEngine.from_config(engine_config_from(args))
+    tokenizer = engine.model.tokenizer
+    text = args.prompt if args.raw and args.prompt else render_chat(tokenizer, _messages(args))
+    for output in engine.generate(encode(tokenizer, text), params):
+        sys.stdout.write(output.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _messages(args: argparse.Namespace) -> list[dict]:
+    if args.messages:
+        try:
+            messages = json.loads(Path(args.messages).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise WarmkvError(f"--messages {args.messages}: {err}") from err
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise WarmkvError(
+                f"--messages {args.messages}: expected a JSON list of {{role, content}} objects"
+            )
+        return messages
+    if args.prompt is None:
+        raise WarmkvError("give a prompt (positional) or --messages FILE")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    return [*system, {"role": "user", "content": args.prompt}]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warmkv", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate from a prompt or a messages file, streaming")
+    generate.add_argument("prompt", nargs="?", help="the user message (or raw text with --raw)")
+    generate.add_argument("--messages", help="JSON file with a list of chat messages")
+    generate.add_argument("--system", help="system message to put before the prompt")
+    generate.add_argument(
+        "--raw", action="store_true", help="send the prompt as it is, without the chat template"
+    )
+    add_engine_flags(generate)
+    add_sampling_flags(generate)
+    generate.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except WarmkvError as err:
+        sys.exit(f"warmkv: error: {err}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
