@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(
+    os.environ.get("WARMKV_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 SMOLLM2_TOKENIZER = SHARED_DATA / "tokenizers" / "smollm2-135m-instruct"
 TINY_VOCAB = 49152  # the SmolLM2 tokenizer's, so tiny models can be driven with real text
 

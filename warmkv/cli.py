@@ -35,6 +35,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per batch")
     group.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     group.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt in full")
+    group.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
@@ -53,6 +54,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
         prefix_cache=not args.no_prefix_cache,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
 

@@ -129,3 +129,16 @@ def test_prompt_past_context_window_is_refused(tiny_model) -> None:
         engine.add_request(list(range(60)), SamplingParams(max_tokens=10))
     with pytest.raises(InvalidRequest):
         SamplingParams(top_p=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_eager_across_buckets(tiny_llama_folder: Path) -> None:
+    model = load_model(str(tiny_llama_folder), torch.device("cuda"), torch.float32)
+    prompt = list(range(500, 740))  # decoding crosses the 256-token bucket boundary
+    graphed = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False))
+    eager = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False, cuda_graphs=False))
+    assert graphed.runner.decode_graphs is not None
+    tokens = run(graphed, prompt, max_tokens=40, ignore_eos=True)[0]
+    assert tokens == run(eager, prompt, max_tokens=40, ignore_eos=True)[0]
+    assert sorted(graphed.runner.decode_graphs._graphs) == [256, 512]

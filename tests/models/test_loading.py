@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -67,6 +66,8 @@ def test_default_model_logits_match_transformers_gguf_loader() -> None:
 
 def write_tiny_gguf(path: Path) -> torch.nn.Module:
     """A float32 GGUF of a tiny random Llama, laid out as llama.cpp writes it, with SmolLM2's tokenizer."""
+    import gguf
+
     hf = make_tiny_hf_model("llama")
     cfg = hf.config
     source = gguf.GGUFReader(default_gguf_path())

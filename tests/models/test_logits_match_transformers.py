@@ -1,6 +1,7 @@
 """Our runner's logits equal transformers' on the same weights, for every way KV reaches attention.
 
-Tolerance: float32 throughout, |ours - theirs| <= 1e-4 + 1e-4 * |theirs| per logit.
+Tolerance: float32 throughout, |ours - theirs| <= 1e-4 + 1e-4 * |theirs| per logit; the reference runs on
+the CPU, ours on the CPU and (where present) on CUDA.
 """
 
 from __future__ import annotations
@@ -22,12 +23,18 @@ BLOCK = 8
 PROMPT_LEN = 45  # not a multiple of the block size; past the Mistral sliding window
 
 
-def _runner(folder: Path) -> ModelRunner:
+def _runner(folder: Path, device: torch.device) -> ModelRunner:
     config = ModelConfig.from_hf(_read_json(folder / "config.json"))
-    cpu = torch.device("cpu")
-    module = build_module(config, _read_weights(folder, cpu, torch.float32), cpu, torch.float32)
-    pool = KVPool(config.num_layers, 64, BLOCK, config.num_kv_heads, config.head_dim, torch.float32, cpu)
+    module = build_module(config, _read_weights(folder, device, torch.float32), device, torch.float32)
+    pool = KVPool(config.num_layers, 64, BLOCK, config.num_kv_heads, config.head_dim, torch.float32, device)
     return ModelRunner(module, pool)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return torch.device(request.param)
 
 
 def _blocks_for(runner: ModelRunner, tokens: int) -> list[int]:
@@ -35,12 +42,14 @@ def _blocks_for(runner: ModelRunner, tokens: int) -> list[int]:
 
 
 @pytest.fixture
-def case(tiny_arch: str, tiny_folder: Path) -> tuple[ModelRunner, list[int], torch.Tensor]:
+def case(
+    tiny_arch: str, tiny_folder: Path, device: torch.device
+) -> tuple[ModelRunner, list[int], torch.Tensor]:
     torch.manual_seed(1)
     prompt = torch.randint(0, 49152, (PROMPT_LEN,)).tolist()
     with torch.no_grad():
-        reference = make_tiny_hf_model(tiny_arch)(torch.tensor([prompt])).logits[0].float()
-    return _runner(tiny_folder), prompt, reference
+        reference = make_tiny_hf_model(tiny_arch)(torch.tensor([prompt])).logits[0].float().to(device)
+    return _runner(tiny_folder, device), prompt, reference
 
 
 def test_one_shot_prefill_matches(case: tuple[ModelRunner, list[int], torch.Tensor]) -> None:

@@ -64,13 +64,14 @@ def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: SequenceSlice, scale: float
 ) -> torch.Tensor:
     causal = seq.is_whole and seq.mask is None and seq.query_len > 1
+    # [1, heads, tokens, head_dim]: the fused CPU and CUDA kernels want the batch dimension
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
         attn_mask=None if causal else seq.mask,
         is_causal=causal,
         scale=scale,
         enable_gqa=True,
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

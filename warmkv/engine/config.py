@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences decoding together
     max_model_len: int | None = None  # context window; default: the model's
     prefix_cache: bool = True
+    cuda_graphs: bool = True  # replay single-sequence decode steps as CUDA graphs (CUDA only)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -51,7 +51,7 @@ class LLMEngine:
             model.dtype,
             model.device,
         )
-        self.runner = ModelRunner(model.module, self.pool)
+        self.runner = ModelRunner(model.module, self.pool, config.cuda_graphs)
         fingerprint = f"{model.folder}:{model.dtype}:{config.block_size}"
         self.prefix_index = PrefixIndex(self.pool, fingerprint) if config.prefix_cache else None
         self.max_model_len = min(

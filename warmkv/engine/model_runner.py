@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from warmkv.engine.attention import AttentionBatch, SequenceSlice, build_mask
+from warmkv.engine.cuda_graphs import DecodeGraphs
 from warmkv.engine.kv_pool import KVPool
 from warmkv.models.llama import LlamaForCausalLM
 
@@ -22,15 +23,26 @@ class ForwardItem:
 
 
 class ModelRunner:
-    def __init__(self, module: LlamaForCausalLM, pool: KVPool) -> None:
+    def __init__(self, module: LlamaForCausalLM, pool: KVPool, cuda_graphs: bool = False) -> None:
         self.module = module
         self.pool = pool
         self.device = module.lm_head.weight.device
         self.sliding_window = module.config.sliding_window
+        self.decode_graphs = (
+            DecodeGraphs(module, pool) if cuda_graphs and self.device.type == "cuda" else None
+        )
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
         """Float32 logits per item: [1, vocab], or [new tokens, vocab] with all_logits."""
+        if (
+            self.decode_graphs
+            and len(items) == 1
+            and len(items[0].token_ids) == 1
+            and not items[0].all_logits
+        ):
+            item = items[0]
+            return [self.decode_graphs.forward(item.token_ids[0], item.start, item.block_ids)]
         input_ids = torch.tensor([t for item in items for t in item.token_ids], device=self.device)
         positions = torch.cat([torch.arange(i.start, i.start + len(i.token_ids)) for i in items])
         batch = AttentionBatch(
