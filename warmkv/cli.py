@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(generate)
     add_sampling_flags(generate)
     generate.set_defaults(handler=_generate)
+
+    from warmkv.server.serve import add_serve_flags, serve
+
+    serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_engine_flags(serve_parser)
+    add_serve_flags(serve_parser)
+    serve_parser.set_defaults(handler=serve)
     return parser
 
 

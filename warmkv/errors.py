@@ -23,3 +23,15 @@ class PoolExhausted(WarmkvError):
 
 class InvalidRequest(WarmkvError):
     """Request parameters that no model could honour (negative max_tokens, top_p > 1, ...)."""
+
+
+class UnknownModel(WarmkvError):
+    """The request names a model this server does not serve."""
+
+
+class QueueFull(WarmkvError):
+    """More requests are pending than the server's queue bound allows."""
+
+
+class EngineFailure(WarmkvError):
+    """The step that served a request failed; the request is lost, the server is not."""

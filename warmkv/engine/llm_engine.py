@@ -95,6 +95,11 @@ class LLMEngine:
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens == 0:
             raise InvalidRequest("the prompt is empty")
+        if prompt_tokens >= self.max_model_len:
+            raise ContextOverflow(
+                f"this model's context window is {self.max_model_len} tokens; the prompt has {prompt_tokens} "
+                "tokens, leaving no room for a completion"
+            )
         if prompt_tokens + max_tokens > self.max_model_len:
             raise ContextOverflow(
                 f"this model's context window is {self.max_model_len} tokens; the prompt has {prompt_tokens} "

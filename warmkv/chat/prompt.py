@@ -1,0 +1,52 @@
+"""From a chat request to the prompt text the model continues."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from warmkv.chat.messages import for_template
+from warmkv.chat.template import render_chat
+from warmkv.chat.tool_calls import ToolCallParser
+from warmkv.errors import InvalidRequest
+
+
+@dataclass(slots=True)
+class ChatPrompt:
+    text: str  # rendered conversation, ending with the assistant's turn opened (and any forced prefix)
+    forced_prefix: str  # start of the assistant's reply written by us, to force a tool call
+    forced_function: str | None  # tool_choice named this function: the reply is its arguments
+    tool_names: set[str]  # tool calls are read out of the reply when this is not empty
+
+
+def build_chat_prompt(
+    tokenizer: Any,
+    template: str,
+    parser: ToolCallParser,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+) -> ChatPrompt:
+    template_messages, template_tools = for_template(messages, tools, template, parser)
+    text = render_chat(tokenizer, template_messages, template_tools, chat_template=template)
+    prefix = _forced_prefix(tools, tool_choice, parser)
+    forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
+    names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()
+    return ChatPrompt(text + prefix, prefix, forced, names)
+
+
+def _forced_prefix(
+    tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None, parser: ToolCallParser
+) -> str:
+    """tool_choice required / named: open the call ourselves so the model can only complete it."""
+    if tool_choice in (None, "auto", "none"):
+        return ""
+    if not tools:
+        raise InvalidRequest("tool_choice asks for a tool call but the request has no tools")
+    if tool_choice == "required":
+        return f"{parser.start}\n"
+    name = tool_choice["function"]["name"]  # type: ignore[index]
+    if name not in {t["function"]["name"] for t in tools}:
+        raise InvalidRequest(f"tool_choice names the function {name!r}, which is not among the tools")
+    return f'{parser.start}\n{{"name": {json.dumps(name)}, "arguments": '

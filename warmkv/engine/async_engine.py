@@ -1,0 +1,150 @@
+"""The engine on its own thread, fed from asyncio.
+
+The step loop owns the engine: requests and cancellations reach it as commands, and outputs go back to
+each request's asyncio queue. So the event loop never waits for a forward pass, and no two threads ever
+touch the KV pool at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from warmkv.engine.llm_engine import LLMEngine, StepOutput
+from warmkv.engine.sampling import SamplingParams
+from warmkv.engine.sequence import Sequence
+from warmkv.errors import EngineFailure, QueueFull, WarmkvError
+
+log = logging.getLogger("warmkv.engine")
+
+
+@dataclass(slots=True)
+class _Submit:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    cache_namespace: str
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[StepOutput | BaseException]
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_pending: int = 256) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self._commands: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
+        self._requests: dict[str, tuple[Sequence, _Submit]] = {}
+        self._pending = 0  # submitted and not yet finished; read from the event loop
+        self._thread = threading.Thread(target=self._run, name="warmkv-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, cache_namespace: str = ""
+    ) -> AsyncIterator[StepOutput]:
+        """Outputs of one request. Refusals (too long, queue full) raise here, before anything is queued;
+        leaving the iteration early (client gone) cancels the request."""
+        self.engine.check_fits(len(prompt_ids), params.max_tokens)
+        if self._pending >= self.max_pending:
+            raise QueueFull(f"the server is at its limit of {self.max_pending} pending requests; retry later")
+        self._pending += 1
+        outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        self._commands.put(
+            _Submit(prompt_ids, params, request_id, cache_namespace, asyncio.get_running_loop(), outputs)
+        )
+        return self._outputs(request_id, outputs)
+
+    async def _outputs(
+        self, request_id: str, outputs: asyncio.Queue[StepOutput | BaseException]
+    ) -> AsyncIterator[StepOutput]:
+        finished = False
+        try:
+            while True:
+                output = await outputs.get()
+                if isinstance(output, BaseException):
+                    finished = True  # the engine already dropped it
+                    raise output
+                if output.finished:
+                    finished = True
+                    break
+                yield output
+        finally:
+            # runs before the last output is handed over: a caller that stops reading there leaks nothing
+            self._pending -= 1
+            if not finished:
+                self._commands.put(_Abort(request_id))
+        yield output
+
+    def shutdown(self) -> None:
+        """Cancel what is still running and stop the step loop."""
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            wait = not self.engine.has_work  # block only when idle; a busy engine drains between steps
+            while True:
+                try:
+                    command = self._commands.get(block=wait)
+                except queue.Empty:
+                    break
+                if command is None:
+                    return self._abort_all()
+                self._apply(command)
+                wait = False
+            if self.engine.has_work:
+                self._step()
+
+    def _apply(self, command: _Submit | _Abort) -> None:
+        if isinstance(command, _Abort):
+            entry = self._requests.pop(command.request_id, None)
+            if entry is not None:
+                self.engine.abort(entry[0])
+            return
+        try:
+            sequence = self.engine.add_request(
+                command.prompt_ids, command.params, command.request_id, command.cache_namespace
+            )
+        except WarmkvError as err:
+            command.loop.call_soon_threadsafe(command.outputs.put_nowait, err)
+            return
+        self._requests[command.request_id] = (sequence, command)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # a failed step must not take the server down with it
+            log.exception("engine step failed; failing the requests it was serving")
+            self._fail_all(EngineFailure(f"the engine failed while serving this request: {err}"))
+            return
+        for output in outputs:
+            entry = self._requests.get(output.sequence.request_id)
+            if entry is None:
+                continue
+            if output.finished:
+                del self._requests[output.sequence.request_id]
+            submit = entry[1]
+            submit.loop.call_soon_threadsafe(submit.outputs.put_nowait, output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for sequence, submit in self._requests.values():
+            self.engine.abort(sequence)
+            submit.loop.call_soon_threadsafe(submit.outputs.put_nowait, error)
+        self._requests.clear()
+
+    def _abort_all(self) -> None:
+        self._fail_all(EngineFailure("the server is shutting down"))

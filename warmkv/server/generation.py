@@ -1,0 +1,81 @@
+"""One request's run through the engine: timing, usage numbers, and its log record."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from warmkv.engine.async_engine import AsyncEngine
+from warmkv.engine.llm_engine import StepOutput
+from warmkv.engine.sampling import SamplingParams
+from warmkv.server.metrics import ServerMetrics
+from warmkv.server.request_log import RequestLog, RequestRecord
+
+
+class Generation:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        record: RequestRecord,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        cache_namespace: str,
+    ) -> None:
+        self.record = record
+        record.prompt_tokens = len(prompt_ids)
+        self._submit = lambda: engine.generate(prompt_ids, params, record.id, cache_namespace)
+        self._started = time.perf_counter()
+        self._first_at: float | None = None
+        self._outputs: AsyncIterator[StepOutput] | None = None
+
+    def __aiter__(self) -> AsyncIterator[StepOutput]:
+        assert self._outputs is not None, "first() submits the request"
+        return self._outputs
+
+    async def first(self) -> StepOutput:
+        """Submit and wait for the first output: refusals and failures surface here, while an HTTP status
+        can still say so."""
+        self._outputs = self._tracked(self._submit())
+        return await anext(self._outputs)
+
+    async def _tracked(self, outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:
+        async for output in outputs:
+            if self._first_at is None:
+                self._first_at = time.perf_counter()
+                self.record.ttft_ms = (self._first_at - self._started) * 1000
+                self.record.cached_tokens = output.sequence.num_cached
+                self.record.cache_source = "live" if output.sequence.num_cached else "none"
+            self.record.completion_tokens = len(output.sequence.output_ids)
+            if output.finished:
+                self.record.finish_reason = output.sequence.finish_reason.value  # type: ignore[union-attr]
+                decoded = self.record.completion_tokens - 1
+                elapsed = time.perf_counter() - self._first_at
+                self.record.decode_tok_s = decoded / elapsed if decoded > 0 and elapsed > 0 else None
+            yield output
+
+    def usage(self) -> dict[str, Any]:
+        r = self.record
+        return {
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+            "prompt_cache_hit_tokens": r.cached_tokens,
+            "prompt_cache_miss_tokens": r.computed_tokens,
+        }
+
+
+def account(record: RequestRecord, metrics: ServerMetrics, request_log: RequestLog) -> None:
+    """Count a finished (or failed) request once, in the metrics and the log."""
+    metrics.requests.labels(record.endpoint, str(record.status)).inc()
+    if record.status == 200:
+        metrics.prompt_tokens.inc(record.prompt_tokens)
+        metrics.cached_tokens.inc(record.cached_tokens)
+        metrics.computed_tokens.inc(record.computed_tokens)
+        metrics.completion_tokens.inc(record.completion_tokens)
+        if record.ttft_ms is not None:
+            metrics.ttft.observe(record.ttft_ms / 1000)
+        if record.decode_tok_s is not None:
+            metrics.decode_rate.observe(record.decode_tok_s)
+    request_log.write(record)

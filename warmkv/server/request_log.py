@@ -1,0 +1,58 @@
+"""One record per request: a log line for people, a JSON line for tools (--trace FILE)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger("warmkv.server")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    id: str
+    endpoint: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cache_source: str = "none"  # where the cached tokens came from: none, live
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    decode_tok_s: float | None = None
+    finish_reason: str | None = None
+    status: int = 200
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+    def line(self) -> str:
+        ttft = f"{self.ttft_ms:.1f}ms" if self.ttft_ms is not None else "-"
+        rate = f"{self.decode_tok_s:.1f} tok/s" if self.decode_tok_s is not None else "-"
+        return (
+            f"{self.id} {self.endpoint} status={self.status} prompt={self.prompt_tokens} "
+            f"cached={self.cached_tokens} ({self.cache_source}) computed={self.computed_tokens} "
+            f"completion={self.completion_tokens} ttft={ttft} decode={rate} finish={self.finish_reason}"
+        )
+
+
+class RequestLog:
+    def __init__(self, trace_path: Path | None) -> None:
+        self._trace = trace_path.open("a", encoding="utf-8") if trace_path else None
+        self._lock = threading.Lock()
+
+    def write(self, record: RequestRecord) -> None:
+        log.info(record.line())
+        if self._trace is None:
+            return
+        entry = {"time": time.time(), **asdict(record), "computed_tokens": record.computed_tokens}
+        with self._lock:
+            self._trace.write(json.dumps(entry) + "\n")
+            self._trace.flush()
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()

@@ -1,0 +1,58 @@
+"""`warmkv serve`: load the model, start the engine thread, run the HTTP server until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from warmkv.errors import WarmkvError
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
+    group.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
+    group.add_argument("--chat-template", help="Jinja chat template file overriding the model's own")
+    group.add_argument("--tool-parser", default="hermes", help="tool-call format of the model's output")
+    group.add_argument("--max-queue", type=int, default=256, help="pending requests before answering 429")
+    group.add_argument("--trace", help="append one JSON line per request to this file")
+    group.add_argument("--log-level", default="info")
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from warmkv.cli import engine_config_from
+    from warmkv.engine.async_engine import AsyncEngine
+    from warmkv.engine.llm_engine import LLMEngine
+    from warmkv.server.app import ServerSettings, create_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.max_queue < 1:
+        raise WarmkvError(f"--max-queue must be a positive number, got {args.max_queue}")
+    settings = ServerSettings(
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        chat_template=_read_template(args.chat_template),
+        tool_parser=args.tool_parser,
+        trace=Path(args.trace) if args.trace else None,
+    )
+    engine = AsyncEngine(LLMEngine.from_config(engine_config_from(args)), args.max_queue)
+    app = create_app(engine, settings)
+    # uvicorn stops accepting on SIGINT/SIGTERM, lets in-flight requests finish (bounded), then the app's
+    # lifespan shuts the engine down
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise WarmkvError(f"--chat-template {path}: {err}") from err
