@@ -97,7 +97,14 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # set before any model or server fixture runs: nothing touches the user's real cache
+    os.environ["WARMKV_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "warmkv-cache")
+    os.environ["WARMKV_KV_DIR"] = str(tmp_path_factory.mktemp("kv-session"))
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # converted models are shared across tests; nothing is written to the user's real cache
-    monkeypatch.setenv("WARMKV_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "warmkv-cache"))
+def _isolated_kv_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # converted models are shared across tests, stored KV is not
+    monkeypatch.setenv("WARMKV_KV_DIR", str(tmp_path / "kv"))

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.chat.template import encode, render_chat
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.sampling import SamplingParams
@@ -36,6 +37,23 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     group.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt in full")
     group.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+    tiers = parser.add_argument_group("prefix-cache tiers")
+    host = tiers.add_mutually_exclusive_group()
+    host.add_argument(
+        "--host-cache-gib", type=float, help="host RAM tier size in GiB (default 4; 0 disables)"
+    )
+    host.add_argument("--host-cache-tokens", type=int, help="host RAM tier size in tokens")
+    tiers.add_argument("--no-disk-cache", action="store_true", help="keep no KV on disk")
+    tiers.add_argument("--kv-dir", help="disk tier directory (default: kv/ in the user cache dir)")
+    disk = tiers.add_mutually_exclusive_group()
+    disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")
+    disk.add_argument("--disk-cache-tokens", type=int, help="disk tier size in tokens")
+    tiers.add_argument(
+        "--kv-load",
+        choices=[p.value for p in LoadPolicy],
+        default=LoadPolicy.AUTO.value,
+        help="auto: load from host/disk only when faster than recomputing (default)",
+    )
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
@@ -43,6 +61,10 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+    for flag in ("host_cache_gib", "host_cache_tokens", "disk_cache_gib", "disk_cache_tokens", "kv_pool_gib"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise WarmkvError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
     return EngineConfig(
         model=args.model,
         device=args.device,
@@ -55,6 +77,15 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         prefix_cache=not args.no_prefix_cache,
         cuda_graphs=not args.no_cuda_graphs,
+        cache=CacheConfig(
+            host_gib=args.host_cache_gib,
+            host_tokens=args.host_cache_tokens,
+            disk=not args.no_disk_cache,
+            kv_dir=Path(args.kv_dir) if args.kv_dir else None,
+            disk_gib=args.disk_cache_gib,
+            disk_tokens=args.disk_cache_tokens,
+            load_policy=LoadPolicy(args.kv_load),
+        ),
     )
 
 
@@ -125,7 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(serve_parser)
     add_serve_flags(serve_parser)
     serve_parser.set_defaults(handler=serve)
+
+    cache = commands.add_parser("cache", help="inspect or clean the disk KV tier")
+    cache.add_argument("action", choices=["stats", "ls", "clear", "verify"])
+    cache.add_argument("--kv-dir", help="disk tier directory (default: kv/ in the user cache dir)")
+    cache.set_defaults(handler=_cache)
     return parser
+
+
+def _cache(args: argparse.Namespace) -> None:
+    from warmkv.cache import admin
+
+    kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir()
+    if args.action == "clear":
+        print(f"deleted {admin.clear(kv_dir)} KV blocks from {kv_dir}")
+    elif args.action == "verify":
+        report = admin.verify(kv_dir)
+        print(f"checked {report.checked} KV blocks in {kv_dir}: {report.corrupt} corrupt (deleted)")
+    else:
+        print("\n".join((admin.stats if args.action == "stats" else admin.listing)(kv_dir)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,3 +35,7 @@ class QueueFull(WarmkvError):
 
 class EngineFailure(WarmkvError):
     """The step that served a request failed; the request is lost, the server is not."""
+
+
+class CacheCorruption(WarmkvError):
+    """A stored KV unit failed verification: truncated, altered, or written by another model."""

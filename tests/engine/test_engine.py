@@ -88,7 +88,7 @@ def test_tiny_pool_evicts_and_preempts_but_stays_exact(tiny_model) -> None:
     while engine.has_work:
         engine.step()
     assert [s.output_ids for s in seqs] == roomy
-    assert engine.pool.num_free + len(engine.prefix_index) == engine.pool.num_blocks  # nothing leaked
+    assert engine.pool.num_free + len(engine.prefix_cache.index) == engine.pool.num_blocks  # nothing leaked
 
 
 def test_seed_makes_sampling_reproducible(tiny_model) -> None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import uvicorn
 from openai import OpenAI
 
+from warmkv.cache.config import CacheConfig
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
@@ -44,7 +47,11 @@ def _free_port() -> int:
 def start_server(
     model: LoadedModel, config: EngineConfig | None = None, max_pending: int = 256, **settings: object
 ) -> RunningServer:
-    engine = AsyncEngine(LLMEngine(model, config or EngineConfig(kv_pool_tokens=16384)), max_pending)
+    # each server its own disk tier, so no test sees another's stored KV
+    default = EngineConfig(
+        kv_pool_tokens=16384, cache=CacheConfig(kv_dir=Path(tempfile.mkdtemp(prefix="kv-")))
+    )
+    engine = AsyncEngine(LLMEngine(model, config or default), max_pending)
     app = create_app(engine, ServerSettings(**settings))  # type: ignore[arg-type]
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

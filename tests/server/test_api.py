@@ -291,7 +291,7 @@ def test_trace_and_log_line_record_cache_numbers(default_model, tmp_path, caplog
         traced.stop()
     first, second = (json.loads(line) for line in trace.read_text().splitlines())
     assert (first["cached_tokens"], first["computed_tokens"], first["cache_source"]) == (0, 37, "none")
-    assert (second["cached_tokens"], second["computed_tokens"], second["cache_source"]) == (32, 5, "live")
+    assert (second["cached_tokens"], second["computed_tokens"], second["cache_source"]) == (32, 5, "live:32")
     assert second["prompt_tokens"] == 37 and second["ttft_ms"] > 0 and second["finish_reason"] == "length"
     lines = [r.getMessage() for r in caplog.records if r.name == "warmkv.server"]
-    assert any("prompt=37 cached=32 (live) computed=5" in line for line in lines)
+    assert any("prompt=37 cached=32 (live:32) computed=5" in line for line in lines)

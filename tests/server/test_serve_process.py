@@ -75,3 +75,35 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path: Path) -> No
     # "user: Count to fifty.\nassistant:" rendered by the override, not SmolLM2's ChatML template
     assert usage["prompt_tokens"] < 15
     assert "prompt=" in output and "cached=" in output  # the per-request log line
+
+
+def stop(process: subprocess.Popen) -> str:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    return output
+
+
+@pytest.mark.slow
+def test_restart_reuses_prefix_from_disk(tmp_path: Path) -> None:
+    kv_dir = tmp_path / "kv"
+    history = [
+        {"role": "system", "content": "You are a meticulous assistant for a coding agent. " * 12},
+        {"role": "user", "content": "List the files you would read first."},
+    ]
+    body = {"model": MODEL, "max_tokens": 8, "temperature": 0}
+    process, url = launch("--kv-dir", str(kv_dir))
+    first = httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": history}, timeout=60).json()
+    stop(process)
+
+    history += [
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "Now read them."},
+    ]
+    process, url = launch("--kv-dir", str(kv_dir), "--trace", str(tmp_path / "trace.jsonl"))
+    second = httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": history}, timeout=60).json()
+    output = stop(process)
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"] - 16, output  # all but the last partial block
+    assert second["usage"]["prompt_cache_miss_tokens"] == second["usage"]["prompt_tokens"] - cached
+    trace = (tmp_path / "trace.jsonl").read_text()
+    assert '"cache_source": "disk:' in trace, trace

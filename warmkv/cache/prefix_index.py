@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from warmkv.engine.kv_pool import KVPool
 
@@ -25,6 +25,9 @@ class PrefixIndex:
         self._pool = pool
         self._fingerprint = model_fingerprint
         self._blocks: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        self.evictions = 0
+        # told of each block before its KV is given up, so a lower tier can keep it
+        self.on_evict: Callable[[bytes, int], None] = lambda key, block: None
         pool.reclaim = self.evict_one
 
     def __len__(self) -> int:
@@ -55,10 +58,13 @@ class PrefixIndex:
         self.touch(keys[: len(blocks)])
         return blocks
 
-    def insert(self, key: bytes, block: int) -> None:
-        if key not in self._blocks:
-            self._pool.incref(block)
-            self._blocks[key] = block
+    def insert(self, key: bytes, block: int) -> bool:
+        """Index a block; False when the key is already indexed (another sequence computed it too)."""
+        if key in self._blocks:
+            return False
+        self._pool.incref(block)
+        self._blocks[key] = block
+        return True
 
     def touch(self, keys: list[bytes]) -> None:
         # tail first, so a chain's later blocks are evicted before the prefix they depend on
@@ -69,11 +75,9 @@ class PrefixIndex:
     def evict_one(self) -> bool:
         for key, block in self._blocks.items():
             if self._pool.ref_counts[block] == 1:  # held by the index alone
+                self.on_evict(key, block)
                 del self._blocks[key]
                 self._pool.decref(block)
+                self.evictions += 1
                 return True
         return False
-
-    def clear(self) -> None:
-        while self.evict_one():
-            pass

@@ -88,9 +88,10 @@ class AsyncEngine:
         yield output
 
     def shutdown(self) -> None:
-        """Cancel what is still running and stop the step loop."""
+        """Cancel what is still running, stop the step loop, and flush the cache to disk."""
         self._commands.put(None)
         self._thread.join(timeout=30)
+        self.engine.close()
 
     # -- the engine thread ------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from warmkv.cache.config import CacheConfig
 from warmkv.errors import WarmkvError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,6 +24,7 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences decoding together
     max_model_len: int | None = None  # context window; default: the model's
     prefix_cache: bool = True
+    cache: CacheConfig = field(default_factory=CacheConfig)  # tiers below the pool
     cuda_graphs: bool = True  # replay single-sequence decode steps as CUDA graphs (CUDA only)
 
     def torch_device(self) -> torch.device:

@@ -70,3 +70,23 @@ class KVPool:
         positions = torch.arange(start, end)
         blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
         return (blocks * self.block_size + positions % self.block_size).to(self.k.device)
+
+    def read_block(self, block: int) -> torch.Tensor:
+        """A copy of one block's K and V: [2, layers, block_size, kv_heads, head_dim]."""
+        rows = slice(block * self.block_size, (block + 1) * self.block_size)
+        return torch.stack((self.k[:, rows], self.v[:, rows]))
+
+    def write_block(self, block: int, kv: torch.Tensor) -> None:
+        rows = slice(block * self.block_size, (block + 1) * self.block_size)
+        self.k[:, rows].copy_(kv[0], non_blocking=True)
+        self.v[:, rows].copy_(kv[1], non_blocking=True)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return (2, self.k.shape[0], self.block_size, *self.k.shape[2:])
+
+    @property
+    def block_bytes(self) -> int:
+        return (
+            self.k.element_size() * 2 * self.k.shape[0] * self.block_size * self.k.shape[2] * self.k.shape[3]
+        )

@@ -12,7 +12,11 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from warmkv.cache.prefix_index import PrefixIndex, block_hash
+from warmkv.cache.config import LoadPolicy
+from warmkv.cache.fingerprint import model_fingerprint
+from warmkv.cache.load_costs import measure_load_costs
+from warmkv.cache.prefix_cache import PrefixCache
+from warmkv.cache.prefix_index import block_hash
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.detokenizer import IncrementalDetokenizer
 from warmkv.engine.kv_pool import KVPool
@@ -52,8 +56,7 @@ class LLMEngine:
             model.device,
         )
         self.runner = ModelRunner(model.module, self.pool, config.cuda_graphs)
-        fingerprint = f"{model.folder}:{model.dtype}:{config.block_size}"
-        self.prefix_index = PrefixIndex(self.pool, fingerprint) if config.prefix_cache else None
+        self.prefix_cache = self._build_prefix_cache() if config.prefix_cache else None
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
         )
@@ -64,6 +67,31 @@ class LLMEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
+
+    def _build_prefix_cache(self) -> PrefixCache:
+        layout = self.pool.block_shape
+        fingerprint = model_fingerprint(self.model.folder, self.model.dtype, self.config.block_size, layout)
+        cache = PrefixCache(self.pool, fingerprint, self.config.cache)
+        if cache.tiers and self.config.cache.load_policy is LoadPolicy.AUTO:
+            disk_dir = cache.disk.directory if cache.disk is not None and cache.disk.enabled else None
+            host_pinned = cache.host is not None and self.model.device.type == "cuda"
+            cache.costs = measure_load_costs(
+                self.pool, self._prefill_probe, host_pinned if cache.host else None, disk_dir
+            )
+        return cache
+
+    def _prefill_probe(self, tokens: list[int]) -> None:
+        blocks = self.pool.allocate(-(-len(tokens) // self.pool.block_size))
+        try:
+            self.runner.forward([ForwardItem(tokens, 0, blocks)])
+        finally:
+            for block in blocks:
+                self.pool.decref(block)
+
+    def close(self) -> None:
+        """Finish the disk writer's queue, so what was computed survives the restart."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -160,6 +188,9 @@ class LLMEngine:
             self._reuse_cached_prefix(seq)
             count = min(seq.num_uncomputed, budget)
             if not self._grow(seq, count):
+                # not admitted: hold nothing while waiting (its prefix stays indexed for the next try)
+                self._release_blocks(seq)
+                seq.cache_hit = None
                 break
             self.waiting.popleft()
             self.running.append(seq)
@@ -194,24 +225,24 @@ class LLMEngine:
         self.waiting.appendleft(seq)
 
     def _reuse_cached_prefix(self, seq: Sequence) -> None:
-        if self.prefix_index is None or seq.block_ids:
+        if self.prefix_cache is None or seq.block_ids:
             return
         # at least the last token is computed: its logits give the first new token
-        keys = self.prefix_index.chain(seq.cache_namespace, seq.token_ids[: len(seq.token_ids) - 1])
-        seq.block_ids = self.prefix_index.match(keys)
-        seq.block_hashes = keys[: len(seq.block_ids)]
-        seq.num_computed = len(seq.block_ids) * self.pool.block_size
-        if not seq.output_ids:
-            seq.num_cached = seq.num_computed
+        keys = self.prefix_cache.chain(seq.cache_namespace, seq.token_ids[: len(seq.token_ids) - 1])
+        hit = self.prefix_cache.lookup(keys)
+        seq.block_ids, seq.block_hashes = hit.blocks, hit.keys
+        seq.num_computed = len(hit.blocks) * self.pool.block_size
+        if seq.cache_hit is None:  # a preempted sequence keeps the numbers of its first admission
+            seq.cache_hit, seq.num_cached = hit, seq.num_computed
 
     def _index_full_blocks(self, seq: Sequence) -> None:
-        if self.prefix_index is None:
+        if self.prefix_cache is None:
             return
         size = self.pool.block_size
         for index in range(len(seq.block_hashes), seq.num_computed // size):
-            parent = seq.block_hashes[-1] if seq.block_hashes else self.prefix_index.root(seq.cache_namespace)
+            parent = seq.block_hashes[-1] if seq.block_hashes else self.prefix_cache.root(seq.cache_namespace)
             key = block_hash(parent, seq.token_ids[index * size : (index + 1) * size])
-            self.prefix_index.insert(key, seq.block_ids[index])
+            self.prefix_cache.insert(key, seq.block_ids[index])
             seq.block_hashes.append(key)
 
     def _advance(self, seq: Sequence, logits: object) -> StepOutput:
@@ -244,6 +275,6 @@ class LLMEngine:
     def _release_blocks(self, seq: Sequence) -> None:
         for block in seq.block_ids:
             self.pool.decref(block)
-        if self.prefix_index is not None:
-            self.prefix_index.touch(seq.block_hashes)
+        if self.prefix_cache is not None:
+            self.prefix_cache.touch(seq.block_hashes)
         seq.block_ids, seq.block_hashes, seq.num_computed = [], [], 0

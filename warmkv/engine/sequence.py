@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from warmkv.engine.detokenizer import IncrementalDetokenizer
 from warmkv.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from warmkv.cache.prefix_cache import PrefixHit
 
 
 class FinishReason(str, enum.Enum):
@@ -30,6 +34,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-index keys of the leading full blocks
     num_computed: int = 0  # leading tokens whose KV is stored in block_ids
     num_cached: int = 0  # prompt tokens whose KV was reused rather than computed
+    cache_hit: PrefixHit | None = None  # how the prompt's cached prefix was found
     finish_reason: FinishReason | None = None
 
     @property

@@ -79,6 +79,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         raise WarmkvError(f"--tool-parser {settings.tool_parser}: choose one of {', '.join(PARSERS)}")
     parser = PARSERS[settings.tool_parser]
     metrics = ServerMetrics()
+    if engine.engine.prefix_cache is not None:
+        metrics.watch_cache(engine.engine.prefix_cache.stats)
     request_log = RequestLog(settings.trace)
     started = int(time.time())
 

@@ -44,8 +44,7 @@ class Generation:
             if self._first_at is None:
                 self._first_at = time.perf_counter()
                 self.record.ttft_ms = (self._first_at - self._started) * 1000
-                self.record.cached_tokens = output.sequence.num_cached
-                self.record.cache_source = "live" if output.sequence.num_cached else "none"
+                self.record.note_cache(output.sequence)
             self.record.completion_tokens = len(output.sequence.output_ids)
             if output.finished:
                 self.record.finish_reason = output.sequence.finish_reason.value  # type: ignore[union-attr]
@@ -78,4 +77,6 @@ def account(record: RequestRecord, metrics: ServerMetrics, request_log: RequestL
             metrics.ttft.observe(record.ttft_ms / 1000)
         if record.decode_tok_s is not None:
             metrics.decode_rate.observe(record.decode_tok_s)
+        if record.cache.get("load_seconds"):
+            metrics.load_bandwidth.observe(record.cache["load_bytes"] / record.cache["load_seconds"])
     request_log.write(record)

@@ -2,7 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from warmkv.cache.tiers.base import TierName, TierStats
+
+
+class TierCollector(Collector):
+    """Per-tier cache numbers, read from the cache at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[TierName, TierStats]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._stats()
+        gauges = {"bytes": "Bytes of KV held", "blocks": "KV blocks held"}
+        counters = {
+            "hits": "Blocks found in the tier",
+            "misses": "Blocks looked for and not found",
+            "evictions": "Blocks evicted (demoted to the tier below, if any)",
+            "skipped_writes": "Writes skipped because the writer's queue was full",
+            "corrupt": "Stored blocks that failed verification and were deleted",
+        }
+        for name, help_text in gauges.items():
+            family = GaugeMetricFamily(f"warmkv_cache_{name}", help_text, labels=["tier"])
+            for tier, tier_stats in stats.items():
+                family.add_metric([tier.value], getattr(tier_stats, name))
+            yield family
+        for name, help_text in counters.items():
+            family = CounterMetricFamily(f"warmkv_cache_{name}", help_text, labels=["tier"])
+            for tier, tier_stats in stats.items():
+                family.add_metric([tier.value], getattr(tier_stats, name))
+            yield family
 
 
 class ServerMetrics:
@@ -29,3 +63,12 @@ class ServerMetrics:
             registry=r,
         )
         self.pending = Gauge("warmkv_pending_requests", "Requests submitted and not finished", registry=r)
+        self.load_bandwidth = Histogram(
+            "warmkv_cache_load_bytes_per_second",
+            "Bandwidth of each lower-tier load into the pool",
+            buckets=(1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11),
+            registry=r,
+        )
+
+    def watch_cache(self, stats: Callable[[], dict[TierName, TierStats]]) -> None:
+        self.registry.register(TierCollector(stats))

@@ -6,8 +6,11 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from warmkv.engine.sequence import Sequence
 
 log = logging.getLogger("warmkv.server")
 
@@ -18,12 +21,26 @@ class RequestRecord:
     endpoint: str
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    cache_source: str = "none"  # where the cached tokens came from: none, live
+    cache_source: str = "none"  # where the cached tokens came from: "none", "live:32+disk:64", ...
+    cache: dict[str, Any] = field(default_factory=dict)  # the cache decision, for the trace
     completion_tokens: int = 0
     ttft_ms: float | None = None
     decode_tok_s: float | None = None
     finish_reason: str | None = None
     status: int = 200
+
+    def note_cache(self, sequence: Sequence) -> None:
+        hit = sequence.cache_hit
+        self.cached_tokens = sequence.num_cached
+        if hit is None:
+            return
+        self.cache_source = hit.source
+        self.cache = {
+            "tokens_by_tier": {tier.value: n for tier, n in hit.tokens_by_tier.items()},
+            "stopped_by": hit.stopped_by,
+            "load_bytes": hit.load_bytes,
+            "load_seconds": round(hit.load_seconds, 6),
+        }
 
     @property
     def computed_tokens(self) -> int:

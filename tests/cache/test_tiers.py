@@ -1,0 +1,269 @@
+"""The tiered prefix cache: exact hits from every tier, persistence, eviction, integrity, degradation."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warmkv.cache import admin
+from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.load_costs import LoadCosts
+from warmkv.cache.tiers.base import TierName
+from warmkv.cache.tiers.disk import DiskTier, block_path
+from warmkv.cache.tiers.host import HostTier
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.engine.model_runner import ForwardItem
+from warmkv.engine.sampling import SamplingParams
+from warmkv.models.loader import LoadedModel, load_model
+
+from ..conftest import save_tiny_model
+
+PROMPT = list(range(1000, 1057))  # 57 tokens: three full blocks are reusable
+FOLLOW_UP = [*PROMPT, *range(2000, 2012)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = save_tiny_model("llama", tmp_path_factory.mktemp("tiers-model"))
+    return load_model(str(folder), torch.device("cpu"), torch.float32)
+
+
+def make_engine(
+    model: LoadedModel, kv_dir: Path | None, pool_tokens: int = 4096, **cache: object
+) -> LLMEngine:
+    cache_config = CacheConfig(disk=kv_dir is not None, kv_dir=kv_dir, load_policy=LoadPolicy.ALWAYS, **cache)
+    return LLMEngine(model, EngineConfig(kv_pool_tokens=pool_tokens, cache=cache_config))
+
+
+def generate(engine: LLMEngine, prompt: list[int], max_tokens: int = 6):
+    outputs = list(engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+    return outputs[-1].sequence
+
+
+def cold_tokens(model: LoadedModel, prompt: list[int]) -> list[int]:
+    engine = LLMEngine(model, EngineConfig(kv_pool_tokens=1024, prefix_cache=False))
+    return generate(engine, prompt).output_ids
+
+
+def assert_hit_logits_exact(engine: LLMEngine, model: LoadedModel, prompt: list[int], tier: TierName) -> None:
+    """Logits computed on top of KV loaded from `tier` equal a cold forward of the whole prompt."""
+    keys = engine.prefix_cache.chain("", prompt[:-1])
+    hit = engine.prefix_cache.lookup(keys)
+    assert hit.tokens_by_tier.get(tier, 0) > 0, hit.tokens_by_tier
+    start = len(hit.blocks) * engine.pool.block_size
+    blocks = hit.blocks + engine.pool.allocate(-(-len(prompt) // engine.pool.block_size) - len(hit.blocks))
+    (warm,) = engine.runner.forward([ForwardItem(prompt[start:], start, blocks, all_logits=True)])
+    cold_engine = LLMEngine(model, EngineConfig(kv_pool_tokens=1024, prefix_cache=False))
+    cold_blocks = cold_engine.pool.allocate(-(-len(prompt) // cold_engine.pool.block_size))
+    (cold,) = cold_engine.runner.forward([ForwardItem(prompt, 0, cold_blocks, all_logits=True)])
+    torch.testing.assert_close(warm, cold[start:], atol=1e-5, rtol=1e-5)
+
+
+def evict_everything_live(engine: LLMEngine) -> None:
+    while engine.prefix_cache.index.evict_one():
+        pass
+
+
+def test_hit_from_host_tier_is_exact(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny, kv_dir=None)
+    generate(engine, PROMPT)
+    evict_everything_live(engine)  # demoted to host RAM
+    assert engine.prefix_cache.host.stats.blocks >= 3
+    seq = generate(engine, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48 and seq.num_cached == 48
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    evict_everything_live(engine)
+    assert_hit_logits_exact(engine, tiny, FOLLOW_UP, TierName.HOST)
+
+
+def test_hit_from_disk_after_restart_is_exact(tiny: LoadedModel, tmp_path: Path) -> None:
+    first = make_engine(tiny, tmp_path)
+    generate(first, PROMPT)
+    first.close()  # the writer's queue is flushed
+    restarted = make_engine(tiny, tmp_path)
+    seq = generate(restarted, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier == {TierName.LIVE: 0, TierName.DISK: 48}
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    assert_hit_logits_exact(make_engine(tiny, tmp_path), tiny, FOLLOW_UP, TierName.DISK)
+
+
+def test_eviction_demotes_least_recently_used_first(tiny: LoadedModel) -> None:
+    # 8 pool blocks (one kept by nothing else); a host tier of 4 blocks
+    engine = make_engine(tiny, kv_dir=None, pool_tokens=128, host_tokens=64)
+    prompts = [list(range(100 * i, 100 * i + 33)) for i in (1, 2, 3)]  # two full blocks each
+    chains = [engine.prefix_cache.chain("", p) for p in prompts]
+    generate(engine, prompts[0], max_tokens=1)
+    generate(engine, prompts[1], max_tokens=1)
+    host = engine.prefix_cache.host
+    assert not any(host.contains(k) for chain in chains for k in chain)
+    # 33 + 60 tokens need 6 blocks; 4 are free, so two unreferenced cached blocks must go
+    generate(engine, prompts[2], max_tokens=60)
+    assert all(host.contains(k) for k in chains[0])  # the least recently used session, demoted first
+    assert not any(host.contains(k) for k in chains[1])
+    assert engine.prefix_cache.index.evictions == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_disk_block_is_detected_deleted_and_not_served(
+    tiny: LoadedModel, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(tiny, tmp_path)
+    generate(engine, PROMPT)
+    engine.close()
+    keys = engine.prefix_cache.chain("", PROMPT)
+    victim = block_path(engine.prefix_cache.disk.directory, keys[1])
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-100] ^= 0x40
+    victim.write_bytes(bytes(data))
+    restarted = make_engine(tiny, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="warmkv.cache"):
+        seq = generate(restarted, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 16  # the block before the damaged one
+    assert "block unreadable" in seq.cache_hit.stopped_by
+    assert restarted.prefix_cache.disk.stats.corrupt == 1
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    assert any("corrupt KV block" in r.getMessage() for r in caplog.records)
+    restarted.close()  # the recomputed block was written through in place of the damaged file
+    assert victim.read_bytes() != bytes(data) and admin.verify(tmp_path).corrupt == 0
+
+
+def test_another_models_blocks_are_never_read(tiny: LoadedModel, tmp_path: Path) -> None:
+    other_folder = save_tiny_model("qwen2", tmp_path / "other-model")
+    other = load_model(str(other_folder), torch.device("cpu"), torch.float32)
+    mine, theirs = make_engine(tiny, tmp_path / "kv"), make_engine(other, tmp_path / "kv")
+    assert mine.prefix_cache.disk.directory != theirs.prefix_cache.disk.directory
+    generate(theirs, PROMPT)
+    theirs.close()
+    # even a file planted under exactly the name this model looks for is refused
+    their_key = theirs.prefix_cache.chain("", PROMPT)[0]
+    my_key = mine.prefix_cache.chain("", PROMPT)[0]
+    planted = block_path(mine.prefix_cache.disk.directory, my_key)
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(block_path(theirs.prefix_cache.disk.directory, their_key), planted)
+    restarted = make_engine(tiny, tmp_path / "kv")
+    seq = generate(restarted, FOLLOW_UP)
+    assert seq.num_cached == 0 and restarted.prefix_cache.disk.stats.corrupt == 1
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
+def test_unwritable_kv_dir_degrades_to_memory_tiers(tiny: LoadedModel, tmp_path: Path, caplog) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the kv dir should go")
+    with caplog.at_level(logging.WARNING, logger="warmkv.cache"):
+        engine = make_engine(tiny, blocker / "kv")
+        first, second = generate(engine, PROMPT), generate(engine, FOLLOW_UP)
+    assert not engine.prefix_cache.disk.enabled
+    assert first.output_ids and second.num_cached == 48  # the live tier still serves
+    assert sum("disk KV tier disabled" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_full_disk_degrades_with_one_warning(tiny: LoadedModel, tmp_path: Path, monkeypatch, caplog) -> None:
+    def disk_full(self: DiskTier, key: bytes, kv: torch.Tensor) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DiskTier, "_write", disk_full)
+    engine = make_engine(tiny, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="warmkv.cache"):
+        for offset in range(3):
+            assert generate(engine, [t + offset for t in PROMPT]).output_ids
+        engine.prefix_cache.flush()
+    assert not engine.prefix_cache.disk.enabled
+    assert sum("disk KV tier disabled" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_full_writer_queue_skips_and_counts(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(DiskTier, "_write", lambda self, key, kv: release.wait(10))
+    disk = DiskTier(tmp_path, "ab" * 16, capacity_bytes=1 << 30, queue_size=2)
+    for i in range(6):
+        disk.put(bytes([i]) * 16, torch.zeros(2, 1, 4, 1, 2))
+    assert disk.stats.skipped_writes >= 3
+    release.set()
+    disk.close()
+
+
+def test_shared_system_prompt_is_stored_once_on_disk(tiny: LoadedModel, tmp_path: Path) -> None:
+    engine = make_engine(tiny, tmp_path)
+    system = list(range(5000, 5064))  # four full blocks shared by every session
+    sessions = [[*system, *range(6000 + 100 * i, 6000 + 100 * i + 20)] for i in range(3)]
+    for prompt in sessions:
+        generate(engine, prompt, max_tokens=1)
+    engine.close()
+    files = sorted(engine.prefix_cache.disk.directory.glob("*/*.kv"))
+    full_blocks = {k for prompt in sessions for k in engine.prefix_cache.chain("", prompt)}
+    assert len(files) == len(full_blocks) == 4 + 3  # the system prompt's blocks once, one tail each
+    assert sum(f.stat().st_size for f in files) == len(files) * files[0].stat().st_size
+
+
+def test_slow_tier_is_recomputed_instead_of_loaded(tiny: LoadedModel, tmp_path: Path) -> None:
+    generate(make_engine(tiny, tmp_path), PROMPT)
+    engine = make_engine(tiny, tmp_path)
+    engine.prefix_cache.disk.flush()
+    engine.prefix_cache.config.load_policy = LoadPolicy.AUTO
+    engine.prefix_cache.costs = LoadCosts(prefill_tok_s=1e6, bytes_per_s={TierName.DISK: 1.0})
+    seq = generate(engine, FOLLOW_UP)
+    assert seq.num_cached == 0 and seq.cache_hit.stopped_by == "load from disk slower than recompute"
+
+
+def test_cache_admin_commands(tiny: LoadedModel, tmp_path: Path) -> None:
+    engine = make_engine(tiny, tmp_path)
+    generate(engine, PROMPT)
+    engine.close()
+    assert "3" in admin.stats(tmp_path)[1].split()[1]  # three blocks on disk
+    assert len(admin.listing(tmp_path)) == 3
+    victim = sorted(engine.prefix_cache.disk.directory.glob("*/*.kv"))[0]
+    victim.write_bytes(victim.read_bytes()[:-1])
+    report = admin.verify(tmp_path)
+    assert (report.checked, report.corrupt) == (3, 1) and not victim.exists()
+    assert admin.clear(tmp_path) == 2 and admin.listing(tmp_path) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "get", "evict"]), st.integers(0, 7)), max_size=40))
+def test_host_tier_stays_consistent_with_what_was_stored(operations: list[tuple[str, int]]) -> None:
+    host = HostTier(capacity_blocks=3, block_shape=(2, 1, 2, 1, 2), dtype=torch.float32, pin=False)
+    stored: dict[bytes, float] = {}
+    for op, n in operations:
+        key = bytes([n]) * 16
+        if op == "put" and not host.full:
+            host.put(key, torch.full((2, 1, 2, 1, 2), float(n)))
+            stored[key] = float(n)
+        elif op == "get":
+            kv = host.get(key)
+            assert (kv is not None) == (key in stored)
+            if kv is not None:
+                assert torch.all(kv == stored[key])
+        elif op == "evict":
+            evicted = host.evict()
+            if evicted is not None:
+                assert torch.all(evicted[1] == stored.pop(evicted[0]))
+        assert host.stats.blocks == len(stored) <= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_host_and_disk_hits_on_cuda_are_exact(tiny: LoadedModel, tmp_path: Path) -> None:
+    folder = tiny.folder
+    model = load_model(str(folder), torch.device("cuda"), torch.float32)
+    engine = make_engine(model, tmp_path)
+    assert engine.prefix_cache.host._slab.is_pinned()
+    expected = generate(engine, FOLLOW_UP).output_ids
+    evict_everything_live(engine)
+    assert generate(engine, FOLLOW_UP).cache_hit.tokens_by_tier[TierName.HOST] == 64
+    engine.close()
+    restarted = make_engine(model, tmp_path)
+    seq = generate(restarted, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 64 and seq.output_ids == expected

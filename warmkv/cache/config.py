@@ -1,0 +1,46 @@
+"""Prefix-cache settings: one dataclass, built from CLI flags; defaults live here."""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmkv.paths import cache_home
+
+
+class LoadPolicy(str, enum.Enum):
+    AUTO = "auto"  # load from a lower tier only when that is faster than recomputing
+    ALWAYS = "always"  # always load
+
+
+def default_kv_dir() -> Path:
+    """WARMKV_KV_DIR, else `kv/` in the user cache directory."""
+    return Path(os.environ.get("WARMKV_KV_DIR") or cache_home() / "kv")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    host_gib: float | None = None  # host RAM tier size in GiB ...
+    host_tokens: int | None = None  # ... or in tokens; neither: 4 GiB
+    disk: bool = True
+    kv_dir: Path | None = None  # None: default_kv_dir()
+    disk_gib: float | None = None  # disk tier size in GiB ...
+    disk_tokens: int | None = None  # ... or in tokens; neither: 20 GiB
+    writer_queue: int = 1024  # blocks waiting for the disk writer before writes are skipped
+    load_policy: LoadPolicy = LoadPolicy.AUTO
+
+    def host_blocks(self, block_bytes: int, block_size: int) -> int:
+        return _blocks(self.host_gib, self.host_tokens, 4.0, block_bytes, block_size)
+
+    def disk_bytes(self, block_bytes: int, block_size: int) -> int:
+        return _blocks(self.disk_gib, self.disk_tokens, 20.0, block_bytes, block_size) * block_bytes
+
+
+def _blocks(
+    gib: float | None, tokens: int | None, default_gib: float, block_bytes: int, block_size: int
+) -> int:
+    if tokens is not None:
+        return tokens // block_size
+    return int((default_gib if gib is None else gib) * 2**30) // block_bytes

@@ -1,0 +1,154 @@
+"""The tiered prefix cache: live pool -> host RAM -> local disk, one token-keyed chain of block hashes.
+
+A block leaves the live pool only when no sequence holds it; it is demoted to host RAM, and from there to
+disk. Every block is also written through to disk in the background as soon as it is complete, so a
+restart (or a crash) loses at most what the writer had not reached. A lookup walks the chain through the
+tiers and copies lower-tier blocks back into the pool, unless recomputing them would be faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
+from warmkv.cache.load_costs import LoadCosts
+from warmkv.cache.prefix_index import PrefixIndex
+from warmkv.cache.tiers.base import TierName, TierStats
+from warmkv.cache.tiers.disk import DiskTier
+from warmkv.cache.tiers.host import HostTier
+from warmkv.engine.kv_pool import KVPool
+from warmkv.errors import PoolExhausted
+
+log = logging.getLogger("warmkv.cache")
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    blocks: list[int]  # pool blocks holding the hit, each with a reference for the caller
+    keys: list[bytes]
+    tokens_by_tier: dict[TierName, int] = field(default_factory=dict)
+    stopped_by: str | None = None  # why the hit ended early: "load slower than recompute", "corrupt", ...
+    load_bytes: int = 0
+    load_seconds: float = 0.0
+
+    @property
+    def source(self) -> str:
+        """Where the cached tokens came from, for the request log: "live:32+disk:64", or "none"."""
+        parts = [f"{tier.value}:{n}" for tier, n in self.tokens_by_tier.items() if n]
+        return "+".join(parts) or "none"
+
+
+class PrefixCache:
+    def __init__(self, pool: KVPool, fingerprint: str, config: CacheConfig) -> None:
+        self.pool = pool
+        self.config = config
+        self.index = PrefixIndex(pool, fingerprint)
+        self.index.on_evict = self._demote
+        host_blocks = config.host_blocks(pool.block_bytes, pool.block_size)
+        on_cuda = pool.k.device.type == "cuda"
+        self.host = (
+            HostTier(host_blocks, pool.block_shape, pool.k.dtype, pin=on_cuda) if host_blocks else None
+        )
+        self.disk = (
+            DiskTier(
+                config.kv_dir or default_kv_dir(),
+                fingerprint,
+                config.disk_bytes(pool.block_bytes, pool.block_size),
+                config.writer_queue,
+            )
+            if config.disk
+            else None
+        )
+        self.costs: LoadCosts | None = None  # measured by the engine once the model can run
+
+    @property
+    def tiers(self) -> list[HostTier | DiskTier]:
+        return [t for t in (self.host, self.disk) if t is not None and getattr(t, "enabled", True)]
+
+    def stats(self) -> dict[TierName, TierStats]:
+        live = TierStats(blocks=len(self.index), bytes=len(self.index) * self.pool.block_bytes,
+                         evictions=self.index.evictions)  # fmt: skip
+        return {TierName.LIVE: live, **{t.name: t.stats for t in self.tiers}}
+
+    # -- the engine's side ------------------------------------------------------------------------
+
+    def root(self, namespace: str) -> bytes:
+        return self.index.root(namespace)
+
+    def chain(self, namespace: str, token_ids: list[int]) -> list[bytes]:
+        return self.index.chain(namespace, token_ids)
+
+    def lookup(self, keys: list[bytes]) -> PrefixHit:
+        """The longest run of leading keys held by any tier, all of it in pool blocks."""
+        blocks = self.index.match(keys)
+        hit = PrefixHit(blocks, keys[: len(blocks)], {TierName.LIVE: len(blocks) * self.pool.block_size})
+        started = time.perf_counter()
+        for key in keys[len(blocks) :]:
+            tier = next((t for t in self.tiers if t.contains(key)), None)
+            if tier is None:
+                break
+            if not self._worth_loading(tier.name):
+                hit.stopped_by = f"load from {tier.name.value} slower than recompute"
+                break
+            try:
+                block = self.pool.allocate(1)[0]
+            except PoolExhausted:
+                hit.stopped_by = "KV pool full"
+                break
+            kv = tier.get(key)
+            if kv is None:
+                self.pool.decref(block)
+                hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
+                break
+            self.pool.write_block(block, kv.to(self.pool.k.device, non_blocking=True))
+            self.index.insert(key, block)
+            hit.blocks.append(block)
+            hit.keys.append(key)
+            hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
+            hit.load_bytes += self.pool.block_bytes
+        if hit.load_bytes:
+            if self.pool.k.device.type == "cuda":
+                torch.cuda.synchronize(self.pool.k.device)
+            hit.load_seconds = time.perf_counter() - started
+            log.info("loaded %.1f MB of KV into the pool at %.2f GB/s (%s)", hit.load_bytes / 1e6,
+                     hit.load_bytes / max(hit.load_seconds, 1e-9) / 1e9, hit.source)  # fmt: skip
+        return hit
+
+    def insert(self, key: bytes, block: int) -> None:
+        """A block just completed: index it live, and write it through to disk in the background."""
+        if self.index.insert(key, block) and self.disk is not None and self.disk.enabled:
+            self.disk.put(key, self.pool.read_block(block).to("cpu"))
+
+    def touch(self, keys: list[bytes]) -> None:
+        self.index.touch(keys)
+
+    def flush(self) -> None:
+        if self.disk is not None:
+            self.disk.flush()
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+    # -- policy -----------------------------------------------------------------------------------
+
+    def _worth_loading(self, tier: TierName) -> bool:
+        if self.config.load_policy is LoadPolicy.ALWAYS or self.costs is None:
+            return True
+        return self.costs.load_is_faster(tier, self.pool.block_bytes, self.pool.block_size)
+
+    def _demote(self, key: bytes, block: int) -> None:
+        """A live block is about to be reused: keep its KV one tier down."""
+        if self.host is None:
+            if self.disk is not None:
+                self.disk.put(key, self.pool.read_block(block).to("cpu"))
+            return
+        if self.host.full:
+            evicted = self.host.evict()
+            if evicted is not None and self.disk is not None:
+                self.disk.put(*evicted)  # usually already there: blocks are written through
+        self.host.put(key, self.pool.read_block(block))

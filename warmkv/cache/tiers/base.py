@@ -1,0 +1,41 @@
+"""What every tier below the live pool offers: whole blocks of KV, keyed by prefix hash."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class TierName(str, enum.Enum):
+    LIVE = "live"  # the engine's KV pool (GPU, or CPU memory on a CPU device)
+    HOST = "host"  # host RAM, pinned on CUDA
+    DISK = "disk"  # local files, kept across restarts
+
+
+@dataclass(slots=True)
+class TierStats:
+    blocks: int = 0
+    bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    skipped_writes: int = 0  # the writer's queue was full
+    corrupt: int = 0  # stored units that failed verification and were deleted
+
+
+class Tier(Protocol):
+    name: TierName
+    stats: TierStats
+
+    def contains(self, key: bytes) -> bool: ...
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        """The block's KV [2, layers, block_size, kv_heads, head_dim] on the CPU, or None."""
+
+    def put(self, key: bytes, kv: torch.Tensor) -> None: ...
+
+    def evict(self) -> tuple[bytes, torch.Tensor] | None:
+        """Remove the least recently used block and return it (for the tier below), or None when empty."""

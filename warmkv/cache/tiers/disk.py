@@ -1,0 +1,227 @@
+"""Local-disk tier: one file per block under a directory per model fingerprint; survives restarts.
+
+A file is written to a temporary name and renamed into place, so a crash never leaves a half-written
+block under a real name. Each file carries its fingerprint, key, shape and a checksum of its payload; a file
+that fails any check is deleted and never served. Writes happen on a background thread behind a bounded
+queue: when the queue is full the write is skipped and counted, never waited for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from warmkv.cache.tiers.base import TierName, TierStats
+from warmkv.errors import CacheCorruption
+
+log = logging.getLogger("warmkv.cache")
+
+MAGIC = b"WKV1"
+SUFFIX = ".kv"
+_DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_HEADER = struct.Struct("<4sBB5I16s16s16sQ")  # magic, dtype, ndim, shape, fingerprint, key, checksum, length
+
+
+@dataclass(slots=True, frozen=True)
+class StoredBlock:
+    key: bytes
+    kv: torch.Tensor
+
+
+def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
+    payload = kv.contiguous().view(torch.uint8).numpy().tobytes()
+    shape = list(kv.shape) + [0] * (5 - kv.dim())
+    header = _HEADER.pack(
+        MAGIC,
+        _DTYPES[kv.dtype],
+        kv.dim(),
+        *shape,
+        bytes.fromhex(fingerprint),
+        key,
+        _checksum(payload),
+        len(payload),
+    )
+    return header + payload
+
+
+def decode_block(data: bytes, fingerprint: str, key: bytes | None = None) -> StoredBlock:
+    """The block in `data`; CacheCorruption if anything about it is wrong."""
+    if len(data) < _HEADER.size:
+        raise CacheCorruption("truncated header")
+    magic, dtype_code, ndim, *rest = _HEADER.unpack_from(data)
+    shape, (stored_fingerprint, stored_key, checksum, length) = rest[:5][:ndim], rest[5:]
+    if magic != MAGIC:
+        raise CacheCorruption("not a warmkv KV file")
+    if stored_fingerprint != bytes.fromhex(fingerprint):
+        raise CacheCorruption("written by another model, dtype or layout")
+    if key is not None and stored_key != key:
+        raise CacheCorruption("key does not match the file name")
+    payload = data[_HEADER.size :]
+    if len(payload) != length:
+        raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
+    if _checksum(payload) != checksum:
+        raise CacheCorruption("checksum mismatch")
+    dtype = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
+    if dtype is None:
+        raise CacheCorruption(f"unknown dtype code {dtype_code}")
+    kv = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+    return StoredBlock(stored_key, kv)
+
+
+def _checksum(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+def block_path(directory: Path, key: bytes) -> Path:
+    name = key.hex()
+    return directory / name[:2] / (name + SUFFIX)
+
+
+class DiskTier:
+    name = TierName.DISK
+
+    def __init__(self, root: Path, fingerprint: str, capacity_bytes: int, queue_size: int = 1024) -> None:
+        self.fingerprint = fingerprint
+        self.directory = root / fingerprint
+        self.capacity_bytes = capacity_bytes
+        self.stats = TierStats()
+        self.enabled = True
+        self._files: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recently used first
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[bytes, torch.Tensor] | None] = queue.Queue(maxsize=queue_size)
+        self._queued: set[bytes] = set()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._scan()
+        except OSError as err:
+            self._disable(err)
+        self._writer = threading.Thread(target=self._write_loop, name="warmkv-disk-writer", daemon=True)
+        self._writer.start()
+
+    # -- the engine's side ------------------------------------------------------------------------
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            return self.enabled and key in self._files
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        path = block_path(self.directory, key)
+        try:
+            block = decode_block(path.read_bytes(), self.fingerprint, key)
+        except FileNotFoundError:
+            self._forget(key)
+            self.stats.misses += 1
+            return None
+        except (OSError, CacheCorruption) as err:
+            log.warning("dropping corrupt KV block %s: %s", path.name, err)
+            self.stats.corrupt += 1
+            self._forget(key)
+            path.unlink(missing_ok=True)
+            return None
+        with self._lock:
+            if key in self._files:
+                self._files.move_to_end(key)
+        os.utime(path)  # recency survives a restart: the scan orders files by modification time
+        self.stats.hits += 1
+        return block.kv
+
+    def put(self, key: bytes, kv: torch.Tensor) -> None:
+        """Queue a block for writing; `kv` must not change afterwards (pass a copy)."""
+        with self._lock:
+            if not self.enabled or key in self._files or key in self._queued:
+                return
+            try:
+                self._queue.put_nowait((key, kv))
+            except queue.Full:
+                self.stats.skipped_writes += 1
+                return
+            self._queued.add(key)
+
+    def evict(self) -> tuple[bytes, torch.Tensor] | None:
+        with self._lock:
+            if not self._files:
+                return None
+            key, size = self._files.popitem(last=False)
+            self.stats.evictions += 1
+            self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes - size
+        block_path(self.directory, key).unlink(missing_ok=True)
+        return None  # nothing below the disk
+
+    def flush(self) -> None:
+        """Wait until every queued block is on disk."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._writer.join(timeout=10)
+
+    # -- the writer thread ------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, kv = item
+            try:
+                if self.enabled:
+                    self._write(key, kv)
+            except OSError as err:
+                self._disable(err)
+            finally:
+                with self._lock:
+                    self._queued.discard(key)
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _write(self, key: bytes, kv: torch.Tensor) -> None:
+        data = encode_block(self.fingerprint, key, kv)
+        path = block_path(self.directory, key)
+        path.parent.mkdir(exist_ok=True)
+        temporary = path.with_name(f"{path.name}.tmp{threading.get_ident()}")
+        try:
+            with temporary.open("wb") as f:
+                f.write(data)
+            temporary.replace(path)  # atomic: readers see the whole file or none
+        finally:
+            temporary.unlink(missing_ok=True)
+        with self._lock:
+            self._files[key] = len(data)
+            self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes + len(data)
+        while self.stats.bytes > self.capacity_bytes and self._files:
+            self.evict()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        # stale temporaries are what a crash mid-write leaves; they were never under a real name
+        for temporary in self.directory.glob(f"*/*{SUFFIX}.tmp*"):
+            temporary.unlink(missing_ok=True)
+        found = []
+        for path in self.directory.glob(f"*/*{SUFFIX}"):
+            try:
+                stat = path.stat()
+                found.append((stat.st_mtime_ns, bytes.fromhex(path.stem), stat.st_size))
+            except (OSError, ValueError):
+                continue
+        for _, key, size in sorted(found):
+            self._files[key] = size
+        self.stats.blocks, self.stats.bytes = len(self._files), sum(self._files.values())
+
+    def _forget(self, key: bytes) -> None:
+        with self._lock:
+            size = self._files.pop(key, None)
+            if size is not None:
+                self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes - size
+
+    def _disable(self, err: OSError) -> None:
+        if self.enabled:
+            log.warning("disk KV tier disabled (%s): serving from memory tiers only", err)
+        self.enabled = False
