@@ -87,27 +87,39 @@ def main() -> None:
     print("wrote", write_result(f"engine-{slug}", result))
 
 
+def random_model(shape: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Random weights in a real model's shape: speed does not depend on the values."""
+    ours, _ = _random_pair(shape, tokenizer, device, dtype)
+    return ours
+
+
+def _random_pair(
+    shape: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype
+) -> tuple[LoadedModel, object]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if tokenizer is None:
+        raise SystemExit("--shape needs --tokenizer DIR (a tokenizer folder, e.g. from ../shared/data)")
+    hf_config = AutoConfig.for_model(**SHAPES[shape])
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        theirs = AutoModelForCausalLM.from_config(hf_config)  # random initialisation
+    torch.set_default_dtype(torch.float32)
+    config = ModelConfig.from_hf(SHAPES[shape])
+    module = build_module(config, dict(theirs.state_dict()), device, dtype)  # the same tensors, not copies
+    return LoadedModel(
+        f"random-{shape}", Path("."), config, module, load_tokenizer(Path(tokenizer))
+    ), theirs.eval()
+
+
 def _models(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[LoadedModel, object, str]:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if args.shape:
-        hf_config = AutoConfig.for_model(**SHAPES[args.shape])
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            theirs = AutoModelForCausalLM.from_config(hf_config)  # random initialisation
-        torch.set_default_dtype(torch.float32)
-        config = ModelConfig.from_hf(SHAPES[args.shape])
-        module = build_module(
-            config, dict(theirs.state_dict()), device, dtype
-        )  # the same tensors, not copies
-        tokenizer = load_tokenizer(Path(args.tokenizer))
-        return (
-            LoadedModel(args.shape, Path("."), config, module, tokenizer),
-            theirs.eval(),
-            f"random-{args.shape}",
-        )
+        ours, theirs = _random_pair(args.shape, args.tokenizer, device, dtype)
+        return ours, theirs, ours.name
     ours = load_model(args.model, device, dtype)
     theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype).to(device).eval()
     return ours, theirs, ours.name

@@ -1,0 +1,128 @@
+"""Time to first token for a long prompt whose prefix is cached in each tier, against recomputing it.
+
+    python -m bench.tiers                                       # the default model on this machine
+    python -m bench.tiers --shape qwen2.5-7b --tokenizer DIR --prompt-tokens 8192   # on a GPU
+
+The prompt is --prompt-tokens long; the request adds --new-tokens after it. "live" is a hit in the KV
+pool, "host" after the pool was emptied into host RAM, "disk" after a restart (a new engine on the same
+directory). Load bandwidth is what the engine measured while copying the hit into the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import device_name, print_table, synchronize, write_result
+from bench.engine import SHAPES, random_model
+from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.tiers.base import TierName
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.engine.sampling import SamplingParams
+from warmkv.models.loader import LoadedModel, load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model")
+    parser.add_argument("--shape", choices=SHAPES)
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
+    device = config.torch_device()
+    dtype = config.torch_dtype(device)
+    if args.shape:
+        model = random_model(args.shape, args.tokenizer, device, dtype)
+    else:
+        model = load_model(args.model, device, dtype)
+
+    prompt = torch.randint(0, 32000, (args.prompt_tokens,)).tolist()
+    request = [*prompt, *torch.randint(0, 32000, (args.new_tokens,)).tolist()]
+    rows = []
+    with tempfile.TemporaryDirectory() as kv_dir:
+        cold = LLMEngine(model, _config(config, args, None, prefix_cache=False))
+        rows.append(_row("none (recompute)", [_ttft(cold, request)[0] for _ in range(args.repeats)]))
+        del cold
+        for tier in (TierName.LIVE, TierName.HOST, TierName.DISK):
+            ttfts, bandwidths = [], []
+            for repeat in range(args.repeats):
+                engine = _warmed(model, config, args, Path(kv_dir) / f"{tier.value}-{repeat}", prompt, tier)
+                ttft, hit = _ttft(engine, request)
+                assert hit.tokens_by_tier.get(tier, 0) > 0, hit.tokens_by_tier
+                ttfts.append(ttft)
+                if hit.load_seconds:
+                    bandwidths.append(hit.load_bytes / hit.load_seconds / 1e9)
+                engine.close()
+            rows.append(_row(tier.value, ttfts, bandwidths))
+    baseline = rows[0]["ttft_ms"]
+    for row in rows:
+        row["speedup"] = baseline / row["ttft_ms"]
+    print_table(rows)
+    name = model.name
+    result = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
+              "command": "python -m bench.tiers " + " ".join(__import__("sys").argv[1:])}  # fmt: skip
+    slug = re.sub(r"[^a-z0-9.]+", "-", f"{result['device']}-{name}".lower()).strip("-")
+    print("wrote", write_result(f"tiers-{slug}", result))
+
+
+def _config(
+    base: EngineConfig, args: argparse.Namespace, kv_dir: Path | None, prefix_cache: bool = True
+) -> EngineConfig:
+    return EngineConfig(
+        model=base.model, device=base.device, dtype=base.dtype, prefix_cache=prefix_cache,
+        kv_pool_tokens=4 * (args.prompt_tokens + args.new_tokens) + 256,
+        max_batch_tokens=max(512, args.prompt_tokens + args.new_tokens),
+        cache=CacheConfig(disk=kv_dir is not None, kv_dir=kv_dir, load_policy=LoadPolicy.ALWAYS,
+                          host_tokens=4 * args.prompt_tokens),
+    )  # fmt: skip
+
+
+def _warmed(model: LoadedModel, base: EngineConfig, args: argparse.Namespace, kv_dir: Path, prompt: list[int],
+            tier: TierName) -> LLMEngine:  # fmt: skip
+    """An engine whose cache holds `prompt` in `tier` and in no tier above it."""
+    engine = LLMEngine(model, _config(base, args, kv_dir))
+    for _ in engine.generate(prompt, SamplingParams(max_tokens=1)):
+        pass
+    if tier is TierName.LIVE:
+        return engine
+    while engine.prefix_cache.index.evict_one():  # demoted to host RAM
+        pass
+    if tier is TierName.HOST:
+        return engine
+    engine.close()
+    del engine
+    return LLMEngine(model, _config(base, args, kv_dir))  # a restart: only the disk remains
+
+
+def _ttft(engine: LLMEngine, request: list[int]):
+    device = engine.model.device
+    synchronize(device)
+    start = time.perf_counter()
+    output = next(iter(engine.generate(request, SamplingParams(max_tokens=1))))
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000, output.sequence.cache_hit
+
+
+def _row(source: str, ttfts: list[float], bandwidths: list[float] | None = None) -> dict:
+    ttfts = sorted(ttfts)
+    bandwidth = sorted(bandwidths)[len(bandwidths) // 2] if bandwidths else None
+    return {"cached prefix from": source, "ttft_ms": ttfts[len(ttfts) // 2],
+            "load_GB_s": round(bandwidth, 2) if bandwidth else "-"}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
