@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import uuid
 from pathlib import Path
 
 import torch
@@ -107,9 +108,12 @@ def _random_pair(
     torch.set_default_dtype(torch.float32)
     config = ModelConfig.from_hf(SHAPES[shape])
     module = build_module(config, dict(theirs.state_dict()), device, dtype)  # the same tensors, not copies
-    return LoadedModel(
-        f"random-{shape}", Path("."), config, module, load_tokenizer(Path(tokenizer))
-    ), theirs.eval()
+    tokenizer_folder = Path(tokenizer)
+    ours = LoadedModel(
+        f"random-{shape}", tokenizer_folder, config, module, load_tokenizer(tokenizer_folder),
+        in_memory_id=uuid.uuid4().hex,
+    )  # fmt: skip
+    return ours, theirs.eval()
 
 
 def _models(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,8 @@ def main() -> None:
     prompt = torch.randint(0, 32000, (args.prompt_tokens,)).tolist()
     request = [*prompt, *torch.randint(0, 32000, (args.new_tokens,)).tolist()]
     rows = []
-    with tempfile.TemporaryDirectory() as kv_dir:
+    kv_dir = tempfile.mkdtemp(prefix="warmkv-bench-kv-")
+    try:
         cold = LLMEngine(model, _config(config, args, None, prefix_cache=False))
         rows.append(_row("none (recompute)", [_ttft(cold, request)[0] for _ in range(args.repeats)]))
         del cold
@@ -67,6 +69,8 @@ def main() -> None:
                     bandwidths.append(hit.load_bytes / hit.load_seconds / 1e9)
                 engine.close()
             rows.append(_row(tier.value, ttfts, bandwidths))
+    finally:
+        shutil.rmtree(kv_dir, ignore_errors=True)
     baseline = rows[0]["ttft_ms"]
     for row in rows:
         row["speedup"] = baseline / row["ttft_ms"]

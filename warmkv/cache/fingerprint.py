@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from pathlib import Path
 
 import torch
@@ -19,13 +18,15 @@ FORMAT_VERSION = 1
 _CHUNK = 1 << 24
 
 
-def model_fingerprint(folder: Path, dtype: torch.dtype, block_size: int, kv_layout: tuple[int, ...]) -> str:
+def model_fingerprint(
+    folder: Path, dtype: torch.dtype, block_size: int, kv_layout: tuple[int, ...], in_memory_id: str | None
+) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    for part in (FORMAT_VERSION, str(dtype), block_size, kv_layout):
+    for part in (FORMAT_VERSION, str(dtype), block_size, kv_layout, in_memory_id):
         digest.update(repr(part).encode())
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:  # weights made in memory (benchmarks): KV that no other process may share
-        digest.update(uuid.uuid4().bytes)
+    weights = [] if in_memory_id else sorted(folder.glob("*.safetensors"))
+    if not weights and not in_memory_id:
+        raise ValueError(f"{folder} has no weights to identify the KV by")
     for file in weights + sorted(folder.glob("tokenizer*.json")):
         digest.update(file.name.encode())
         digest.update(file_digest(file).encode())

@@ -45,7 +45,7 @@ def measure_load_costs(
         if host_pinned is not None:
             pinned = source.pin_memory() if host_pinned else source
             costs.bytes_per_s[TierName.HOST] = pool.block_bytes / _seconds(
-                lambda: pool.write_block(block, pinned), pool
+                lambda: pool.write_blocks([block], pinned[None]), pool
             )
         if disk_dir is not None:
             costs.bytes_per_s[TierName.DISK] = pool.block_bytes / _disk_seconds(pool, block, source, disk_dir)
@@ -62,7 +62,7 @@ def _disk_seconds(pool: KVPool, block: int, source: torch.Tensor, disk_dir: Path
         path.write_bytes(encode_block("00" * 16, b"\0" * 16, source))
 
         def load() -> None:
-            pool.write_block(block, decode_block(path.read_bytes(), "00" * 16).kv)
+            pool.write_blocks([block], decode_block(path.read_bytes(), "00" * 16).kv[None])
 
         return _seconds(load, pool)
 

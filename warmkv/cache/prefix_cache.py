@@ -86,37 +86,56 @@ class PrefixCache:
         """The longest run of leading keys held by any tier, all of it in pool blocks."""
         blocks = self.index.match(keys)
         hit = PrefixHit(blocks, keys[: len(blocks)], {TierName.LIVE: len(blocks) * self.pool.block_size})
+        plan = self._plan_loads(keys[len(blocks) :], hit)
+        if not plan:
+            return hit
         started = time.perf_counter()
-        for key in keys[len(blocks) :]:
+        try:
+            # allocation first: evictions it causes may demote into the very tiers read below
+            targets = self.pool.allocate(len(plan))
+        except PoolExhausted:
+            hit.stopped_by = "KV pool full"
+            return hit
+        loaded = []
+        for key, tier in plan:
+            kv = tier.get(key)
+            if kv is None:
+                hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
+                break
+            loaded.append(kv)  # host views stay valid: nothing is evicted until the copy below
+            hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
+        for unused in targets[len(loaded) :]:
+            self.pool.decref(unused)
+        if not loaded:
+            return hit
+        batch = torch.stack(loaded)
+        if self.pool.k.device.type == "cuda":
+            batch = batch.pin_memory()  # one asynchronous copy of the whole hit
+        self.pool.write_blocks(targets[: len(loaded)], batch)
+        for (key, _), block in zip(plan, targets[: len(loaded)], strict=False):
+            self.index.insert(key, block)
+            hit.blocks.append(block)
+            hit.keys.append(key)
+        hit.load_bytes = len(loaded) * self.pool.block_bytes
+        if self.pool.k.device.type == "cuda":
+            torch.cuda.synchronize(self.pool.k.device)
+        hit.load_seconds = time.perf_counter() - started
+        log.info("loaded %.1f MB of KV into the pool at %.2f GB/s (%s)", hit.load_bytes / 1e6,
+                 hit.load_bytes / max(hit.load_seconds, 1e-9) / 1e9, hit.source)  # fmt: skip
+        return hit
+
+    def _plan_loads(self, keys: list[bytes], hit: PrefixHit) -> list[tuple[bytes, HostTier | DiskTier]]:
+        """The leading keys found below the live tier and worth loading, with the tier each comes from."""
+        plan = []
+        for key in keys:
             tier = next((t for t in self.tiers if t.contains(key)), None)
             if tier is None:
                 break
             if not self._worth_loading(tier.name):
                 hit.stopped_by = f"load from {tier.name.value} slower than recompute"
                 break
-            try:
-                block = self.pool.allocate(1)[0]
-            except PoolExhausted:
-                hit.stopped_by = "KV pool full"
-                break
-            kv = tier.get(key)
-            if kv is None:
-                self.pool.decref(block)
-                hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
-                break
-            self.pool.write_block(block, kv.to(self.pool.k.device, non_blocking=True))
-            self.index.insert(key, block)
-            hit.blocks.append(block)
-            hit.keys.append(key)
-            hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
-            hit.load_bytes += self.pool.block_bytes
-        if hit.load_bytes:
-            if self.pool.k.device.type == "cuda":
-                torch.cuda.synchronize(self.pool.k.device)
-            hit.load_seconds = time.perf_counter() - started
-            log.info("loaded %.1f MB of KV into the pool at %.2f GB/s (%s)", hit.load_bytes / 1e6,
-                     hit.load_bytes / max(hit.load_seconds, 1e-9) / 1e9, hit.source)  # fmt: skip
-        return hit
+            plan.append((key, tier))
+        return plan
 
     def insert(self, key: bytes, block: int) -> None:
         """A block just completed: index it live, and write it through to disk in the background."""

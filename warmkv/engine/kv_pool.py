@@ -76,10 +76,15 @@ class KVPool:
         rows = slice(block * self.block_size, (block + 1) * self.block_size)
         return torch.stack((self.k[:, rows], self.v[:, rows]))
 
-    def write_block(self, block: int, kv: torch.Tensor) -> None:
-        rows = slice(block * self.block_size, (block + 1) * self.block_size)
-        self.k[:, rows].copy_(kv[0], non_blocking=True)
-        self.v[:, rows].copy_(kv[1], non_blocking=True)
+    def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
+        """Fill blocks from kv [n, 2, layers, block_size, kv_heads, head_dim], on any device, with one copy
+        each for K and V rather than a small strided copy per block."""
+        size = self.block_size
+        slots = (torch.tensor(blocks)[:, None] * size + torch.arange(size)).flatten().to(self.k.device)
+        layers = kv.shape[2]
+        for side, target in ((0, self.k), (1, self.v)):
+            rows = kv[:, side].transpose(0, 1).reshape(layers, len(blocks) * size, *kv.shape[-2:])
+            target[:, slots] = rows.to(self.k.device, non_blocking=True)
 
     @property
     def block_shape(self) -> tuple[int, ...]:

@@ -70,7 +70,10 @@ class LLMEngine:
 
     def _build_prefix_cache(self) -> PrefixCache:
         layout = self.pool.block_shape
-        fingerprint = model_fingerprint(self.model.folder, self.model.dtype, self.config.block_size, layout)
+        model = self.model
+        fingerprint = model_fingerprint(
+            model.folder, model.dtype, self.config.block_size, layout, model.in_memory_id
+        )
         cache = PrefixCache(self.pool, fingerprint, self.config.cache)
         if cache.tiers and self.config.cache.load_policy is LoadPolicy.AUTO:
             disk_dir = cache.disk.directory if cache.disk is not None and cache.disk.enabled else None

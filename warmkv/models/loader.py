@@ -30,6 +30,8 @@ class LoadedModel:
     config: ModelConfig
     module: LlamaForCausalLM
     tokenizer: Any  # a transformers tokenizer: encoding, decoding, chat template
+    # names weights that exist only in this process (benchmarks); files on disk are identified by content
+    in_memory_id: str | None = None
 
     @property
     def device(self) -> torch.device:
