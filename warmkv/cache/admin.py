@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmkv.cache.tiers.disk import SUFFIX, decode_block
+from warmkv.cache.tiers.disk import SUFFIX, decode_block, read_file
 from warmkv.errors import CacheCorruption
 
 
@@ -62,7 +62,7 @@ def verify(kv_dir: Path) -> VerifyReport:
         for file in _files(model_dir):
             report.checked += 1
             try:
-                decode_block(file.read_bytes(), model_dir.name, bytes.fromhex(file.stem))
+                decode_block(read_file(file), model_dir.name, bytes.fromhex(file.stem))
             except (CacheCorruption, OSError, ValueError):
                 report.corrupt += 1
                 file.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from warmkv.cache.tiers.base import TierName
-from warmkv.cache.tiers.disk import decode_block, encode_block
+from warmkv.cache.tiers.disk import decode_block, encode_block, read_file
 from warmkv.engine.kv_pool import KVPool
 
 log = logging.getLogger("warmkv.cache")
@@ -62,7 +62,7 @@ def _disk_seconds(pool: KVPool, block: int, source: torch.Tensor, disk_dir: Path
         path.write_bytes(encode_block("00" * 16, b"\0" * 16, source))
 
         def load() -> None:
-            pool.write_blocks([block], decode_block(path.read_bytes(), "00" * 16).kv[None])
+            pool.write_blocks([block], decode_block(read_file(path), "00" * 16).kv[None])
 
         return _seconds(load, pool)
 

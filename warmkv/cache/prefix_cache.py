@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -96,33 +97,53 @@ class PrefixCache:
         except PoolExhausted:
             hit.stopped_by = "KV pool full"
             return hit
-        loaded = []
+        # every block goes straight to a device staging buffer (from the pinned slab: asynchronously);
+        # the layout change to the pool's happens on the device
+        staging = torch.empty(
+            (len(plan), *self.pool.block_shape), dtype=self.pool.k.dtype, device=self.pool.k.device
+        )
+        positions = [i for i, (_, tier) in enumerate(plan) if tier is self.disk]
+        read = self._read_disk([plan[i][0] for i in positions], lambda n, kv: staging[positions[n]].copy_(kv))
+        loaded = 0
         for key, tier in plan:
-            kv = tier.get(key)
-            if kv is None:
+            readable = (
+                read.get(key, False) if tier is self.disk else self._copy_from(tier, key, staging[loaded])
+            )
+            if not readable:
                 hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
                 break
-            loaded.append(kv)  # host views stay valid: nothing is evicted until the copy below
+            loaded += 1
             hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
-        for unused in targets[len(loaded) :]:
+        for unused in targets[loaded:]:
             self.pool.decref(unused)
         if not loaded:
             return hit
-        batch = torch.stack(loaded)
-        if self.pool.k.device.type == "cuda":
-            batch = batch.pin_memory()  # one asynchronous copy of the whole hit
-        self.pool.write_blocks(targets[: len(loaded)], batch)
-        for (key, _), block in zip(plan, targets[: len(loaded)], strict=False):
+        self.pool.write_blocks(targets[:loaded], staging[:loaded])
+        for (key, _), block in zip(plan, targets[:loaded], strict=False):
             self.index.insert(key, block)
             hit.blocks.append(block)
             hit.keys.append(key)
-        hit.load_bytes = len(loaded) * self.pool.block_bytes
+        hit.load_bytes = loaded * self.pool.block_bytes
         if self.pool.k.device.type == "cuda":
             torch.cuda.synchronize(self.pool.k.device)
         hit.load_seconds = time.perf_counter() - started
         log.info("loaded %.1f MB of KV into the pool at %.2f GB/s (%s)", hit.load_bytes / 1e6,
                  hit.load_bytes / max(hit.load_seconds, 1e-9) / 1e9, hit.source)  # fmt: skip
         return hit
+
+    def _read_disk(
+        self, keys: list[bytes], consume: Callable[[int, torch.Tensor], object]
+    ) -> dict[bytes, bool]:
+        if not keys or self.disk is None:
+            return {}
+        return dict(zip(keys, self.disk.read_many(keys, consume), strict=True))
+
+    @staticmethod
+    def _copy_from(tier: HostTier | DiskTier, key: bytes, row: torch.Tensor) -> bool:
+        kv = tier.get(key)
+        if kv is not None:
+            row.copy_(kv, non_blocking=True)  # from the pinned slab: asynchronous
+        return kv is not None
 
     def _plan_loads(self, keys: list[bytes], hit: PrefixHit) -> list[tuple[bytes, HostTier | DiskTier]]:
         """The leading keys found below the live tier and worth loading, with the tier each comes from."""

@@ -8,13 +8,15 @@ queue: when the queue is full the write is skipped and counted, never waited for
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
 import struct
 import threading
+import zlib
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +27,12 @@ from warmkv.errors import CacheCorruption
 
 log = logging.getLogger("warmkv.cache")
 
-MAGIC = b"WKV1"
+MAGIC = b"WKV2"
 SUFFIX = ".kv"
 _DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-_HEADER = struct.Struct("<4sBB5I16s16s16sQ")  # magic, dtype, ndim, shape, fingerprint, key, checksum, length
+# magic, dtype, ndim, shape, fingerprint, key, CRC-32 of the payload, payload length. CRC-32 finds torn
+# writes and flipped bits at several GB/s; foreign files are caught by the fingerprint and key
+_HEADER = struct.Struct("<4sBB5I16s16sIQ")
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,19 +57,20 @@ def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
     return header + payload
 
 
-def decode_block(data: bytes, fingerprint: str, key: bytes | None = None) -> StoredBlock:
-    """The block in `data`; CacheCorruption if anything about it is wrong."""
+def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) -> StoredBlock:
+    """The block in `data` (read into a bytearray: the tensor shares its memory); CacheCorruption if anything
+    about it is wrong."""
     if len(data) < _HEADER.size:
         raise CacheCorruption("truncated header")
     magic, dtype_code, ndim, *rest = _HEADER.unpack_from(data)
     shape, (stored_fingerprint, stored_key, checksum, length) = rest[:5][:ndim], rest[5:]
     if magic != MAGIC:
-        raise CacheCorruption("not a warmkv KV file")
+        raise CacheCorruption("not a warmkv KV file (or an older format)")
     if stored_fingerprint != bytes.fromhex(fingerprint):
         raise CacheCorruption("written by another model, dtype or layout")
     if key is not None and stored_key != key:
         raise CacheCorruption("key does not match the file name")
-    payload = data[_HEADER.size :]
+    payload = memoryview(data)[_HEADER.size :]
     if len(payload) != length:
         raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
     if _checksum(payload) != checksum:
@@ -73,12 +78,23 @@ def decode_block(data: bytes, fingerprint: str, key: bytes | None = None) -> Sto
     dtype = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
     if dtype is None:
         raise CacheCorruption(f"unknown dtype code {dtype_code}")
-    kv = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+    kv = torch.frombuffer(data, dtype=torch.uint8, offset=_HEADER.size).view(dtype).reshape(shape)
     return StoredBlock(stored_key, kv)
 
 
-def _checksum(payload: bytes) -> bytes:
-    return hashlib.blake2b(payload, digest_size=16).digest()
+def _checksum(payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload)
+
+
+def read_file(path: Path, buffer: bytearray | None = None) -> bytearray:
+    """The file's bytes, in `buffer` when given (grown as needed): a reused buffer is not faulted in again."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = buffer if buffer is not None else bytearray(size)
+        if len(data) != size:
+            data[:] = bytes(size) if len(data) < size else data[:size]
+        f.readinto(data)
+    return data
 
 
 def block_path(directory: Path, key: bytes) -> Path:
@@ -106,6 +122,11 @@ class DiskTier:
             self._disable(err)
         self._writer = threading.Thread(target=self._write_loop, name="warmkv-disk-writer", daemon=True)
         self._writer.start()
+        # reading and checksumming release the GIL: a long hit loads on several cores at once
+        self._local = threading.local()  # each reader thread's reusable buffer
+        self._readers = ThreadPoolExecutor(
+            max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="warmkv-disk-read"
+        )
 
     # -- the engine's side ------------------------------------------------------------------------
 
@@ -114,24 +135,40 @@ class DiskTier:
             return self.enabled and key in self._files
 
     def get(self, key: bytes) -> torch.Tensor | None:
+        return self._read(key, None)
+
+    def read_many(self, keys: list[bytes], consume: Callable[[int, torch.Tensor], None]) -> list[bool]:
+        """Read blocks on several threads; each is handed to consume(index, kv) while its (reused) buffer
+        is valid. Returns which keys were read."""
+
+        def one(index: int, key: bytes) -> bool:
+            buffer = getattr(self._local, "buffer", None)
+            if buffer is None:
+                buffer = self._local.buffer = bytearray()
+            kv = self._read(key, buffer)
+            if kv is not None:
+                consume(index, kv)
+            return kv is not None
+
+        return list(self._readers.map(one, range(len(keys)), keys))
+
+    def _read(self, key: bytes, buffer: bytearray | None) -> torch.Tensor | None:
         path = block_path(self.directory, key)
         try:
-            block = decode_block(path.read_bytes(), self.fingerprint, key)
+            block = decode_block(read_file(path, buffer), self.fingerprint, key)
         except FileNotFoundError:
-            self._forget(key)
-            self.stats.misses += 1
+            self._forget(key, miss=True)
             return None
         except (OSError, CacheCorruption) as err:
             log.warning("dropping corrupt KV block %s: %s", path.name, err)
-            self.stats.corrupt += 1
-            self._forget(key)
+            self._forget(key, corrupt=True)
             path.unlink(missing_ok=True)
             return None
-        with self._lock:
+        with self._lock:  # readers run on several threads
             if key in self._files:
                 self._files.move_to_end(key)
+            self.stats.hits += 1
         os.utime(path)  # recency survives a restart: the scan orders files by modification time
-        self.stats.hits += 1
         return block.kv
 
     def put(self, key: bytes, kv: torch.Tensor) -> None:
@@ -164,6 +201,7 @@ class DiskTier:
         self.flush()
         self._queue.put(None)
         self._writer.join(timeout=10)
+        self._readers.shutdown()
 
     # -- the writer thread ------------------------------------------------------------------------
 
@@ -215,8 +253,10 @@ class DiskTier:
             self._files[key] = size
         self.stats.blocks, self.stats.bytes = len(self._files), sum(self._files.values())
 
-    def _forget(self, key: bytes) -> None:
+    def _forget(self, key: bytes, miss: bool = False, corrupt: bool = False) -> None:
         with self._lock:
+            self.stats.misses += miss
+            self.stats.corrupt += corrupt
             size = self._files.pop(key, None)
             if size is not None:
                 self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes - size
