@@ -267,3 +267,19 @@ def test_pinned_host_and_disk_hits_on_cuda_are_exact(tiny: LoadedModel, tmp_path
     restarted = make_engine(model, tmp_path)
     seq = generate(restarted, FOLLOW_UP)
     assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 64 and seq.output_ids == expected
+
+
+def test_cache_cli_prints_and_cleans(
+    tiny: LoadedModel, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from warmkv.cli import main
+
+    engine = make_engine(tiny, tmp_path)
+    generate(engine, PROMPT)
+    engine.close()
+    main(["cache", "stats", "--kv-dir", str(tmp_path)])
+    assert engine.prefix_cache.disk.directory.name in capsys.readouterr().out
+    main(["cache", "verify", "--kv-dir", str(tmp_path)])
+    assert "checked 3 KV blocks" in capsys.readouterr().out
+    main(["cache", "clear", "--kv-dir", str(tmp_path)])
+    assert "deleted 3 KV blocks" in capsys.readouterr().out

@@ -200,10 +200,17 @@ def test_openai_client_raises_typed_errors(server: RunningServer) -> None:
 def test_models_and_metrics(server: RunningServer) -> None:
     assert [m.id for m in server.client().models.list().data] == [MODEL]
     chat(server, FRANCE, max_tokens=3)
+    chat(server, FRANCE, max_tokens=3)  # a hit, whichever tests ran before
     metrics = httpx.get(f"{server.url}/metrics").text
     cached = next(line for line in metrics.splitlines() if line.startswith("warmkv_cached_tokens_total"))
     assert float(cached.split()[-1]) > 0
     assert "warmkv_time_to_first_token_seconds_bucket" in metrics
+    tiers = {
+        line.split("{")[1].split("}")[0]
+        for line in metrics.splitlines()
+        if line.startswith("warmkv_cache_bytes")
+    }
+    assert tiers == {'tier="live"', 'tier="host"', 'tier="disk"'}
 
 
 def test_client_disconnect_cancels_generation(server: RunningServer) -> None:

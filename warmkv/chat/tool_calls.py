@@ -12,6 +12,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from warmkv.text import partial_marker_length
+
 log = logging.getLogger("warmkv.chat")
 
 
@@ -86,7 +88,7 @@ class ToolCallStreamer:
             if not self._in_call:
                 at = self._buffer.find(self.parser.start)
                 if at == -1:
-                    keep = _partial_suffix(self._buffer, self.parser.start)
+                    keep = partial_marker_length(self._buffer, [self.parser.start])
                     released.append(self._buffer[: len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     return "".join(released)
@@ -115,8 +117,3 @@ class ToolCallStreamer:
             self._malformed = True
         tail, self._buffer = released + self._buffer, ""
         return tail, self._malformed
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
-    return max((n for n in range(1, len(marker)) if text.endswith(marker[:n])), default=0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from warmkv.text import partial_marker_length
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, stop: list[str]) -> None:
@@ -32,18 +34,12 @@ class IncrementalDetokenizer:
                 return self._release(text, at)
         if text.endswith("\ufffd"):
             return ""
-        return self._release(text, len(text) - self._held_back(text))
+        return self._release(text, len(text) - partial_marker_length(text, self._stop))
 
     def flush(self) -> str:
         """Release everything still held (generation ended without a stop string)."""
         text = self.text
         return self._release(text, len(text.rstrip("\ufffd")) if not self.stopped else self._emitted)
-
-    def _held_back(self, text: str) -> int:
-        return max(
-            (n for stop in self._stop for n in range(1, len(stop)) if text.endswith(stop[:n])),
-            default=0,
-        )
 
     def _release(self, text: str, end: int) -> str:
         end = max(end, self._emitted)
