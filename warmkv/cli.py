@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(serve_parser)
     serve_parser.set_defaults(handler=serve)
 
-    cache = commands.add_parser("cache", help="inspect or clean the disk KV tier")
-    cache.add_argument("action", choices=["stats", "ls", "clear", "verify"])
+    cache = commands.add_parser("cache", help="inspect or clean the disk KV tier; explain a request trace")
+    cache.add_argument("action", choices=["stats", "ls", "clear", "verify", "explain"])
+    cache.add_argument("trace", nargs="?", help="for explain: a file written by `warmkv serve --trace`")
     cache.add_argument("--kv-dir", help="disk tier directory (default: kv/ in the user cache dir)")
     cache.set_defaults(handler=_cache)
     return parser
@@ -168,7 +169,13 @@ def _cache(args: argparse.Namespace) -> None:
     from warmkv.cache import admin
 
     kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir()
-    if args.action == "clear":
+    if args.action == "explain":
+        if not args.trace or not Path(args.trace).is_file():
+            raise WarmkvError(
+                f"cache explain needs a trace file written by `warmkv serve --trace`: {args.trace}"
+            )
+        print("\n".join(admin.explain(Path(args.trace))))
+    elif args.action == "clear":
         print(f"deleted {admin.clear(kv_dir)} KV blocks from {kv_dir}")
     elif args.action == "verify":
         report = admin.verify(kv_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -67,3 +68,21 @@ def verify(kv_dir: Path) -> VerifyReport:
                 report.corrupt += 1
                 file.unlink(missing_ok=True)
     return report
+
+
+def explain(trace: Path) -> list[str]:
+    """A per-request cache report from a `--trace` file, like a hosted API's cache dashboard."""
+    lines = [f"{'#':>3} {'request':14} {'prompt':>7} {'cached':>7} {'hit':>5}  {'from':18} why not more"]
+    prompt_total = cached_total = 0
+    for number, line in enumerate(trace.read_text().splitlines(), 1):
+        entry = json.loads(line)
+        prompt, cached = entry["prompt_tokens"], entry["cached_tokens"]
+        prompt_total, cached_total = prompt_total + prompt, cached_total + cached
+        miss = (entry.get("cache") or {}).get("miss") or {}
+        why = miss.get("text", "fully cached" if cached == prompt else "-")
+        hit = f"{100 * cached / prompt:.0f}%" if prompt else "-"
+        lines.append(f"{number:>3} {entry['id'][-14:]:14} {prompt:>7} {cached:>7} {hit:>5}  "
+                     f"{entry.get('cache_source', '-'):18} {why}")  # fmt: skip
+    share = 100 * cached_total / prompt_total if prompt_total else 0.0
+    lines.append(f"total: {cached_total} of {prompt_total} prompt tokens from cache ({share:.1f}%)")
+    return lines

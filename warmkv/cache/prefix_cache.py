@@ -17,6 +17,7 @@ import torch
 
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.cache.load_costs import LoadCosts
+from warmkv.cache.miss_reasons import RecentPrompts
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import TierName, TierStats
 from warmkv.cache.tiers.disk import DiskTier
@@ -35,6 +36,10 @@ class PrefixHit:
     stopped_by: str | None = None  # why the hit ended early: "load slower than recompute", "corrupt", ...
     load_bytes: int = 0
     load_seconds: float = 0.0
+    nearest: tuple[list[int], int] = (
+        [],
+        0,
+    )  # the remembered prompt closest to this one, and the shared length
 
     @property
     def source(self) -> str:
@@ -65,6 +70,7 @@ class PrefixCache:
             else None
         )
         self.costs: LoadCosts | None = None  # measured by the engine once the model can run
+        self.recent = RecentPrompts()  # what miss reasons compare against
 
     @property
     def tiers(self) -> list[HostTier | DiskTier]:

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from warmkv.chat.anchors import MessageSpan, message_spans
 from warmkv.chat.messages import for_template
 from warmkv.chat.template import render_chat
 from warmkv.chat.tool_calls import ToolCallParser
@@ -18,6 +19,7 @@ class ChatPrompt:
     forced_prefix: str  # start of the assistant's reply written by us, to force a tool call
     forced_function: str | None  # tool_choice named this function: the reply is its arguments
     tool_names: set[str]  # tool calls are read out of the reply when this is not empty
+    spans: list[MessageSpan]  # where each message ends, in tokens of `text`
 
 
 def build_chat_prompt(
@@ -33,7 +35,8 @@ def build_chat_prompt(
     prefix = _forced_prefix(tools, tool_choice, parser)
     forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()
-    return ChatPrompt(text + prefix, prefix, forced, names)
+    spans = message_spans(tokenizer, template_messages, template_tools, template, text)
+    return ChatPrompt(text + prefix, prefix, forced, names, spans)
 
 
 def _forced_prefix(

@@ -236,6 +236,7 @@ class LLMEngine:
         seq.block_ids, seq.block_hashes = hit.blocks, hit.keys
         seq.num_computed = len(hit.blocks) * self.pool.block_size
         if seq.cache_hit is None:  # a preempted sequence keeps the numbers of its first admission
+            hit.nearest = self.prefix_cache.recent.nearest(seq.cache_namespace, seq.token_ids)
             seq.cache_hit, seq.num_cached = hit, seq.num_computed
 
     def _index_full_blocks(self, seq: Sequence) -> None:
@@ -269,6 +270,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
+        if self.prefix_cache is not None:
+            self.prefix_cache.recent.remember(seq.cache_namespace, seq.token_ids)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -185,7 +185,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         record = RequestRecord(id=f"chatcmpl-{uuid.uuid4().hex}", endpoint="chat")
         params = sampling(body, len(prompt_ids), max_tokens)
-        generation = Generation(engine, record, prompt_ids, params, namespace(request, body))
+        generation = Generation(engine, record, prompt_ids, params, namespace(request, body), prompt.spans)
         if prompt.forced_prefix:  # a forced call ends at its end marker; nothing after it is wanted
             params.stop.append(parser.end)
         fmt = _ChatFormat(record.id, model_name, ReplyReader(prompt, parser), body.include_usage)

@@ -6,9 +6,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from warmkv.cache.miss_reasons import MissReason, explain_miss
+from warmkv.chat.anchors import MessageSpan
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
+from warmkv.engine.sequence import Sequence
 from warmkv.server.metrics import ServerMetrics
 from warmkv.server.request_log import RequestLog, RequestRecord
 
@@ -21,9 +24,11 @@ class Generation:
         prompt_ids: list[int],
         params: SamplingParams,
         cache_namespace: str,
+        spans: list[MessageSpan] | None = None,
     ) -> None:
         self.record = record
         record.prompt_tokens = len(prompt_ids)
+        self._explain = lambda seq: self._miss(engine, prompt_ids, seq, spans or [])
         self._submit = lambda: engine.generate(prompt_ids, params, record.id, cache_namespace)
         self._started = time.perf_counter()
         self._first_at: float | None = None
@@ -44,7 +49,7 @@ class Generation:
             if self._first_at is None:
                 self._first_at = time.perf_counter()
                 self.record.ttft_ms = (self._first_at - self._started) * 1000
-                self.record.note_cache(output.sequence)
+                self.record.note_cache(output.sequence, self._explain(output.sequence))
             self.record.completion_tokens = len(output.sequence.output_ids)
             if output.finished:
                 self.record.finish_reason = output.sequence.finish_reason.value  # type: ignore[union-attr]
@@ -52,6 +57,18 @@ class Generation:
                 elapsed = time.perf_counter() - self._first_at
                 self.record.decode_tok_s = decoded / elapsed if decoded > 0 and elapsed > 0 else None
             yield output
+
+    @staticmethod
+    def _miss(
+        engine: AsyncEngine, prompt_ids: list[int], seq: Sequence, spans: list[MessageSpan]
+    ) -> MissReason | None:
+        hit, llm = seq.cache_hit, engine.engine
+        if hit is None:
+            return None
+        tokenizer, block_size = llm.model.tokenizer, llm.pool.block_size
+        return explain_miss(
+            prompt_ids, seq.num_cached, hit.stopped_by, hit.nearest, spans, tokenizer, block_size
+        )
 
     def usage(self) -> dict[str, Any]:
         r = self.record

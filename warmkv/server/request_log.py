@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from warmkv.cache.miss_reasons import MissReason
 from warmkv.engine.sequence import Sequence
 
 log = logging.getLogger("warmkv.server")
@@ -29,7 +30,7 @@ class RequestRecord:
     finish_reason: str | None = None
     status: int = 200
 
-    def note_cache(self, sequence: Sequence) -> None:
+    def note_cache(self, sequence: Sequence, miss: MissReason | None) -> None:
         hit = sequence.cache_hit
         self.cached_tokens = sequence.num_cached
         if hit is None:
@@ -40,6 +41,7 @@ class RequestRecord:
             "stopped_by": hit.stopped_by,
             "load_bytes": hit.load_bytes,
             "load_seconds": round(hit.load_seconds, 6),
+            "miss": miss.to_json() if miss else None,
         }
 
     @property
@@ -53,6 +55,7 @@ class RequestRecord:
             f"{self.id} {self.endpoint} status={self.status} prompt={self.prompt_tokens} "
             f"cached={self.cached_tokens} ({self.cache_source}) computed={self.computed_tokens} "
             f"completion={self.completion_tokens} ttft={ttft} decode={rate} finish={self.finish_reason}"
+            + (f" miss: {self.cache['miss']['text']}" if self.cache.get("miss") else "")
         )
 
 

@@ -1,0 +1,139 @@
+"""Why a prompt's first uncached token was not served from the cache, said so a person can act on it.
+
+The cache remembers recent prompts per namespace. For a request, the nearest one (longest common prefix)
+shows whether the miss is new text, an earlier message that changed, or a prefix that was cached once and
+is gone (evicted), too short to reuse (below minimum: less than a block), or cheaper to recompute.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from warmkv.chat.anchors import MessageSpan, message_at
+
+EXCERPT_TOKENS = 10
+
+
+class MissKind(str, enum.Enum):
+    NEW_TOKENS = "new tokens"
+    CHANGED = "changed"
+    EVICTED = "evicted"
+    BELOW_MINIMUM = "below minimum"
+    SLOWER_THAN_RECOMPUTE = "load slower than recompute"
+    UNREADABLE = "unreadable"
+
+
+@dataclass(slots=True)
+class MissReason:
+    kind: MissKind
+    token: int  # the first token computed rather than reused
+    message_index: int | None
+    role: str | None
+    text: str  # one sentence for people
+    request_excerpt: str | None = None
+    cached_excerpt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": self.kind.value}
+
+
+class RecentPrompts:
+    """The last few token sequences of each namespace, to compare a new prompt against."""
+
+    def __init__(self, per_namespace: int = 64, namespaces: int = 1024) -> None:
+        self._by_namespace: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
+        self._per_namespace, self._namespaces = per_namespace, namespaces
+
+    def remember(self, namespace: str, token_ids: list[int]) -> None:
+        entries = self._by_namespace.setdefault(namespace, deque(maxlen=self._per_namespace))
+        self._by_namespace.move_to_end(namespace)
+        entries.append(np.asarray(token_ids, dtype=np.int64))
+        while len(self._by_namespace) > self._namespaces:
+            self._by_namespace.popitem(last=False)
+
+    def nearest(self, namespace: str, token_ids: list[int]) -> tuple[list[int], int]:
+        """The remembered sequence sharing the longest prefix with token_ids, and that prefix's length."""
+        query = np.asarray(token_ids, dtype=np.int64)
+        best, best_common = np.zeros(0, dtype=np.int64), 0
+        for entry in reversed(self._by_namespace.get(namespace, ())):
+            length = min(len(entry), len(query))
+            differ = np.flatnonzero(entry[:length] != query[:length])
+            common = int(differ[0]) if len(differ) else length
+            if common > best_common:
+                best, best_common = entry, common
+        return best.tolist(), best_common
+
+
+def explain_miss(
+    prompt_ids: list[int],
+    cached_tokens: int,
+    stopped_by: str | None,
+    nearest: tuple[list[int], int],
+    spans: list[MessageSpan],
+    tokenizer: Any,
+    block_size: int,
+) -> MissReason:
+    entry, common = nearest
+    # the most an ideal block cache could have served: whole blocks, and never the last prompt token
+    reusable = min(common, len(prompt_ids) - 1) // block_size * block_size
+    if reusable > cached_tokens:  # it was cached once and was not served this time
+        return _not_served(cached_tokens, reusable, stopped_by, spans)
+    if entry and common < min(len(entry), len(prompt_ids)):
+        return _changed(prompt_ids, entry, common, cached_tokens, spans, tokenizer)
+    span = message_at(spans, cached_tokens)
+    if common > cached_tokens:
+        text = (
+            f"{common - cached_tokens} more tokens match an earlier request: less than a whole "
+            f"{block_size}-token block, or the prompt's last token, which is always computed"
+        )
+        return MissReason(MissKind.BELOW_MINIMUM, cached_tokens, *_message(span), _where(span) + text)
+    text = "new tokens" if entry else "new tokens: no earlier request shares this prompt's start"
+    return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
+
+
+def _not_served(cached: int, reusable: int, stopped_by: str | None, spans: list[MessageSpan]) -> MissReason:
+    span = message_at(spans, cached)
+    if stopped_by and "slower than recompute" in stopped_by:
+        kind, text = MissKind.SLOWER_THAN_RECOMPUTE, f"{stopped_by}: tokens {cached}-{reusable} recomputed"
+    elif stopped_by:
+        kind, text = MissKind.UNREADABLE, f"{stopped_by}: tokens {cached}-{reusable} recomputed"
+    else:
+        kind, text = (
+            MissKind.EVICTED,
+            f"tokens {cached}-{reusable} were cached by an earlier request and evicted",
+        )
+    return MissReason(kind, cached, *_message(span), _where(span) + text)
+
+
+def _changed(
+    prompt_ids: list[int],
+    entry: list[int],
+    common: int,
+    cached: int,
+    spans: list[MessageSpan],
+    tokenizer: Any,
+) -> MissReason:
+    span = message_at(spans, common)
+    ours, theirs = _excerpt(tokenizer, prompt_ids, common), _excerpt(tokenizer, entry, common)
+    name = f"{span.role} message #{span.index}" if span else "the prompt"
+    text = f"{name} changed at token {common}: {ours!r} vs {theirs!r}"
+    if cached < common:
+        text += f" (reuse stops at the whole block before it, token {cached})"
+    return MissReason(MissKind.CHANGED, cached, *_message(span), text, ours, theirs)
+
+
+def _message(span: MessageSpan | None) -> tuple[int | None, str | None]:
+    return (span.index, span.role) if span else (None, None)
+
+
+def _where(span: MessageSpan | None) -> str:
+    return f"{span.role} message #{span.index}: " if span else ""
+
+
+def _excerpt(tokenizer: Any, token_ids: list[int], at: int) -> str:
+    return "..." + tokenizer.decode(token_ids[max(0, at - EXCERPT_TOKENS) : at + EXCERPT_TOKENS])
