@@ -302,3 +302,20 @@ def test_trace_and_log_line_record_cache_numbers(default_model, tmp_path, caplog
     assert second["prompt_tokens"] == 37 and second["ttft_ms"] > 0 and second["finish_reason"] == "length"
     lines = [r.getMessage() for r in caplog.records if r.name == "warmkv.server"]
     assert any("prompt=37 cached=32 (live:32) computed=5" in line for line in lines)
+
+
+def test_resent_history_whose_text_retokenises_differently_still_hits(
+    server: RunningServer, default_model
+) -> None:
+    # a first prompt of whole blocks, so its last token ("\n" after "assistant") lies in a reusable block;
+    # the reply's leading "\n\n" merges with that "\n" when the second prompt is tokenised as one text
+    words = next(n for n in range(20, 60) if len(_prompt_ids(default_model, _planning(n))) % 16 == 0)
+    first = chat(server, _planning(words), max_tokens=0, cache_salt="retokenise")
+    history = [*_planning(words), {"role": "assistant", "content": "\n\nHere is the plan."},
+               {"role": "user", "content": "Go on."}]  # fmt: skip
+    second = chat(server, history, max_tokens=1, cache_salt="retokenise")
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+
+
+def _planning(words: int) -> list[dict]:
+    return [{"role": "system", "content": "plan " * words}, {"role": "user", "content": "Plan the fix."}]

@@ -1,8 +1,8 @@
-"""Where each message of a rendered conversation ends, in tokens.
+"""Where each message of a rendered conversation ends, and tokenisation that keeps those ends stable.
 
 Works for any chat template: the conversation is rendered once per message prefix, and where that text is a
-prefix of the full prompt, its length in characters is mapped to a token offset. A template that rewrites
-earlier turns (so a shorter rendering is not a prefix of the longer one) simply yields no offset there.
+prefix of the full prompt its length marks the message's end. A template that rewrites earlier turns (so a
+shorter rendering is not a prefix of the longer one) simply yields no boundary there.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from warmkv.chat.template import render_chat
+from warmkv.chat.template import encode, render_chat
 
 
 @dataclass(slots=True, frozen=True)
@@ -20,24 +20,39 @@ class MessageSpan:
     end: int  # token offset just past the message
 
 
-def message_spans(
+def message_ends(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     template: str,
-    prompt_text: str,
-) -> list[MessageSpan]:
-    offsets = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    spans = []
+    text: str,
+) -> list[tuple[int, str, int]]:
+    """(message index, role, character offset just past it) for each message that ends inside `text`."""
+    ends = []
     for index in range(len(messages)):
-        text = render_chat(
+        prefix = render_chat(
             tokenizer, messages[: index + 1], tools, add_generation_prompt=False, chat_template=template
         )
-        if not prompt_text.startswith(text):
-            continue
-        end = next((t for t, (start, _) in enumerate(offsets) if start >= len(text)), len(offsets))
-        spans.append(MessageSpan(index, messages[index]["role"], end))
-    return spans
+        if text.startswith(prefix):
+            ends.append((index, messages[index]["role"], len(prefix)))
+    return ends
+
+
+def encode_segments(
+    tokenizer: Any, text: str, ends: list[tuple[int, str, int]], head: tuple[str, list[int]] | None = None
+) -> tuple[list[int], list[MessageSpan]]:
+    """Token ids of `text`, tokenised one message at a time, so a message boundary is always a token boundary
+    and an earlier prompt stays a token prefix of a later one. `head` (text, ids) supplies the ids of a
+    leading part of `text` verbatim (a turn the cache already holds); only the rest is tokenised."""
+    ids, done = (list(head[1]), len(head[0])) if head else ([], 0)
+    spans = []
+    for index, role, end in [*ends, (-1, "", len(text))]:
+        if end > done:
+            ids += encode(tokenizer, text[done:end])
+            done = end
+        if index >= 0 and end >= (len(head[0]) if head else 0):
+            spans.append(MessageSpan(index, role, len(ids)))
+    return ids, spans
 
 
 def message_at(spans: list[MessageSpan], token: int) -> MessageSpan | None:

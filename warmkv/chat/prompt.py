@@ -6,10 +6,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from warmkv.chat.anchors import MessageSpan, message_spans
+from warmkv.chat.anchors import MessageSpan, encode_segments, message_ends
 from warmkv.chat.messages import for_template
 from warmkv.chat.template import render_chat
 from warmkv.chat.tool_calls import ToolCallParser
+from warmkv.chat.turns import TurnMemory
 from warmkv.errors import InvalidRequest
 
 
@@ -19,7 +20,8 @@ class ChatPrompt:
     forced_prefix: str  # start of the assistant's reply written by us, to force a tool call
     forced_function: str | None  # tool_choice named this function: the reply is its arguments
     tool_names: set[str]  # tool calls are read out of the reply when this is not empty
-    spans: list[MessageSpan]  # where each message ends, in tokens of `text`
+    token_ids: list[int]
+    spans: list[MessageSpan]  # where each message ends, in tokens
 
 
 def build_chat_prompt(
@@ -29,14 +31,18 @@ def build_chat_prompt(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     tool_choice: str | dict[str, Any] | None,
+    turns: TurnMemory | None = None,
+    namespace: str = "",
 ) -> ChatPrompt:
     template_messages, template_tools = for_template(messages, tools, template, parser)
     text = render_chat(tokenizer, template_messages, template_tools, chat_template=template)
     prefix = _forced_prefix(tools, tool_choice, parser)
     forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()
-    spans = message_spans(tokenizer, template_messages, template_tools, template, text)
-    return ChatPrompt(text + prefix, prefix, forced, names, spans)
+    ends = message_ends(tokenizer, template_messages, template_tools, template, text)
+    head = turns.longest_prefix_of(namespace, text + prefix) if turns else None
+    token_ids, spans = encode_segments(tokenizer, text + prefix, ends, head)
+    return ChatPrompt(text + prefix, prefix, forced, names, token_ids, spans)
 
 
 def _forced_prefix(

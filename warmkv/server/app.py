@@ -9,7 +9,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,12 @@ from starlette.exceptions import HTTPException
 
 from warmkv.chat.prompt import build_chat_prompt
 from warmkv.chat.reply import ReplyReader
-from warmkv.chat.template import encode
 from warmkv.chat.tool_calls import PARSERS
+from warmkv.chat.turns import TurnMemory
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
+from warmkv.engine.sequence import Sequence
 from warmkv.errors import (
     ContextOverflow,
     EngineFailure,
@@ -79,6 +80,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         raise WarmkvError(f"--tool-parser {settings.tool_parser}: choose one of {', '.join(PARSERS)}")
     parser = PARSERS[settings.tool_parser]
     metrics = ServerMetrics()
+    turns = TurnMemory()
     if engine.engine.prefix_cache is not None:
         metrics.watch_cache(engine.engine.prefix_cache.stats)
     request_log = RequestLog(settings.trace)
@@ -173,6 +175,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        tenant = namespace(request, body)
         prompt = build_chat_prompt(
             tokenizer,
             template,
@@ -180,16 +183,27 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             [m.model_dump(exclude_none=True) for m in body.messages],
             [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
             body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.model_dump(),
+            turns,
+            tenant,
         )
-        prompt_ids = encode(tokenizer, prompt.text)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         record = RequestRecord(id=f"chatcmpl-{uuid.uuid4().hex}", endpoint="chat")
-        params = sampling(body, len(prompt_ids), max_tokens)
-        generation = Generation(engine, record, prompt_ids, params, namespace(request, body), prompt.spans)
+        params = sampling(body, len(prompt.token_ids), max_tokens)
+        generation = Generation(engine, record, prompt.token_ids, params, tenant, prompt.spans)
         if prompt.forced_prefix:  # a forced call ends at its end marker; nothing after it is wanted
             params.stop.append(parser.end)
         fmt = _ChatFormat(record.id, model_name, ReplyReader(prompt, parser), body.include_usage)
-        return await run(request, generation, fmt, stream=body.stream)
+
+        def remember_turn(sequence: Sequence) -> None:
+            # the prompt, and the prompt with the reply as generated: the next turn's history starts so
+            reply = sequence.output_ids
+            if reply and reply[-1] in tokenizer.all_special_ids:
+                reply = reply[:-1]  # the end-of-turn token: the template writes it back itself
+            turns.remember(tenant, prompt.text, prompt.token_ids)
+            reply_text = tokenizer.decode(reply, skip_special_tokens=False)
+            turns.remember(tenant, prompt.text + reply_text, prompt.token_ids + reply)
+
+        return await run(request, generation, fmt, stream=body.stream, on_finish=remember_turn)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -207,7 +221,13 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             request, generation, _CompletionFormat(record.id, model_name, body.include_usage), body.stream
         )
 
-    async def run(request: Request, generation: Generation, fmt: _Format, stream: bool) -> Response:
+    async def run(
+        request: Request,
+        generation: Generation,
+        fmt: _Format,
+        stream: bool,
+        on_finish: Callable[[Sequence], None] = lambda _: None,
+    ) -> Response:
         record = generation.record
         try:
             first = await _until_disconnect(request, generation.first())
@@ -216,7 +236,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             account(record, metrics, request_log)
             raise
         if stream:
-            return StreamingResponse(_stream(first, generation, fmt), media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(first, generation, fmt, on_finish), media_type="text/event-stream"
+            )
         try:
             outputs = [first, *(await _until_disconnect(request, _collect(generation)))]
         except ClientGone:
@@ -224,17 +246,22 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise
         finally:
             account(record, metrics, request_log)
+        on_finish(outputs[-1].sequence)
         return JSONResponse(fmt.whole(outputs, generation.usage()))
 
-    async def _stream(first: StepOutput, generation: Generation, fmt: _Format) -> AsyncIterator[str]:
+    async def _stream(
+        first: StepOutput, generation: Generation, fmt: _Format, on_finish: Callable[[Sequence], None]
+    ) -> AsyncIterator[str]:
         record = generation.record
         try:
             yield _sse(fmt.opening())
             for chunk in fmt.delta(first):
                 yield _sse(chunk)
-            async for output in generation:
-                for chunk in fmt.delta(output):
+            last = first
+            async for last in generation:
+                for chunk in fmt.delta(last):
                     yield _sse(chunk)
+            on_finish(last.sequence)
             if fmt.include_usage:
                 yield _sse(fmt.usage_chunk(generation.usage()))
             yield "data: [DONE]\n\n"

@@ -1,0 +1,56 @@
+"""Stable tokens across turns: a re-sent history reuses the earlier turn's ids, whatever its text
+would tokenise to now (SmolLM2's tokenizer, from ../shared/data)."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from warmkv.chat.prompt import build_chat_prompt
+from warmkv.chat.template import encode, render_chat
+from warmkv.chat.tool_calls import PARSERS
+from warmkv.chat.turns import TurnMemory
+
+from ..conftest import SMOLLM2_TOKENIZER
+
+TOKENIZER = AutoTokenizer.from_pretrained(str(SMOLLM2_TOKENIZER))
+TEMPLATE = TOKENIZER.chat_template
+FIRST = [{"role": "system", "content": "You plan."}, {"role": "user", "content": "Plan the fix."}]
+REPLY = "\n\nHere is the plan."  # its leading newlines merge with the prompt's last "\n" when re-tokenised
+SECOND = [*FIRST, {"role": "assistant", "content": REPLY}, {"role": "user", "content": "Go on."}]
+
+
+def build(messages: list[dict], turns: TurnMemory | None = None):
+    return build_chat_prompt(TOKENIZER, TEMPLATE, PARSERS["hermes"], messages, None, None, turns, "")
+
+
+def test_whole_text_tokenisation_would_break_the_prefix() -> None:
+    first = encode(TOKENIZER, render_chat(TOKENIZER, FIRST))
+    second = encode(TOKENIZER, render_chat(TOKENIZER, SECOND))
+    assert second[: len(first)] != first  # the effect this module guards against
+
+
+def test_remembered_prompt_ids_are_reused_verbatim() -> None:
+    turns = TurnMemory()
+    first = build(FIRST, turns)
+    turns.remember("", first.text, first.token_ids)
+    second = build(SECOND, turns)
+    assert second.token_ids[: len(first.token_ids)] == first.token_ids
+    assert TOKENIZER.decode(second.token_ids) == second.text  # the same text, other cut points
+
+
+def test_generated_ids_are_reused_even_when_not_canonical() -> None:
+    turns = TurnMemory()
+    first = build(FIRST, turns)
+    generated = [t for ch in REPLY for t in encode(TOKENIZER, ch)]  # one token per character
+    assert generated != encode(TOKENIZER, REPLY)
+    turns.remember("", first.text + REPLY, first.token_ids + generated)
+    second = build(SECOND, turns)
+    assert second.token_ids[: len(first.token_ids) + len(generated)] == first.token_ids + generated
+
+
+def test_message_boundaries_are_token_boundaries() -> None:
+    second = build(SECOND)
+    assert [s.role for s in second.spans] == ["system", "user", "assistant", "user"]
+    ends = [s.end for s in second.spans]
+    assert ends == sorted(ends) and ends[-1] < len(second.token_ids)
+    assert TOKENIZER.decode(second.token_ids[: ends[0]]).endswith("You plan.<|im_end|>\n")
