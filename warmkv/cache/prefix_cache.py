@@ -19,7 +19,7 @@ from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.cache.load_costs import LoadCosts
 from warmkv.cache.miss_reasons import RecentPrompts
 from warmkv.cache.prefix_index import PrefixIndex
-from warmkv.cache.tiers.base import TierName, TierStats
+from warmkv.cache.tiers.base import Tier, TierName, TierStats
 from warmkv.cache.tiers.disk import DiskTier
 from warmkv.cache.tiers.host import HostTier
 from warmkv.engine.kv_pool import KVPool
@@ -73,7 +73,7 @@ class PrefixCache:
         self.recent = RecentPrompts()  # what miss reasons compare against
 
     @property
-    def tiers(self) -> list[HostTier | DiskTier]:
+    def tiers(self) -> list[Tier]:
         return [t for t in (self.host, self.disk) if t is not None and getattr(t, "enabled", True)]
 
     def stats(self) -> dict[TierName, TierStats]:
@@ -145,13 +145,13 @@ class PrefixCache:
         return dict(zip(keys, self.disk.read_many(keys, consume), strict=True))
 
     @staticmethod
-    def _copy_from(tier: HostTier | DiskTier, key: bytes, row: torch.Tensor) -> bool:
+    def _copy_from(tier: Tier, key: bytes, row: torch.Tensor) -> bool:
         kv = tier.get(key)
         if kv is not None:
             row.copy_(kv, non_blocking=True)  # from the pinned slab: asynchronous
         return kv is not None
 
-    def _plan_loads(self, keys: list[bytes], hit: PrefixHit) -> list[tuple[bytes, HostTier | DiskTier]]:
+    def _plan_loads(self, keys: list[bytes], hit: PrefixHit) -> list[tuple[bytes, Tier]]:
         """The leading keys found below the live tier and worth loading, with the tier each comes from."""
         plan = []
         for key in keys:
