@@ -93,3 +93,34 @@ def test_interleaved_sessions_under_a_tiny_pool_hit_from_lower_tiers(default_mod
         small.stop()
     assert all(hit >= 48 for hit in hits), hits
     assert stats[next(t for t in stats if t.value == "host")].hits > 0
+
+
+THINK_STRIPPING_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- set c = m['content'] or '' -%}"
+    "{%- if m['role'] == 'assistant' and '</think>' in c -%}"
+    "{%- set c = c.split('</think>')[-1].lstrip() -%}"
+    "{%- endif -%}"
+    "<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)  # like Qwen3's: earlier turns' reasoning is not sent back to the model
+
+
+def test_reasoning_dropped_by_the_template_still_hits_the_previous_frontier(default_model) -> None:
+    server = start_server(default_model, chat_template=THINK_STRIPPING_TEMPLATE)
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which file has the bug?"}]
+    try:
+        first = ask(server, history, "think")
+        history += [
+            {
+                "role": "assistant",
+                "content": "<think>The parser fails on empty input, so...</think>\nparser.py",
+            },
+            {"role": "user", "content": "Fix it."},
+        ]
+        second = ask(server, history, "think")
+    finally:
+        server.stop()
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // BLOCK * BLOCK
+    assert second.usage.prompt_tokens < first.usage.prompt_tokens + 20  # the reasoning really was dropped
