@@ -142,3 +142,24 @@ def test_cuda_graph_decode_matches_eager_across_buckets(tiny_llama_folder: Path)
     tokens = run(graphed, prompt, max_tokens=40, ignore_eos=True)[0]
     assert tokens == run(eager, prompt, max_tokens=40, ignore_eos=True)[0]
     assert sorted(graphed.runner.decode_graphs._graphs) == [256, 512]
+
+
+def test_idle_time_prefill_yields_to_a_request_at_once(tiny_model) -> None:
+    engine = engine_for(tiny_model, max_batch_tokens=16)
+    background = engine.add_request(list(range(3000, 3100)), SamplingParams(max_tokens=0), background=True)
+    engine.step()
+    engine.step()  # two 16-token chunks of the history are in the cache
+    request = engine.add_request(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.step()
+    assert background.finish_reason is FinishReason.ABORT  # gone before the request's first step
+    assert engine.running == [request] and request.num_computed == 16
+    while engine.has_work:
+        engine.step()
+    assert (
+        request.output_ids
+        == run(engine_for(tiny_model, prefix_cache=False), PROMPT, max_tokens=4, ignore_eos=True)[0]
+    )
+    again = engine.add_request([*range(3000, 3100), 1], SamplingParams(max_tokens=1))
+    while engine.has_work:
+        engine.step()
+    assert again.num_cached == 32  # what the idle time computed was kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from warmkv.cache.config import CacheConfig
 from warmkv.engine.config import EngineConfig
@@ -124,3 +125,36 @@ def test_reasoning_dropped_by_the_template_still_hits_the_previous_frontier(defa
         server.stop()
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens // BLOCK * BLOCK
     assert second.usage.prompt_tokens < first.usage.prompt_tokens + 20  # the reasoning really was dropped
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+
+
+def _tool_round_trip(server: RunningServer) -> int:
+    """Cached tokens of the request that returns a tool's result."""
+    messages = [{"role": "user", "content": "What's the weather in Paris?"}]
+    force = {"type": "function", "function": {"name": "get_weather"}}
+    reply = server.client().chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice=force, temperature=0, max_tokens=60
+    )
+    call = reply.choices[0].message.tool_calls[0]
+    time.sleep(0.5)  # the client runs its tool; the server may use the time
+    while server.engine.engine.has_work:
+        time.sleep(0.05)
+    result = {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "clear", "celsius": 21}'}
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}, result]
+    answer = server.client().chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=1
+    )
+    return answer.usage.prompt_tokens_details.cached_tokens
+
+
+def test_history_is_prefilled_while_the_client_runs_its_tools(default_model) -> None:
+    with_prefill, without = start_server(default_model), start_server(default_model, predictive_prefill=False)
+    try:
+        predicted_hit, plain_hit = _tool_round_trip(with_prefill), _tool_round_trip(without)
+    finally:
+        with_prefill.stop()
+        without.stop()
+    assert predicted_hit > plain_hit  # the assistant's tool-call message was already in the cache

@@ -33,9 +33,10 @@ def build_chat_prompt(
     tool_choice: str | dict[str, Any] | None,
     turns: TurnMemory | None = None,
     namespace: str = "",
+    add_generation_prompt: bool = True,
 ) -> ChatPrompt:
     template_messages, template_tools = for_template(messages, tools, template, parser)
-    text = render_chat(tokenizer, template_messages, template_tools, chat_template=template)
+    text = render_chat(tokenizer, template_messages, template_tools, add_generation_prompt, template)
     prefix = _forced_prefix(tools, tool_choice, parser)
     forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()

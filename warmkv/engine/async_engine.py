@@ -37,11 +37,17 @@ class _Abort:
     request_id: str
 
 
+@dataclass(slots=True)
+class _Prefill:
+    prompt_ids: list[int]
+    cache_namespace: str
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_pending: int = 256) -> None:
         self.engine = engine
         self.max_pending = max_pending
-        self._commands: queue.SimpleQueue[_Submit | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Submit | _Abort | _Prefill | None] = queue.SimpleQueue()
         self._requests: dict[str, tuple[Sequence, _Submit]] = {}
         self._pending = 0  # submitted and not yet finished; read from the event loop
         self._thread = threading.Thread(target=self._run, name="warmkv-engine", daemon=True)
@@ -87,6 +93,10 @@ class AsyncEngine:
                 self._commands.put(_Abort(request_id))
         yield output
 
+    def prefill_when_idle(self, prompt_ids: list[int], cache_namespace: str = "") -> None:
+        """Cache a prompt's KV in idle time; it yields to every request and is dropped if it does not fit."""
+        self._commands.put(_Prefill(prompt_ids, cache_namespace))
+
     def shutdown(self) -> None:
         """Cancel what is still running, stop the step loop, and flush the cache to disk."""
         self._commands.put(None)
@@ -110,7 +120,16 @@ class AsyncEngine:
             if self.engine.has_work:
                 self._step()
 
-    def _apply(self, command: _Submit | _Abort) -> None:
+    def _apply(self, command: _Submit | _Abort | _Prefill) -> None:
+        if isinstance(command, _Prefill):
+            try:
+                self.engine.add_request(
+                    command.prompt_ids, SamplingParams(max_tokens=0), cache_namespace=command.cache_namespace,
+                    background=True,
+                )  # fmt: skip
+            except WarmkvError as err:
+                log.info("idle-time prefill skipped: %s", err)
+            return
         if isinstance(command, _Abort):
             entry = self._requests.pop(command.request_id, None)
             if entry is not None:

@@ -109,6 +109,7 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         cache_namespace: str = "",
+        background: bool = False,
     ) -> Sequence:
         self.check_fits(len(prompt_ids), params.max_tokens)
         sequence = Sequence(
@@ -119,6 +120,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.model.tokenizer, params.stop),
             generator=params.generator(self.model.device),
             cache_namespace=cache_namespace,
+            background=background,
         )
         self.waiting.append(sequence)
         return sequence
@@ -173,6 +175,12 @@ class LLMEngine:
         return outputs
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
+        queued = [*self.waiting, *self.running]
+        if any(not seq.background for seq in queued):
+            # idle-time work yields at once; the blocks it completed stay in the cache
+            for seq in queued:
+                if seq.background:
+                    self._finish(seq, FinishReason.ABORT)
         budget = self.config.max_batch_tokens
         plan: list[tuple[Sequence, int]] = []
         # decoding sequences first (one token each), then the prefills already under way

@@ -30,6 +30,7 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     cache_namespace: str = ""
+    background: bool = False  # idle-time prefill: runs only while no request is waiting or running
     block_ids: list[int] = field(default_factory=list)  # the block table
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-index keys of the leading full blocks
     num_computed: int = 0  # leading tokens whose KV is stored in block_ids

@@ -60,6 +60,8 @@ class ServerSettings:
     served_model_name: str | None = None  # default: the model's name
     chat_template: str | None = None  # overrides the model's own template
     tool_parser: str = "hermes"
+    # after a reply with tool calls, prefill the history the client will send back, while it runs its tools
+    predictive_prefill: bool = True
     trace: Path | None = None
 
 
@@ -176,12 +178,14 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         tenant = namespace(request, body)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         prompt = build_chat_prompt(
             tokenizer,
             template,
             parser,
-            [m.model_dump(exclude_none=True) for m in body.messages],
-            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+            messages,
+            tools,
             body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.model_dump(),
             turns,
             tenant,
@@ -202,6 +206,15 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             turns.remember(tenant, prompt.text, prompt.token_ids)
             reply_text = tokenizer.decode(reply, skip_special_tokens=False)
             turns.remember(tenant, prompt.text + reply_text, prompt.token_ids + reply)
+            if settings.predictive_prefill and fmt.reader.calls:
+                reply_message = {"role": "assistant", "content": None,
+                                 "tool_calls": [call.to_openai() for call in fmt.reader.calls]}  # fmt: skip
+                predicted = build_chat_prompt(
+                    tokenizer, template, parser, [*messages, reply_message], tools, None, turns, tenant,
+                    add_generation_prompt=False,
+                )  # fmt: skip
+                turns.remember(tenant, predicted.text, predicted.token_ids)
+                engine.prefill_when_idle(predicted.token_ids, tenant)
 
         return await run(request, generation, fmt, stream=body.stream, on_finish=remember_turn)
 
@@ -246,8 +259,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise
         finally:
             account(record, metrics, request_log)
-        on_finish(outputs[-1].sequence)
-        return JSONResponse(fmt.whole(outputs, generation.usage()))
+        body = fmt.whole(outputs, generation.usage())
+        on_finish(outputs[-1].sequence)  # after formatting: the reply's tool calls are known by then
+        return JSONResponse(body)
 
     async def _stream(
         first: StepOutput, generation: Generation, fmt: _Format, on_finish: Callable[[Sequence], None]

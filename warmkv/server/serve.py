@@ -19,6 +19,11 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tool-parser", default="hermes", help="tool-call format of the model's output")
     group.add_argument("--max-queue", type=int, default=256, help="pending requests before answering 429")
     group.add_argument("--trace", help="append one JSON line per request to this file")
+    group.add_argument(
+        "--no-predictive-prefill",
+        action="store_true",
+        help="do not prefill the history a client will resend after a reply with tool calls",
+    )
     group.add_argument("--log-level", default="info")
 
 
@@ -40,6 +45,7 @@ def serve(args: argparse.Namespace) -> None:
         served_model_name=args.served_model_name,
         chat_template=_read_template(args.chat_template),
         tool_parser=args.tool_parser,
+        predictive_prefill=not args.no_predictive_prefill,
         trace=Path(args.trace) if args.trace else None,
     )
     engine = AsyncEngine(LLMEngine.from_config(engine_config_from(args)), args.max_queue)
