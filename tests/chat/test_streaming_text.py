@@ -39,3 +39,17 @@ def test_call_to_unknown_function_stays_text() -> None:
     text = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
     content = streamer.feed(text)
     assert content == text and streamer.calls == [] and streamer.finish()[1]
+
+
+def test_incremental_text_equals_decoding_everything_at_once() -> None:
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(SMOLLM2_TOKENIZER)))
+    sample = "Ünïcödé — naïve café 東京 🙂 résumé\n  indented code: x = [1, 2, 3]\n" * 3
+    ids = [
+        *tokenizer(sample, add_special_tokens=False)["input_ids"],
+        *torch.randint(0, 49152, (300,)).tolist(),
+    ]
+    detok = IncrementalDetokenizer(tokenizer, stop=[])
+    streamed = "".join(detok.add(t) for t in ids) + detok.flush()
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")

@@ -83,11 +83,8 @@ class PrefixCache:
 
     # -- the engine's side ------------------------------------------------------------------------
 
-    def root(self, namespace: str) -> bytes:
-        return self.index.root(namespace)
-
-    def chain(self, namespace: str, token_ids: list[int]) -> list[bytes]:
-        return self.index.chain(namespace, token_ids)
+    def chain(self, namespace: str, token_ids: list[int], known: list[bytes] | None = None) -> list[bytes]:
+        return self.index.chain(namespace, token_ids, known)
 
     def lookup(self, keys: list[bytes]) -> PrefixHit:
         """The longest run of leading keys held by any tier, all of it in pool blocks."""

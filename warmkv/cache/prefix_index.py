@@ -37,11 +37,14 @@ class PrefixIndex:
         """Parent of a chain's first block: keys differ between models and between namespaces."""
         return hashlib.blake2b(f"{self._fingerprint}\0{namespace}".encode(), digest_size=16).digest()
 
-    def chain(self, namespace: str, token_ids: Sequence[int]) -> list[bytes]:
-        """Keys of every full block of token_ids."""
+    def chain(
+        self, namespace: str, token_ids: Sequence[int], known: list[bytes] | None = None
+    ) -> list[bytes]:
+        """Keys of every full block of token_ids; `known` keys of its leading blocks are not hashed again."""
         size = self._pool.block_size
-        keys, parent = [], self.root(namespace)
-        for start in range(0, len(token_ids) - size + 1, size):
+        keys = list(known or [])
+        parent = keys[-1] if keys else self.root(namespace)
+        for start in range(len(keys) * size, len(token_ids) - size + 1, size):
             parent = block_hash(parent, token_ids[start : start + size])
             keys.append(parent)
         return keys

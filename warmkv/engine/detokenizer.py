@@ -16,33 +16,47 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._stop = [s for s in stop if s]
         self._ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already released
+        self._text = ""  # decoded text of the tokens up to _read
+        self._prefix = 0  # window start: tokens before _read that give the decoder its context
+        self._read = 0
+        self._emitted = 0  # characters of _text already released
         self.stopped = False
-
-    @property
-    def text(self) -> str:
-        return self._tokenizer.decode(self._ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
         """Append a token; return the newly released text (maybe empty). Sets `stopped` on a stop string."""
         self._ids.append(token_id)
-        text = self.text
+        self._decode_window()
+        text = self._text
         for stop in self._stop:
             at = text.find(stop, max(0, self._emitted - len(stop) + 1))
             if at != -1:
                 self.stopped = True
-                return self._release(text, at)
-        if text.endswith("\ufffd"):
-            return ""
-        return self._release(text, len(text) - partial_marker_length(text, self._stop))
+                return self._release(at)
+        return self._release(len(text) - partial_marker_length(text, self._stop))
 
     def flush(self) -> str:
         """Release everything still held (generation ended without a stop string)."""
-        text = self.text
-        return self._release(text, len(text.rstrip("\ufffd")) if not self.stopped else self._emitted)
+        if self.stopped:
+            return ""
+        self._decode_window(final=True)
+        return self._release(len(self._text))
 
-    def _release(self, text: str, end: int) -> str:
+    def _decode_window(self, final: bool = False) -> None:
+        # decode only a short window, not the whole output: the text that the new tokens add is the
+        # difference between the window with and without them (cost per token stays constant)
+        decode = self._tokenizer.decode
+        before = decode(self._ids[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(self._ids[self._prefix :], skip_special_tokens=True)
+        if final:
+            after = after.rstrip("\ufffd")
+        elif after.endswith("\ufffd"):  # a character split across tokens: wait for its last byte
+            return
+        if len(after) > len(before):
+            self._text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self._ids)
+
+    def _release(self, end: int) -> str:
         end = max(end, self._emitted)
-        released = text[self._emitted : end]
+        released = self._text[self._emitted : end]
         self._emitted = end
         return released

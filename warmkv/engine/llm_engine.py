@@ -16,7 +16,6 @@ from warmkv.cache.config import LoadPolicy
 from warmkv.cache.fingerprint import model_fingerprint
 from warmkv.cache.load_costs import measure_load_costs
 from warmkv.cache.prefix_cache import PrefixCache
-from warmkv.cache.prefix_index import block_hash
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.detokenizer import IncrementalDetokenizer
 from warmkv.engine.kv_pool import KVPool
@@ -248,14 +247,15 @@ class LLMEngine:
             seq.cache_hit, seq.num_cached = hit, seq.num_computed
 
     def _index_full_blocks(self, seq: Sequence) -> None:
-        if self.prefix_cache is None:
-            return
-        size = self.pool.block_size
-        for index in range(len(seq.block_hashes), seq.num_computed // size):
-            parent = seq.block_hashes[-1] if seq.block_hashes else self.prefix_cache.root(seq.cache_namespace)
-            key = block_hash(parent, seq.token_ids[index * size : (index + 1) * size])
-            self.prefix_cache.insert(key, seq.block_ids[index])
-            seq.block_hashes.append(key)
+        known = len(seq.block_hashes)
+        if self.prefix_cache is None or seq.num_computed // self.pool.block_size == known:
+            return  # most decode steps: no block completed
+        keys = self.prefix_cache.chain(
+            seq.cache_namespace, seq.token_ids[: seq.num_computed], seq.block_hashes
+        )
+        for key, block in zip(keys[known:], seq.block_ids[known:], strict=False):
+            self.prefix_cache.insert(key, block)
+        seq.block_hashes = keys
 
     def _advance(self, seq: Sequence, logits: object) -> StepOutput:
         params = seq.params

@@ -45,9 +45,10 @@ class ModelRunner:
             return [self.decode_graphs.forward(item.token_ids[0], item.start, item.block_ids)]
         input_ids = torch.tensor([t for item in items for t in item.token_ids], device=self.device)
         positions = torch.cat([torch.arange(i.start, i.start + len(i.token_ids)) for i in items])
+        context_slots = [self.pool.slots(i.block_ids, 0, i.start + len(i.token_ids)) for i in items]
         batch = AttentionBatch(
-            slot_mapping=torch.cat([self._slots(i, i.start) for i in items]),
-            sequences=self._slices(items),
+            slot_mapping=torch.cat([slots[i.start :] for slots, i in zip(context_slots, items, strict=True)]),
+            sequences=self._slices(items, context_slots),
         )
         hidden = self.module(input_ids, positions.to(self.device), (self.pool.k, self.pool.v), batch)
         rows, offset = [], 0
@@ -60,9 +61,9 @@ class ModelRunner:
             )
         return [self.module.logits(r) for r in rows]
 
-    def _slices(self, items: list[ForwardItem]) -> list[SequenceSlice]:
+    def _slices(self, items: list[ForwardItem], context_slots: list[torch.Tensor]) -> list[SequenceSlice]:
         slices, offset = [], 0
-        for item in items:
+        for item, slots in zip(items, context_slots, strict=True):
             query_len, context_len = len(item.token_ids), item.start + len(item.token_ids)
             window = self.sliding_window
             needs_mask = item.start > 0 or (window is not None and context_len > window)
@@ -70,13 +71,10 @@ class ModelRunner:
                 SequenceSlice(
                     query_start=offset,
                     query_len=query_len,
-                    context_slots=self._slots(item, 0),
+                    context_slots=slots,
                     mask=build_mask(query_len, context_len, window, self.device) if needs_mask else None,
                     is_whole=item.start == 0,
                 )
             )
             offset += query_len
         return slices
-
-    def _slots(self, item: ForwardItem, start: int) -> torch.Tensor:
-        return self.pool.slots(item.block_ids, start, item.start + len(item.token_ids))

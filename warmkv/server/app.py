@@ -245,7 +245,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         try:
             first = await _until_disconnect(request, generation.first())
         except BaseException as err:
-            record.status = _ERRORS.get(type(err), (499 if isinstance(err, ClientGone) else 500,))[0]
+            record.status = 499 if isinstance(err, ClientGone) else _error_kind(err)[0]
             account(record, metrics, request_log)
             raise
         if stream:
@@ -289,6 +289,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             account(record, metrics, request_log)
 
     return app
+
+
+def _error_kind(err: BaseException) -> tuple[int, str, str | None]:
+    """HTTP status, OpenAI error type and code of an error (subclasses map like their base)."""
+    return next((v for t, v in _ERRORS.items() if isinstance(err, t)), (500, "server_error", None))
 
 
 class _HTTPError(Exception):
