@@ -162,7 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("trace", nargs="?", help="for explain: a file written by `warmkv serve --trace`")
     cache.add_argument("--kv-dir", help="disk tier directory (default: kv/ in the user cache dir)")
     cache.set_defaults(handler=_cache)
+
+    report = commands.add_parser("report", help="per-turn cache report of a log written by warmkv.client")
+    report.add_argument("log", help="JSON-lines log written by WarmClient(log=...)")
+    report.add_argument("--price-input", type=float, help="US$ per million uncached prompt tokens")
+    report.add_argument("--price-cached", type=float, help="US$ per million cached prompt tokens")
+    report.set_defaults(handler=_report)
     return parser
+
+
+def _report(args: argparse.Namespace) -> None:
+    from warmkv.client.ledger import Prices
+    from warmkv.client.report import report
+
+    if not Path(args.log).is_file():
+        raise WarmkvError(f"report needs a log file written by warmkv.client: {args.log}")
+    if (args.price_input is None) != (args.price_cached is None):
+        raise WarmkvError("give both --price-input and --price-cached, or neither")
+    prices = Prices(args.price_input, args.price_cached) if args.price_input is not None else None
+    try:
+        print("\n".join(report(Path(args.log), prices)))
+    except (ValueError, TypeError) as err:
+        raise WarmkvError(f"{args.log} is not a warmkv.client log: {err}") from err
 
 
 def _cache(args: argparse.Namespace) -> None:
