@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
+from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
 from warmkv.chat.template import encode, render_chat
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.sampling import SamplingParams
@@ -54,6 +55,17 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=LoadPolicy.AUTO.value,
         help="auto: load from host/disk only when faster than recomputing (default)",
     )
+    rules = parser.add_argument_group("other caches' reuse rules, for side-by-side benchmarks")
+    hit = HitPolicyConfig()
+    rules.add_argument(
+        "--hit-policy",
+        choices=[p.value for p in HitPolicyName],
+        default=hit.name.value,
+        help="blocks: any cached prefix (default); checkpoints: ds4-style; units: DeepSeek-API-style",
+    )
+    rules.add_argument("--checkpoint-align", type=int, default=hit.checkpoint_align, help="tokens")
+    rules.add_argument("--checkpoint-interval", type=int, default=hit.checkpoint_interval, help="tokens")
+    rules.add_argument("--cache-unit", type=int, default=hit.unit, help="tokens per unit")
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
@@ -65,6 +77,11 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise WarmkvError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
+    for flag in ("checkpoint_align", "checkpoint_interval", "cache_unit"):
+        value = getattr(args, flag)
+        if value < args.block_size or value % args.block_size:
+            name = flag.replace("_", "-")
+            raise WarmkvError(f"--{name} must be a multiple of --block-size {args.block_size}, got {value}")
     return EngineConfig(
         model=args.model,
         device=args.device,
@@ -85,6 +102,10 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
             disk_gib=args.disk_cache_gib,
             disk_tokens=args.disk_cache_tokens,
             load_policy=LoadPolicy(args.kv_load),
+            hit_policy=HitPolicyConfig(
+                HitPolicyName(args.hit_policy), args.checkpoint_align, args.checkpoint_interval, 64,
+                args.cache_unit,
+            ),
         ),
     )
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from warmkv.cache.hit_policy import HitPolicyConfig
 from warmkv.paths import cache_home
 
 
@@ -30,6 +31,7 @@ class CacheConfig:
     disk_tokens: int | None = None  # ... or in tokens; neither: 20 GiB
     writer_queue: int = 1024  # blocks waiting for the disk writer before writes are skipped
     load_policy: LoadPolicy = LoadPolicy.AUTO
+    hit_policy: HitPolicyConfig = field(default_factory=HitPolicyConfig)  # other caches' rules, for benches
 
     def host_blocks(self, block_bytes: int, block_size: int) -> int:
         return _blocks(self.host_gib, self.host_tokens, 4.0, block_bytes, block_size)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
+from warmkv.cache.hit_policy import build_hit_policy
 from warmkv.cache.load_costs import LoadCosts
 from warmkv.cache.miss_reasons import RecentPrompts
 from warmkv.cache.prefix_index import PrefixIndex
@@ -40,6 +41,17 @@ class PrefixHit:
         [],
         0,
     )  # the remembered prompt closest to this one, and the shared length
+
+    def truncate(self, blocks: int, pool: KVPool) -> None:
+        """Give back the blocks past the first `blocks`, taking them off the tiers they came from last."""
+        surplus = (len(self.blocks) - blocks) * pool.block_size
+        for block in self.blocks[blocks:]:
+            pool.decref(block)
+        del self.blocks[blocks:], self.keys[blocks:]
+        for tier in reversed(list(self.tokens_by_tier)):
+            taken = min(surplus, self.tokens_by_tier[tier])
+            self.tokens_by_tier[tier] -= taken
+            surplus -= taken
 
     @property
     def source(self) -> str:
@@ -69,6 +81,7 @@ class PrefixCache:
             if config.disk
             else None
         )
+        self.policy = build_hit_policy(config.hit_policy, pool.block_size)
         self.costs: LoadCosts | None = None  # measured by the engine once the model can run
         self.recent = RecentPrompts()  # what miss reasons compare against
 
@@ -87,7 +100,15 @@ class PrefixCache:
         return self.index.chain(namespace, token_ids, known)
 
     def lookup(self, keys: list[bytes]) -> PrefixHit:
-        """The longest run of leading keys held by any tier, all of it in pool blocks."""
+        """The longest run of leading keys held by any tier and served by the hit policy, in pool blocks."""
+        hit = self._lookup(keys[: self.policy.usable(keys)])
+        hit.truncate(self.policy.usable(hit.keys), self.pool)  # a hit cut short still ends where allowed
+        return hit
+
+    def record_prompt(self, prompt_keys: list[bytes]) -> None:
+        self.policy.record(prompt_keys)
+
+    def _lookup(self, keys: list[bytes]) -> PrefixHit:
         blocks = self.index.match(keys)
         hit = PrefixHit(blocks, keys[: len(blocks)], {TierName.LIVE: len(blocks) * self.pool.block_size})
         plan = self._plan_loads(keys[len(blocks) :], hit)

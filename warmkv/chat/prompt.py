@@ -34,14 +34,16 @@ def build_chat_prompt(
     turns: TurnMemory | None = None,
     namespace: str = "",
     add_generation_prompt: bool = True,
+    stable_tokens: bool = True,
 ) -> ChatPrompt:
+    """`stable_tokens` False tokenises the text whole, as a text-keyed cache would (no message spans)."""
     template_messages, template_tools = for_template(messages, tools, template, parser)
     text = render_chat(tokenizer, template_messages, template_tools, add_generation_prompt, template)
     prefix = _forced_prefix(tools, tool_choice, parser)
     forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()
-    ends = message_ends(tokenizer, template_messages, template_tools, template, text)
-    head = turns.longest_prefix_of(namespace, text + prefix) if turns else None
+    ends = message_ends(tokenizer, template_messages, template_tools, template, text) if stable_tokens else []
+    head = turns.longest_prefix_of(namespace, text + prefix) if turns and stable_tokens else None
     token_ids, spans = encode_segments(tokenizer, text + prefix, ends, head)
     return ChatPrompt(text + prefix, prefix, forced, names, token_ids, spans)
 

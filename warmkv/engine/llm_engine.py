@@ -280,6 +280,7 @@ class LLMEngine:
         seq.finish_reason = reason
         if self.prefix_cache is not None:
             self.prefix_cache.recent.remember(seq.cache_namespace, seq.token_ids)
+            self.prefix_cache.record_prompt(seq.block_hashes[: seq.num_prompt_tokens // self.pool.block_size])
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -62,6 +62,8 @@ class ServerSettings:
     tool_parser: str = "hermes"
     # after a reply with tool calls, prefill the history the client will send back, while it runs its tools
     predictive_prefill: bool = True
+    # tokenise per message and reuse remembered turns' ids (off: whole-text tokenisation, for comparisons)
+    stable_tokens: bool = True
     trace: Path | None = None
 
 
@@ -189,6 +191,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.model_dump(),
             turns,
             tenant,
+            stable_tokens=settings.stable_tokens,
         )
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         record = RequestRecord(id=f"chatcmpl-{uuid.uuid4().hex}", endpoint="chat")
@@ -211,7 +214,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                                  "tool_calls": [call.to_openai() for call in fmt.reader.calls]}  # fmt: skip
                 predicted = build_chat_prompt(
                     tokenizer, template, parser, [*messages, reply_message], tools, None, turns, tenant,
-                    add_generation_prompt=False,
+                    add_generation_prompt=False, stable_tokens=settings.stable_tokens,
                 )  # fmt: skip
                 turns.remember(tenant, predicted.text, predicted.token_ids)
                 engine.prefill_when_idle(predicted.token_ids, tenant)

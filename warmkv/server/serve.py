@@ -24,6 +24,11 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not prefill the history a client will resend after a reply with tool calls",
     )
+    group.add_argument(
+        "--no-stable-tokens",
+        action="store_true",
+        help="tokenise each prompt's text whole, as text-keyed caches do (for comparisons)",
+    )
     group.add_argument("--log-level", default="info")
 
 
@@ -46,6 +51,7 @@ def serve(args: argparse.Namespace) -> None:
         chat_template=_read_template(args.chat_template),
         tool_parser=args.tool_parser,
         predictive_prefill=not args.no_predictive_prefill,
+        stable_tokens=not args.no_stable_tokens,
         trace=Path(args.trace) if args.trace else None,
     )
     engine = AsyncEngine(LLMEngine.from_config(engine_config_from(args)), args.max_queue)

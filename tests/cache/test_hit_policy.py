@@ -1,0 +1,91 @@
+"""Other caches' reuse rules on our engine: what each serves of the same cached prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from warmkv.cache.config import CacheConfig
+from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
+from warmkv.cli import build_parser, engine_config_from
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.engine.sampling import SamplingParams
+from warmkv.errors import WarmkvError
+from warmkv.models.loader import LoadedModel, load_model
+
+from ..conftest import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    folder = save_tiny_model("llama", tmp_path_factory.mktemp("policy-model"))
+    return load_model(str(folder), torch.device("cpu"), torch.float32)
+
+
+def engine_with(model: LoadedModel, policy: HitPolicyConfig) -> LLMEngine:
+    cache = CacheConfig(disk=False, host_tokens=0, hit_policy=policy)
+    return LLMEngine(model, EngineConfig(kv_pool_tokens=4096, cache=cache))
+
+
+def cached(engine: LLMEngine, prompt: list[int], max_tokens: int = 1) -> tuple[int, list[int]]:
+    outputs = list(engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+    seq = outputs[-1].sequence
+    return seq.num_cached, seq.output_ids
+
+
+def tokens(start: int, n: int) -> list[int]:
+    return list(range(start, start + n))
+
+
+def test_blocks_serve_every_cached_block_including_generated_ones(tiny: LoadedModel) -> None:
+    engine = engine_with(tiny, HitPolicyConfig())
+    prompt = tokens(1000, 100)
+    _, reply = cached(engine, prompt, max_tokens=40)
+    hit, _ = cached(engine, [*prompt, *reply, *tokens(3000, 5)])
+    assert hit == 128  # 139 tokens before the new ones: 8 whole blocks
+
+
+def test_units_serve_whole_units_of_earlier_prompts_only(tiny: LoadedModel) -> None:
+    engine = engine_with(tiny, HitPolicyConfig(HitPolicyName.UNITS, unit=64))
+    prompt = tokens(1000, 150)
+    _, reply = cached(engine, prompt, max_tokens=40)
+    hit, _ = cached(engine, [*prompt, *reply, *tokens(3000, 5)])
+    assert hit == 128  # the prompt's 150 tokens cut to whole 64-token units; the reply is never served
+    hit, _ = cached(engine, [*prompt[:100], *tokens(5000, 30)])
+    assert hit == 64
+
+
+def test_checkpoints_keep_a_stale_cold_anchor(tiny: LoadedModel) -> None:
+    policy = HitPolicyConfig(HitPolicyName.CHECKPOINTS, checkpoint_align=64, checkpoint_interval=128)
+    engine = engine_with(tiny, policy)
+    system = tokens(1000, 100)
+    cached(engine, [*system, *tokens(2000, 20)])  # cold anchor at 64, no interval point yet (120 < 128)
+    hit, _ = cached(engine, [*system, *tokens(2100, 20)])
+    assert hit == 64
+    edited = [*system[:10], 7, *system[11:]]  # an early block rewritten
+    assert cached(engine, [*edited, *tokens(2200, 20)])[0] == 0
+    hit, _ = cached(engine, [*edited, *tokens(2300, 20)])
+    assert hit == 0  # no refresh: the anchor still points at the old prefix
+
+    warmkv = engine_with(tiny, HitPolicyConfig())
+    cached(warmkv, [*system, *tokens(2000, 20)])
+    cached(warmkv, [*edited, *tokens(2200, 20)])
+    assert cached(warmkv, [*edited, *tokens(2300, 20)])[0] == 96  # the rewritten prefix's whole blocks
+
+
+def test_checkpoints_serve_interval_points(tiny: LoadedModel) -> None:
+    policy = HitPolicyConfig(HitPolicyName.CHECKPOINTS, checkpoint_align=64, checkpoint_interval=64)
+    engine = engine_with(tiny, policy)
+    conversation = tokens(1000, 150)
+    cached(engine, conversation)
+    hit, _ = cached(engine, [*conversation, *tokens(4000, 60)])
+    assert hit == 128  # checkpoints at 64 and 128; the 16 tokens after 128 are recomputed
+
+
+def test_policy_flags_are_checked() -> None:
+    args = build_parser().parse_args(["serve", "--hit-policy", "units", "--cache-unit", "50"])
+    with pytest.raises(WarmkvError, match="--cache-unit must be a multiple of --block-size 16, got 50"):
+        engine_config_from(args)
+    args = build_parser().parse_args(["serve", "--hit-policy", "checkpoints", "--checkpoint-align", "512"])
+    assert engine_config_from(args).cache.hit_policy.name is HitPolicyName.CHECKPOINTS
