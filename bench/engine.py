@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import uuid
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -22,16 +20,8 @@ from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.model_runner import ForwardItem
 from warmkv.engine.sampling import SamplingParams
-from warmkv.models.config import ModelConfig
-from warmkv.models.loader import LoadedModel, build_module, load_model, load_tokenizer
-
-SHAPES = {
-    "qwen2.5-7b": dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
-        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    ),
-}  # fmt: skip
+from warmkv.models.loader import LoadedModel, load_model
+from warmkv.models.random_init import SHAPES, random_pair
 
 
 def main() -> None:
@@ -88,41 +78,13 @@ def main() -> None:
     print("wrote", write_result(f"engine-{slug}", result))
 
 
-def random_model(shape: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Random weights in a real model's shape: speed does not depend on the values."""
-    ours, _ = _random_pair(shape, tokenizer, device, dtype)
-    return ours
-
-
-def _random_pair(
-    shape: str, tokenizer: str | None, device: torch.device, dtype: torch.dtype
-) -> tuple[LoadedModel, object]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if tokenizer is None:
-        raise SystemExit("--shape needs --tokenizer DIR (a tokenizer folder, e.g. from ../shared/data)")
-    hf_config = AutoConfig.for_model(**SHAPES[shape])
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        theirs = AutoModelForCausalLM.from_config(hf_config)  # random initialisation
-    torch.set_default_dtype(torch.float32)
-    config = ModelConfig.from_hf(SHAPES[shape])
-    module = build_module(config, dict(theirs.state_dict()), device, dtype)  # the same tensors, not copies
-    tokenizer_folder = Path(tokenizer)
-    ours = LoadedModel(
-        f"random-{shape}", tokenizer_folder, config, module, load_tokenizer(tokenizer_folder),
-        in_memory_id=uuid.uuid4().hex,
-    )  # fmt: skip
-    return ours, theirs.eval()
-
-
 def _models(
     args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 ) -> tuple[LoadedModel, object, str]:
     from transformers import AutoModelForCausalLM
 
     if args.shape:
-        ours, theirs = _random_pair(args.shape, args.tokenizer, device, dtype)
+        ours, theirs = random_pair(args.shape, args.tokenizer, device, dtype)
         return ours, theirs, ours.name
     ours = load_model(args.model, device, dtype)
     theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype).to(device).eval()

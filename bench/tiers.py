@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from bench.common import device_name, print_table, synchronize, write_result
-from bench.engine import SHAPES, random_model
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel, load_model
+from warmkv.models.random_init import SHAPES, random_model
 
 
 def main() -> None:

@@ -7,8 +7,9 @@ import time
 
 from warmkv.cache.config import CacheConfig
 from warmkv.engine.config import EngineConfig
+from warmkv.server.embedded import EmbeddedServer
 
-from .conftest import RunningServer, start_server
+from .conftest import start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK = 16
@@ -17,7 +18,7 @@ TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "
           "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}]  # fmt: skip
 
 
-def ask(server: RunningServer, messages: list[dict], salt: str, **options: object):
+def ask(server: EmbeddedServer, messages: list[dict], salt: str, **options: object):
     return server.client().chat.completions.create(
         model=MODEL,
         messages=messages,
@@ -28,7 +29,7 @@ def ask(server: RunningServer, messages: list[dict], salt: str, **options: objec
     )
 
 
-def test_tool_loop_computes_only_each_rounds_new_tokens(server: RunningServer) -> None:
+def test_tool_loop_computes_only_each_rounds_new_tokens(server: EmbeddedServer) -> None:
     messages = [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": "Find the bug in the parser."},
@@ -53,7 +54,7 @@ def test_tool_loop_computes_only_each_rounds_new_tokens(server: RunningServer) -
         previous_prompt = usage.prompt_tokens
 
 
-def test_requests_sharing_a_system_prompt_all_hit_it(server: RunningServer, default_model) -> None:
+def test_requests_sharing_a_system_prompt_all_hit_it(server: EmbeddedServer, default_model) -> None:
     system = {"role": "system", "content": SYSTEM}
     system_tokens = len(default_model.tokenizer.apply_chat_template([system])["input_ids"])
     ask(server, [system, {"role": "user", "content": "Warm up."}], "shared-system")
@@ -63,7 +64,7 @@ def test_requests_sharing_a_system_prompt_all_hit_it(server: RunningServer, defa
         assert usage.prompt_tokens_details.cached_tokens >= system_tokens // BLOCK * BLOCK
 
 
-def test_early_block_rewrite_misses_once_then_hits_in_full(server: RunningServer) -> None:
+def test_early_block_rewrite_misses_once_then_hits_in_full(server: EmbeddedServer) -> None:
     def session(status: str) -> tuple[int, int]:
         messages = [{"role": "system", "content": f"Repository status: M {status}\n" + SYSTEM},
                     {"role": "user", "content": "Summarise the status."}]  # fmt: skip
@@ -131,7 +132,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
 
 
-def _tool_round_trip(server: RunningServer) -> int:
+def _tool_round_trip(server: EmbeddedServer) -> int:
     """Cached tokens of the request that returns a tool's result."""
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     force = {"type": "function", "function": {"name": "get_weather"}}

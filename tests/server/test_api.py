@@ -11,8 +11,9 @@ import openai
 import pytest
 
 from warmkv.engine.config import EngineConfig
+from warmkv.server.embedded import EmbeddedServer
 
-from .conftest import RunningServer, start_server
+from .conftest import start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -27,14 +28,14 @@ WEATHER_TOOL = {
 FORCE_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
 
 
-def chat(server: RunningServer, messages: list[dict], cache_salt: str | None = None, **options: object):
+def chat(server: EmbeddedServer, messages: list[dict], cache_salt: str | None = None, **options: object):
     extra_body = {"cache_salt": cache_salt} if cache_salt else None  # warmkv's field beyond OpenAI's
     return server.client().chat.completions.create(
         model=MODEL, messages=messages, temperature=0, extra_body=extra_body, **options
     )
 
 
-def test_chat_answers_with_usage(server: RunningServer) -> None:
+def test_chat_answers_with_usage(server: EmbeddedServer) -> None:
     response = chat(server, FRANCE, max_tokens=20, cache_salt="fresh-chat")
     assert "Paris" in response.choices[0].message.content
     assert response.choices[0].finish_reason == "stop"
@@ -45,7 +46,7 @@ def test_chat_answers_with_usage(server: RunningServer) -> None:
     assert extra["prompt_cache_hit_tokens"] + extra["prompt_cache_miss_tokens"] == usage.prompt_tokens
 
 
-def test_completions(server: RunningServer) -> None:
+def test_completions(server: EmbeddedServer) -> None:
     response = server.client().completions.create(
         model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0
     )
@@ -53,7 +54,7 @@ def test_completions(server: RunningServer) -> None:
     assert response.usage.completion_tokens == 5 and response.choices[0].finish_reason == "length"
 
 
-def test_streaming_matches_whole_response_and_reports_usage(server: RunningServer) -> None:
+def test_streaming_matches_whole_response_and_reports_usage(server: EmbeddedServer) -> None:
     whole = chat(server, FRANCE, max_tokens=20).choices[0].message.content
     stream = chat(server, FRANCE, max_tokens=20, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -65,7 +66,7 @@ def test_streaming_matches_whole_response_and_reports_usage(server: RunningServe
 
 
 def test_extending_request_is_cached_and_output_equals_a_fresh_server(
-    server: RunningServer, default_model
+    server: EmbeddedServer, default_model
 ) -> None:
     history = [{"role": "system", "content": "You are a terse geography tutor. " * 8}, *FRANCE]
     first = chat(server, history, max_tokens=12, cache_salt="extend")
@@ -84,7 +85,7 @@ def test_extending_request_is_cached_and_output_equals_a_fresh_server(
     assert cold.choices[0].message.content == second.choices[0].message.content
 
 
-def test_forced_tool_call_round_trip(server: RunningServer) -> None:
+def test_forced_tool_call_round_trip(server: EmbeddedServer) -> None:
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     response = chat(server, messages, tools=[WEATHER_TOOL], tool_choice=FORCE_WEATHER, max_tokens=60)
     choice = response.choices[0]
@@ -102,7 +103,7 @@ def test_forced_tool_call_round_trip(server: RunningServer) -> None:
     assert answer.usage.prompt_tokens_details.cached_tokens > 0  # the tool list and question were reused
 
 
-def test_forced_tool_call_streams_as_tool_call_delta(server: RunningServer) -> None:
+def test_forced_tool_call_streams_as_tool_call_delta(server: EmbeddedServer) -> None:
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
     chunks = list(
         chat(server, messages, tools=[WEATHER_TOOL], tool_choice=FORCE_WEATHER, max_tokens=60, stream=True)
@@ -114,7 +115,7 @@ def test_forced_tool_call_streams_as_tool_call_delta(server: RunningServer) -> N
     assert not any(d.content for d in deltas)
 
 
-def test_malformed_tool_call_comes_back_as_text(server: RunningServer) -> None:
+def test_malformed_tool_call_comes_back_as_text(server: EmbeddedServer) -> None:
     # SmolLM2 answers tool_choice=required with a call to a function that does not exist
     response = chat(server, [{"role": "user", "content": "What's the weather in Paris?"}],
                     tools=[WEATHER_TOOL], tool_choice="required", max_tokens=40)  # fmt: skip
@@ -123,7 +124,7 @@ def test_malformed_tool_call_comes_back_as_text(server: RunningServer) -> None:
     assert choice.message.content.startswith("<tool_call>")
 
 
-def test_max_tokens_zero_prefills_for_later_requests(server: RunningServer, default_model) -> None:
+def test_max_tokens_zero_prefills_for_later_requests(server: EmbeddedServer, default_model) -> None:
     system = {"role": "system", "content": "You answer questions about the solar system. " * 10}
     warmup, real = (
         [system, {"role": "user", "content": "hi"}],
@@ -145,7 +146,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def test_cache_salt_isolates_tenants(server: RunningServer) -> None:
+def test_cache_salt_isolates_tenants(server: EmbeddedServer) -> None:
     messages = [{"role": "user", "content": "Tell me about the Loire valley and its castles, please. " * 4}]
     chat(server, messages, max_tokens=1, cache_salt="tenant-a")
     assert (
@@ -177,7 +178,7 @@ def test_cache_salt_isolates_tenants(server: RunningServer) -> None:
     ],
 )
 def test_bad_requests_get_openai_error_bodies(
-    server: RunningServer, body: object, status: int, fragment: str
+    server: EmbeddedServer, body: object, status: int, fragment: str
 ) -> None:
     content = body if isinstance(body, str) else json.dumps(body)
     response = httpx.post(
@@ -189,7 +190,7 @@ def test_bad_requests_get_openai_error_bodies(
     assert httpx.get(f"{server.url}/health").status_code == 200  # nothing crashed
 
 
-def test_openai_client_raises_typed_errors(server: RunningServer) -> None:
+def test_openai_client_raises_typed_errors(server: EmbeddedServer) -> None:
     with pytest.raises(openai.NotFoundError):
         server.client().chat.completions.create(model="nope", messages=FRANCE)
     with pytest.raises(openai.BadRequestError) as refused:
@@ -197,7 +198,7 @@ def test_openai_client_raises_typed_errors(server: RunningServer) -> None:
     assert refused.value.code == "context_length_exceeded"
 
 
-def test_models_and_metrics(server: RunningServer) -> None:
+def test_models_and_metrics(server: EmbeddedServer) -> None:
     assert [m.id for m in server.client().models.list().data] == [MODEL]
     chat(server, FRANCE, max_tokens=3)
     chat(server, FRANCE, max_tokens=3)  # a hit, whichever tests ran before
@@ -213,7 +214,7 @@ def test_models_and_metrics(server: RunningServer) -> None:
     assert tiers == {'tier="live"', 'tier="host"', 'tier="disk"'}
 
 
-def test_client_disconnect_cancels_generation(server: RunningServer) -> None:
+def test_client_disconnect_cancels_generation(server: EmbeddedServer) -> None:
     assert server.engine.num_pending == 0  # earlier requests, streamed or not, left nothing behind
     body = {"model": MODEL, "messages": FRANCE, "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response:
@@ -262,7 +263,7 @@ def test_full_queue_answers_429(default_model) -> None:
         busy.stop()
 
 
-def test_concurrent_requests_get_their_own_answers(server: RunningServer) -> None:
+def test_concurrent_requests_get_their_own_answers(server: EmbeddedServer) -> None:
     questions = [
         "What is the capital of France?",
         "What is 2 + 2?",
@@ -305,7 +306,7 @@ def test_trace_and_log_line_record_cache_numbers(default_model, tmp_path, caplog
 
 
 def test_resent_history_whose_text_retokenises_differently_still_hits(
-    server: RunningServer, default_model
+    server: EmbeddedServer, default_model
 ) -> None:
     # a first prompt of whole blocks, so its last token ("\n" after "assistant") lies in a reusable block;
     # the reply's leading "\n\n" merges with that "\n" when the second prompt is tokenised as one text

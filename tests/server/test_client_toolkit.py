@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from warmkv.client import WarmClient
-
-from .conftest import RunningServer
+from warmkv.server.embedded import EmbeddedServer
 
 MODEL = "SmolLM2-135M-Instruct"
 BLOCK = 16
 
 
-def test_warmups_prefill_the_history_and_the_turn_hits_it(server: RunningServer) -> None:
+def test_warmups_prefill_the_history_and_the_turn_hits_it(server: EmbeddedServer) -> None:
     client = WarmClient(server.client(), warmup="always")
     messages = [{"role": "system", "content": "You answer in one short sentence. " * 10},
                 {"role": "user", "content": "Name a colour."}]  # fmt: skip

@@ -12,13 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import _free_port
+from warmkv.server.embedded import free_port
 
 MODEL = "SmolLM2-135M-Instruct"
 
 
 def launch(*flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,

@@ -1,0 +1,54 @@
+"""Random weights in a real model's shape, with a real tokenizer: for speed measurements, where values
+do not matter. transformers initialises the weights; our module takes the same tensors, not copies."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from warmkv.errors import WarmkvError
+from warmkv.models.config import ModelConfig
+from warmkv.models.loader import LoadedModel, build_module, load_tokenizer
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2.5-7b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=3584,
+        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
+
+def random_pair(
+    shape: str, tokenizer: str | Path | None, device: torch.device, dtype: torch.dtype
+) -> tuple[LoadedModel, Any]:
+    """Our model and transformers' model over the same random tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape not in SHAPES:
+        raise WarmkvError(f"--shape {shape}: choose one of {', '.join(SHAPES)}")
+    if tokenizer is None:
+        raise WarmkvError("--shape needs --tokenizer DIR (a tokenizer folder, e.g. from ../shared/data)")
+    hf_config = AutoConfig.for_model(**SHAPES[shape])
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            theirs = AutoModelForCausalLM.from_config(hf_config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    config = ModelConfig.from_hf(SHAPES[shape])
+    module = build_module(config, dict(theirs.state_dict()), device, dtype)
+    folder = Path(tokenizer)
+    ours = LoadedModel(
+        f"random-{shape}", folder, config, module, load_tokenizer(folder), in_memory_id=uuid.uuid4().hex
+    )
+    return ours, theirs.eval()
+
+
+def random_model(
+    shape: str, tokenizer: str | Path | None, device: torch.device, dtype: torch.dtype
+) -> LoadedModel:
+    return random_pair(shape, tokenizer, device, dtype)[0]
