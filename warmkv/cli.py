@@ -49,6 +49,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     disk = tiers.add_mutually_exclusive_group()
     disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")
     disk.add_argument("--disk-cache-tokens", type=int, help="disk tier size in tokens")
+    tiers.add_argument("--redis-url", help="shared tier of many replicas: redis://HOST:PORT/DB")
+    tiers.add_argument("--redis-cluster", action="store_true", help="--redis-url names a Redis Cluster node")
+    tiers.add_argument("--redis-ttl", type=int, default=24 * 3600, help="seconds a shared block lives")
+    tiers.add_argument(
+        "--redis-timeout", type=float, default=0.5, help="seconds before the shared tier counts as down"
+    )
     tiers.add_argument(
         "--kv-load",
         choices=[p.value for p in LoadPolicy],
@@ -77,6 +83,8 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         value = getattr(args, flag)
         if value is not None and value < 0:
             raise WarmkvError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
+    if args.redis_ttl < 1 or args.redis_timeout <= 0:
+        raise WarmkvError("--redis-ttl and --redis-timeout must be positive")
     for flag in ("checkpoint_align", "checkpoint_interval", "cache_unit"):
         value = getattr(args, flag)
         if value < args.block_size or value % args.block_size:
@@ -102,6 +110,10 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
             disk_gib=args.disk_cache_gib,
             disk_tokens=args.disk_cache_tokens,
             load_policy=LoadPolicy(args.kv_load),
+            redis_url=args.redis_url,
+            redis_cluster=args.redis_cluster,
+            redis_ttl_s=args.redis_ttl,
+            redis_timeout_s=args.redis_timeout,
             hit_policy=HitPolicyConfig(
                 HitPolicyName(args.hit_policy), args.checkpoint_align, args.checkpoint_interval, 64,
                 args.cache_unit,
@@ -189,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--price-input", type=float, help="US$ per million uncached prompt tokens")
     report.add_argument("--price-cached", type=float, help="US$ per million cached prompt tokens")
     report.set_defaults(handler=_report)
+
+    from warmkv.router.serve import add_router_flags, run_router
+
+    router = commands.add_parser("router", help="route requests to the replica holding their cached prefix")
+    add_router_flags(router)
+    router.set_defaults(handler=run_router)
+
+    from warmkv.bench.run_replay import add_replay_flags, run
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    replay = bench.add_parser("replay", help="replay agent traces; cache policies side by side vs the oracle")
+    add_replay_flags(replay)
+    replay.set_defaults(handler=run)
     return parser
 
 

@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmkv.cache.tiers.disk import SUFFIX, decode_block, read_file
+from warmkv.cache.tiers.codec import decode_block
+from warmkv.cache.tiers.disk import SUFFIX, read_file
 from warmkv.errors import CacheCorruption
 
 

@@ -31,6 +31,10 @@ class CacheConfig:
     disk_tokens: int | None = None  # ... or in tokens; neither: 20 GiB
     writer_queue: int = 1024  # blocks waiting for the disk writer before writes are skipped
     load_policy: LoadPolicy = LoadPolicy.AUTO
+    redis_url: str | None = None  # the shared tier: redis://, rediss:// or unix:// (Redis or Valkey)
+    redis_cluster: bool = False
+    redis_ttl_s: int = 24 * 3600  # a block not rewritten for this long expires from the shared tier
+    redis_timeout_s: float = 0.5  # slower answers count as the store being down
     hit_policy: HitPolicyConfig = field(default_factory=HitPolicyConfig)  # other caches' rules, for benches
 
     def host_blocks(self, block_bytes: int, block_size: int) -> int:

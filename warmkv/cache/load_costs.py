@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from warmkv.cache.tiers.base import TierName
-from warmkv.cache.tiers.disk import decode_block, encode_block, read_file
+from warmkv.cache.tiers.codec import decode_block, encode_block
+from warmkv.cache.tiers.disk import read_file
 from warmkv.engine.kv_pool import KVPool
 
 log = logging.getLogger("warmkv.cache")

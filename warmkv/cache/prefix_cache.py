@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +22,7 @@ from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import Tier, TierName, TierStats
 from warmkv.cache.tiers.disk import DiskTier
 from warmkv.cache.tiers.host import HostTier
+from warmkv.cache.tiers.redis import RedisTier
 from warmkv.engine.kv_pool import KVPool
 from warmkv.errors import PoolExhausted
 
@@ -81,13 +81,18 @@ class PrefixCache:
             if config.disk
             else None
         )
+        self.remote = None
+        if config.redis_url:
+            self.remote = RedisTier(config.redis_url, fingerprint, config.redis_ttl_s,
+                                    config.redis_timeout_s, config.redis_cluster)  # fmt: skip
         self.policy = build_hit_policy(config.hit_policy, pool.block_size)
         self.costs: LoadCosts | None = None  # measured by the engine once the model can run
         self.recent = RecentPrompts()  # what miss reasons compare against
 
     @property
     def tiers(self) -> list[Tier]:
-        return [t for t in (self.host, self.disk) if t is not None and getattr(t, "enabled", True)]
+        tiers = (self.host, self.disk, self.remote)
+        return [t for t in tiers if t is not None and getattr(t, "enabled", True)]
 
     def stats(self) -> dict[TierName, TierStats]:
         live = TierStats(blocks=len(self.index), bytes=len(self.index) * self.pool.block_bytes,
@@ -126,13 +131,10 @@ class PrefixCache:
         staging = torch.empty(
             (len(plan), *self.pool.block_shape), dtype=self.pool.k.dtype, device=self.pool.k.device
         )
-        positions = [i for i, (_, tier) in enumerate(plan) if tier is self.disk]
-        read = self._read_disk([plan[i][0] for i in positions], lambda n, kv: staging[positions[n]].copy_(kv))
+        read = self._read_bulk(plan, staging)
         loaded = 0
         for key, tier in plan:
-            readable = (
-                read.get(key, False) if tier is self.disk else self._copy_from(tier, key, staging[loaded])
-            )
+            readable = read[key] if key in read else self._copy_from(tier, key, staging[loaded])
             if not readable:
                 hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
                 break
@@ -155,12 +157,17 @@ class PrefixCache:
                  hit.load_bytes / max(hit.load_seconds, 1e-9) / 1e9, hit.source)  # fmt: skip
         return hit
 
-    def _read_disk(
-        self, keys: list[bytes], consume: Callable[[int, torch.Tensor], object]
-    ) -> dict[bytes, bool]:
-        if not keys or self.disk is None:
-            return {}
-        return dict(zip(keys, self.disk.read_many(keys, consume), strict=True))
+    def _read_bulk(self, plan: list[tuple[bytes, Tier]], staging: torch.Tensor) -> dict[bytes, bool]:
+        """Blocks of the disk and shared tiers, read in one batch per tier (threads / one round trip)."""
+        read: dict[bytes, bool] = {}
+        for tier in (self.disk, self.remote):
+            positions = [i for i, (_, t) in enumerate(plan) if t is tier and tier is not None]
+            if positions:
+                keys = [plan[i][0] for i in positions]
+                to_staging = lambda n, kv, at=positions: staging[at[n]].copy_(kv)  # noqa: E731
+                done = tier.read_many(keys, to_staging)  # type: ignore[union-attr]
+                read.update(zip(keys, done, strict=True))
+        return read
 
     @staticmethod
     def _copy_from(tier: Tier, key: bytes, row: torch.Tensor) -> bool:
@@ -171,9 +178,13 @@ class PrefixCache:
 
     def _plan_loads(self, keys: list[bytes], hit: PrefixHit) -> list[tuple[bytes, Tier]]:
         """The leading keys found below the live tier and worth loading, with the tier each comes from."""
-        plan = []
-        for key in keys:
-            tier = next((t for t in self.tiers if t.contains(key)), None)
+        plan: list[tuple[bytes, Tier]] = []
+        remote_has: list[bool] | None = None  # asked once, in one round trip, when first needed
+        for i, key in enumerate(keys):
+            tier = next((t for t in self.tiers if t is not self.remote and t.contains(key)), None)
+            if tier is None and self.remote is not None and self.remote.enabled:
+                remote_has = remote_has or [False] * i + self.remote.contains_many(keys[i:])
+                tier = self.remote if remote_has[i] else None
             if tier is None:
                 break
             if not self._worth_loading(tier.name):
@@ -183,20 +194,27 @@ class PrefixCache:
         return plan
 
     def insert(self, key: bytes, block: int) -> None:
-        """A block just completed: index it live, and write it through to disk in the background."""
-        if self.index.insert(key, block) and self.disk is not None and self.disk.enabled:
-            self.disk.put(key, self.pool.read_block(block).to("cpu"))
+        """A block just completed: index it live, and write it through to disk and the shared tier."""
+        if not self.index.insert(key, block):
+            return
+        writers = [t for t in (self.disk, self.remote) if t is not None and t.enabled]
+        if writers:
+            kv = self.pool.read_block(block).to("cpu")
+            for tier in writers:
+                tier.put(key, kv)
 
     def touch(self, keys: list[bytes]) -> None:
         self.index.touch(keys)
 
     def flush(self) -> None:
-        if self.disk is not None:
-            self.disk.flush()
+        for tier in (self.disk, self.remote):
+            if tier is not None:
+                tier.flush()
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        for tier in (self.disk, self.remote):
+            if tier is not None:
+                tier.close()
 
     # -- policy -----------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from warmkv.errors import WarmkvError
+from warmkv.server.app import ServerSettings
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -38,14 +39,22 @@ def serve(args: argparse.Namespace) -> None:
     from warmkv.cli import engine_config_from
     from warmkv.engine.async_engine import AsyncEngine
     from warmkv.engine.llm_engine import LLMEngine
-    from warmkv.server.app import ServerSettings, create_app
+    from warmkv.server.app import create_app
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.max_queue < 1:
         raise WarmkvError(f"--max-queue must be a positive number, got {args.max_queue}")
-    settings = ServerSettings(
+    engine = AsyncEngine(LLMEngine.from_config(engine_config_from(args)), args.max_queue)
+    app = create_app(engine, settings_from(args))
+    # uvicorn stops accepting on SIGINT/SIGTERM, lets in-flight requests finish (bounded), then the app's
+    # lifespan shuts the engine down
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         chat_template=_read_template(args.chat_template),
@@ -54,11 +63,6 @@ def serve(args: argparse.Namespace) -> None:
         stable_tokens=not args.no_stable_tokens,
         trace=Path(args.trace) if args.trace else None,
     )
-    engine = AsyncEngine(LLMEngine.from_config(engine_config_from(args)), args.max_queue)
-    app = create_app(engine, settings)
-    # uvicorn stops accepting on SIGINT/SIGTERM, lets in-flight requests finish (bounded), then the app's
-    # lifespan shuts the engine down
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 
 def _read_template(path: str | None) -> str | None:

@@ -13,6 +13,7 @@ class TierName(str, enum.Enum):
     LIVE = "live"  # the engine's KV pool (GPU, or CPU memory on a CPU device)
     HOST = "host"  # host RAM, pinned on CUDA
     DISK = "disk"  # local files, kept across restarts
+    REMOTE = "remote"  # a Redis / Valkey store shared by replicas
 
 
 @dataclass(slots=True)
@@ -24,6 +25,7 @@ class TierStats:
     evictions: int = 0
     skipped_writes: int = 0  # the writer's queue was full
     corrupt: int = 0  # stored units that failed verification and were deleted
+    unavailable: int = 0  # times the tier was found down (the shared store: unreachable or too slow)
 
 
 class Tier(Protocol):

@@ -11,79 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import struct
 import threading
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from warmkv.cache.tiers.base import TierName, TierStats
+from warmkv.cache.tiers.codec import decode_block, encode_block
 from warmkv.errors import CacheCorruption
 
 log = logging.getLogger("warmkv.cache")
 
-MAGIC = b"WKV2"
 SUFFIX = ".kv"
-_DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-# magic, dtype, ndim, shape, fingerprint, key, CRC-32 of the payload, payload length. CRC-32 finds torn
-# writes and flipped bits at several GB/s; foreign files are caught by the fingerprint and key
-_HEADER = struct.Struct("<4sBB5I16s16sIQ")
-
-
-@dataclass(slots=True, frozen=True)
-class StoredBlock:
-    key: bytes
-    kv: torch.Tensor
-
-
-def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
-    payload = kv.contiguous().view(torch.uint8).numpy().tobytes()
-    shape = list(kv.shape) + [0] * (5 - kv.dim())
-    header = _HEADER.pack(
-        MAGIC,
-        _DTYPES[kv.dtype],
-        kv.dim(),
-        *shape,
-        bytes.fromhex(fingerprint),
-        key,
-        _checksum(payload),
-        len(payload),
-    )
-    return header + payload
-
-
-def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) -> StoredBlock:
-    """The block in `data` (read into a bytearray: the tensor shares its memory); CacheCorruption if anything
-    about it is wrong."""
-    if len(data) < _HEADER.size:
-        raise CacheCorruption("truncated header")
-    magic, dtype_code, ndim, *rest = _HEADER.unpack_from(data)
-    shape, (stored_fingerprint, stored_key, checksum, length) = rest[:5][:ndim], rest[5:]
-    if magic != MAGIC:
-        raise CacheCorruption("not a warmkv KV file (or an older format)")
-    if stored_fingerprint != bytes.fromhex(fingerprint):
-        raise CacheCorruption("written by another model, dtype or layout")
-    if key is not None and stored_key != key:
-        raise CacheCorruption("key does not match the file name")
-    payload = memoryview(data)[_HEADER.size :]
-    if len(payload) != length:
-        raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
-    if _checksum(payload) != checksum:
-        raise CacheCorruption("checksum mismatch")
-    dtype = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
-    if dtype is None:
-        raise CacheCorruption(f"unknown dtype code {dtype_code}")
-    kv = torch.frombuffer(data, dtype=torch.uint8, offset=_HEADER.size).view(dtype).reshape(shape)
-    return StoredBlock(stored_key, kv)
-
-
-def _checksum(payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload)
 
 
 def read_file(path: Path, buffer: bytearray | None = None) -> bytearray:

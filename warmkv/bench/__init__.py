@@ -1,0 +1,1 @@
+"""Benchmarks a user runs against warmkv (or any OpenAI-compatible server): `warmkv bench ...`."""

@@ -1,0 +1,156 @@
+"""The `warmkv bench replay` command: trace in, policies side by side, table + JSON + plots out."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from warmkv.bench.oracle import oracle_hits
+from warmkv.bench.policies import DEFAULT_POLICIES, Capacities, policies
+from warmkv.bench.replay import replay_embedded, replay_on_url
+from warmkv.bench.results import oracle_row, plot, summarize, table, write_json
+from warmkv.bench.synthetic import SHAPES, synthetic_trace
+from warmkv.bench.trace import TraceRequest, load_trace
+from warmkv.errors import WarmkvError
+
+BLOCK = 16
+
+
+def add_replay_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("traces", nargs="*", help="trace files (warmkv JSON lines or OpenAI-format logs)")
+    shapes = ", ".join(SHAPES)
+    parser.add_argument("--synthetic", help=f"comma-separated synthetic shapes, or 'all': {shapes}")
+    parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--url", help="replay against this OpenAI-compatible server (…/v1) instead")
+    parser.add_argument("--api-key", default="unused")
+    parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
+    parser.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help="comma-separated, or 'all' for the ablations too (default %(default)s)",
+    )
+    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
+    parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
+    parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--pool-tokens", type=int, help="GPU tier; default: twice the longest prompt")
+    parser.add_argument("--host-tokens", type=int, help="host tier; default: four times the pool")
+    parser.add_argument("--max-batch-tokens", type=int, default=512)
+    parser.add_argument("--max-gap", type=float, default=0.0, help="longest idle gap to honour, in seconds")
+    parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+    parser.add_argument("--name", help="result file name (default: replay-<device>-<model>-<context>)")
+
+
+def run(args: argparse.Namespace) -> None:
+    requests = _requests(args)
+    tokenizer, template, model, device_label = _model_and_tokenizer(args)
+    prompts = [_prompt_ids(tokenizer, template, r) for r in requests]
+    oracle = oracle_hits(prompts)
+    caps = _capacities(args, prompts)
+    rows: dict[str, dict[str, Any]] = {}
+    if args.url:
+        served = args.served_model or _first_model(args)
+        rows["url"] = summarize(replay_on_url(args.url, args.api_key, served, requests, args.max_gap), oracle)
+    else:
+        chosen = _policies(args, caps)
+        common = ["--kv-pool-tokens", str(caps.pool_tokens), "--max-batch-tokens", str(args.max_batch_tokens),
+                  "--device", args.device, "--dtype", args.dtype]  # fmt: skip
+        for name, policy in chosen.items():
+            turns = replay_embedded(model, [*common, *policy.flags], requests, args.max_gap, name)
+            rows[name] = {"description": policy.description, "flags": [*common, *policy.flags]}
+            rows[name] |= summarize(turns, oracle)
+    rows["oracle"] = oracle_row([len(p) for p in prompts], oracle)
+    print("\n".join(table(rows)))
+    model_label = model.name if model else args.url
+    workload = args.context if args.synthetic or not args.traces else "trace"
+    stem = Path(args.out) / (args.name or _slug(f"replay-{device_label}-{model_label}-{workload}"))
+    result = {
+        "device": device_label,
+        "model": model_label,
+        "trace": {"files": args.traces, "synthetic": args.synthetic, "context": args.context,
+                  "requests": len(requests), "sessions": len({r.session for r in requests})},
+        "capacities": asdict(caps),
+        "rows": rows,
+        "command": "warmkv bench replay " + " ".join(sys.argv[3:]),
+    }  # fmt: skip
+    write_json(result, stem.with_suffix(".json"))
+    pictures = plot(rows, stem)
+    print("wrote", stem.with_suffix(".json"), *pictures)
+    if not pictures:
+        print("no plots: install matplotlib (pip install 'warmkv[bench]')")
+
+
+def _requests(args: argparse.Namespace) -> list[TraceRequest]:
+    requests = [r for path in args.traces for r in load_trace(Path(path))]
+    if args.synthetic or not args.traces:
+        shapes = list(SHAPES) if args.synthetic in (None, "all") else args.synthetic.split(",")
+        unknown = [s for s in shapes if s not in SHAPES]
+        if unknown:
+            raise WarmkvError(f"--synthetic: unknown {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+        if args.context < 200:
+            raise WarmkvError(f"--context must be at least 200 tokens, got {args.context}")
+        requests += synthetic_trace(shapes, args.context, args.seed)
+    return requests
+
+
+def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
+    from warmkv.engine.config import EngineConfig
+    from warmkv.models.loader import load_model, load_tokenizer, resolve_model_folder
+
+    if args.url:
+        folder = Path(args.tokenizer) if args.tokenizer else resolve_model_folder(args.model)
+        tokenizer = load_tokenizer(folder)
+        return tokenizer, tokenizer.chat_template, None, "url"
+    config = EngineConfig(device=args.device, dtype=args.dtype)
+    device = config.torch_device()
+    dtype = config.torch_dtype(device)
+    if args.shape:
+        from warmkv.models.random_init import random_model
+
+        model = random_model(args.shape, args.tokenizer, device, dtype)
+    else:
+        model = load_model(args.model, device, dtype)
+    import torch
+
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return model.tokenizer, model.tokenizer.chat_template, model, label
+
+
+def _prompt_ids(tokenizer: Any, template: str, request: TraceRequest) -> list[int]:
+    from warmkv.chat.prompt import build_chat_prompt
+    from warmkv.chat.tool_calls import PARSERS
+
+    prompt = build_chat_prompt(tokenizer, template, PARSERS["hermes"], request.messages, request.tools, None)
+    return prompt.token_ids
+
+
+def _capacities(args: argparse.Namespace, prompts: list[list[int]]) -> Capacities:
+    longest = max(len(p) for p in prompts)
+    pool = args.pool_tokens or -(-(2 * longest + 256) // BLOCK) * BLOCK
+    align = max(BLOCK, args.context // 8 // BLOCK * BLOCK)
+    return Capacities(pool, args.host_tokens if args.host_tokens is not None else 4 * pool, align, 2 * align)
+
+
+def _policies(args: argparse.Namespace, caps: Capacities) -> dict[str, Any]:
+    known = policies(caps)
+    names = list(known) if args.policies == "all" else args.policies.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WarmkvError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(known)}, all")
+    return {n: known[n] for n in names}
+
+
+def _first_model(args: argparse.Namespace) -> str:
+    from openai import OpenAI
+
+    return OpenAI(base_url=args.url, api_key=args.api_key, max_retries=0).models.list().data[0].id
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
