@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -36,41 +37,55 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="*", default=[], help="decode batch sizes to measure")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     args = parser.parse_args()
 
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, prefix_cache=False)
     device = config.torch_device()
     dtype = config.torch_dtype(device)
     ours, theirs, name = _models(args, device, dtype)
-    config.kv_pool_tokens = max(args.prompt_tokens) + args.decode_tokens + 64
+    batch_tokens = max(args.batches, default=1) * (32 + args.decode_tokens + 16)
+    config.kv_pool_tokens = max(max(args.prompt_tokens), batch_tokens) + args.decode_tokens + 64
     config.max_batch_tokens = max(args.prompt_tokens)
     engine = LLMEngine(ours, config)
 
     result: dict = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch.")}
+
+    def theirs_s(run: Callable[[], object]) -> float | None:
+        return None if args.no_transformers else median_seconds(run, device, args.repeats)
+
+    def row(phase: str, tokens: int, ours_s: float, their_s: float | None) -> dict:
+        return {"phase": phase, "warmkv tok/s": tokens / ours_s,
+                "transformers tok/s": tokens / their_s if their_s else None,
+                "ratio": their_s / ours_s if their_s else None}  # fmt: skip
+
     rows = []
     for prompt_tokens in tqdm(args.prompt_tokens, desc="prefill lengths"):
         prompt = torch.randint(0, 32000, (prompt_tokens,)).tolist()
         ours_s = median_seconds(lambda p=prompt: _our_prefill(engine, p), device, args.repeats)
-        theirs_s = median_seconds(lambda p=prompt: _their_prefill(theirs, p, device), device, args.repeats)
-        rows.append({"phase": f"prefill {prompt_tokens}", "warmkv tok/s": prompt_tokens / ours_s,
-                     "transformers tok/s": prompt_tokens / theirs_s, "ratio": theirs_s / ours_s})  # fmt: skip
+        rows.append(row(f"prefill {prompt_tokens}", prompt_tokens, ours_s,
+                        theirs_s(lambda p=prompt: _their_prefill(theirs, p, device))))  # fmt: skip
     prompt = torch.randint(0, 32000, (32,)).tolist()
-    ours_decode = args.decode_tokens / median_seconds(
-        lambda: _our_decode(engine, prompt, args.decode_tokens), device, args.repeats
-    )
-    theirs_decode = args.decode_tokens / median_seconds(
-        lambda: _their_decode(theirs, prompt, args.decode_tokens, device), device, args.repeats
-    )
-    rows.append({"phase": f"decode {args.decode_tokens}", "warmkv tok/s": ours_decode,
-                 "transformers tok/s": theirs_decode, "ratio": ours_decode / theirs_decode})  # fmt: skip
+    ours_s = median_seconds(lambda: _our_decode(engine, prompt, args.decode_tokens), device, args.repeats)
+    rows.append(row(f"decode {args.decode_tokens}", args.decode_tokens, ours_s,
+                    theirs_s(lambda: _their_decode(theirs, prompt, args.decode_tokens, device))))  # fmt: skip
+    for batch in args.batches:
+        ours_s = median_seconds(lambda b=batch: _our_batch_decode(engine, b, args.decode_tokens), device,
+                                args.repeats)  # fmt: skip
+        rows.append(row(f"decode batch {batch}", batch * args.decode_tokens, ours_s, None))
     print_table(rows)
+    if device.type == "cuda":
+        result |= _limits(ours, engine, rows, args, device, dtype)
+        measured = [{"measure": k, "value": v} for k, v in result.items() if isinstance(v, float)]
+        print_table(measured)
     result |= {
         "prefill_tokens": args.prompt_tokens[0],
         "prefill_tok_s": rows[0]["warmkv tok/s"],
         "transformers_prefill_tok_s": rows[0]["transformers tok/s"],
         "decode_tokens": args.decode_tokens,
-        "decode_tok_s": ours_decode,
-        "transformers_decode_tok_s": theirs_decode,
+        "decode_tok_s": rows[len(args.prompt_tokens)]["warmkv tok/s"],
+        "transformers_decode_tok_s": rows[len(args.prompt_tokens)]["transformers tok/s"],
         "rows": rows,
         "command": "python -m bench.engine " + " ".join(_argv()),
     }
@@ -89,6 +104,57 @@ def _models(
     ours = load_model(args.model, device, dtype)
     theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype).to(device).eval()
     return ours, theirs, ours.name
+
+
+def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argparse.Namespace,
+            device: torch.device, dtype: torch.dtype) -> dict:  # fmt: skip
+    """Each result beside the limit measured in this run: HBM copy bandwidth for decode, the bf16 matmul
+    rate for prefill."""
+    bandwidth = _copy_bandwidth(device)
+    matmul = _matmul_rate(device, dtype)
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.module.parameters())
+    embedding_bytes = cfg.vocab_size * cfg.hidden_size * torch.finfo(dtype).bits // 8  # gathered, not read
+    context = 32 + args.decode_tokens // 2
+    kv_bytes = context * engine.pool.block_bytes // engine.pool.block_size
+    decode_limit = bandwidth / (weight_bytes - embedding_bytes + kv_bytes)
+    decode = next(r for r in rows if r["phase"].startswith("decode ") and "batch" not in r["phase"])
+    out = {"hbm_copy_bytes_per_s": bandwidth, "bf16_matmul_flop_per_s": matmul,
+           "decode_bs1_bandwidth_limit_tok_s": decode_limit,
+           "decode_bs1_fraction_of_bandwidth_limit": decode["warmkv tok/s"] / decode_limit}  # fmt: skip
+    linear_params = (weight_bytes - 2 * embedding_bytes) / (torch.finfo(dtype).bits // 8)
+    for row in rows:
+        if row["phase"].startswith("prefill "):
+            n = int(row["phase"].split()[1])
+            attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * n * n / 2  # causal QK^T, PV
+            flops = 2 * linear_params * n + attention
+            out[f"prefill_{n // 1024}k_fraction_of_matmul_rate"] = flops * row["warmkv tok/s"] / n / matmul
+    for row in rows:
+        if row["phase"].startswith("decode batch"):
+            out[f"decode_bs{row['phase'].split()[-1]}_tok_s"] = row["warmkv tok/s"]
+    return out
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a device-to-device copy of 2 GiB."""
+    source = torch.empty(2**30, dtype=torch.int16, device=device)
+    target = torch.empty_like(source)
+    seconds = median_seconds(lambda: target.copy_(source), device, 10)
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    return 2 * 8192**3 / median_seconds(lambda: a @ b, device, 10)
+
+
+def _our_batch_decode(engine: LLMEngine, batch: int, tokens: int) -> None:
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, 32000, (32,)).tolist(), params)
+    while engine.has_work:
+        engine.step()
 
 
 def _our_prefill(engine: LLMEngine, prompt: list[int]) -> None:

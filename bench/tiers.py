@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_name, print_table, synchronize, write_result
+from bench.common import device_name, median_seconds, print_table, synchronize, write_result
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
+from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel, load_model
@@ -79,8 +80,28 @@ def main() -> None:
     result = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
               "command": "python -m bench.tiers " + " ".join(__import__("sys").argv[1:])}  # fmt: skip
+    if device.type == "cuda":
+        result |= _host_limit(model, args.prompt_tokens, rows, device)
+        print_table([{"measure": k, "value": v} for k, v in result.items() if k.startswith("host_")])
     slug = re.sub(r"[^a-z0-9.]+", "-", f"{result['device']}-{name}".lower()).strip("-")
     print("wrote", write_result(f"tiers-{slug}", result))
+
+
+def _host_limit(model: LoadedModel, prompt_tokens: int, rows: list[dict], device: torch.device) -> dict:
+    """The physical limit of a host-tier hit: the prefix's KV bytes over the measured pinned host-to-GPU
+    bandwidth, plus computing the new tokens on top of it (the live hit's TTFT)."""
+    cfg = model.config
+    per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype)
+    kv_bytes = prompt_tokens * per_token
+    pinned = torch.empty(2**30, dtype=torch.uint8).pin_memory()
+    target = torch.empty_like(pinned, device=device)
+    seconds = median_seconds(lambda: target.copy_(pinned, non_blocking=True), device, 5)
+    bandwidth = pinned.numel() / seconds
+    ttft = {row["cached prefix from"]: row["ttft_ms"] for row in rows}
+    limit_ms = kv_bytes / bandwidth * 1000 + ttft["live"]
+    return {"host_to_gpu_bytes_per_s": bandwidth, "host_prefix_kv_bytes": kv_bytes,
+            "host_hit_physical_limit_ms": limit_ms,
+            "host_hit_fraction_of_limit": limit_ms / ttft["host"]}  # fmt: skip
 
 
 def _config(

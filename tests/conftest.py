@@ -110,45 +110,12 @@ def _isolated_kv_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WARMKV_KV_DIR", str(tmp_path / "kv"))
 
 
-class RedisProcess:
-    """A real redis-server on a loopback port, with no persistence; stop() kills it as a crash would."""
-
-    def __init__(self, *options: str) -> None:
-        import socket
-        import subprocess
-        import time
-
-        import redis
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", *options],
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.fixture
 def redis_server():
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (the README's test set-up installs it)")
+    from warmkv.bench.redis_process import RedisProcess
+
     server = RedisProcess()
     yield server
     server.stop()

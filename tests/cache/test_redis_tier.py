@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from warmkv.bench.redis_process import RedisProcess
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
@@ -15,7 +16,7 @@ from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel, load_model
 
-from ..conftest import RedisProcess, save_tiny_model
+from ..conftest import save_tiny_model
 
 PROMPT = list(range(1000, 1057))  # 57 tokens: three full blocks are reusable
 FOLLOW_UP = [*PROMPT, *range(2000, 2012)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,8 @@ def test_extending_request_reuses_cached_blocks_with_identical_output(tiny_model
     assert first.num_cached == 0
     follow_up = PROMPT + first_ids + list(range(2000, 2010))
     ids, _, seq = run(warm, follow_up, max_tokens=8, ignore_eos=True)
-    # the 50 prompt tokens + 7 computed outputs fill 3 blocks; block granularity caps the hit at 48
-    assert seq.num_cached == 48
+    # the 50 prompt tokens + 7 computed outputs: 3 whole blocks and the reply frontier's partial block
+    assert seq.num_cached == 57
     assert ids == run(cold, follow_up, max_tokens=8, ignore_eos=True)[0]
 
 
@@ -56,7 +57,7 @@ def test_prefill_only_request_caches_the_prompt(tiny_model) -> None:
     engine = engine_for(tiny_model)
     ids, _, seq = run(engine, PROMPT, max_tokens=0)
     assert ids == [] and seq.finish_reason is FinishReason.LENGTH
-    assert run(engine, [*PROMPT, 7, 8], max_tokens=1)[2].num_cached == 48
+    assert run(engine, [*PROMPT, 7, 8], max_tokens=1)[2].num_cached == 50
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny_model) -> None:
@@ -88,7 +89,11 @@ def test_tiny_pool_evicts_and_preempts_but_stays_exact(tiny_model) -> None:
     while engine.has_work:
         engine.step()
     assert [s.output_ids for s in seqs] == roomy
-    assert engine.pool.num_free + len(engine.prefix_cache.index) == engine.pool.num_blocks  # nothing leaked
+    cache = engine.prefix_cache
+    holders = Counter([*cache.index._blocks.values(), *cache.partials._entries.values()])
+    in_use = {b: n for b, n in enumerate(engine.pool.ref_counts) if n}
+    assert in_use == dict(holders)  # nothing leaked: every held block is held by the cache alone
+    assert engine.pool.num_free + len(in_use) == engine.pool.num_blocks
 
 
 def test_seed_makes_sampling_reproducible(tiny_model) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from warmkv.bench.redis_process import RedisProcess
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.engine.config import EngineConfig
 from warmkv.models.loader import LoadedModel
@@ -11,7 +12,6 @@ from warmkv.router.affinity import Router
 from warmkv.router.app import create_router_app
 from warmkv.server.embedded import EmbeddedServer, serve_in_thread
 
-from ..conftest import RedisProcess
 from .conftest import start_server
 
 MODEL = "SmolLM2-135M-Instruct"

@@ -8,7 +8,9 @@ TTFT is the time to the first streamed token of a `max_tokens: 1` request.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,48 +60,71 @@ def send(client: OpenAI, model: str, request: TraceRequest) -> tuple[int, int, f
     return usage.prompt_tokens, cached or 0, ttft if ttft is not None else time.perf_counter() - started
 
 
+Dispatch = Callable[[TraceRequest], OpenAI]  # which server a request goes to
+
+
 def replay_on_url(url: str, api_key: str, model: str, requests: list[TraceRequest],
                   max_gap_s: float) -> list[TurnResult]:  # fmt: skip
     client = OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600)
     if any(r.restart for r in requests):
         log.warning("the trace restarts the server; against --url the restarts are skipped")
-    return _replay(lambda: client, lambda: None, model, requests, max_gap_s, "url")
+    return _replay(lambda: lambda _: client, lambda: None, model, requests, max_gap_s, "url")
+
+
+@dataclass(slots=True, frozen=True)
+class Cluster:
+    replicas: int = 1
+    routed: bool = False  # through `warmkv router`; else requests go round-robin over the replicas
+    redis_url: str | None = None  # the shared tier, for every replica
 
 
 def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRequest], max_gap_s: float,
-                    label: str) -> list[TurnResult]:  # fmt: skip
+                    label: str, cluster: Cluster = Cluster()) -> list[TurnResult]:  # fmt: skip
     from warmkv.cli import build_parser, engine_config_from
     from warmkv.engine.llm_engine import LLMEngine
-    from warmkv.server.embedded import EmbeddedServer, start_embedded_server
+    from warmkv.router.affinity import Router
+    from warmkv.router.app import create_router_app
+    from warmkv.server.embedded import ThreadedServer, serve_in_thread, start_embedded_server
     from warmkv.server.serve import settings_from
 
     kv_dir = Path(tempfile.mkdtemp(prefix=f"warmkv-replay-{label}-"))
-    args = build_parser().parse_args(["serve", "--kv-dir", str(kv_dir), *flags])
-    running: list[EmbeddedServer] = []
+    shared = ["--redis-url", cluster.redis_url] if cluster.redis_url else []
+    running: list[ThreadedServer] = []
 
-    def start() -> OpenAI:
-        running.append(start_embedded_server(LLMEngine(model, engine_config_from(args)), settings_from(args)))
-        return running[-1].client(timeout=600)
+    def start() -> Dispatch:
+        for n in range(cluster.replicas):  # each replica its own disk tier
+            own_dir = str(kv_dir / f"replica-{n}")
+            args = build_parser().parse_args(["serve", "--kv-dir", own_dir, *flags, *shared])
+            engine = LLMEngine(model, engine_config_from(args))
+            running.append(start_embedded_server(engine, settings_from(args)))
+        clients = [r.client(timeout=600) for r in running]
+        if cluster.routed:
+            running.append(serve_in_thread(create_router_app(Router([r.url for r in running]))))
+            router = running[-1].client(timeout=600)
+            return lambda _: router
+        turns = itertools.count()
+        return lambda _: clients[next(turns) % len(clients)]
 
     def stop() -> None:
-        if running:
-            running.pop().stop()
+        while running:
+            running.pop().stop()  # the router first, then the replicas
 
     try:
         return _replay(start, stop, model.name, requests, max_gap_s, label)
     finally:
         stop()
+        shutil.rmtree(kv_dir, ignore_errors=True)  # a long replay writes gigabytes of KV
 
 
-def _replay(start: Callable[[], OpenAI], stop: Callable[[], None], model: str, requests: list[TraceRequest],
+def _replay(start: Callable[[], Dispatch], stop: Callable[[], None], model: str, requests: list[TraceRequest],
             max_gap_s: float, label: str) -> list[TurnResult]:  # fmt: skip
-    client = start()
+    dispatch = start()
     results = []
     for index, request in enumerate(tqdm(requests, desc=f"replay {label}", unit="req", leave=False)):
         if request.restart and index:
             stop()
-            client = start()
+            dispatch = start()
         time.sleep(min(request.gap_s, max_gap_s))
-        prompt, cached, ttft = send(client, model, request)
+        prompt, cached, ttft = send(dispatch(request), model, request)
         results.append(TurnResult(index, request.session, request.shape, prompt, cached, ttft))
     return results

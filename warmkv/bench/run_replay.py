@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from warmkv.bench.oracle import oracle_hits
-from warmkv.bench.policies import DEFAULT_POLICIES, Capacities, policies
-from warmkv.bench.replay import replay_embedded, replay_on_url
+from warmkv.bench.policies import DEFAULT_POLICIES, Capacities, Policy, policies
+from warmkv.bench.redis_process import RedisProcess
+from warmkv.bench.replay import Cluster, replay_embedded, replay_on_url
 from warmkv.bench.results import oracle_row, plot, summarize, table, write_json
 from warmkv.bench.synthetic import SHAPES, synthetic_trace
 from warmkv.bench.trace import TraceRequest, load_trace
@@ -39,10 +43,15 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--pool-tokens", type=int, help="GPU tier; default: twice the longest prompt")
+    parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: below the working set)")
     parser.add_argument("--host-tokens", type=int, help="host tier; default: four times the pool")
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--max-gap", type=float, default=0.0, help="longest idle gap to honour, in seconds")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="N > 1: warmkv on N replicas, round-robin or routed, "
+        "with and without the shared tier",
+    )  # fmt: skip
+    parser.add_argument("--redis-url", help="shared tier for --replicas (default: a local redis-server)")
     parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     parser.add_argument("--name", help="result file name (default: replay-<device>-<model>-<context>)")
 
@@ -52,23 +61,18 @@ def run(args: argparse.Namespace) -> None:
     tokenizer, template, model, device_label = _model_and_tokenizer(args)
     prompts = [_prompt_ids(tokenizer, template, r) for r in requests]
     oracle = oracle_hits(prompts)
-    caps = _capacities(args, prompts)
-    rows: dict[str, dict[str, Any]] = {}
+    caps = _capacities(args, prompts, oracle)
     if args.url:
         served = args.served_model or _first_model(args)
-        rows["url"] = summarize(replay_on_url(args.url, args.api_key, served, requests, args.max_gap), oracle)
+        turns = replay_on_url(args.url, args.api_key, served, requests, args.max_gap)
+        rows = {"url": summarize(turns, oracle)}
     else:
-        chosen = _policies(args, caps)
-        common = ["--kv-pool-tokens", str(caps.pool_tokens), "--max-batch-tokens", str(args.max_batch_tokens),
-                  "--device", args.device, "--dtype", args.dtype]  # fmt: skip
-        for name, policy in chosen.items():
-            turns = replay_embedded(model, [*common, *policy.flags], requests, args.max_gap, name)
-            rows[name] = {"description": policy.description, "flags": [*common, *policy.flags]}
-            rows[name] |= summarize(turns, oracle)
+        rows = _run_embedded(args, model, caps, requests, oracle)
     rows["oracle"] = oracle_row([len(p) for p in prompts], oracle)
     print("\n".join(table(rows)))
     model_label = model.name if model else args.url
     workload = args.context if args.synthetic or not args.traces else "trace"
+    workload = f"{workload}-{args.replicas}-replicas" if args.replicas > 1 else workload
     stem = Path(args.out) / (args.name or _slug(f"replay-{device_label}-{model_label}-{workload}"))
     result = {
         "device": device_label,
@@ -84,6 +88,27 @@ def run(args: argparse.Namespace) -> None:
     print("wrote", stem.with_suffix(".json"), *pictures)
     if not pictures:
         print("no plots: install matplotlib (pip install 'warmkv[bench]')")
+
+
+def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, requests: list[TraceRequest],
+                  oracle: list[int]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    common = ["--kv-pool-tokens", str(caps.pool_tokens), "--max-batch-tokens", str(args.max_batch_tokens),
+              "--device", args.device, "--dtype", args.dtype]  # fmt: skip
+    store = RedisProcess() if args.replicas > 1 and not args.redis_url else None
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        if args.replicas > 1:
+            runs = _cluster_runs(args, caps, args.redis_url or store.url)  # type: ignore[union-attr]
+        else:
+            runs = [(name, policy, Cluster) for name, policy in _policies(args, caps).items()]
+        for name, policy, cluster in runs:
+            flags = [*common, *policy.flags]
+            turns = replay_embedded(model, flags, requests, args.max_gap, name, cluster())
+            rows[name] = {"description": policy.description, "flags": flags} | summarize(turns, oracle)
+    finally:
+        if store is not None:
+            store.stop()
+    return rows
 
 
 def _requests(args: argparse.Namespace) -> list[TraceRequest]:
@@ -130,9 +155,13 @@ def _prompt_ids(tokenizer: Any, template: str, request: TraceRequest) -> list[in
     return prompt.token_ids
 
 
-def _capacities(args: argparse.Namespace, prompts: list[list[int]]) -> Capacities:
+def _capacities(args: argparse.Namespace, prompts: list[list[int]], oracle: list[int]) -> Capacities:
+    """The GPU tier holds the longest request, and less than the working set (the tokens no earlier
+    request had), so the lower tiers matter."""
     longest = max(len(p) for p in prompts)
-    pool = args.pool_tokens or -(-(2 * longest + 256) // BLOCK) * BLOCK
+    working_set = sum(len(p) for p in prompts) - sum(oracle)
+    pool = max(longest + 256, min(2 * longest + 256, working_set // 2))
+    pool = args.pool_tokens or -(-pool // BLOCK) * BLOCK
     align = max(BLOCK, args.context // 8 // BLOCK * BLOCK)
     return Capacities(pool, args.host_tokens if args.host_tokens is not None else 4 * pool, align, 2 * align)
 
@@ -144,6 +173,28 @@ def _policies(args: argparse.Namespace, caps: Capacities) -> dict[str, Any]:
     if unknown:
         raise WarmkvError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(known)}, all")
     return {n: known[n] for n in names}
+
+
+Run = tuple[str, Policy, Callable[[], Cluster]]
+
+
+def _cluster_runs(args: argparse.Namespace, caps: Capacities, redis_url: str) -> list[Run]:
+    """warmkv on N replicas: round-robin or routed, each with and without the shared tier."""
+    warmkv, n = policies(caps)["warmkv"], args.replicas
+    runs: list[Run] = []
+    for routed in (False, True):
+        for shared in (False, True):
+            name = f"{n}x_{'router' if routed else 'round_robin'}{'_shared' if shared else ''}"
+            how = f"warmkv on {n} replicas, {'routed' if routed else 'round-robin'}"
+            description = how + (", shared Redis tier" if shared else "")
+
+            def cluster(routed: bool = routed, shared: bool = shared) -> Cluster:
+                if shared:  # every row starts from an empty shared tier
+                    redis.Redis.from_url(redis_url).flushdb()
+                return Cluster(n, routed, redis_url if shared else None)
+
+            runs.append((name, Policy(name, description, warmkv.flags), cluster))
+    return runs
 
 
 def _first_model(args: argparse.Namespace) -> str:

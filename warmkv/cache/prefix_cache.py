@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
-from warmkv.cache.hit_policy import build_hit_policy
+from warmkv.cache.hit_policy import HitPolicyName, build_hit_policy
 from warmkv.cache.load_costs import LoadCosts
 from warmkv.cache.miss_reasons import RecentPrompts
+from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import Tier, TierName, TierStats
 from warmkv.cache.tiers.disk import DiskTier
@@ -66,6 +67,9 @@ class PrefixCache:
         self.config = config
         self.index = PrefixIndex(pool, fingerprint)
         self.index.on_evict = self._demote
+        # sub-block anchors only where any prefix may be served (other caches' rules serve no such tails)
+        self.partials = PartialBlocks(pool) if config.hit_policy.name is HitPolicyName.BLOCKS else None
+        pool.reclaim = self._reclaim
         host_blocks = config.host_blocks(pool.block_bytes, pool.block_size)
         on_cuda = pool.k.device.type == "cuda"
         self.host = (
@@ -112,6 +116,42 @@ class PrefixCache:
 
     def record_prompt(self, prompt_keys: list[bytes]) -> None:
         self.policy.record(prompt_keys)
+
+    def remember_tails(self, namespace: str, keys: list[bytes], token_ids: list[int], blocks: list[int],
+                       anchors: tuple[int, ...]) -> None:  # fmt: skip
+        """Keep the partial last block at each anchor (token offset) whose KV the sequence computed."""
+        size = self.pool.block_size
+        for anchor in anchors:
+            whole = anchor // size
+            if self.partials is None or anchor % size == 0 or whole > len(keys) or whole >= len(blocks):
+                continue
+            parent = keys[whole - 1] if whole else self.index.root(namespace)
+            self.partials.remember(parent, token_ids[whole * size : anchor], blocks[whole])
+
+    def continue_hit(self, namespace: str, hit: PrefixHit, next_tokens: list[int]) -> tuple[int, int] | None:
+        """A remembered tail that continues a whole-block hit and that `next_tokens` starts with, copied into
+        a new block for the caller: (block, tokens)."""
+        if self.partials is None:
+            return None
+        parent = hit.keys[-1] if hit.keys else self.index.root(namespace)
+        found = self.partials.longest(parent, next_tokens)
+        if found is None:
+            return None
+        source, tokens = found
+        self.pool.incref(source)  # a reclaim while allocating must not hand out the source itself
+        try:
+            target = self.pool.allocate(1)[0]
+        except PoolExhausted:
+            return None
+        finally:
+            self.pool.decref(source)
+        self.pool.copy_block(source, target)
+        hit.tokens_by_tier[TierName.LIVE] = hit.tokens_by_tier.get(TierName.LIVE, 0) + tokens
+        return target, tokens
+
+    def _reclaim(self) -> bool:
+        # tails first: each holds a whole block for fewer than block_size tokens
+        return (self.partials is not None and self.partials.evict_one()) or self.index.evict_one()
 
     def _lookup(self, keys: list[bytes]) -> PrefixHit:
         blocks = self.index.match(keys)

@@ -25,6 +25,7 @@ class PrefixIndex:
         self._pool = pool
         self._fingerprint = model_fingerprint
         self._blocks: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        self._shared: set[bytes] = set()  # keys another request has hit: shared prefixes, evicted last
         self.evictions = 0
         # told of each block before its KV is given up, so a lower tier can keep it
         self.on_evict: Callable[[bytes, int], None] = lambda key, block: None
@@ -58,6 +59,7 @@ class PrefixIndex:
                 break
             self._pool.incref(block)
             blocks.append(block)
+        self._shared.update(keys[: len(blocks)])
         self.touch(keys[: len(blocks)])
         return blocks
 
@@ -76,11 +78,23 @@ class PrefixIndex:
                 self._blocks.move_to_end(key)
 
     def evict_one(self) -> bool:
+        """Evict the least recently used block no sequence holds, a session's own tail before any prefix
+        that other requests shared (a system prompt + tools anchor)."""
+        victim = shared_fallback = None
         for key, block in self._blocks.items():
-            if self._pool.ref_counts[block] == 1:  # held by the index alone
-                self.on_evict(key, block)
-                del self._blocks[key]
-                self._pool.decref(block)
-                self.evictions += 1
-                return True
-        return False
+            if self._pool.ref_counts[block] != 1:  # a sequence still reads it
+                continue
+            if key not in self._shared:
+                victim = (key, block)
+                break
+            shared_fallback = shared_fallback or (key, block)
+        victim = victim or shared_fallback
+        if victim is None:
+            return False
+        key, block = victim
+        self.on_evict(key, block)
+        del self._blocks[key]
+        self._shared.discard(key)
+        self._pool.decref(block)
+        self.evictions += 1
+        return True

@@ -71,6 +71,11 @@ class KVPool:
         blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
         return (blocks * self.block_size + positions % self.block_size).to(self.k.device)
 
+    def copy_block(self, source: int, target: int) -> None:
+        size = self.block_size
+        for side in (self.k, self.v):
+            side[:, target * size : (target + 1) * size] = side[:, source * size : (source + 1) * size]
+
     def read_block(self, block: int) -> torch.Tensor:
         """A copy of one block's K and V: [2, layers, block_size, kv_heads, head_dim]."""
         rows = slice(block * self.block_size, (block + 1) * self.block_size)

@@ -240,8 +240,14 @@ class LLMEngine:
         # at least the last token is computed: its logits give the first new token
         keys = self.prefix_cache.chain(seq.cache_namespace, seq.token_ids[: len(seq.token_ids) - 1])
         hit = self.prefix_cache.lookup(keys)
-        seq.block_ids, seq.block_hashes = hit.blocks, hit.keys
+        seq.block_ids, seq.block_hashes = list(hit.blocks), hit.keys
         seq.num_computed = len(hit.blocks) * self.pool.block_size
+        tail = self.prefix_cache.continue_hit(
+            seq.cache_namespace, hit, seq.token_ids[seq.num_computed : len(seq.token_ids) - 1]
+        )
+        if tail is not None:
+            seq.block_ids.append(tail[0])
+            seq.num_computed += tail[1]
         if seq.cache_hit is None:  # a preempted sequence keeps the numbers of its first admission
             hit.nearest = self.prefix_cache.recent.nearest(seq.cache_namespace, seq.token_ids)
             seq.cache_hit, seq.num_cached = hit, seq.num_computed
@@ -281,6 +287,11 @@ class LLMEngine:
         if self.prefix_cache is not None:
             self.prefix_cache.recent.remember(seq.cache_namespace, seq.token_ids)
             self.prefix_cache.record_prompt(seq.block_hashes[: seq.num_prompt_tokens // self.pool.block_size])
+            # the turn's frontiers: where the prompt ended, and where the reply (as computed) ends
+            anchors = (min(seq.num_prompt_tokens, seq.num_computed), seq.num_computed)
+            self.prefix_cache.remember_tails(
+                seq.cache_namespace, seq.block_hashes, seq.token_ids, seq.block_ids, anchors
+            )
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -1,0 +1,58 @@
+"""Sub-block anchors: a turn's frontier usually ends inside a block. The tail of that block (the tokens after
+the last whole block, up to the anchor) is kept live, keyed by the whole-block prefix before it, so the next
+turn reuses the prompt up to the exact anchor rather than up to the last whole block. A hit copies the tail's
+block: the new sequence writes the rest of it."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from warmkv.engine.kv_pool import KVPool
+
+Tail = tuple[int, ...]
+
+
+class PartialBlocks:
+    def __init__(self, pool: KVPool, capacity: int = 1024) -> None:
+        self._pool, self._capacity = pool, capacity
+        self._entries: OrderedDict[tuple[bytes, Tail], int] = OrderedDict()  # least recently used first
+        self._by_parent: dict[bytes, set[Tail]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remember(self, parent: bytes, tail: list[int], block: int) -> None:
+        """Hold `block`, whose first len(tail) positions carry the KV of `tail` after the prefix `parent`."""
+        entry = (parent, tuple(tail))
+        if not tail or entry in self._entries:
+            return
+        self._pool.incref(block)
+        self._entries[entry] = block
+        self._by_parent.setdefault(parent, set()).add(entry[1])
+        while len(self._entries) > self._capacity:
+            self._drop_oldest()
+
+    def longest(self, parent: bytes, tokens: list[int]) -> tuple[int, int] | None:
+        """(block, length) of the longest remembered tail after `parent` that `tokens` starts with."""
+        best = max((t for t in self._by_parent.get(parent, ()) if list(t) == tokens[: len(t)]), key=len,
+                   default=None)  # fmt: skip
+        if best is None:
+            return None
+        self._entries.move_to_end((parent, best))
+        return self._entries[(parent, best)], len(best)
+
+    def evict_one(self) -> bool:
+        """Give up the least recently used tail; True when that freed a pool block."""
+        while self._entries:
+            if self._drop_oldest():
+                return True
+        return False
+
+    def _drop_oldest(self) -> bool:
+        (parent, tail), block = self._entries.popitem(last=False)
+        tails = self._by_parent[parent]
+        tails.discard(tail)
+        if not tails:
+            del self._by_parent[parent]
+        self._pool.decref(block)
+        return self._pool.ref_counts[block] == 0
