@@ -62,18 +62,11 @@ def run(args: argparse.Namespace) -> None:
     prompts = [_prompt_ids(tokenizer, template, r) for r in requests]
     oracle = oracle_hits(prompts)
     caps = _capacities(args, prompts, oracle)
-    if args.url:
-        served = args.served_model or _first_model(args)
-        turns = replay_on_url(args.url, args.api_key, served, requests, args.max_gap)
-        rows = {"url": summarize(turns, oracle)}
-    else:
-        rows = _run_embedded(args, model, caps, requests, oracle)
-    rows["oracle"] = oracle_row([len(p) for p in prompts], oracle)
-    print("\n".join(table(rows)))
     model_label = model.name if model else args.url
     workload = args.context if args.synthetic or not args.traces else "trace"
     workload = f"{workload}-{args.replicas}-replicas" if args.replicas > 1 else workload
     stem = Path(args.out) / (args.name or _slug(f"replay-{device_label}-{model_label}-{workload}"))
+    rows = {"oracle": oracle_row([len(p) for p in prompts], oracle)}
     result = {
         "device": device_label,
         "model": model_label,
@@ -83,7 +76,20 @@ def run(args: argparse.Namespace) -> None:
         "rows": rows,
         "command": "warmkv bench replay " + " ".join(sys.argv[3:]),
     }  # fmt: skip
-    write_json(result, stem.with_suffix(".json"))
+
+    def add_row(name: str, row: dict[str, Any]) -> None:
+        """Written as each row comes, so a run cut short keeps what it measured."""
+        rows[name] = row
+        rows["oracle"] = rows.pop("oracle")
+        write_json(result, stem.with_suffix(".json"))
+
+    if args.url:
+        served = args.served_model or _first_model(args)
+        turns = replay_on_url(args.url, args.api_key, served, requests, args.max_gap)
+        add_row("url", summarize(turns, oracle))
+    else:
+        _run_embedded(args, model, caps, requests, oracle, add_row)
+    print("\n".join(table(rows)))
     pictures = plot(rows, stem)
     print("wrote", stem.with_suffix(".json"), *pictures)
     if not pictures:
@@ -91,11 +97,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, requests: list[TraceRequest],
-                  oracle: list[int]) -> dict[str, dict[str, Any]]:  # fmt: skip
+                  oracle: list[int], add_row: Callable[[str, dict[str, Any]], None]) -> None:  # fmt: skip
     common = ["--kv-pool-tokens", str(caps.pool_tokens), "--max-batch-tokens", str(args.max_batch_tokens),
               "--device", args.device, "--dtype", args.dtype]  # fmt: skip
     store = RedisProcess() if args.replicas > 1 and not args.redis_url else None
-    rows: dict[str, dict[str, Any]] = {}
     try:
         if args.replicas > 1:
             runs = _cluster_runs(args, caps, args.redis_url or store.url)  # type: ignore[union-attr]
@@ -104,11 +109,10 @@ def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, reques
         for name, policy, cluster in runs:
             flags = [*common, *policy.flags]
             turns = replay_embedded(model, flags, requests, args.max_gap, name, cluster())
-            rows[name] = {"description": policy.description, "flags": flags} | summarize(turns, oracle)
+            add_row(name, {"description": policy.description, "flags": flags} | summarize(turns, oracle))
     finally:
         if store is not None:
             store.stop()
-    return rows
 
 
 def _requests(args: argparse.Namespace) -> list[TraceRequest]:
