@@ -8,6 +8,7 @@ TTFT is the time to the first streamed token of a `max_tokens: 1` request.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import shutil
@@ -108,6 +109,7 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
     def stop() -> None:
         while running:
             running.pop().stop()  # the router first, then the replicas
+        gc.collect()  # the apps' reference cycles hold engines: pinned host tiers, GPU pools
 
     try:
         return _replay(start, stop, model.name, requests, max_gap_s, label)

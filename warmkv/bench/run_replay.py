@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
     workload = args.context if args.synthetic or not args.traces else "trace"
     workload = f"{workload}-{args.replicas}-replicas" if args.replicas > 1 else workload
     stem = Path(args.out) / (args.name or _slug(f"replay-{device_label}-{model_label}-{workload}"))
+    json_path = stem.with_name(f"{stem.name}.json")
     rows = {"oracle": oracle_row([len(p) for p in prompts], oracle)}
     result = {
         "device": device_label,
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
         """Written as each row comes, so a run cut short keeps what it measured."""
         rows[name] = row
         rows["oracle"] = rows.pop("oracle")
-        write_json(result, stem.with_suffix(".json"))
+        write_json(result, json_path)
 
     if args.url:
         served = args.served_model or _first_model(args)
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> None:
         _run_embedded(args, model, caps, requests, oracle, add_row)
     print("\n".join(table(rows)))
     pictures = plot(rows, stem)
-    print("wrote", stem.with_suffix(".json"), *pictures)
+    print("wrote", json_path, *pictures)
     if not pictures:
         print("no plots: install matplotlib (pip install 'warmkv[bench]')")
 

@@ -24,6 +24,7 @@ from warmkv.cache.tiers.base import Tier, TierName, TierStats
 from warmkv.cache.tiers.disk import DiskTier
 from warmkv.cache.tiers.host import HostTier
 from warmkv.cache.tiers.redis import RedisTier
+from warmkv.cache.write_through import WriteThrough
 from warmkv.engine.kv_pool import KVPool
 from warmkv.errors import PoolExhausted
 
@@ -89,6 +90,7 @@ class PrefixCache:
         if config.redis_url:
             self.remote = RedisTier(config.redis_url, fingerprint, config.redis_ttl_s,
                                     config.redis_timeout_s, config.redis_cluster)  # fmt: skip
+        self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
         self.policy = build_hit_policy(config.hit_policy, pool.block_size)
         self.costs: LoadCosts | None = None  # measured by the engine once the model can run
         self.recent = RecentPrompts()  # what miss reasons compare against
@@ -233,25 +235,24 @@ class PrefixCache:
             plan.append((key, tier))
         return plan
 
-    def insert(self, key: bytes, block: int) -> None:
-        """A block just completed: index it live, and write it through to disk and the shared tier."""
-        if not self.index.insert(key, block):
-            return
-        writers = [t for t in (self.disk, self.remote) if t is not None and t.enabled]
-        if writers:
-            kv = self.pool.read_block(block).to("cpu")
-            for tier in writers:
-                tier.put(key, kv)
+    def insert(self, keys: list[bytes], blocks: list[int]) -> None:
+        """Blocks just completed: index them live, and write the new ones through to disk and the shared
+        tier in the background."""
+        new = [(key, block) for key, block in zip(keys, blocks, strict=True) if self.index.insert(key, block)]
+        if new:
+            self.write_through.submit([key for key, _ in new], [block for _, block in new])
 
     def touch(self, keys: list[bytes]) -> None:
         self.index.touch(keys)
 
     def flush(self) -> None:
+        self.write_through.flush()
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.flush()
 
     def close(self) -> None:
+        self.write_through.close()
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.close()

@@ -81,6 +81,14 @@ class KVPool:
         rows = slice(block * self.block_size, (block + 1) * self.block_size)
         return torch.stack((self.k[:, rows], self.v[:, rows]))
 
+    def read_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """A copy of several blocks, gathered in one pass: [n, 2, layers, block_size, kv_heads, head_dim]."""
+        size = self.block_size
+        slots = (torch.tensor(blocks)[:, None] * size + torch.arange(size)).flatten().to(self.k.device)
+        kv = torch.stack((self.k[:, slots], self.v[:, slots]))  # [2, layers, n * size, heads, dim]
+        kv = kv.unflatten(2, (len(blocks), size))  # [2, layers, n, size, heads, dim]
+        return kv.permute(2, 0, 1, 3, 4, 5).contiguous()
+
     def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
         """Fill blocks from kv [n, 2, layers, block_size, kv_heads, head_dim], on any device, with one copy
         each for K and V rather than a small strided copy per block."""

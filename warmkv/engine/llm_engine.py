@@ -259,8 +259,7 @@ class LLMEngine:
         keys = self.prefix_cache.chain(
             seq.cache_namespace, seq.token_ids[: seq.num_computed], seq.block_hashes
         )
-        for key, block in zip(keys[known:], seq.block_ids[known:], strict=False):
-            self.prefix_cache.insert(key, block)
+        self.prefix_cache.insert(keys[known:], seq.block_ids[known : len(keys)])
         seq.block_hashes = keys
 
     def _advance(self, seq: Sequence, logits: object) -> StepOutput:
