@@ -1,8 +1,10 @@
 """Write-through of completed blocks to the disk and shared tiers, off the request path.
 
-The blocks are gathered on the device in one copy (stream order makes that copy safe: any later write to
-those pool blocks is queued behind it), copied to pinned host memory asynchronously, and handed to the tiers
-by a helper thread once the copy is done. So an engine step never waits for a device-to-host transfer.
+The engine thread only queues one device-side gather of the step's new blocks (stream order makes that
+copy safe: any later write to those pool blocks is queued behind it). A helper thread copies the gather to
+host memory on its own stream and hands the blocks to the tiers, waiting for their writers when they are
+busy. When even the helper's short queue is full (the tiers are slower than prefill), the step's blocks
+are skipped and counted, never waited for.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ import torch
 from warmkv.cache.tiers.base import Tier
 from warmkv.engine.kv_pool import KVPool
 
+QUEUED_STEPS = 4  # gathers waiting for the helper: each holds a step's new blocks in device memory
+
 
 class WriteThrough:
     def __init__(self, pool: KVPool, tiers: Sequence[Tier]) -> None:
         self._pool, self._tiers = pool, list(tiers)
-        self._on_cuda = pool.k.device.type == "cuda"
-        self._queue: queue.Queue[tuple[list[bytes], torch.Tensor, torch.cuda.Event] | None] = queue.Queue()
+        device = pool.k.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._queue: queue.Queue[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None] | None] = (
+            queue.Queue(maxsize=QUEUED_STEPS)
+        )
         self._thread = threading.Thread(target=self._loop, name="warmkv-write-through", daemon=True)
         self._thread.start()
 
@@ -30,14 +37,15 @@ class WriteThrough:
         if not keys or not writers:
             return
         kv = self._pool.read_blocks(blocks)  # a copy: the blocks may be reused once this is queued
-        if not self._on_cuda:
-            self._put(keys, kv)
-            return
-        host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
-        host.copy_(kv, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self._queue.put((keys, host, done))
+        done = None
+        if self._stream is not None:
+            done = torch.cuda.Event()
+            done.record()
+        try:
+            self._queue.put_nowait((keys, kv, done))
+        except queue.Full:
+            for tier in writers:
+                tier.stats.skipped_writes += len(keys)
 
     def flush(self) -> None:
         self._queue.join()
@@ -49,16 +57,23 @@ class WriteThrough:
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            keys, host, done = item
+            keys, kv, done = item
             try:
-                done.synchronize()
-                self._put(keys, host)
+                self._put(keys, self._to_host(kv, done))
             finally:
                 self._queue.task_done()
         self._queue.task_done()
+
+    def _to_host(self, kv: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
+        if self._stream is None:
+            return kv
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(done)
+            kv.record_stream(self._stream)
+            return kv.to("cpu")  # waits for this stream only: the engine's steps go on
 
     def _put(self, keys: list[bytes], kv: torch.Tensor) -> None:
         for tier in self._tiers:
             if getattr(tier, "enabled", True):
                 for key, block_kv in zip(keys, kv, strict=True):
-                    tier.put(key, block_kv)
+                    tier.put(key, block_kv, wait=True)  # type: ignore[call-arg]

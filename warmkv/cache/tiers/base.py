@@ -37,7 +37,9 @@ class Tier(Protocol):
     def get(self, key: bytes) -> torch.Tensor | None:
         """The block's KV [2, layers, block_size, kv_heads, head_dim] on the CPU, or None."""
 
-    def put(self, key: bytes, kv: torch.Tensor) -> None: ...
+    def put(self, key: bytes, kv: torch.Tensor) -> None:
+        """Store a copy-safe block (the disk and shared tiers also take wait=True: block while their writer's
+        queue is full instead of skipping)."""
 
     def evict(self) -> tuple[bytes, torch.Tensor] | None:
         """Remove the least recently used block and return it (for the tier below), or None when empty."""

@@ -113,17 +113,19 @@ class DiskTier:
         os.utime(path)  # recency survives a restart: the scan orders files by modification time
         return block.kv
 
-    def put(self, key: bytes, kv: torch.Tensor) -> None:
-        """Queue a block for writing; `kv` must not change afterwards (pass a copy)."""
+    def put(self, key: bytes, kv: torch.Tensor, wait: bool = False) -> None:
+        """Queue a block for writing; `kv` must not change afterwards (pass a copy). With the queue full,
+        the write is skipped, or (wait=True, off the request path) waited for."""
         with self._lock:
             if not self.enabled or key in self._files or key in self._queued:
                 return
-            try:
-                self._queue.put_nowait((key, kv))
-            except queue.Full:
-                self.stats.skipped_writes += 1
-                return
             self._queued.add(key)
+        try:
+            self._queue.put((key, kv), block=wait)
+        except queue.Full:
+            with self._lock:
+                self._queued.discard(key)
+                self.stats.skipped_writes += 1
 
     def evict(self) -> tuple[bytes, torch.Tensor] | None:
         with self._lock:

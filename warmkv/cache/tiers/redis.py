@@ -42,6 +42,7 @@ class RedisTier:
         except (ValueError, redis.RedisError) as err:
             raise WarmkvError(f"--redis-url {url}: {err}") from err
         self.url, self.fingerprint, self.ttl_s, self.backoff_s = url, fingerprint, ttl_s, backoff_s
+        self._timeout_s = timeout_s
         self.prefix = f"warmkv:{fingerprint}:"
         self.stats = TierStats()
         self._down_until = 0.0
@@ -118,12 +119,12 @@ class RedisTier:
         except self._errors as err:
             self._went_down(err)
 
-    def put(self, key: bytes, kv: torch.Tensor) -> None:
+    def put(self, key: bytes, kv: torch.Tensor, wait: bool = False) -> None:
         """Queue a block for the writer; `kv` must not change afterwards (pass a copy)."""
         if not self.enabled:
             return
         try:
-            self._queue.put_nowait((key, kv))
+            self._queue.put((key, kv), block=wait, timeout=self._timeout_s if wait else None)
         except queue.Full:
             self.stats.skipped_writes += 1
 
