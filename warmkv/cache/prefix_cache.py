@@ -256,6 +256,7 @@ class PrefixCache:
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.close()
+        self.host = None  # its slab (pinned RAM on CUDA) goes back now
 
     # -- policy -----------------------------------------------------------------------------------
 

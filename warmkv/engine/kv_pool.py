@@ -71,6 +71,11 @@ class KVPool:
         blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
         return (blocks * self.block_size + positions % self.block_size).to(self.k.device)
 
+    def release(self) -> None:
+        """Give the KV memory back now, even while something still references the pool; it serves no more."""
+        self.k = self.v = torch.empty(0, dtype=self.k.dtype, device=self.k.device)
+        self.num_blocks, self.ref_counts, self._free = 0, [], deque()
+
     def copy_block(self, source: int, target: int) -> None:
         size = self.block_size
         for side in (self.k, self.v):

@@ -91,9 +91,12 @@ class LLMEngine:
                 self.pool.decref(block)
 
     def close(self) -> None:
-        """Finish the disk writer's queue, so what was computed survives the restart."""
+        """Finish the disk writer's queue, so what was computed survives the restart, then release the KV
+        memory (pool, captured graphs, host tier): the engine serves no more requests."""
         if self.prefix_cache is not None:
             self.prefix_cache.close()
+        self.runner.decode_graphs = None
+        self.pool.release()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
