@@ -25,7 +25,12 @@ class StoredBlock:
 
 
 def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
-    payload = kv.contiguous().view(torch.uint8).numpy().tobytes()
+    return b"".join(encode_parts(fingerprint, key, kv))
+
+
+def encode_parts(fingerprint: str, key: bytes, kv: torch.Tensor) -> tuple[bytes, memoryview]:
+    """Header and payload; the payload is a view of the tensor's memory, not a copy (a block is large)."""
+    payload = memoryview(kv.contiguous().view(torch.uint8).numpy()).cast("B")
     shape = list(kv.shape) + [0] * (5 - kv.dim())
     header = _HEADER.pack(
         MAGIC,
@@ -37,7 +42,7 @@ def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
         _checksum(payload),
         len(payload),
     )
-    return header + payload
+    return header, payload
 
 
 def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) -> StoredBlock:

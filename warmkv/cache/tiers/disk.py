@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from warmkv.cache.tiers.base import TierName, TierStats
-from warmkv.cache.tiers.codec import decode_block, encode_block
+from warmkv.cache.tiers.codec import decode_block, encode_parts
 from warmkv.errors import CacheCorruption
 
 log = logging.getLogger("warmkv.cache")
@@ -164,19 +164,21 @@ class DiskTier:
         self._queue.task_done()
 
     def _write(self, key: bytes, kv: torch.Tensor) -> None:
-        data = encode_block(self.fingerprint, key, kv)
+        header, payload = encode_parts(self.fingerprint, key, kv)
         path = block_path(self.directory, key)
         path.parent.mkdir(exist_ok=True)
         temporary = path.with_name(f"{path.name}.tmp{threading.get_ident()}")
         try:
             with temporary.open("wb") as f:
-                f.write(data)
+                f.write(header)
+                f.write(payload)
             temporary.replace(path)  # atomic: readers see the whole file or none
         finally:
             temporary.unlink(missing_ok=True)
+        size = len(header) + len(payload)
         with self._lock:
-            self._files[key] = len(data)
-            self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes + len(data)
+            self._files[key] = size
+            self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes + size
         while self.stats.bytes > self.capacity_bytes and self._files:
             self.evict()
 
