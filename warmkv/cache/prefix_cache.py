@@ -192,8 +192,8 @@ class PrefixCache:
             hit.blocks.append(block)
             hit.keys.append(key)
         hit.load_bytes = loaded * self.pool.block_bytes
-        if self.pool.k.device.type == "cuda":
-            torch.cuda.synchronize(self.pool.k.device)
+        if self.pool.k.device.type == "cuda":  # this stream only: background write-through copies go on
+            torch.cuda.current_stream(self.pool.k.device).synchronize()
         hit.load_seconds = time.perf_counter() - started
         log.info("loaded %.1f MB of KV into the pool at %.2f GB/s (%s)", hit.load_bytes / 1e6,
                  hit.load_bytes / max(hit.load_seconds, 1e-9) / 1e9, hit.source)  # fmt: skip

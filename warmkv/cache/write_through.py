@@ -19,6 +19,7 @@ from warmkv.cache.tiers.base import Tier
 from warmkv.engine.kv_pool import KVPool
 
 QUEUED_STEPS = 4  # gathers waiting for the helper: each holds a step's new blocks in device memory
+STAGING_BLOCKS = 64  # pinned bounce buffer: device-to-host copies into it are truly asynchronous
 
 
 class WriteThrough:
@@ -26,6 +27,11 @@ class WriteThrough:
         self._pool, self._tiers = pool, list(tiers)
         device = pool.k.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._staging = (
+            torch.empty((STAGING_BLOCKS, *pool.block_shape), dtype=pool.k.dtype, pin_memory=True)
+            if self._stream is not None
+            else None
+        )
         self._queue: queue.Queue[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None] | None] = (
             queue.Queue(maxsize=QUEUED_STEPS)
         )
@@ -65,12 +71,20 @@ class WriteThrough:
         self._queue.task_done()
 
     def _to_host(self, kv: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
-        if self._stream is None:
+        if self._stream is None or self._staging is None:
             return kv
+        host = torch.empty(kv.shape, dtype=kv.dtype)
         with torch.cuda.stream(self._stream):
             self._stream.wait_event(done)
             kv.record_stream(self._stream)
-            return kv.to("cpu")  # waits for this stream only: the engine's steps go on
+            # through the pinned buffer: a copy to pageable memory would stall the engine's stream
+            for start in range(0, len(kv), STAGING_BLOCKS):
+                part = kv[start : start + STAGING_BLOCKS]
+                staged = self._staging[: len(part)]
+                staged.copy_(part, non_blocking=True)
+                self._stream.synchronize()
+                host[start : start + len(part)].copy_(staged)
+        return host
 
     def _put(self, keys: list[bytes], kv: torch.Tensor) -> None:
         for tier in self._tiers:
