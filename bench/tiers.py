@@ -26,8 +26,8 @@ from warmkv.engine.config import EngineConfig
 from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
-from warmkv.models.loader import LoadedModel, load_model
-from warmkv.models.random_init import SHAPES, random_model
+from warmkv.models.loader import LoadedModel
+from warmkv.models.random_init import SHAPES, model_or_shape
 
 
 def main() -> None:
@@ -46,10 +46,7 @@ def main() -> None:
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
     device = config.torch_device()
     dtype = config.torch_dtype(device)
-    if args.shape:
-        model = random_model(args.shape, args.tokenizer, device, dtype)
-    else:
-        model = load_model(args.model, device, dtype)
+    model = model_or_shape(args.model, args.shape, args.tokenizer, device, dtype)
 
     prompt = torch.randint(0, 32000, (args.prompt_tokens,)).tolist()
     request = [*prompt, *torch.randint(0, 32000, (args.new_tokens,)).tolist()]

@@ -97,6 +97,14 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_folder: Path):
+    """The tiny random Llama, loaded once on the CPU in float32."""
+    from warmkv.models.loader import load_model
+
+    return load_model(str(tiny_llama_folder), torch.device("cpu"), torch.float32)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
     # set before any model or server fixture runs: nothing touches the user's real cache

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 from warmkv.cache.config import CacheConfig
 from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
-from warmkv.models.loader import LoadedModel, load_model
-
-from ..conftest import save_tiny_model
+from warmkv.models.loader import LoadedModel
 
 PROMPT = list(range(1000, 1057))  # 57 tokens: 3 whole blocks and a 9-token tail at the frontier
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    folder = save_tiny_model("llama", tmp_path_factory.mktemp("anchors-model"))
-    return load_model(str(folder), torch.device("cpu"), torch.float32)
 
 
 def engine_with(model: LoadedModel, pool_tokens: int = 4096, **cache: object) -> LLMEngine:
@@ -37,32 +26,32 @@ def cold(model: LoadedModel, prompt: list[int]) -> list[int]:
     return run(LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False)), prompt).output_ids
 
 
-def test_next_turn_reuses_the_prompt_to_its_exact_frontier(tiny: LoadedModel) -> None:
-    engine = engine_with(tiny)
+def test_next_turn_reuses_the_prompt_to_its_exact_frontier(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama)
     run(engine, PROMPT, max_tokens=1)
     follow_up = [*PROMPT, *range(3000, 3010)]
     seq = run(engine, follow_up)
     assert seq.num_cached == 57  # not 48: the frontier's partial block is reused too
-    assert seq.output_ids == cold(tiny, follow_up)
+    assert seq.output_ids == cold(tiny_llama, follow_up)
 
 
-def test_next_turn_reuses_the_reply_to_its_end(tiny: LoadedModel) -> None:
-    engine = engine_with(tiny)
+def test_next_turn_reuses_the_reply_to_its_end(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama)
     reply = run(engine, PROMPT).output_ids
     follow_up = [*PROMPT, *reply, *range(3000, 3010)]
     seq = run(engine, follow_up)
     assert seq.num_cached == 57 + 5  # every token whose KV was computed (the last sampled one never is)
-    assert seq.output_ids == cold(tiny, follow_up)
+    assert seq.output_ids == cold(tiny_llama, follow_up)
 
 
-def test_other_caches_rules_serve_no_partial_blocks(tiny: LoadedModel) -> None:
-    engine = engine_with(tiny, hit_policy=HitPolicyConfig(HitPolicyName.UNITS, unit=16))
+def test_other_caches_rules_serve_no_partial_blocks(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama, hit_policy=HitPolicyConfig(HitPolicyName.UNITS, unit=16))
     run(engine, PROMPT, max_tokens=1)
     assert run(engine, [*PROMPT, 7, 8]).num_cached == 48
 
 
-def test_shared_prefix_outlives_session_tails_under_pressure(tiny: LoadedModel) -> None:
-    engine = engine_with(tiny, pool_tokens=16 * 12)  # 12 blocks
+def test_shared_prefix_outlives_session_tails_under_pressure(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama, pool_tokens=16 * 12)  # 12 blocks
     system = list(range(5000, 5048))  # 3 blocks, shared by two sessions below
     run(engine, [*system, 1, 2], max_tokens=1)
     run(engine, [*system, 3, 4], max_tokens=1)  # hits the system blocks: now a shared anchor

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from warmkv.cache.config import CacheConfig
 from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
@@ -12,15 +11,7 @@ from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.errors import WarmkvError
-from warmkv.models.loader import LoadedModel, load_model
-
-from ..conftest import save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    folder = save_tiny_model("llama", tmp_path_factory.mktemp("policy-model"))
-    return load_model(str(folder), torch.device("cpu"), torch.float32)
+from warmkv.models.loader import LoadedModel
 
 
 def engine_with(model: LoadedModel, policy: HitPolicyConfig) -> LLMEngine:
@@ -38,16 +29,16 @@ def tokens(start: int, n: int) -> list[int]:
     return list(range(start, start + n))
 
 
-def test_blocks_serve_every_cached_block_including_generated_ones(tiny: LoadedModel) -> None:
-    engine = engine_with(tiny, HitPolicyConfig())
+def test_blocks_serve_every_cached_block_including_generated_ones(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama, HitPolicyConfig())
     prompt = tokens(1000, 100)
     _, reply = cached(engine, prompt, max_tokens=40)
     hit, _ = cached(engine, [*prompt, *reply, *tokens(3000, 5)])
     assert hit == 139  # every token before the new ones whose KV was computed (8 blocks + a tail)
 
 
-def test_units_serve_whole_units_of_earlier_prompts_only(tiny: LoadedModel) -> None:
-    engine = engine_with(tiny, HitPolicyConfig(HitPolicyName.UNITS, unit=64))
+def test_units_serve_whole_units_of_earlier_prompts_only(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama, HitPolicyConfig(HitPolicyName.UNITS, unit=64))
     prompt = tokens(1000, 150)
     _, reply = cached(engine, prompt, max_tokens=40)
     hit, _ = cached(engine, [*prompt, *reply, *tokens(3000, 5)])
@@ -56,9 +47,9 @@ def test_units_serve_whole_units_of_earlier_prompts_only(tiny: LoadedModel) -> N
     assert hit == 64
 
 
-def test_checkpoints_keep_a_stale_cold_anchor(tiny: LoadedModel) -> None:
+def test_checkpoints_keep_a_stale_cold_anchor(tiny_llama: LoadedModel) -> None:
     policy = HitPolicyConfig(HitPolicyName.CHECKPOINTS, checkpoint_align=64, checkpoint_interval=128)
-    engine = engine_with(tiny, policy)
+    engine = engine_with(tiny_llama, policy)
     system = tokens(1000, 100)
     cached(engine, [*system, *tokens(2000, 20)])  # cold anchor at 64, no interval point yet (120 < 128)
     hit, _ = cached(engine, [*system, *tokens(2100, 20)])
@@ -68,15 +59,15 @@ def test_checkpoints_keep_a_stale_cold_anchor(tiny: LoadedModel) -> None:
     hit, _ = cached(engine, [*edited, *tokens(2300, 20)])
     assert hit == 0  # no refresh: the anchor still points at the old prefix
 
-    warmkv = engine_with(tiny, HitPolicyConfig())
+    warmkv = engine_with(tiny_llama, HitPolicyConfig())
     cached(warmkv, [*system, *tokens(2000, 20)])
     cached(warmkv, [*edited, *tokens(2200, 20)])
     assert cached(warmkv, [*edited, *tokens(2300, 20)])[0] == 96  # the rewritten prefix's whole blocks
 
 
-def test_checkpoints_serve_interval_points(tiny: LoadedModel) -> None:
+def test_checkpoints_serve_interval_points(tiny_llama: LoadedModel) -> None:
     policy = HitPolicyConfig(HitPolicyName.CHECKPOINTS, checkpoint_align=64, checkpoint_interval=64)
-    engine = engine_with(tiny, policy)
+    engine = engine_with(tiny_llama, policy)
     conversation = tokens(1000, 150)
     cached(engine, conversation)
     hit, _ = cached(engine, [*conversation, *tokens(4000, 60)])

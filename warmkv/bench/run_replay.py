@@ -131,7 +131,8 @@ def _requests(args: argparse.Namespace) -> list[TraceRequest]:
 
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
     from warmkv.engine.config import EngineConfig
-    from warmkv.models.loader import load_model, load_tokenizer, resolve_model_folder
+    from warmkv.models.loader import load_tokenizer, resolve_model_folder
+    from warmkv.models.random_init import model_or_shape
 
     if args.url:
         folder = Path(args.tokenizer) if args.tokenizer else resolve_model_folder(args.model)
@@ -140,12 +141,7 @@ def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
     config = EngineConfig(device=args.device, dtype=args.dtype)
     device = config.torch_device()
     dtype = config.torch_dtype(device)
-    if args.shape:
-        from warmkv.models.random_init import random_model
-
-        model = random_model(args.shape, args.tokenizer, device, dtype)
-    else:
-        model = load_model(args.model, device, dtype)
+    model = model_or_shape(args.model, args.shape, args.tokenizer, device, dtype)
     import torch
 
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

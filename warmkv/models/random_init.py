@@ -11,7 +11,7 @@ import torch
 
 from warmkv.errors import WarmkvError
 from warmkv.models.config import ModelConfig
-from warmkv.models.loader import LoadedModel, build_module, load_tokenizer
+from warmkv.models.loader import LoadedModel, build_module, load_model, load_tokenizer
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(
@@ -46,6 +46,12 @@ def random_pair(
         f"random-{shape}", folder, config, module, load_tokenizer(folder), in_memory_id=uuid.uuid4().hex
     )
     return ours, theirs.eval()
+
+
+def model_or_shape(spec: str | None, shape: str | None, tokenizer: str | Path | None,
+                   device: torch.device, dtype: torch.dtype) -> LoadedModel:  # fmt: skip
+    """The model a benchmark's --model / --shape / --tokenizer flags name."""
+    return random_model(shape, tokenizer, device, dtype) if shape else load_model(spec, device, dtype)
 
 
 def random_model(

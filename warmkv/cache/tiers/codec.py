@@ -58,11 +58,12 @@ def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) ->
         raise CacheCorruption("written by another model, dtype or layout")
     if key is not None and stored_key != key:
         raise CacheCorruption("key does not match the file name")
-    payload = memoryview(data)[_HEADER.size :]
-    if len(payload) != length:
-        raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
-    if _checksum(payload) != checksum:
-        raise CacheCorruption("checksum mismatch")
+    # views released on the way out, even by an error: the caller reuses `data` as a read buffer
+    with memoryview(data) as whole, whole[_HEADER.size :] as payload:
+        if len(payload) != length:
+            raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
+        if _checksum(payload) != checksum:
+            raise CacheCorruption("checksum mismatch")
     dtype = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
     if dtype is None:
         raise CacheCorruption(f"unknown dtype code {dtype_code}")

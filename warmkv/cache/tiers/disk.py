@@ -34,7 +34,10 @@ def read_file(path: Path, buffer: bytearray | None = None) -> bytearray:
         size = os.fstat(f.fileno()).st_size
         data = buffer if buffer is not None else bytearray(size)
         if len(data) != size:
-            data[:] = bytes(size) if len(data) < size else data[:size]
+            try:
+                data[:] = bytes(size) if len(data) < size else data[:size]
+            except BufferError:  # a block read earlier still views it: read into a new buffer
+                data = bytearray(size)
         f.readinto(data)
     return data
 
