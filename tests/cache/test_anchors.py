@@ -58,3 +58,24 @@ def test_shared_prefix_outlives_session_tails_under_pressure(tiny_llama: LoadedM
     for n in range(4):  # unrelated sessions, 4 blocks each, more than the pool has spare
         run(engine, list(range(10_000 * (n + 1), 10_000 * (n + 1) + 64)), max_tokens=1)
     assert run(engine, [*system, 9, 9], max_tokens=1).num_cached == 48
+
+
+def test_a_resent_prompt_reuses_all_but_its_last_token(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama)
+    run(engine, PROMPT, max_tokens=1)
+    seq = run(engine, PROMPT)
+    assert seq.num_cached == 56
+    assert seq.output_ids == cold(tiny_llama, PROMPT)
+
+
+def test_message_end_anchors_are_reused_to_the_exact_token(tiny_llama: LoadedModel) -> None:
+    engine = engine_with(tiny_llama)
+    system = list(range(5000, 5040))  # a 40-token system message: ends 8 tokens into the third block
+    first_user = list(range(6000, 6030))  # long enough that the prompt's frontier lies two blocks later
+    engine.add_request([*system, *first_user], SamplingParams(max_tokens=1), anchors=(40,))
+    while engine.has_work:
+        engine.step()
+    other_user = [*system, 7, 7, 7, 7]
+    seq = run(engine, other_user)
+    assert seq.num_cached == 40  # whole blocks would stop at 32
+    assert seq.output_ids == cold(tiny_llama, other_user)

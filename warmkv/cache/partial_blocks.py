@@ -33,13 +33,18 @@ class PartialBlocks:
             self._drop_oldest()
 
     def longest(self, parent: bytes, tokens: list[int]) -> tuple[int, int] | None:
-        """(block, length) of the longest remembered tail after `parent` that `tokens` starts with."""
-        best = max((t for t in self._by_parent.get(parent, ()) if list(t) == tokens[: len(t)]), key=len,
-                   default=None)  # fmt: skip
+        """(block, length) of the remembered tail after `parent` sharing the longest prefix with `tokens`
+        (a tail may run past them: a re-sent prompt reuses its own frontier up to its last token)."""
+        best, length = None, 0
+        for tail in self._by_parent.get(parent, ()):
+            shared = next((i for i, (a, b) in enumerate(zip(tail, tokens, strict=False)) if a != b),
+                          min(len(tail), len(tokens)))  # fmt: skip
+            if shared > length:
+                best, length = tail, shared
         if best is None:
             return None
         self._entries.move_to_end((parent, best))
-        return self._entries[(parent, best)], len(best)
+        return self._entries[(parent, best)], length
 
     def evict_one(self) -> bool:
         """Give up the least recently used tail; True when that freed a pool block."""

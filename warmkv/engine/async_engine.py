@@ -28,6 +28,7 @@ class _Submit:
     params: SamplingParams
     request_id: str
     cache_namespace: str
+    anchors: tuple[int, ...]
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[StepOutput | BaseException]
 
@@ -58,8 +59,9 @@ class AsyncEngine:
         return self._pending
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, cache_namespace: str = ""
-    ) -> AsyncIterator[StepOutput]:
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, cache_namespace: str = "",
+        anchors: tuple[int, ...] = (),
+    ) -> AsyncIterator[StepOutput]:  # fmt: skip
         """Outputs of one request. Refusals (too long, queue full) raise here, before anything is queued;
         leaving the iteration early (client gone) cancels the request."""
         self.engine.check_fits(len(prompt_ids), params.max_tokens)
@@ -67,9 +69,8 @@ class AsyncEngine:
             raise QueueFull(f"the server is at its limit of {self.max_pending} pending requests; retry later")
         self._pending += 1
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
-        self._commands.put(
-            _Submit(prompt_ids, params, request_id, cache_namespace, asyncio.get_running_loop(), outputs)
-        )
+        loop = asyncio.get_running_loop()
+        self._commands.put(_Submit(prompt_ids, params, request_id, cache_namespace, anchors, loop, outputs))
         return self._outputs(request_id, outputs)
 
     async def _outputs(
@@ -137,8 +138,9 @@ class AsyncEngine:
             return
         try:
             sequence = self.engine.add_request(
-                command.prompt_ids, command.params, command.request_id, command.cache_namespace
-            )
+                command.prompt_ids, command.params, command.request_id, command.cache_namespace,
+                anchors=command.anchors,
+            )  # fmt: skip
         except WarmkvError as err:
             command.loop.call_soon_threadsafe(command.outputs.put_nowait, err)
             return

@@ -112,6 +112,7 @@ class LLMEngine:
         request_id: str | None = None,
         cache_namespace: str = "",
         background: bool = False,
+        anchors: tuple[int, ...] = (),
     ) -> Sequence:
         self.check_fits(len(prompt_ids), params.max_tokens)
         sequence = Sequence(
@@ -123,6 +124,7 @@ class LLMEngine:
             generator=params.generator(self.model.device),
             cache_namespace=cache_namespace,
             background=background,
+            anchors=anchors,
         )
         self.waiting.append(sequence)
         return sequence
@@ -289,8 +291,10 @@ class LLMEngine:
         if self.prefix_cache is not None:
             self.prefix_cache.recent.remember(seq.cache_namespace, seq.token_ids)
             self.prefix_cache.record_prompt(seq.block_hashes[: seq.num_prompt_tokens // self.pool.block_size])
-            # the turn's frontiers: where the prompt ended, and where the reply (as computed) ends
-            anchors = (min(seq.num_prompt_tokens, seq.num_computed), seq.num_computed)
+            # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
+            # ended, and where the reply (as computed) ends
+            ends = [a for a in (*seq.anchors, seq.num_prompt_tokens) if a <= seq.num_computed]
+            anchors = (*ends, seq.num_computed)
             self.prefix_cache.remember_tails(
                 seq.cache_namespace, seq.block_hashes, seq.token_ids, seq.block_ids, anchors
             )

@@ -31,6 +31,7 @@ class Sequence:
     generator: torch.Generator | None
     cache_namespace: str = ""
     background: bool = False  # idle-time prefill: runs only while no request is waiting or running
+    anchors: tuple[int, ...] = ()  # token offsets where messages end: reused to the exact token later
     block_ids: list[int] = field(default_factory=list)  # the block table
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-index keys of the leading full blocks
     num_computed: int = 0  # leading tokens whose KV is stored in block_ids

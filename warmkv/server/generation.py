@@ -29,7 +29,8 @@ class Generation:
         self.record = record
         record.prompt_tokens = len(prompt_ids)
         self._explain = lambda seq: self._miss(engine, prompt_ids, seq, spans or [])
-        self._submit = lambda: engine.generate(prompt_ids, params, record.id, cache_namespace)
+        anchors = tuple(span.end for span in spans or [])  # message ends: reused to the exact token
+        self._submit = lambda: engine.generate(prompt_ids, params, record.id, cache_namespace, anchors)
         self._started = time.perf_counter()
         self._first_at: float | None = None
         self._outputs: AsyncIterator[StepOutput] | None = None
