@@ -61,7 +61,7 @@ def test_streaming_matches_whole_response_and_reports_usage(server: EmbeddedServ
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == 37
-    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 32  # the earlier request's full blocks
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 36  # all but the last prompt token
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
 
@@ -135,7 +135,8 @@ def test_max_tokens_zero_prefills_for_later_requests(server: EmbeddedServer, def
     follow = chat(server, real, max_tokens=5, cache_salt="warmup")
     shared = _common_prefix(*(_prompt_ids(default_model, m) for m in (warmup, real)))
     assert shared > 80
-    assert follow.usage.prompt_tokens_details.cached_tokens == shared // 16 * 16  # whole KV blocks
+    # to the token: whole blocks, then the warm-up's tail up to where the two prompts part
+    assert follow.usage.prompt_tokens_details.cached_tokens == shared
 
 
 def _prompt_ids(model, messages: list[dict]) -> list[int]:
@@ -299,10 +300,10 @@ def test_trace_and_log_line_record_cache_numbers(default_model, tmp_path, caplog
         traced.stop()
     first, second = (json.loads(line) for line in trace.read_text().splitlines())
     assert (first["cached_tokens"], first["computed_tokens"], first["cache_source"]) == (0, 37, "none")
-    assert (second["cached_tokens"], second["computed_tokens"], second["cache_source"]) == (32, 5, "live:32")
+    assert (second["cached_tokens"], second["computed_tokens"], second["cache_source"]) == (36, 1, "live:36")
     assert second["prompt_tokens"] == 37 and second["ttft_ms"] > 0 and second["finish_reason"] == "length"
     lines = [r.getMessage() for r in caplog.records if r.name == "warmkv.server"]
-    assert any("prompt=37 cached=32 (live:32) computed=5" in line for line in lines)
+    assert any("prompt=37 cached=36 (live:36) computed=1" in line for line in lines)
 
 
 def test_resent_history_whose_text_retokenises_differently_still_hits(
