@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import torch
 
 from warmkv.bench.oracle import oracle_hits
 from warmkv.bench.policies import DEFAULT_POLICIES, Capacities, Policy, policies
@@ -142,7 +143,6 @@ def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
     device = config.torch_device()
     dtype = config.torch_dtype(device)
     model = model_or_shape(args.model, args.shape, args.tokenizer, device, dtype)
-    import torch
 
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return model.tokenizer, model.tokenizer.chat_template, model, label

@@ -103,7 +103,8 @@ class PrefixCache:
     def stats(self) -> dict[TierName, TierStats]:
         live = TierStats(blocks=len(self.index), bytes=len(self.index) * self.pool.block_bytes,
                          evictions=self.index.evictions)  # fmt: skip
-        return {TierName.LIVE: live, **{t.name: t.stats for t in self.tiers}}
+        lower = [t for t in (self.host, self.disk, self.remote) if t is not None]  # a tier that is down too
+        return {TierName.LIVE: live, **{t.name: t.stats for t in lower}}
 
     # -- the engine's side ------------------------------------------------------------------------
 
@@ -121,11 +122,12 @@ class PrefixCache:
 
     def remember_tails(self, namespace: str, keys: list[bytes], token_ids: list[int], blocks: list[int],
                        anchors: tuple[int, ...]) -> None:  # fmt: skip
-        """Keep the partial last block at each anchor (token offset) whose KV the sequence computed."""
+        """Keep the partial block at each anchor (token offset) within `token_ids`, the tokens whose KV the
+        sequence computed."""
         size = self.pool.block_size
         for anchor in anchors:
             whole = anchor // size
-            if self.partials is None or anchor % size == 0 or whole > len(keys) or whole >= len(blocks):
+            if self.partials is None or anchor % size == 0 or anchor > len(token_ids) or whole >= len(blocks):
                 continue
             parent = keys[whole - 1] if whole else self.index.root(namespace)
             self.partials.remember(parent, token_ids[whole * size : anchor], blocks[whole])
@@ -268,7 +270,8 @@ class PrefixCache:
     def _demote(self, key: bytes, block: int) -> None:
         """A live block is about to be reused: keep its KV one tier down."""
         if self.host is None:
-            if self.disk is not None:
+            # usually written through already; copy only what the write-through skipped
+            if self.disk is not None and self.disk.enabled and not self.disk.contains(key):
                 self.disk.put(key, self.pool.read_block(block).to("cpu"))
             return
         if self.host.full:

@@ -42,16 +42,16 @@ class WriteThrough:
         writers = [t for t in self._tiers if getattr(t, "enabled", True)]
         if not keys or not writers:
             return
+        if self._queue.full():  # only this thread adds: a queue not full now has room below
+            for tier in writers:
+                tier.stats.skipped_writes += len(keys)
+            return
         kv = self._pool.read_blocks(blocks)  # a copy: the blocks may be reused once this is queued
         done = None
         if self._stream is not None:
             done = torch.cuda.Event()
             done.record()
-        try:
-            self._queue.put_nowait((keys, kv, done))
-        except queue.Full:
-            for tier in writers:
-                tier.stats.skipped_writes += len(keys)
+        self._queue.put_nowait((keys, kv, done))
 
     def flush(self) -> None:
         self._queue.join()
@@ -71,10 +71,10 @@ class WriteThrough:
         self._queue.task_done()
 
     def _to_host(self, kv: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
-        if self._stream is None or self._staging is None:
+        if self._staging is None:  # on the CPU, the gather is already a host copy
             return kv
         host = torch.empty(kv.shape, dtype=kv.dtype)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._stream):  # type: ignore[arg-type]
             self._stream.wait_event(done)
             kv.record_stream(self._stream)
             # through the pinned buffer: a copy to pageable memory would stall the engine's stream

@@ -293,10 +293,10 @@ class LLMEngine:
             self.prefix_cache.record_prompt(seq.block_hashes[: seq.num_prompt_tokens // self.pool.block_size])
             # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
             # ended, and where the reply (as computed) ends
-            ends = [a for a in (*seq.anchors, seq.num_prompt_tokens) if a <= seq.num_computed]
-            anchors = (*ends, seq.num_computed)
+            anchors = (*seq.anchors, seq.num_prompt_tokens, seq.num_computed)
+            computed = seq.token_ids[: seq.num_computed]
             self.prefix_cache.remember_tails(
-                seq.cache_namespace, seq.block_hashes, seq.token_ids, seq.block_ids, anchors
+                seq.cache_namespace, seq.block_hashes, computed, seq.block_ids, anchors
             )
         if seq in self.running:
             self.running.remove(seq)
