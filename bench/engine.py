@@ -4,6 +4,8 @@
     python -m bench.engine --shape qwen2.5-7b --device cuda   # random weights in Qwen2.5-7B's shape, bf16
 
 Prefill: one prompt of --prompt-tokens, logits of the last token only, both sides keeping the KV.
+Prefill over a cached prefix (--chunk-over-cached CHUNK CACHED): CHUNK new tokens attending to CACHED
+tokens already in the pool, as a later turn of a conversation or a chunk of a long prompt (warmkv only).
 Decode: --decode-tokens greedy tokens after a short prompt; transformers runs its own KV cache loop.
 """
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[], help="decode batch sizes to measure")
+    parser.add_argument("--chunk-over-cached", type=int, nargs=2, metavar=("CHUNK", "CACHED"))
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     args = parser.parse_args()
 
@@ -46,7 +49,9 @@ def main() -> None:
     dtype = config.torch_dtype(device)
     ours, theirs, name = _models(args, device, dtype)
     batch_tokens = max(args.batches, default=1) * (32 + args.decode_tokens + 16)
-    config.kv_pool_tokens = max(max(args.prompt_tokens), batch_tokens) + args.decode_tokens + 64
+    chunk_tokens = sum(args.chunk_over_cached or ())
+    # the cached prefix stays in the pool for the rest of the run
+    config.kv_pool_tokens = max(*args.prompt_tokens, batch_tokens) + chunk_tokens + args.decode_tokens + 64
     config.max_batch_tokens = max(args.prompt_tokens)
     engine = LLMEngine(ours, config)
 
@@ -66,6 +71,10 @@ def main() -> None:
         ours_s = median_seconds(lambda p=prompt: _our_prefill(engine, p), device, args.repeats)
         rows.append(row(f"prefill {prompt_tokens}", prompt_tokens, ours_s,
                         theirs_s(lambda p=prompt: _their_prefill(theirs, p, device))))  # fmt: skip
+    if args.chunk_over_cached:
+        chunk, cached = args.chunk_over_cached
+        ours_s = median_seconds(_chunk_over_cached(engine, chunk, cached), device, args.repeats)
+        rows.append(row(f"prefill {chunk} over {cached} cached", chunk, ours_s, None))
     prompt = torch.randint(0, 32000, (32,)).tolist()
     ours_s = median_seconds(lambda: _our_decode(engine, prompt, args.decode_tokens), device, args.repeats)
     rows.append(row(f"decode {args.decode_tokens}", args.decode_tokens, ours_s,
@@ -79,13 +88,14 @@ def main() -> None:
         result |= _limits(ours, engine, rows, args, device, dtype)
         measured = [{"measure": k, "value": v} for k, v in result.items() if isinstance(v, float)]
         print_table(measured)
+    decode = next(r for r in rows if r["phase"] == f"decode {args.decode_tokens}")
     result |= {
         "prefill_tokens": args.prompt_tokens[0],
         "prefill_tok_s": rows[0]["warmkv tok/s"],
         "transformers_prefill_tok_s": rows[0]["transformers tok/s"],
         "decode_tokens": args.decode_tokens,
-        "decode_tok_s": rows[len(args.prompt_tokens)]["warmkv tok/s"],
-        "transformers_decode_tok_s": rows[len(args.prompt_tokens)]["transformers tok/s"],
+        "decode_tok_s": decode["warmkv tok/s"],
+        "transformers_decode_tok_s": decode["transformers tok/s"],
         "rows": rows,
         "command": "python -m bench.engine " + " ".join(_argv()),
     }
@@ -125,10 +135,13 @@ def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argpa
     linear_params = (weight_bytes - 2 * embedding_bytes) / (torch.finfo(dtype).bits // 8)
     for row in rows:
         if row["phase"].startswith("prefill "):
-            n = int(row["phase"].split()[1])
-            attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * n * n / 2  # causal QK^T, PV
+            words = row["phase"].split()
+            n, cached = int(words[1]), int(words[3]) if "cached" in words else 0
+            # QK^T and PV over the cached keys and, causally, half the new ones
+            attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * n * (cached + n / 2)
             flops = 2 * linear_params * n + attention
-            out[f"prefill_{n // 1024}k_fraction_of_matmul_rate"] = flops * row["warmkv tok/s"] / n / matmul
+            name = f"prefill_{n // 1024}k" + (f"_over_{cached // 1024}k_cached" if cached else "")
+            out[f"{name}_fraction_of_matmul_rate"] = flops * row["warmkv tok/s"] / n / matmul
     for row in rows:
         if row["phase"].startswith("decode batch"):
             out[f"decode_bs{row['phase'].split()[-1]}_tok_s"] = row["warmkv tok/s"]
@@ -155,6 +168,14 @@ def _our_batch_decode(engine: LLMEngine, batch: int, tokens: int) -> None:
         engine.add_request(torch.randint(0, 32000, (32,)).tolist(), params)
     while engine.has_work:
         engine.step()
+
+
+def _chunk_over_cached(engine: LLMEngine, chunk: int, cached: int) -> Callable[[], None]:
+    """A timed step that prefills `chunk` tokens over `cached` tokens computed once beforehand."""
+    tokens = torch.randint(0, 32000, (cached + chunk,)).tolist()
+    blocks = engine.pool.allocate(-(-len(tokens) // engine.pool.block_size))
+    engine.runner.forward([ForwardItem(tokens[:cached], 0, blocks)])
+    return lambda: engine.runner.forward([ForwardItem(tokens[cached:], cached, blocks)])
 
 
 def _our_prefill(engine: LLMEngine, prompt: list[int]) -> None:

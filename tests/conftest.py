@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on the CPU: set before any kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(
     os.environ.get("WARMKV_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
 )

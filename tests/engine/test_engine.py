@@ -138,15 +138,33 @@ def test_prompt_past_context_window_is_refused(tiny_model) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_matches_eager_across_buckets(tiny_llama_folder: Path) -> None:
+def test_concurrent_decode_on_gpu_kernels_and_graphs_matches_the_cpu_reference(
+    tiny_llama_folder: Path, tiny_llama
+) -> None:
+    """Five sequences of different lengths decode together (paged-attention kernel, CUDA graphs of
+    shrinking batch buckets as they finish, a prefill chunk on top of cached blocks) and each gives the
+    tokens the CPU's PyTorch path gives it alone."""
     model = load_model(str(tiny_llama_folder), torch.device("cuda"), torch.float32)
-    prompt = list(range(500, 740))  # decoding crosses the 256-token bucket boundary
-    graphed = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False))
-    eager = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False, cuda_graphs=False))
-    assert graphed.runner.decode_graphs is not None
-    tokens = run(graphed, prompt, max_tokens=40, ignore_eos=True)[0]
-    assert tokens == run(eager, prompt, max_tokens=40, ignore_eos=True)[0]
-    assert sorted(graphed.runner.decode_graphs._graphs) == [256, 512]
+    prompts = [list(range(500, 500 + n)) for n in (3, 40, 130, 300, 17)]
+    lengths = [30, 12, 25, 40, 5]
+    cpu = engine_for(tiny_llama, prefix_cache=False)
+    want = [run(cpu, p, max_tokens=n, ignore_eos=True)[0] for p, n in zip(prompts, lengths, strict=True)]
+    for graphs in (True, False):
+        gpu = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, max_batch_tokens=64, cuda_graphs=graphs))
+        sequences = [gpu.add_request(p, SamplingParams(max_tokens=n, ignore_eos=True))
+                     for p, n in zip(prompts, lengths, strict=True)]  # fmt: skip
+        while gpu.has_work:
+            gpu.step()
+        assert [s.output_ids for s in sequences] == want
+        if graphs:
+            assert sorted(gpu.runner.decode_graphs._graphs) == [1, 2, 4, 8]
+        # the longest prompt again: its prefix comes from the cache, the rest is a chunk over cached blocks
+        again = gpu.add_request(prompts[3] + want[3][:10] + [7, 8, 9], SamplingParams(max_tokens=6))
+        while gpu.has_work:
+            gpu.step()
+        assert again.num_cached > 300
+        alone = run(cpu, prompts[3] + want[3][:10] + [7, 8, 9], max_tokens=6)[0]
+        assert again.output_ids == alone
 
 
 def test_idle_time_prefill_yields_to_a_request_at_once(tiny_model) -> None:

@@ -1,5 +1,9 @@
-"""Attention over the paged KV pool: new K/V are written to their slots, then each sequence attends
-to its whole context read back through its block table."""
+"""Attention over the paged KV pool, after this step's K/V are stored in their slots.
+
+On CUDA a Triton kernel reads every sequence's context through its block table. Elsewhere (and for a
+single fresh prompt, which needs no pool reads) PyTorch's fused attention runs per sequence on the
+context gathered out of the pool.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from warmkv.models.layers import has_kernels
+
+if has_kernels(torch.device("cuda")):
+    from warmkv.kernels import paged_attention as kernel
+    from warmkv.kernels.paged_attention import PagedBatch
+else:
+    PagedBatch = None  # type: ignore[assignment,misc]
+
 
 @dataclass(slots=True)
 class SequenceSlice:
-    """One sequence's share of a batched forward pass."""
+    """One sequence's share of a batched forward pass, for the PyTorch path."""
 
     query_start: int  # first row of this sequence in the flattened batch
     query_len: int  # new tokens computed this step
@@ -23,7 +35,8 @@ class SequenceSlice:
 @dataclass(slots=True)
 class AttentionBatch:
     slot_mapping: torch.Tensor  # [tokens]: where each new token's K/V is stored
-    sequences: list[SequenceSlice]
+    sequences: list[SequenceSlice]  # the PyTorch path's view of the batch
+    paged: PagedBatch | None = None  # the kernel's view; set on CUDA unless the batch is one fresh prompt
 
 
 def build_mask(
@@ -42,15 +55,16 @@ def build_mask(
 
 def paged_attention(
     q: torch.Tensor,  # [tokens, heads, head_dim]
-    k: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    k: torch.Tensor,  # [tokens, kv_heads, head_dim], already stored in the pool
     v: torch.Tensor,
     k_cache: torch.Tensor,  # [slots, kv_heads, head_dim] of one layer
     v_cache: torch.Tensor,
     batch: AttentionBatch,
     scale: float,
+    sliding_window: int | None,
 ) -> torch.Tensor:
-    k_cache[batch.slot_mapping] = k
-    v_cache[batch.slot_mapping] = v
+    if batch.paged is not None:
+        return kernel.paged_attention(q, k_cache, v_cache, batch.paged, scale, sliding_window)
     if len(batch.sequences) == 1 and batch.sequences[0].is_whole:
         return _attend(q, k, v, batch.sequences[0], scale)
     out = torch.empty_like(q)

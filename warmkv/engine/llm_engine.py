@@ -20,7 +20,7 @@ from warmkv.engine.config import EngineConfig
 from warmkv.engine.detokenizer import IncrementalDetokenizer
 from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem, ModelRunner
-from warmkv.engine.sampling import SamplingParams, sample
+from warmkv.engine.sampling import SamplingParams, sample_batch
 from warmkv.engine.sequence import FinishReason, Sequence
 from warmkv.errors import ContextOverflow, InvalidRequest, PoolExhausted
 from warmkv.models.loader import LoadedModel, load_model
@@ -54,11 +54,13 @@ class LLMEngine:
             model.dtype,
             model.device,
         )
-        self.runner = ModelRunner(model.module, self.pool, config.cuda_graphs)
-        self.prefix_cache = self._build_prefix_cache() if config.prefix_cache else None
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
         )
+        self.runner = ModelRunner(
+            model.module, self.pool, config.cuda_graphs, config.max_num_seqs, self.max_model_len
+        )
+        self.prefix_cache = self._build_prefix_cache() if config.prefix_cache else None
         tokenizer_eos = model.tokenizer.eos_token_id
         self.eos_token_ids = set(cfg.eos_token_ids) | (
             {tokenizer_eos} if tokenizer_eos is not None else set()
@@ -170,13 +172,15 @@ class LLMEngine:
             for seq, n in plan
         ]
         logits = self.runner.forward(items)
-        outputs = []
-        for (seq, n), seq_logits in zip(plan, logits, strict=True):
+        for seq, n in plan:
             seq.num_computed += n
             self._index_full_blocks(seq)
-            if seq.num_uncomputed == 0:
-                outputs.append(self._advance(seq, seq_logits[-1]))
-        return outputs
+        ready = [(seq, seq_logits[-1]) for (seq, _), seq_logits in zip(plan, logits, strict=True)
+                 if seq.num_uncomputed == 0 and seq.params.max_tokens > 0]  # fmt: skip
+        tokens = sample_batch([row for _, row in ready], [seq.params for seq, _ in ready],
+                              [seq.generator for seq, _ in ready])  # fmt: skip
+        sampled = {id(seq): token for (seq, _), token in zip(ready, tokens, strict=True)}
+        return [self._advance(seq, sampled.get(id(seq))) for seq, _ in plan if seq.num_uncomputed == 0]
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         queued = [*self.waiting, *self.running]
@@ -267,12 +271,11 @@ class LLMEngine:
         self.prefix_cache.insert(keys[known:], seq.block_ids[known : len(keys)])
         seq.block_hashes = keys
 
-    def _advance(self, seq: Sequence, logits: object) -> StepOutput:
+    def _advance(self, seq: Sequence, token: int | None) -> StepOutput:
         params = seq.params
-        if params.max_tokens == 0:  # prefill only: the prompt's KV is now cached
+        if token is None:  # prefill only (max_tokens 0): the prompt's KV is now cached
             self._finish(seq, FinishReason.LENGTH)
             return StepOutput(seq, "", [], finished=True)
-        token = sample(logits, params, seq.generator)  # type: ignore[arg-type]
         seq.token_ids.append(token)
         is_stop_token = token in params.stop_token_ids or (
             not params.ignore_eos and token in self.eos_token_ids

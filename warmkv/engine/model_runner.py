@@ -9,6 +9,7 @@ import torch
 from warmkv.engine.attention import AttentionBatch, SequenceSlice, build_mask
 from warmkv.engine.cuda_graphs import DecodeGraphs
 from warmkv.engine.kv_pool import KVPool
+from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM
 
 
@@ -23,47 +24,63 @@ class ForwardItem:
 
 
 class ModelRunner:
-    def __init__(self, module: LlamaForCausalLM, pool: KVPool, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        module: LlamaForCausalLM,
+        pool: KVPool,
+        cuda_graphs: bool = False,
+        max_batch: int = 1,
+        max_context: int = 1,
+    ) -> None:
         self.module = module
         self.pool = pool
         self.device = module.lm_head.weight.device
         self.sliding_window = module.config.sliding_window
+        self.kernels = has_kernels(self.device)
         self.decode_graphs = (
-            DecodeGraphs(module, pool) if cuda_graphs and self.device.type == "cuda" else None
+            DecodeGraphs(module, pool, max_batch, max_context) if cuda_graphs and self.kernels else None
         )
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
         """Float32 logits per item: [1, vocab], or [new tokens, vocab] with all_logits."""
-        if (
-            self.decode_graphs
-            and len(items) == 1
-            and len(items[0].token_ids) == 1
-            and not items[0].all_logits
-        ):
-            item = items[0]
-            return [self.decode_graphs.forward(item.token_ids[0], item.start, item.block_ids)]
+        if self.decode_graphs and self.decode_graphs.serves(items):
+            logits = self.decode_graphs.forward(
+                [i.token_ids[0] for i in items], [i.start for i in items], [i.block_ids for i in items]
+            )
+            return list(logits.split(1))
         input_ids = torch.tensor([t for item in items for t in item.token_ids], device=self.device)
         positions = torch.cat([torch.arange(i.start, i.start + len(i.token_ids)) for i in items])
-        context_slots = [self.pool.slots(i.block_ids, 0, i.start + len(i.token_ids)) for i in items]
-        batch = AttentionBatch(
-            slot_mapping=torch.cat([slots[i.start :] for slots, i in zip(context_slots, items, strict=True)]),
-            sequences=self._slices(items, context_slots),
+        hidden = self.module(
+            input_ids, positions.to(self.device), (self.pool.k, self.pool.v), self._batch(items)
         )
-        hidden = self.module(input_ids, positions.to(self.device), (self.pool.k, self.pool.v), batch)
-        rows, offset = [], 0
+        rows, sizes, offset = [], [], 0
         for item in items:
             offset += len(item.token_ids)
-            rows.append(
-                hidden[offset - len(item.token_ids) : offset]
-                if item.all_logits
-                else hidden[offset - 1 : offset]
-            )
-        return [self.module.logits(r) for r in rows]
+            first = offset - len(item.token_ids) if item.all_logits else offset - 1
+            rows.append(torch.arange(first, offset))
+            sizes.append(offset - first)
+        # one lm_head matmul for the whole batch: its weight is read once, not once per sequence
+        return list(self.module.logits(hidden[torch.cat(rows).to(self.device)]).split(sizes))
 
-    def _slices(self, items: list[ForwardItem], context_slots: list[torch.Tensor]) -> list[SequenceSlice]:
+    def _batch(self, items: list[ForwardItem]) -> AttentionBatch:
+        slot_mapping = torch.cat(
+            [self.pool.slots(i.block_ids, i.start, i.start + len(i.token_ids)) for i in items]
+        )
+        fresh_prompt = len(items) == 1 and items[0].start == 0
+        if self.kernels and not fresh_prompt:
+            from warmkv.kernels.paged_attention import plan
+
+            cfg = self.module.config
+            paged = plan([len(i.token_ids) for i in items], [i.start + len(i.token_ids) for i in items],
+                         [i.block_ids for i in items], self.pool.block_size, cfg.num_heads, cfg.num_kv_heads,
+                         self.device)  # fmt: skip
+            return AttentionBatch(slot_mapping, [], paged)
+        return AttentionBatch(slot_mapping, self._slices(items))
+
+    def _slices(self, items: list[ForwardItem]) -> list[SequenceSlice]:
         slices, offset = [], 0
-        for item, slots in zip(items, context_slots, strict=True):
+        for item in items:
             query_len, context_len = len(item.token_ids), item.start + len(item.token_ids)
             window = self.sliding_window
             needs_mask = item.start > 0 or (window is not None and context_len > window)
@@ -71,7 +88,7 @@ class ModelRunner:
                 SequenceSlice(
                     query_start=offset,
                     query_len=query_len,
-                    context_slots=slots,
+                    context_slots=self.pool.slots(item.block_ids, 0, context_len),
                     mask=build_mask(query_len, context_len, window, self.device) if needs_mask else None,
                     is_whole=item.start == 0,
                 )

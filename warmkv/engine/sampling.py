@@ -36,6 +36,23 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
+def sample_batch(
+    logits: list[torch.Tensor], params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """One token id per sequence; greedy rows are decided together, with one device-to-host copy."""
+    tokens = [0] * len(logits)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if greedy:
+        for i, token in zip(
+            greedy, torch.stack([logits[i] for i in greedy]).argmax(-1).tolist(), strict=True
+        ):
+            tokens[i] = token
+    for i, p in enumerate(params):
+        if p.temperature != 0:
+            tokens[i] = sample(logits[i], p, generators[i])
+    return tokens
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from float32 logits of shape [vocab]."""
     if params.temperature == 0:

@@ -1,18 +1,19 @@
 """The Llama family (Llama, Mistral, Qwen2, Qwen3) as one plain module.
 
-Parameter names mirror Hugging Face checkpoints, so a state dict loads as it is. The variants differ only
+Parameter names mirror Hugging Face checkpoints, except that q/k/v and gate/up are each one matmul
+(`fuse_checkpoint_weights` concatenates them on load). The variants differ only
 in flags of ModelConfig: Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm, Mistral's sliding window.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from warmkv.engine.attention import AttentionBatch, paged_attention
 from warmkv.models.config import ModelConfig
-from warmkv.models.rope import RotaryEmbedding, apply_rotary
+from warmkv.models.layers import rms_norm, rotary_and_store, silu_and_mul
+from warmkv.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -22,10 +23,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32, scale in the input dtype: the order transformers uses
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)[0]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm of x + residual, x + residual) in one pass."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -37,15 +39,17 @@ class Attention(nn.Module):
             config.head_dim,
         )
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        # q, k and v as one matmul: checkpoints' separate weights are concatenated on load
+        self.qkv_proj = nn.Linear(
+            hidden, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=config.qkv_bias
+        )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.scale = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
 
     def forward(
         self,
@@ -54,14 +58,20 @@ class Attention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        tokens, q_size, kv_size = (
+            x.shape[0],
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = rotary_and_store(q, k, v, *rotary, kv[0], kv[1], batch.slot_mapping)
+        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(tokens, -1))
 
 
@@ -69,12 +79,11 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=config.mlp_bias)  # concatenated on load
         self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -88,12 +97,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         rotary: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         batch: AttentionBatch,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, kv, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the caller adds them, fused with
+        the next norm."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, rotary, kv, batch)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -124,9 +141,24 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm, [tokens, hidden]."""
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.rotary_emb(positions, x.dtype)
+        residual = None
         for index, layer in enumerate(self.model.layers):
-            x = layer(x, rotary, (kv_cache[0][index], kv_cache[1][index]), batch)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rotary, (kv_cache[0][index], kv_cache[1][index]), batch)
+        return self.model.norm.add_and_norm(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def fuse_checkpoint_weights(weights: dict[str, torch.Tensor]) -> None:
+    """Rename a Hugging Face state dict to this module's, in place: q/k/v and gate/up become one weight
+    each (one matmul instead of three and two)."""
+    groups = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
+    for name in [n for n in weights if n.endswith(("self_attn.q_proj.weight", "mlp.gate_proj.weight"))]:
+        layer = name.rsplit(".", 3)[0]
+        for fused, parts in groups.items():
+            for kind in ("weight", "bias"):
+                names = [f"{layer}.{part}.{kind}" for part in parts]
+                if all(n in weights for n in names):
+                    weights[f"{layer}.{fused}.{kind}"] = torch.cat([weights.pop(n) for n in names])

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from warmkv.errors import ModelLoadError
 from warmkv.models.config import ModelConfig
 from warmkv.models.gguf_convert import convert_gguf
-from warmkv.models.llama import LlamaForCausalLM
+from warmkv.models.llama import LlamaForCausalLM, fuse_checkpoint_weights
 from warmkv.models.rope import inverse_frequencies
 from warmkv.paths import cache_home
 
@@ -104,6 +104,7 @@ def build_module(
     """The model with these weights, without first filling memory with a random initialisation."""
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
+    fuse_checkpoint_weights(weights)
     expected = set(module.state_dict())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")

@@ -1,5 +1,6 @@
 """Random weights in a real model's shape, with a real tokenizer: for speed measurements, where values
-do not matter. transformers initialises the weights; our module takes the same tensors, not copies."""
+do not matter. transformers initialises the weights; our module takes the same tensors (q/k/v and
+gate/up concatenated)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,90 @@
+"""The Triton paged-attention kernel against plain softmax attention over the gathered context.
+
+Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), so its
+indexing, masking and split merging are checked on CPU CI too; on a GPU the same cases run compiled.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from warmkv.kernels import paged_attention as kernel  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BLOCK_SIZE = 16
+
+
+def reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, window):
+    out, row = torch.empty_like(q), 0
+    for table, query_len, context_len in zip(tables, query_lens, context_lens, strict=True):
+        positions = torch.arange(context_len)
+        slots = torch.tensor(table)[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+        k, v = k_cache[slots.to(q.device)].float(), v_cache[slots.to(q.device)].float()
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        query = q[row : row + query_len].float()
+        scores = torch.einsum("qhd,khd->hqk", query, k) * scale
+        query_pos = torch.arange(context_len - query_len, context_len)[:, None]
+        visible = positions[None, :] <= query_pos
+        if window:
+            visible &= positions[None, :] > query_pos - window
+        scores = scores.masked_fill(~visible.to(q.device), float("-inf"))
+        out[row : row + query_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+        row += query_len
+    return out
+
+
+def run_case(query_lens, context_lens, heads, kv_heads, head_dim, window=None, splits=None, seed=0):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    num_blocks = sum(-(-c // BLOCK_SIZE) for c in context_lens) + 3
+    free = list(range(num_blocks))
+    rng.shuffle(free)  # blocks scattered through the pool, as after eviction and reuse
+    tables = [[free.pop() for _ in range(-(-c // BLOCK_SIZE))] for c in context_lens]
+    k_cache = torch.randn(num_blocks * BLOCK_SIZE, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(sum(query_lens), heads, head_dim, dtype=dtype, device=DEVICE)
+    batch = kernel.plan(query_lens, context_lens, tables, BLOCK_SIZE, heads, kv_heads, DEVICE)
+    if splits is not None:
+        batch.num_splits = splits
+    scale = head_dim**-0.5
+    got = kernel.paged_attention(q, k_cache, v_cache, batch, scale, window)
+    want = reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, window)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def test_decode_batch_of_sequences_with_different_contexts() -> None:
+    run_case([1, 1, 1], [5, 70, 33], heads=4, kv_heads=2, head_dim=16)
+
+
+def test_decode_split_along_keys_merges_to_the_same_result() -> None:
+    # 5 splits over 150 keys: some splits get one step of keys, the last an empty range
+    run_case([1, 1], [150, 17], heads=6, kv_heads=2, head_dim=32, splits=5)
+
+
+def test_prefill_chunks_on_top_of_cached_blocks_and_fresh_prompts_together() -> None:
+    # a chunk after 40 cached tokens, a fresh prompt longer than one tile, and a decode step
+    run_case([23, 90, 1], [63, 90, 12], heads=4, kv_heads=1, head_dim=16)
+
+
+def test_group_that_is_not_a_power_of_two_is_padded() -> None:
+    run_case([3, 1], [20, 9], heads=21, kv_heads=3, head_dim=16)  # 7 query heads per KV head
+
+
+def test_sliding_window_hides_keys_before_it() -> None:
+    run_case([30, 1], [100, 80], heads=4, kv_heads=2, head_dim=16, window=24)
+    run_case([1], [200], heads=4, kv_heads=2, head_dim=16, window=24, splits=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qwen_7b_shape_long_context_on_gpu() -> None:
+    run_case([1, 1, 1, 1], [4000, 31, 900, 1], heads=28, kv_heads=4, head_dim=128)
+    run_case([512, 7], [4608, 300], heads=28, kv_heads=4, head_dim=128)

@@ -1,0 +1,65 @@
+"""The decoder layer's element-wise steps: PyTorch on any device, one fused Triton kernel each on CUDA.
+
+The PyTorch versions are the reference (they round where transformers rounds); the kernels in
+warmkv.kernels.fused match them and are what CUDA runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from warmkv.kernels import fused
+except ImportError:  # no Triton (CPU-only installs): PyTorch everywhere
+    fused = None  # type: ignore[assignment]
+
+
+def has_kernels(device: torch.device) -> bool:
+    return fused is not None and device.type == "cuda"
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, residual stream): the stream is x + residual, or x when there is no residual yet."""
+    if has_kernels(x.device) and x.dim() == 2:
+        return fused.rms_norm(x, weight, eps, residual)
+    stream = x if residual is None else x + residual
+    # normalise in float32, scale in the input dtype: the order transformers uses
+    x32 = stream.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype), stream
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if has_kernels(gate_up.device):
+        return fused.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_and_store(
+    q: torch.Tensor,  # [tokens, heads, head_dim]
+    k: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    v: torch.Tensor,
+    cos: torch.Tensor,  # [tokens, head_dim]
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,  # [slots, kv_heads, head_dim] of one layer
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [tokens]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated q and k; the rotated k and v are stored in their pool slots."""
+    if has_kernels(q.device):
+        fused.rotary_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        return q, k
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    k_cache[slot_mapping] = k
+    v_cache[slot_mapping] = v
+    return q, k
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
