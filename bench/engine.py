@@ -6,6 +6,8 @@
 Prefill: one prompt of --prompt-tokens, logits of the last token only, both sides keeping the KV.
 Prefill over a cached prefix (--chunk-over-cached CHUNK CACHED): CHUNK new tokens attending to CACHED
 tokens already in the pool, as a later turn of a conversation or a chunk of a long prompt (warmkv only).
+Stalls (--stall STREAMS PROMPT CHUNK): STREAMS sequences decode while a PROMPT-token request arrives; the
+longest gap between two of their tokens, with the prompt prefilled in CHUNK-token steps and in one step.
 Decode: --decode-tokens greedy tokens after a short prompt; transformers runs its own KV cache loop.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from collections.abc import Callable
 
 import torch
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[], help="decode batch sizes to measure")
     parser.add_argument("--chunk-over-cached", type=int, nargs=2, metavar=("CHUNK", "CACHED"))
+    parser.add_argument("--stall", type=int, nargs=3, metavar=("STREAMS", "PROMPT", "CHUNK"))
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     args = parser.parse_args()
 
@@ -49,6 +53,8 @@ def main() -> None:
     dtype = config.torch_dtype(device)
     ours, theirs, name = _models(args, device, dtype)
     batch_tokens = max(args.batches, default=1) * (32 + args.decode_tokens + 16)
+    if args.stall:
+        batch_tokens = max(batch_tokens, args.stall[0] * 1200 + args.stall[1])
     chunk_tokens = sum(args.chunk_over_cached or ())
     # the cached prefix stays in the pool for the rest of the run
     config.kv_pool_tokens = max(*args.prompt_tokens, batch_tokens) + chunk_tokens + args.decode_tokens + 64
@@ -84,6 +90,10 @@ def main() -> None:
                                 args.repeats)  # fmt: skip
         rows.append(row(f"decode batch {batch}", batch * args.decode_tokens, ours_s, None))
     print_table(rows)
+    if args.stall:
+        streams, prompt_tokens, chunk = args.stall
+        result["stall"] = [_stall(engine, streams, prompt_tokens, step) for step in (chunk, prompt_tokens)]
+        print_table(result["stall"])
     if device.type == "cuda":
         result |= _limits(ours, engine, rows, args, device, dtype)
         measured = [{"measure": k, "value": v} for k, v in result.items() if isinstance(v, float)]
@@ -168,6 +178,29 @@ def _our_batch_decode(engine: LLMEngine, batch: int, tokens: int) -> None:
         engine.add_request(torch.randint(0, 32000, (32,)).tolist(), params)
     while engine.has_work:
         engine.step()
+
+
+def _stall(engine: LLMEngine, streams: int, prompt_tokens: int, prefill_step: int) -> dict:
+    """Token gaps of running streams around the arrival of a long prompt, prefilled `prefill_step` tokens
+    per step."""
+    engine.config.max_batch_tokens = prefill_step
+    params = SamplingParams(max_tokens=1000, ignore_eos=True)
+    running = [engine.add_request(torch.randint(0, 32000, (32,)).tolist(), params) for _ in range(streams)]
+    for _ in range(20):  # streams decoding, graphs captured
+        engine.step()
+    arrival = time.perf_counter()
+    prompt_ids = torch.randint(0, 32000, (prompt_tokens,)).tolist()
+    prompt = engine.add_request(prompt_ids, SamplingParams(max_tokens=1))
+    gaps, last = [], arrival
+    while prompt.finish_reason is None:
+        engine.step()
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    for seq in running:
+        engine.abort(seq)
+    return {"prefill tokens per step": prefill_step, "steps": len(gaps), "longest stream gap ms":
+            1000 * max(gaps), "prompt done after ms": 1000 * (last - arrival)}  # fmt: skip
 
 
 def _chunk_over_cached(engine: LLMEngine, chunk: int, cached: int) -> Callable[[], None]:

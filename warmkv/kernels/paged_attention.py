@@ -3,8 +3,9 @@
 One kernel serves decode, chunked prefill and prefill on top of cached blocks: a program owns a tile of
 one sequence's query tokens times the query heads that share one KV head (GQA), walks that sequence's
 keys a block of keys at a time and keeps an online softmax, so no context is ever copied out of the pool.
-A long context with few query tiles (decode) is split across programs along the keys and the partial
-results are merged by a second small kernel, so a single sequence still fills the GPU.
+A long context with few query tiles (decode, or a short turn after a long cached prefix) is split across
+programs along the keys and the partial results are merged by a second small kernel, so a single
+sequence still fills the GPU.
 """
 
 from __future__ import annotations
@@ -80,9 +81,7 @@ def plan(
     query_starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     as_int = [torch.tensor(values, dtype=torch.int32) for values in (context_lens, tile_seqs, tile_starts)]
     host = (table, as_int[0], query_starts, as_int[1], as_int[2])
-    splits = (
-        num_splits(len(tile_seqs), num_kv_heads, max(context_lens), device) if max(query_lens) == 1 else 1
-    )
+    splits = num_splits(len(tile_seqs), num_kv_heads, max(context_lens), device)
     return PagedBatch(*(t.to(device, non_blocking=True) for t in host), block_size, per_tile, splits)
 
 
