@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -186,3 +189,22 @@ def test_idle_time_prefill_yields_to_a_request_at_once(tiny_model) -> None:
     while engine.has_work:
         engine.step()
     assert again.num_cached == 32  # what the idle time computed was kept
+
+
+def test_cpu_install_without_triton_generates_the_same_tokens(tiny_model, tiny_llama_folder: Path) -> None:
+    """CPU builds of torch do not bring Triton: the engine must not need it there."""
+    script = (
+        "import sys, json, torch; sys.modules['triton'] = None\n"
+        "from warmkv.engine.config import EngineConfig\n"
+        "from warmkv.engine.llm_engine import LLMEngine\n"
+        "from warmkv.engine.sampling import SamplingParams\n"
+        "from warmkv.models.loader import load_model\n"
+        f"model = load_model({str(tiny_llama_folder)!r}, torch.device('cpu'), torch.float32)\n"
+        "engine = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False))\n"
+        f"out = list(engine.generate({PROMPT!r}, SamplingParams(max_tokens=6, ignore_eos=True)))\n"
+        "print(json.dumps(out[-1].sequence.output_ids))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    want = run(engine_for(tiny_model, prefix_cache=False), PROMPT, max_tokens=6, ignore_eos=True)[0]
+    assert json.loads(done.stdout.splitlines()[-1]) == want

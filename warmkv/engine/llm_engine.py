@@ -60,6 +60,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             model.module, self.pool, config.cuda_graphs, config.max_num_seqs, self.max_model_len
         )
+        if self.runner.kernels:
+            self.runner.warm_up()
         self.prefix_cache = self._build_prefix_cache() if config.prefix_cache else None
         tokenizer_eos = model.tokenizer.eos_token_id
         self.eos_token_ids = set(cfg.eos_token_ids) | (

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from warmkv.engine.attention import AttentionBatch, SequenceSlice, build_mask
-from warmkv.engine.cuda_graphs import DecodeGraphs
 from warmkv.engine.kv_pool import KVPool
 from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from warmkv.engine.cuda_graphs import DecodeGraphs
 
 
 @dataclass(slots=True)
@@ -37,9 +40,28 @@ class ModelRunner:
         self.device = module.lm_head.weight.device
         self.sliding_window = module.config.sliding_window
         self.kernels = has_kernels(self.device)
-        self.decode_graphs = (
-            DecodeGraphs(module, pool, max_batch, max_context) if cuda_graphs and self.kernels else None
-        )
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.kernels:
+            from warmkv.engine.cuda_graphs import DecodeGraphs  # Triton is there: kernels are
+
+            self.decode_graphs = DecodeGraphs(module, pool, max_batch, max_context)
+
+    def warm_up(self) -> None:
+        """Compile the Triton kernels and capture the batch-1 decode graph now, so that the first requests
+        do not wait for them: a fresh prompt, a chunk on top of its blocks, then decode steps."""
+        if self.pool.num_free < 2:
+            return
+        blocks = self.pool.allocate(2)
+        try:
+            tokens = list(range(self.pool.block_size + 4))
+            split = self.pool.block_size + 1
+            self.forward([ForwardItem(tokens[:split], 0, blocks)])
+            self.forward([ForwardItem(tokens[split:], split, blocks)])
+            for position in (len(tokens), len(tokens) + 1):
+                self.forward([ForwardItem([1], position, blocks)])
+        finally:
+            for block in blocks:
+                self.pool.decref(block)
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
@@ -69,7 +91,7 @@ class ModelRunner:
         )
         fresh_prompt = len(items) == 1 and items[0].start == 0
         if self.kernels and not fresh_prompt:
-            from warmkv.kernels.paged_attention import plan
+            from warmkv.kernels.paged_attention import plan  # Triton is there: kernels are
 
             cfg = self.module.config
             paged = plan([len(i.token_ids) for i in items], [i.start + len(i.token_ids) for i in items],
