@@ -25,7 +25,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context window; default: the model's
     prefix_cache: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)  # tiers below the pool
-    cuda_graphs: bool = True  # replay single-sequence decode steps as CUDA graphs (CUDA only)
+    cuda_graphs: bool = True  # replay decode steps of 1..max_num_seqs sequences as CUDA graphs (CUDA only)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
