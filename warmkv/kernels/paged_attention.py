@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-# tuned on an H100 with Qwen2.5-7B's heads (bench results in the issue note): 128 x 64 tiles reach about
-# 300 TFLOP/s for an 8k chunk over a 24k cached prefix; decode of 32 x 32k contexts reads 2.9 TB/s
+# tuned on an H100 with Qwen2.5-7B's heads (`python -m bench.attention --sweep`): 128 x 64 tiles reach
+# about 300 TFLOP/s for an 8k chunk over a 24k cached prefix; decode of 32 x 32k contexts reads 2.9 TB/s
 BLOCK_KEYS = 64  # keys per inner step, gathered slot by slot: any pool block size works
 ROWS_PER_TILE = 128  # query rows (tokens x heads of a group) per program in prefill
 MIN_ROWS = 16  # tl.dot's smallest M
@@ -92,12 +92,11 @@ def paged_attention(
     batch: PagedBatch,
     scale: float,
     sliding_window: int | None,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = group_size(num_heads, num_kv_heads)
-    out = torch.empty_like(q) if out is None else out
+    out = torch.empty_like(q)
     tiles = batch.tile_seqs.shape[0]
     splits = batch.num_splits
     if splits > 1:
