@@ -155,8 +155,8 @@ def fuse_checkpoint_weights(weights: dict[str, torch.Tensor]) -> None:
     each (one matmul instead of three and two)."""
     groups = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
-    for name in [n for n in weights if n.endswith(("self_attn.q_proj.weight", "mlp.gate_proj.weight"))]:
-        layer = name.rsplit(".", 3)[0]
+    suffix = ".self_attn.q_proj.weight"
+    for layer in [name.removesuffix(suffix) for name in weights if name.endswith(suffix)]:
         for fused, parts in groups.items():
             for kind in ("weight", "bias"):
                 names = [f"{layer}.{part}.{kind}" for part in parts]
