@@ -21,6 +21,8 @@ import triton.language as tl
 BLOCK_KEYS = 64  # keys per inner step, gathered slot by slot: any pool block size works
 ROWS_PER_TILE = 128  # query rows (tokens x heads of a group) per program in prefill
 MIN_ROWS = 16  # tl.dot's smallest M
+PROGRAMS_PER_SM = 2  # key splits aim at this many attention programs per SM
+MAX_SPLITS = 256
 PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 2}
 DECODE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
@@ -50,12 +52,12 @@ def tokens_per_tile(max_query_len: int, group: int) -> int:
 
 
 def num_splits(tiles: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Enough programs to occupy every SM twice over, but no split shorter than one step of keys."""
+    """Enough programs to occupy every SM, but no split shorter than one step of keys."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = -(-2 * sms // (tiles * num_kv_heads))
-    return max(1, min(wanted, -(-max_context // BLOCK_KEYS), 64))
+    wanted = -(-PROGRAMS_PER_SM * sms // (tiles * num_kv_heads))
+    return max(1, min(wanted, -(-max_context // BLOCK_KEYS), MAX_SPLITS))
 
 
 def plan(
@@ -126,7 +128,7 @@ def paged_attention(
             partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=triton.next_power_of_2(splits),
+            SPLITS_PAD=triton.next_power_of_2(splits), CHUNK=16,
         )  # fmt: skip
     return out
 
@@ -216,19 +218,26 @@ def _merge_kernel(
     partial_ptr, lse_ptr, out_ptr, num_splits,
     stride_p_split, stride_p_token, stride_p_head, stride_lse_split, stride_lse_token,
     stride_out_token, stride_out_head,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
     head = tl.program_id(1)
+    lse_base = lse_ptr + token * stride_lse_token + head
+    partial_base = partial_ptr + token * stride_p_token + head * stride_p_head
     splits = tl.arange(0, SPLITS_PAD)
-    split_ok = splits < num_splits
-    lse = tl.load(lse_ptr + splits * stride_lse_split + token * stride_lse_token + head, mask=split_ok,
-                  other=float("-inf"))  # fmt: skip
+    lse = tl.load(lse_base + splits * stride_lse_split, mask=splits < num_splits, other=float("-inf"))
     best = tl.max(lse, 0)
-    weights = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - best))
+    total = tl.sum(tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - best)), 0)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    offsets = splits[:, None] * stride_p_split + token * stride_p_token + head * stride_p_head + dims[None, :]
-    partial = tl.load(partial_ptr + offsets, mask=split_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
-    merged = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
+    merged = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(0, num_splits, CHUNK):  # partial outputs a chunk of splits at a time: few registers
+        chunk = start + tl.arange(0, CHUNK)
+        chunk_ok = chunk < num_splits
+        chunk_lse = tl.load(lse_base + chunk * stride_lse_split, mask=chunk_ok, other=float("-inf"))
+        weights = tl.where(chunk_lse == float("-inf"), 0.0, tl.exp2(chunk_lse - best))
+        offsets = chunk[:, None] * stride_p_split + dims[None, :]
+        mask = chunk_ok[:, None] & (dims[None, :] < HEAD_DIM)
+        merged += tl.sum(tl.load(partial_base + offsets, mask=mask, other=0.0) * weights[:, None], 0)
+    merged = merged / total
     out_offsets = token * stride_out_token + head * stride_out_head + dims
     tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
