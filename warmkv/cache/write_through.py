@@ -9,12 +9,11 @@ are skipped and counted, never waited for.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Sequence
 
 import torch
 
+from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import Tier
 from warmkv.engine.kv_pool import KVPool
 
@@ -32,17 +31,15 @@ class WriteThrough:
             if self._stream is not None
             else None
         )
-        self._queue: queue.Queue[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None] | None] = (
-            queue.Queue(maxsize=QUEUED_STEPS)
+        self._worker: BackgroundWorker[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None]] = (
+            BackgroundWorker("warmkv-write-through", self._write_steps, QUEUED_STEPS)
         )
-        self._thread = threading.Thread(target=self._loop, name="warmkv-write-through", daemon=True)
-        self._thread.start()
 
     def submit(self, keys: list[bytes], blocks: list[int]) -> None:
         writers = [t for t in self._tiers if getattr(t, "enabled", True)]
         if not keys or not writers:
             return
-        if self._queue.full():  # only this thread adds: a queue not full now has room below
+        if self._worker.full():  # only this thread adds: a queue not full now has room below
             for tier in writers:
                 tier.stats.skipped_writes += len(keys)
             return
@@ -51,24 +48,17 @@ class WriteThrough:
         if self._stream is not None:
             done = torch.cuda.Event()
             done.record()
-        self._queue.put_nowait((keys, kv, done))
+        self._worker.put((keys, kv, done))
 
     def flush(self) -> None:
-        self._queue.join()
+        self._worker.flush()
 
     def close(self) -> None:
-        self.flush()
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._worker.close()
 
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            keys, kv, done = item
-            try:
-                self._put(keys, self._to_host(kv, done))
-            finally:
-                self._queue.task_done()
-        self._queue.task_done()
+    def _write_steps(self, steps: list[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None]]) -> None:
+        for keys, kv, done in steps:
+            self._put(keys, self._to_host(kv, done))
 
     def _to_host(self, kv: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
         if self._staging is None:  # on the CPU, the gather is already a host copy

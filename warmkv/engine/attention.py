@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from warmkv.models.layers import has_kernels
+from warmkv.models.layers import TRITON
 
-if has_kernels(torch.device("cuda")):
+if TRITON:
     from warmkv.kernels import paged_attention as kernel
     from warmkv.kernels.paged_attention import PagedBatch
 else:

@@ -177,12 +177,12 @@ class LLMEngine:
         for seq, n in plan:
             seq.num_computed += n
             self._index_full_blocks(seq)
-        ready = [(seq, seq_logits[-1]) for (seq, _), seq_logits in zip(plan, logits, strict=True)
-                 if seq.num_uncomputed == 0 and seq.params.max_tokens > 0]  # fmt: skip
-        tokens = sample_batch([row for _, row in ready], [seq.params for seq, _ in ready],
-                              [seq.generator for seq, _ in ready])  # fmt: skip
-        sampled = {id(seq): token for (seq, _), token in zip(ready, tokens, strict=True)}
-        return [self._advance(seq, sampled.get(id(seq))) for seq, _ in plan if seq.num_uncomputed == 0]
+        pairs = zip(plan, logits, strict=True)
+        done = [(seq, rows[-1]) for (seq, _), rows in pairs if seq.num_uncomputed == 0]
+        sampling = [(seq, row) for seq, row in done if seq.params.max_tokens > 0]  # others only prefill
+        tokens = iter(sample_batch([row for _, row in sampling], [seq.params for seq, _ in sampling],
+                                   [seq.generator for seq, _ in sampling]))  # fmt: skip
+        return [self._advance(seq, next(tokens) if seq.params.max_tokens > 0 else None) for seq, _ in done]
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         queued = [*self.waiting, *self.running]

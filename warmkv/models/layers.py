@@ -15,8 +15,11 @@ except ImportError:  # no Triton (CPU-only installs): PyTorch everywhere
     fused = None  # type: ignore[assignment]
 
 
+TRITON = fused is not None
+
+
 def has_kernels(device: torch.device) -> bool:
-    return fused is not None and device.type == "cuda"
+    return TRITON and device.type == "cuda"
 
 
 def rms_norm(

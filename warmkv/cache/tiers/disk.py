@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import TierName, TierStats
 from warmkv.cache.tiers.codec import decode_block, encode_parts
 from warmkv.errors import CacheCorruption
@@ -58,15 +58,13 @@ class DiskTier:
         self.enabled = True
         self._files: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recently used first
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[bytes, torch.Tensor] | None] = queue.Queue(maxsize=queue_size)
         self._queued: set[bytes] = set()
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._scan()
         except OSError as err:
             self._disable(err)
-        self._writer = threading.Thread(target=self._write_loop, name="warmkv-disk-writer", daemon=True)
-        self._writer.start()
+        self._writer = BackgroundWorker("warmkv-disk-writer", self._write_queued, queue_size)
         # reading and checksumming release the GIL: a long hit loads on several cores at once
         self._local = threading.local()  # each reader thread's reusable buffer
         self._readers = ThreadPoolExecutor(
@@ -123,9 +121,7 @@ class DiskTier:
             if not self.enabled or key in self._files or key in self._queued:
                 return
             self._queued.add(key)
-        try:
-            self._queue.put((key, kv), block=wait)
-        except queue.Full:
+        if not self._writer.put((key, kv), wait):
             with self._lock:
                 self._queued.discard(key)
                 self.stats.skipped_writes += 1
@@ -142,19 +138,16 @@ class DiskTier:
 
     def flush(self) -> None:
         """Wait until every queued block is on disk."""
-        self._queue.join()
+        self._writer.flush()
 
     def close(self) -> None:
-        self.flush()
-        self._queue.put(None)
-        self._writer.join(timeout=10)
+        self._writer.close()
         self._readers.shutdown()
 
     # -- the writer thread ------------------------------------------------------------------------
 
-    def _write_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            key, kv = item
+    def _write_queued(self, batch: list[tuple[bytes, torch.Tensor]]) -> None:
+        for key, kv in batch:
             try:
                 if self.enabled:
                     self._write(key, kv)
@@ -163,8 +156,6 @@ class DiskTier:
             finally:
                 with self._lock:
                     self._queued.discard(key)
-                self._queue.task_done()
-        self._queue.task_done()
 
     def _write(self, key: bytes, kv: torch.Tensor) -> None:
         header, payload = encode_parts(self.fingerprint, key, kv)

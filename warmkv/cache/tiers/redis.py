@@ -11,14 +11,13 @@ timeout is skipped for a back-off period, with one warning: requests go on from 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import TierName, TierStats
 from warmkv.cache.tiers.codec import decode_block, encode_block
 from warmkv.errors import CacheCorruption, WarmkvError
@@ -46,9 +45,7 @@ class RedisTier:
         self.prefix = f"warmkv:{fingerprint}:"
         self.stats = TierStats()
         self._down_until = 0.0
-        self._queue: queue.Queue[tuple[bytes, torch.Tensor] | None] = queue.Queue(maxsize=queue_size)
-        self._writer = threading.Thread(target=self._write_loop, name="warmkv-redis-writer", daemon=True)
-        self._writer.start()
+        self._writer = BackgroundWorker("warmkv-redis-writer", self._write, queue_size, batch=WRITE_BATCH)
 
     @property
     def enabled(self) -> bool:
@@ -121,46 +118,20 @@ class RedisTier:
 
     def put(self, key: bytes, kv: torch.Tensor, wait: bool = False) -> None:
         """Queue a block for the writer; `kv` must not change afterwards (pass a copy)."""
-        if not self.enabled:
-            return
-        try:
-            self._queue.put((key, kv), block=wait, timeout=self._timeout_s if wait else None)
-        except queue.Full:
+        if self.enabled and not self._writer.put((key, kv), wait, self._timeout_s if wait else None):
             self.stats.skipped_writes += 1
 
     def evict(self) -> tuple[bytes, torch.Tensor] | None:
         return None  # the store evicts by TTL and its own memory limit
 
     def flush(self) -> None:
-        self._queue.join()
+        self._writer.flush()
 
     def close(self) -> None:
-        self.flush()
-        self._queue.put(None)
-        self._writer.join(timeout=10)
+        self._writer.close()
         self.client.close()
 
     # -- the writer thread ------------------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            batch = [item]
-            while len(batch) < WRITE_BATCH:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)  # stop after this batch
-                    self._queue.task_done()
-                    break
-                batch.append(more)
-            try:
-                self._write(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-        self._queue.task_done()
 
     def _write(self, batch: list[tuple[bytes, torch.Tensor]]) -> None:
         if not self.enabled:
