@@ -36,7 +36,9 @@ class PrefixIndex:
 
     def root(self, namespace: str) -> bytes:
         """Parent of a chain's first block: keys differ between models and between namespaces."""
-        return hashlib.blake2b(f"{self._fingerprint}\0{namespace}".encode(), digest_size=16).digest()
+        # surrogatepass: any str is a namespace (encoded one-to-one), so no tenant's name can fail the step
+        seed = f"{self._fingerprint}\0{namespace}".encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(seed, digest_size=16).digest()
 
     def chain(
         self, namespace: str, token_ids: Sequence[int], known: list[bytes] | None = None

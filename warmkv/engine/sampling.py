@@ -8,6 +8,9 @@ import torch
 
 from warmkv.errors import InvalidRequest
 
+# what torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer); beyond it, it raises
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -29,6 +32,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidRequest(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None or self.temperature == 0:

@@ -142,7 +142,9 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        # a check over the whole body names the field it refused in its context
+        param = (first.get("ctx") or {}).get("param") or ".".join(str(p) for p in first.get("loc", ())[1:])
+        param = param or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
 

@@ -5,11 +5,56 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from warmkv.engine.sampling import SEED_RANGE
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_utf8(cls, data: Any) -> Any:
+        # JSON may escape a lone surrogate ("\ud800"); no tokenizer, hash or log can encode it, so it is
+        # refused here, for every string field and key of every body, known or not
+        where = unencodable_text(data)
+        if where is not None:
+            raise PydanticCustomError(
+                "unencodable_text",
+                "text is not valid Unicode (it holds a lone surrogate such as \\ud800)",
+                {"param": where},
+            )
+        return data
+
+
+def unencodable_text(value: Any, path: str = "") -> str | None:
+    """Dotted path of the first string (or key) in a JSON value that cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        return None if value.isascii() or _encodes(value) else path or "body"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _encodes(key):
+                return path or "body"
+            found = unencodable_text(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = unencodable_text(item, f"{path}.{i}" if path else str(i))
+            if found is not None:
+                return found
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class FunctionCall(_Lenient):
@@ -61,7 +106,7 @@ class _Generation(_Lenient):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # beyond OpenAI, as vLLM accepts it
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
