@@ -136,7 +136,7 @@ def test_damaged_disk_block_is_detected_deleted_and_not_served(
     assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
     assert any("corrupt KV block" in r.getMessage() for r in caplog.records)
     restarted.close()  # the recomputed block was written through in place of the damaged file
-    assert victim.read_bytes() != bytes(data) and admin.verify(tmp_path).corrupt == 0
+    assert victim.read_bytes() != bytes(data) and admin.verify(tmp_path).corrupt == []
 
 
 def test_another_models_blocks_are_never_read(tiny: LoadedModel, tmp_path: Path) -> None:
@@ -228,8 +228,8 @@ def test_cache_admin_commands(tiny: LoadedModel, tmp_path: Path) -> None:
     victim = sorted(engine.prefix_cache.disk.directory.glob("*/*.kv"))[0]
     victim.write_bytes(victim.read_bytes()[:-1])
     report = admin.verify(tmp_path)
-    assert (report.checked, report.corrupt) == (3, 1) and not victim.exists()
-    assert admin.clear(tmp_path) == 2 and admin.listing(tmp_path) == []
+    assert (report.checked, [p for p, _ in report.corrupt]) == (3, [victim]) and not victim.exists()
+    assert admin.clear(tmp_path).deleted_files == 2 and admin.listing(tmp_path) == []
 
 
 @settings(max_examples=40, deadline=None)

@@ -71,5 +71,17 @@ def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) ->
     return StoredBlock(stored_key, kv)
 
 
+def stored_identity(head: bytes) -> tuple[str, bytes] | None:
+    """Fingerprint (hex) and key named by the first HEADER_SIZE bytes of a stored block, or None when they
+    are not a warmkv block header. Nothing else is checked: this tells warmkv's files from anyone else's."""
+    if len(head) < _HEADER.size or head[: len(MAGIC)] != MAGIC:
+        return None
+    fields = _HEADER.unpack_from(head)
+    return fields[8].hex(), fields[9]
+
+
+HEADER_SIZE = _HEADER.size
+
+
 def _checksum(payload: bytes | memoryview) -> int:
     return zlib.crc32(payload)
