@@ -8,8 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmkv.cache.tiers.codec import decode_block
-from warmkv.cache.tiers.disk import SUFFIX, read_file
+from warmkv.cache.tiers.base import SUFFIX
 from warmkv.errors import CacheCorruption
 
 
@@ -59,6 +58,9 @@ def clear(kv_dir: Path) -> int:
 
 def verify(kv_dir: Path) -> VerifyReport:
     """Read every block and check it; corrupt ones are deleted, as a server would on load."""
+    from warmkv.cache.tiers.codec import decode_block  # torch: only verification needs it
+    from warmkv.cache.tiers.disk import read_file
+
     report = VerifyReport()
     for model_dir in _model_dirs(kv_dir):
         for file in _files(model_dir):

@@ -30,12 +30,11 @@ from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
 from warmkv.engine.sequence import Sequence
 from warmkv.errors import (
-    ContextOverflow,
-    EngineFailure,
     InvalidRequest,
-    QueueFull,
     UnknownModel,
     WarmkvError,
+    error_body,
+    http_error,
 )
 from warmkv.server.generation import Generation, account
 from warmkv.server.metrics import ServerMetrics
@@ -43,16 +42,6 @@ from warmkv.server.protocol import ChatCompletionRequest, CompletionRequest
 from warmkv.server.request_log import RequestLog, RequestRecord
 
 log = logging.getLogger("warmkv.server")
-
-# error type -> HTTP status, OpenAI error type, code
-_ERRORS: dict[type[WarmkvError], tuple[int, str, str | None]] = {
-    ContextOverflow: (400, "invalid_request_error", "context_length_exceeded"),
-    InvalidRequest: (400, "invalid_request_error", None),
-    UnknownModel: (404, "invalid_request_error", "model_not_found"),
-    QueueFull: (429, "rate_limit_error", "rate_limit_exceeded"),
-    EngineFailure: (500, "server_error", None),
-}
-
 
 @dataclass(slots=True)
 class ServerSettings:
@@ -69,10 +58,6 @@ class ServerSettings:
 
 class ClientGone(Exception):
     """The client disconnected before its response was complete."""
-
-
-def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -134,9 +119,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(WarmkvError)
     async def _warmkv_error(_: Request, err: WarmkvError) -> JSONResponse:
-        status, kind, code = next(
-            (v for t, v in _ERRORS.items() if isinstance(err, t)), (500, "server_error", None)
-        )
+        status, kind, code = http_error(err)
         return JSONResponse(error_body(str(err), kind, code), status_code=status)
 
     @app.exception_handler(RequestValidationError)
@@ -248,7 +231,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         try:
             first = await _until_disconnect(request, generation.first())
         except BaseException as err:
-            record.status = 499 if isinstance(err, ClientGone) else _error_kind(err)[0]
+            record.status = 499 if isinstance(err, ClientGone) else http_error(err)[0]
             account(record, metrics, request_log)
             raise
         if stream:
@@ -292,11 +275,6 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             account(record, metrics, request_log)
 
     return app
-
-
-def _error_kind(err: BaseException) -> tuple[int, str, str | None]:
-    """HTTP status, OpenAI error type and code of an error (subclasses map like their base)."""
-    return next((v for t, v in _ERRORS.items() if isinstance(err, t)), (500, "server_error", None))
 
 
 class _HTTPError(Exception):
