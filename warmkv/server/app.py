@@ -37,7 +37,7 @@ from warmkv.errors import (
     http_error,
 )
 from warmkv.server.generation import Generation, account
-from warmkv.server.metrics import ServerMetrics
+from warmkv.server.metrics import ResponseCounter, ServerMetrics
 from warmkv.server.protocol import ChatCompletionRequest, CompletionRequest
 from warmkv.server.request_log import RequestLog, RequestRecord
 
@@ -71,7 +71,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
     turns = TurnMemory()
     if engine.engine.prefix_cache is not None:
-        metrics.watch_cache(engine.engine.prefix_cache.stats)
+        metrics.watch_cache(engine.engine.prefix_cache.stats, engine.engine.pool.block_size)
     request_log = RequestLog(settings.trace)
     started = int(time.time())
 
@@ -82,6 +82,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         request_log.close()
 
     app = FastAPI(title="warmkv", lifespan=lifespan)
+    app.add_middleware(ResponseCounter, metrics=metrics)
 
     async def authorized(request: Request) -> None:
         if settings.api_key is None:
