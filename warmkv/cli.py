@@ -3,153 +3,92 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
-from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
-from warmkv.chat.template import encode, render_chat
-from warmkv.engine.config import EngineConfig
-from warmkv.engine.sampling import SamplingParams
+from warmkv.config_flags import HelpFormatter, add_engine_flags, add_serve_flags
 from warmkv.errors import WarmkvError
 
-
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = EngineConfig()
-    group = parser.add_argument_group("model and engine")
-    group.add_argument(
-        "--model", help="model folder (Hugging Face layout) or .gguf file; default SmolLM2-135M-Instruct"
-    )
-    group.add_argument(
-        "--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default %(default)s)"
-    )
-    group.add_argument("--dtype", default=defaults.dtype, help="auto, float32, bfloat16 or float16")
-    group.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
-    pool = group.add_mutually_exclusive_group()
-    pool.add_argument("--kv-pool-tokens", type=int, help="KV pool size in tokens")
-    pool.add_argument(
-        "--kv-pool-gib", type=float, help="KV pool size in GiB (default 2 on CPU, 85%% of free GPU)"
-    )
-    group.add_argument(
-        "--max-batch-tokens", type=int, default=defaults.max_batch_tokens, help="tokens per step"
-    )
-    group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per batch")
-    group.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
-    group.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt in full")
-    group.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
-    tiers = parser.add_argument_group("prefix-cache tiers")
-    host = tiers.add_mutually_exclusive_group()
-    host.add_argument(
-        "--host-cache-gib", type=float, help="host RAM tier size in GiB (default 4; 0 disables)"
-    )
-    host.add_argument("--host-cache-tokens", type=int, help="host RAM tier size in tokens")
-    tiers.add_argument("--no-disk-cache", action="store_true", help="keep no KV on disk")
-    tiers.add_argument("--kv-dir", help="disk tier directory (default: kv/ in the user cache dir)")
-    disk = tiers.add_mutually_exclusive_group()
-    disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")
-    disk.add_argument("--disk-cache-tokens", type=int, help="disk tier size in tokens")
-    tiers.add_argument("--redis-url", help="shared tier of many replicas: redis://HOST:PORT/DB")
-    tiers.add_argument("--redis-cluster", action="store_true", help="--redis-url names a Redis Cluster node")
-    tiers.add_argument("--redis-ttl", type=int, default=24 * 3600, help="seconds a shared block lives")
-    tiers.add_argument(
-        "--redis-timeout", type=float, default=0.5, help="seconds before the shared tier counts as down"
-    )
-    tiers.add_argument(
-        "--kv-load",
-        choices=[p.value for p in LoadPolicy],
-        default=LoadPolicy.AUTO.value,
-        help="auto: load from host/disk only when faster than recomputing (default)",
-    )
-    rules = parser.add_argument_group("other caches' reuse rules, for side-by-side benchmarks")
-    hit = HitPolicyConfig()
-    rules.add_argument(
-        "--hit-policy",
-        choices=[p.value for p in HitPolicyName],
-        default=hit.name.value,
-        help="blocks: any cached prefix (default); checkpoints: ds4-style; units: DeepSeek-API-style",
-    )
-    rules.add_argument("--checkpoint-align", type=int, default=hit.checkpoint_align, help="tokens")
-    rules.add_argument("--checkpoint-interval", type=int, default=hit.checkpoint_interval, help="tokens")
-    rules.add_argument("--cache-unit", type=int, default=hit.unit, help="tokens per unit")
-
-
-def engine_config_from(args: argparse.Namespace) -> EngineConfig:
-    for flag in ("block_size", "max_batch_tokens", "max_num_seqs", "kv_pool_tokens", "max_model_len"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
-    for flag in ("host_cache_gib", "host_cache_tokens", "disk_cache_gib", "disk_cache_tokens", "kv_pool_gib"):
-        value = getattr(args, flag)
-        if value is not None and value < 0:
-            raise WarmkvError(f"--{flag.replace('_', '-')} must not be negative, got {value}")
-    if args.redis_ttl < 1 or args.redis_timeout <= 0:
-        raise WarmkvError("--redis-ttl and --redis-timeout must be positive")
-    for flag in ("checkpoint_align", "checkpoint_interval", "cache_unit"):
-        value = getattr(args, flag)
-        if value < args.block_size or value % args.block_size:
-            name = flag.replace("_", "-")
-            raise WarmkvError(f"--{name} must be a multiple of --block-size {args.block_size}, got {value}")
-    return EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        kv_pool_tokens=args.kv_pool_tokens,
-        kv_pool_gib=args.kv_pool_gib,
-        max_batch_tokens=args.max_batch_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        prefix_cache=not args.no_prefix_cache,
-        cuda_graphs=not args.no_cuda_graphs,
-        cache=CacheConfig(
-            host_gib=args.host_cache_gib,
-            host_tokens=args.host_cache_tokens,
-            disk=not args.no_disk_cache,
-            kv_dir=Path(args.kv_dir) if args.kv_dir else None,
-            disk_gib=args.disk_cache_gib,
-            disk_tokens=args.disk_cache_tokens,
-            load_policy=LoadPolicy(args.kv_load),
-            redis_url=args.redis_url,
-            redis_cluster=args.redis_cluster,
-            redis_ttl_s=args.redis_ttl,
-            redis_timeout_s=args.redis_timeout,
-            hit_policy=HitPolicyConfig(
-                HitPolicyName(args.hit_policy), args.checkpoint_align, args.checkpoint_interval, 64,
-                args.cache_unit,
-            ),
-        ),
-    )
+# Handlers are named, not imported: a command loads torch and the model stack only when it runs, so
+# `warmkv --help`, `warmkv router`, `warmkv report` and `warmkv cache` start at once.
+Handler = str  # "module:function"
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=256)
-    group.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=0)
-    group.add_argument("--seed", type=int)
+    group = parser.add_argument_group(
+        "sampling (unset: the model's generation_config.json, else greedy; its repetition_penalty is "
+        "reported, not applied: warmkv's sampler has none)"
+    )
+    group.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, help="0 is greedy")
+    group.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to P")
+    group.add_argument("--top-k", type=int, help="keep the K most likely tokens (0: no limit)")
+    group.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from warmkv.engine.llm_engine import LLMEngine
+    import logging
+    import time
 
+    from warmkv.chat.template import encode, render_chat
+    from warmkv.config_flags import engine_config_from
+    from warmkv.engine.llm_engine import LLMEngine
+    from warmkv.engine.sampling import SamplingParams
+    from warmkv.models.generation_config import generation_defaults
+
+    config = engine_config_from(args)
+    messages = None if args.raw and args.prompt else _messages(args)
+    # progress of conversion, calibration and warm-up, on stderr like the stats line
+    logging.basicConfig(level=logging.INFO, format="warmkv: %(message)s")
+    engine = LLMEngine.from_config(config)
+    model_defaults = generation_defaults(engine.model.folder)
     params = SamplingParams(
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
+        temperature=_given(args.temperature, model_defaults.temperature),
+        top_p=_given(args.top_p, model_defaults.top_p),
+        top_k=_given(args.top_k, model_defaults.top_k),
         seed=args.seed,
         stop=args.stop,
     )
-    engine = LLMEngine.from_config(engine_config_from(args))
+    _say(f"sampling: temperature {params.temperature:g}, top_p {params.top_p:g}, top_k {params.top_k} "
+         f"(unset flags from {model_defaults.source})")  # fmt: skip
+    if model_defaults.repetition_penalty != 1.0:
+        _say(f"the model asks for repetition_penalty {model_defaults.repetition_penalty:g}: not applied "
+             "(warmkv's sampler has no repetition penalty)")  # fmt: skip
     tokenizer = engine.model.tokenizer
-    text = args.prompt if args.raw and args.prompt else render_chat(tokenizer, _messages(args))
-    for output in engine.generate(encode(tokenizer, text), params):
+    prompt_ids = encode(tokenizer, args.prompt if messages is None else render_chat(tokenizer, messages))
+    started = time.perf_counter()
+    first_token_at = None
+    completion_tokens = 0
+    for output in engine.generate(prompt_ids, params):
+        if output.token_ids and first_token_at is None:
+            first_token_at = time.perf_counter()
+        completion_tokens += len(output.token_ids)
         sys.stdout.write(output.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    _say(_stats_line(len(prompt_ids), completion_tokens, started, first_token_at, time.perf_counter()))
+
+
+def _given(flag: float | int | None, model_default: float | int) -> float | int:
+    return model_default if flag is None else flag
+
+
+def _stats_line(prompt: int, completion: int, started: float, first: float | None, ended: float) -> str:
+    ttft = f"{first - started:.2f} s" if first is not None else "-"
+    # decode speed: tokens after the first over the time after it (the first token's time is TTFT)
+    rate = (completion - 1) / (ended - first) if first is not None and completion > 1 and ended > first else 0
+    return (f"{prompt} prompt tokens, {completion} completion tokens, TTFT {ttft}, "
+            f"{rate:.1f} tok/s decode, {ended - started:.2f} s in all")  # fmt: skip
+
+
+def _say(line: str) -> None:
+    print(f"warmkv: {line}", file=sys.stderr)
 
 
 def _messages(args: argparse.Namespace) -> list[dict]:
@@ -170,9 +109,18 @@ def _messages(args: argparse.Namespace) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="warmkv", description=__doc__)
+    from warmkv.bench.replay_flags import add_replay_flags
+    from warmkv.router.serve import add_router_flags
+
+    parser = argparse.ArgumentParser(prog="warmkv", description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="generate from a prompt or a messages file, streaming")
+
+    def command(name: str, handler: Handler, help_text: str, into: Any = commands) -> argparse.ArgumentParser:
+        sub = into.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    generate = command("generate", "warmkv.cli:_generate", "generate from a prompt or a messages file")
     generate.add_argument("prompt", nargs="?", help="the user message (or raw text with --raw)")
     generate.add_argument("--messages", help="JSON file with a list of chat messages")
     generate.add_argument("--system", help="system message to put before the prompt")
@@ -181,39 +129,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_flags(generate)
     add_sampling_flags(generate)
-    generate.set_defaults(handler=_generate)
 
-    from warmkv.server.serve import add_serve_flags, serve
+    serve = command("serve", "warmkv.server.serve:serve", "serve the OpenAI-compatible HTTP API")
+    add_engine_flags(serve)
+    add_serve_flags(serve)
 
-    serve_parser = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
-    add_engine_flags(serve_parser)
-    add_serve_flags(serve_parser)
-    serve_parser.set_defaults(handler=serve)
-
-    cache = commands.add_parser("cache", help="inspect or clean the disk KV tier; explain a request trace")
-    cache.add_argument("action", choices=["stats", "ls", "clear", "verify", "explain"])
+    cache = command("cache", "warmkv.cli:_cache", "inspect or clean the disk KV tier; explain a trace")
+    cache.add_argument("action", choices=["stats", "ls", "clear", "verify", "explain"], help="what to do")
     cache.add_argument("trace", nargs="?", help="for explain: a file written by `warmkv serve --trace`")
-    cache.add_argument("--kv-dir", help="disk tier directory (default: kv/ in the user cache dir)")
-    cache.set_defaults(handler=_cache)
+    cache.add_argument(
+        "--kv-dir", help="disk tier directory (default: kv/ in the user cache dir, or WARMKV_KV_DIR)"
+    )
 
-    report = commands.add_parser("report", help="per-turn cache report of a log written by warmkv.client")
+    report = command("report", "warmkv.cli:_report", "per-turn cache report of a warmkv.client log")
     report.add_argument("log", help="JSON-lines log written by WarmClient(log=...)")
     report.add_argument("--price-input", type=float, help="US$ per million uncached prompt tokens")
     report.add_argument("--price-cached", type=float, help="US$ per million cached prompt tokens")
-    report.set_defaults(handler=_report)
 
-    from warmkv.router.serve import add_router_flags, run_router
-
-    router = commands.add_parser("router", help="route requests to the replica holding their cached prefix")
+    router = command(
+        "router", "warmkv.router.serve:run_router", "route requests to the replica holding their prefix"
+    )
     add_router_flags(router)
-    router.set_defaults(handler=run_router)
 
-    from warmkv.bench.run_replay import add_replay_flags, run
-
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    replay = bench.add_parser("replay", help="replay agent traces; cache policies side by side vs the oracle")
+    bench = command("bench", "", "benchmarks").add_subparsers(dest="bench", required=True)
+    replay = command(
+        "replay", "warmkv.bench.run_replay:run", "replay agent traces; cache policies side by side vs the "
+        "oracle", bench,
+    )  # fmt: skip
     add_replay_flags(replay)
-    replay.set_defaults(handler=run)
     return parser
 
 
@@ -234,6 +177,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def _cache(args: argparse.Namespace) -> None:
     from warmkv.cache import admin
+    from warmkv.cache.config import default_kv_dir
 
     kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir()
     if args.action == "explain":
@@ -271,8 +215,9 @@ def _print_left_alone(foreign: list[Path], shown: int = 10) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    module, function = args.handler.split(":")
     try:
-        args.handler(args)
+        getattr(importlib.import_module(module), function)(args)
     except WarmkvError as err:
         sys.exit(f"warmkv: error: {err}")
     except KeyboardInterrupt:

@@ -1,4 +1,9 @@
-"""Errors a user can act on. Each is mapped once to an HTTP status (server) and an exit message (CLI)."""
+"""Errors a user can act on. Each is mapped once to an HTTP status (here: the server and the router answer
+with these bodies) and an exit message (CLI). Nothing here imports more than the standard library."""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class WarmkvError(Exception):
@@ -39,3 +44,23 @@ class EngineFailure(WarmkvError):
 
 class CacheCorruption(WarmkvError):
     """A stored KV unit failed verification: truncated, altered, or written by another model."""
+
+
+# error type -> HTTP status, OpenAI error type, code
+_HTTP: dict[type[WarmkvError], tuple[int, str, str | None]] = {
+    ContextOverflow: (400, "invalid_request_error", "context_length_exceeded"),
+    InvalidRequest: (400, "invalid_request_error", None),
+    UnknownModel: (404, "invalid_request_error", "model_not_found"),
+    QueueFull: (429, "rate_limit_error", "rate_limit_exceeded"),
+    EngineFailure: (500, "server_error", None),
+}
+
+
+def http_error(err: BaseException) -> tuple[int, str, str | None]:
+    """HTTP status, OpenAI error type and code of an error (subclasses map like their base)."""
+    return next((v for t, v in _HTTP.items() if isinstance(err, t)), (500, "server_error", None))
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error body."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

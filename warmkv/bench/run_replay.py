@@ -14,10 +14,10 @@ import redis
 import torch
 
 from warmkv.bench.oracle import oracle_hits
-from warmkv.bench.policies import DEFAULT_POLICIES, Capacities, Policy, policies
+from warmkv.bench.policies import Capacities, Policy, policies
 from warmkv.bench.redis_process import RedisProcess
 from warmkv.bench.replay import Cluster, replay_embedded, replay_on_url
-from warmkv.bench.results import oracle_row, plot, summarize, table, write_json
+from warmkv.bench.results import oracle_row, plot, plots_available, summarize, table, write_json
 from warmkv.bench.synthetic import SHAPES, synthetic_trace
 from warmkv.bench.trace import TraceRequest, load_trace
 from warmkv.errors import WarmkvError
@@ -25,39 +25,9 @@ from warmkv.errors import WarmkvError
 BLOCK = 16
 
 
-def add_replay_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("traces", nargs="*", help="trace files (warmkv JSON lines or OpenAI-format logs)")
-    shapes = ", ".join(SHAPES)
-    parser.add_argument("--synthetic", help=f"comma-separated synthetic shapes, or 'all': {shapes}")
-    parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--url", help="replay against this OpenAI-compatible server (…/v1) instead")
-    parser.add_argument("--api-key", default="unused")
-    parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
-    parser.add_argument(
-        "--policies",
-        default=",".join(DEFAULT_POLICIES),
-        help="comma-separated, or 'all' for the ablations too (default %(default)s)",
-    )
-    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
-    parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
-    parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: below the working set)")
-    parser.add_argument("--host-tokens", type=int, help="host tier; default: four times the pool")
-    parser.add_argument("--max-batch-tokens", type=int, default=512)
-    parser.add_argument("--max-gap", type=float, default=0.0, help="longest idle gap to honour, in seconds")
-    parser.add_argument(
-        "--replicas", type=int, default=1, help="N > 1: warmkv on N replicas, round-robin or routed, "
-        "with and without the shared tier",
-    )  # fmt: skip
-    parser.add_argument("--redis-url", help="shared tier for --replicas (default: a local redis-server)")
-    parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
-    parser.add_argument("--name", help="result file name (default: replay-<device>-<model>-<context>)")
-
-
 def run(args: argparse.Namespace) -> None:
+    if not args.no_plots and not plots_available():  # known before a replay of minutes, not after
+        raise WarmkvError("the plots need matplotlib: pip install 'warmkv[bench]', or pass --no-plots")
     requests = _requests(args)
     tokenizer, template, model, device_label = _model_and_tokenizer(args)
     prompts = [_prompt_ids(tokenizer, template, r) for r in requests]
@@ -92,10 +62,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         _run_embedded(args, model, caps, requests, oracle, add_row)
     print("\n".join(table(rows)))
-    pictures = plot(rows, stem)
-    print("wrote", json_path, *pictures)
-    if not pictures:
-        print("no plots: install matplotlib (pip install 'warmkv[bench]')")
+    print("wrote", json_path, *([] if args.no_plots else plot(rows, stem)))
 
 
 def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, requests: list[TraceRequest],

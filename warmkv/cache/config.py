@@ -31,6 +31,7 @@ class CacheConfig:
     disk_tokens: int | None = None  # ... or in tokens; neither: 20 GiB
     writer_queue: int = 1024  # blocks waiting for the disk writer before writes are skipped
     load_policy: LoadPolicy = LoadPolicy.AUTO
+    recalibrate: bool = False  # measure load-or-recompute costs again instead of reading the saved ones
     redis_url: str | None = None  # the shared tier: redis://, rediss:// or unix:// (Redis or Valkey)
     redis_cluster: bool = False
     redis_ttl_s: int = 24 * 3600  # a block not rewritten for this long expires from the shared tier

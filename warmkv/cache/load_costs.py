@@ -1,8 +1,16 @@
-"""Load or recompute: measured once at start-up, consulted for every hit below the live tier."""
+"""Load or recompute: measured once per machine, model and device (saved under the user cache dir, so a
+restart does not measure again, and a busy machine at one start does not skew every later one), consulted
+for every hit below the live tier."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import os
+import platform
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -15,8 +23,14 @@ from warmkv.cache.tiers.base import TierName
 from warmkv.cache.tiers.codec import decode_block, encode_block
 from warmkv.cache.tiers.disk import read_file
 from warmkv.engine.kv_pool import KVPool
+from warmkv.paths import cache_home
 
 log = logging.getLogger("warmkv.cache")
+
+# figures outside these are measurement accidents (a timer hiccup, a machine stalled mid-run): measured again
+PLAUSIBLE_PREFILL_TOK_S = (1.0, 1e8)
+PLAUSIBLE_BYTES_PER_S = (1e6, 1e13)
+ATTEMPTS = 3
 
 
 @dataclass(slots=True)
@@ -33,7 +47,107 @@ class LoadCosts:
         return f"prefill {self.prefill_tok_s:,.0f} tok/s; loads: {tiers}"
 
 
+def calibrated_load_costs(
+    pool: KVPool,
+    prefill: Callable[[list[int]], None],
+    host_pinned: bool | None,
+    disk_dir: Path | None,
+    model_fingerprint: str,
+    recalibrate: bool = False,
+) -> LoadCosts:
+    """The saved figures of this machine, model, device and set of tiers; measured (and saved) when there
+    are none, when they are unreadable or implausible, or when `recalibrate` asks."""
+    tiers = ([TierName.HOST] if host_pinned is not None else []) + ([TierName.DISK] if disk_dir else [])
+    path = _calibration_file(pool, model_fingerprint, host_pinned, tiers)
+    if not recalibrate:
+        saved = _read_costs(path, tiers)
+        if saved is not None:
+            log.info("load-or-recompute costs from %s (--recalibrate measures again): %s",
+                     path, saved.describe())  # fmt: skip
+            return saved
+    log.info("measuring load-or-recompute costs (once for this machine, model and device) ...")
+    costs = measure_load_costs(pool, prefill, host_pinned, disk_dir)
+    _write_costs(path, costs)
+    return costs
+
+
+def _calibration_file(
+    pool: KVPool, fingerprint: str, host_pinned: bool | None, tiers: list[TierName]
+) -> Path:
+    device = pool.k.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    machine = (socket.gethostname(), platform.machine(), os.cpu_count(), device.type, device_name)
+    key = json.dumps([machine, fingerprint, host_pinned, [t.value for t in tiers]])
+    return cache_home() / "calibration" / f"{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.json"
+
+
+def _read_costs(path: Path, tiers: list[TierName]) -> LoadCosts | None:
+    """Saved figures, validated like anything read from disk; None when absent or not usable."""
+    try:
+        raw = json.loads(path.read_text())
+        costs = LoadCosts(
+            float(raw["prefill_tok_s"]), {TierName(t): float(b) for t, b in raw["bytes_per_s"].items()}
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("ignoring unreadable load-or-recompute costs in %s: %s", path, err)
+        return None
+    if set(costs.bytes_per_s) != set(tiers) or not _plausible(costs):
+        log.warning("ignoring implausible load-or-recompute costs in %s: %s", path, costs.describe())
+        return None
+    return costs
+
+
+def _write_costs(path: Path, costs: LoadCosts) -> None:
+    bandwidths = {t.value: b for t, b in costs.bytes_per_s.items()}
+    raw = {"prefill_tok_s": costs.prefill_tok_s, "bytes_per_s": bandwidths}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(json.dumps(raw) + "\n")
+        temporary.replace(path)  # atomic: a reader never sees half a file
+    except OSError as err:
+        log.warning("load-or-recompute costs not saved to %s (%s): measured again next start", path, err)
+
+
+def _plausible(costs: LoadCosts) -> bool:
+    return _within(costs.prefill_tok_s, PLAUSIBLE_PREFILL_TOK_S) and all(
+        _within(b, PLAUSIBLE_BYTES_PER_S) for b in costs.bytes_per_s.values()
+    )
+
+
+def _within(value: float, bounds: tuple[float, float]) -> bool:
+    return math.isfinite(value) and bounds[0] <= value <= bounds[1]
+
+
+def _clipped(costs: LoadCosts) -> LoadCosts:
+    def clip(value: float, bounds: tuple[float, float]) -> float:
+        return min(max(value, bounds[0]), bounds[1]) if math.isfinite(value) else bounds[1]
+
+    return LoadCosts(
+        clip(costs.prefill_tok_s, PLAUSIBLE_PREFILL_TOK_S),
+        {t: clip(b, PLAUSIBLE_BYTES_PER_S) for t, b in costs.bytes_per_s.items()},
+    )
+
+
 def measure_load_costs(
+    pool: KVPool, prefill: Callable[[list[int]], None], host_pinned: bool | None, disk_dir: Path | None
+) -> LoadCosts:
+    """Measured until plausible (a few attempts), then clipped into the plausible range."""
+    for attempt in range(1, ATTEMPTS + 1):
+        costs = _measure_once(pool, prefill, host_pinned, disk_dir)
+        if _plausible(costs):
+            log.info("load-or-recompute costs: %s", costs.describe())
+            return costs
+        log.warning("implausible load-or-recompute costs (attempt %d of %d): %s", attempt, ATTEMPTS,
+                    costs.describe())  # fmt: skip
+    costs = _clipped(costs)
+    log.warning("load-or-recompute costs clipped to the plausible range: %s", costs.describe())
+    return costs
+
+
+def _measure_once(
     pool: KVPool, prefill: Callable[[list[int]], None], host_pinned: bool | None, disk_dir: Path | None
 ) -> LoadCosts:
     """host_pinned: None when there is no host tier; disk_dir: None when there is no disk tier."""
@@ -52,7 +166,6 @@ def measure_load_costs(
             costs.bytes_per_s[TierName.DISK] = pool.block_bytes / _disk_seconds(pool, block, source, disk_dir)
     finally:
         pool.decref(block)
-    log.info("load-or-recompute costs: %s", costs.describe())
     return costs
 
 

@@ -1,15 +1,21 @@
-"""Engine settings: one dataclass, built from CLI flags; defaults live here."""
+"""Engine settings: one dataclass, built from CLI flags; defaults live here.
+
+torch is imported only by the methods that need it: building this config (`warmkv --help`, the router)
+must stay cheap.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from warmkv.cache.config import CacheConfig
 from warmkv.errors import WarmkvError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
 @dataclass(slots=True)
@@ -28,6 +34,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode steps of 1..max_num_seqs sequences as CUDA graphs (CUDA only)
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
@@ -36,11 +44,13 @@ class EngineConfig:
         return device
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         if self.dtype not in DTYPES:
             raise WarmkvError(f"--dtype {self.dtype}: choose one of auto, {', '.join(DTYPES)}")
-        return DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
 
     def pool_bytes(self, device: torch.device) -> int | None:
         """Pool size in bytes when given in GiB or by default; None when given in tokens."""
@@ -49,5 +59,7 @@ class EngineConfig:
         if self.kv_pool_gib is not None:
             return int(self.kv_pool_gib * 2**30)
         if device.type == "cuda":
+            import torch
+
             return int(torch.cuda.mem_get_info(device)[0] * 0.85)
         return 2 * 2**30

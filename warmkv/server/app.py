@@ -30,29 +30,18 @@ from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
 from warmkv.engine.sequence import Sequence
 from warmkv.errors import (
-    ContextOverflow,
-    EngineFailure,
     InvalidRequest,
-    QueueFull,
     UnknownModel,
     WarmkvError,
+    error_body,
+    http_error,
 )
 from warmkv.server.generation import Generation, account
-from warmkv.server.metrics import ServerMetrics
+from warmkv.server.metrics import ResponseCounter, ServerMetrics
 from warmkv.server.protocol import ChatCompletionRequest, CompletionRequest
 from warmkv.server.request_log import RequestLog, RequestRecord
 
 log = logging.getLogger("warmkv.server")
-
-# error type -> HTTP status, OpenAI error type, code
-_ERRORS: dict[type[WarmkvError], tuple[int, str, str | None]] = {
-    ContextOverflow: (400, "invalid_request_error", "context_length_exceeded"),
-    InvalidRequest: (400, "invalid_request_error", None),
-    UnknownModel: (404, "invalid_request_error", "model_not_found"),
-    QueueFull: (429, "rate_limit_error", "rate_limit_exceeded"),
-    EngineFailure: (500, "server_error", None),
-}
-
 
 @dataclass(slots=True)
 class ServerSettings:
@@ -71,10 +60,6 @@ class ClientGone(Exception):
     """The client disconnected before its response was complete."""
 
 
-def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     model = engine.engine.model
     tokenizer = model.tokenizer
@@ -86,7 +71,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics()
     turns = TurnMemory()
     if engine.engine.prefix_cache is not None:
-        metrics.watch_cache(engine.engine.prefix_cache.stats)
+        metrics.watch_cache(engine.engine.prefix_cache.stats, engine.engine.pool.block_size)
     request_log = RequestLog(settings.trace)
     started = int(time.time())
 
@@ -97,6 +82,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         request_log.close()
 
     app = FastAPI(title="warmkv", lifespan=lifespan)
+    app.add_middleware(ResponseCounter, metrics=metrics)
 
     async def authorized(request: Request) -> None:
         if settings.api_key is None:
@@ -134,9 +120,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(WarmkvError)
     async def _warmkv_error(_: Request, err: WarmkvError) -> JSONResponse:
-        status, kind, code = next(
-            (v for t, v in _ERRORS.items() if isinstance(err, t)), (500, "server_error", None)
-        )
+        status, kind, code = http_error(err)
         return JSONResponse(error_body(str(err), kind, code), status_code=status)
 
     @app.exception_handler(RequestValidationError)
@@ -250,7 +234,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         try:
             first = await _until_disconnect(request, generation.first())
         except BaseException as err:
-            record.status = 499 if isinstance(err, ClientGone) else _error_kind(err)[0]
+            record.status = 499 if isinstance(err, ClientGone) else http_error(err)[0]
             account(record, metrics, request_log)
             raise
         if stream:
@@ -294,11 +278,6 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             account(record, metrics, request_log)
 
     return app
-
-
-def _error_kind(err: BaseException) -> tuple[int, str, str | None]:
-    """HTTP status, OpenAI error type and code of an error (subclasses map like their base)."""
-    return next((v for t, v in _ERRORS.items() if isinstance(err, t)), (500, "server_error", None))
 
 
 class _HTTPError(Exception):

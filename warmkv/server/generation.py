@@ -87,6 +87,7 @@ def account(record: RequestRecord, metrics: ServerMetrics, request_log: RequestL
     """Count a finished (or failed) request once, in the metrics and the log."""
     metrics.requests.labels(record.endpoint, str(record.status)).inc()
     if record.status == 200:
+        metrics.count_lookup(record.prompt_tokens, record.cache.get("tokens_by_tier", {}))
         metrics.prompt_tokens.inc(record.prompt_tokens)
         metrics.cached_tokens.inc(record.cached_tokens)
         metrics.computed_tokens.inc(record.computed_tokens)

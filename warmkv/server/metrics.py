@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: request counts, token counts by fate, latency histograms."""
+"""Prometheus metrics of one server: every response by status, request and token counts, prefix-cache hits
+and misses per tier (blocks and tokens), latency histograms. The README's "Metrics" table lists them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from warmkv.cache.tiers.base import TierName, TierStats
 
@@ -20,9 +22,7 @@ class TierCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._stats()
         gauges = {"bytes": "Bytes of KV held", "blocks": "KV blocks held"}
-        counters = {
-            "hits": "Blocks found in the tier",
-            "misses": "Blocks looked for and not found",
+        counters = {  # hits and misses are counted per request, by ServerMetrics.count_lookup
             "evictions": "Blocks evicted (demoted to the tier below, if any)",
             "skipped_writes": "Writes skipped because the writer's queue was full",
             "corrupt": "Stored blocks that failed verification and were deleted",
@@ -44,8 +44,24 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "warmkv_requests", "Requests by endpoint and status", ["endpoint", "status"], registry=r
-        )
+            "warmkv_requests", "Generation requests by endpoint and outcome status (499: client gone; "
+            "500 mid-stream included)", ["endpoint", "status"], registry=r,
+        )  # fmt: skip
+        self.responses = Counter(
+            "warmkv_http_responses", "Every HTTP response by route and status, as sent (404 and validation "
+            "400s included; unknown paths are route=\"unmatched\")", ["route", "status"], registry=r,
+        )  # fmt: skip
+        tier = ["tier"]
+        self.hit_blocks = Counter("warmkv_cache_hits", "Whole KV blocks of prompts served by the tier",
+                                  tier, registry=r)  # fmt: skip
+        self.miss_blocks = Counter("warmkv_cache_misses", "Whole KV blocks of prompts looked for in the tier "
+                                   "and not served by it", tier, registry=r)  # fmt: skip
+        self.hit_tokens = Counter("warmkv_cache_hit_tokens", "Prompt tokens served by the tier", tier,
+                                  registry=r)  # fmt: skip
+        self.miss_tokens = Counter("warmkv_cache_miss_tokens", "Prompt tokens looked for in the tier and not "
+                                   "served by it", tier, registry=r)  # fmt: skip
+        self._tiers: list[TierName] = []  # none until watch_cache: a server without a prefix cache
+        self._block_size = 1
         self.prompt_tokens = Counter("warmkv_prompt_tokens", "Prompt tokens received", registry=r)
         self.cached_tokens = Counter("warmkv_cached_tokens", "Prompt tokens whose KV was reused", registry=r)
         self.computed_tokens = Counter("warmkv_computed_tokens", "Prompt tokens computed", registry=r)
@@ -70,5 +86,44 @@ class ServerMetrics:
             registry=r,
         )
 
-    def watch_cache(self, stats: Callable[[], dict[TierName, TierStats]]) -> None:
+    def watch_cache(self, stats: Callable[[], dict[TierName, TierStats]], block_size: int) -> None:
         self.registry.register(TierCollector(stats))
+        self._block_size = block_size
+        self._tiers = list(stats())  # the lookup order: live first, then each tier below
+        for tier in self._tiers:  # present from the first scrape, at zero
+            for counter in (self.hit_blocks, self.miss_blocks, self.hit_tokens, self.miss_tokens):
+                counter.labels(tier.value)
+
+    def count_lookup(self, prompt_tokens: int, tokens_by_tier: dict[str, int]) -> None:
+        """One served prompt's lookup: each tier is asked for what the tiers above it did not serve, so a
+        token no tier held is a miss at every tier."""
+        looked_for = prompt_tokens
+        for tier in self._tiers:
+            served = min(tokens_by_tier.get(tier.value, 0), looked_for)
+            self.hit_tokens.labels(tier.value).inc(served)
+            self.miss_tokens.labels(tier.value).inc(looked_for - served)
+            size = self._block_size
+            self.hit_blocks.labels(tier.value).inc(served // size)
+            self.miss_blocks.labels(tier.value).inc(looked_for // size - served // size)
+            looked_for -= served
+
+
+class ResponseCounter:
+    """ASGI middleware counting every response by route and status as it starts (validation and routing
+    errors never reach a handler, so they are counted here)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")  # set in this same scope by the router on a match
+                path = getattr(route, "path", "unmatched")  # never the raw path: bounded label values
+                self.metrics.responses.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

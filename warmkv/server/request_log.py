@@ -46,7 +46,9 @@ class RequestRecord:
 
     @property
     def computed_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
+        # a refused request (400, 404, 429, ...) computed nothing; 499: the client left mid-way
+        refused = 400 <= self.status < 500 and self.status != 499
+        return 0 if refused else self.prompt_tokens - self.cached_tokens
 
     def line(self) -> str:
         ttft = f"{self.ttft_ms:.1f}ms" if self.ttft_ms is not None else "-"

@@ -3,40 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
-from pathlib import Path
+import socket
 
+from warmkv.config_flags import engine_config_from, settings_from
 from warmkv.errors import WarmkvError
-from warmkv.server.app import ServerSettings
-
-
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
-    group.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
-    group.add_argument("--chat-template", help="Jinja chat template file overriding the model's own")
-    group.add_argument("--tool-parser", default="hermes", help="tool-call format of the model's output")
-    group.add_argument("--max-queue", type=int, default=256, help="pending requests before answering 429")
-    group.add_argument("--trace", help="append one JSON line per request to this file")
-    group.add_argument(
-        "--no-predictive-prefill",
-        action="store_true",
-        help="do not prefill the history a client will resend after a reply with tool calls",
-    )
-    group.add_argument(
-        "--no-stable-tokens",
-        action="store_true",
-        help="tokenise each prompt's text whole, as text-keyed caches do (for comparisons)",
-    )
-    group.add_argument("--log-level", default="info")
 
 
 def serve(args: argparse.Namespace) -> None:
+    if args.max_queue < 1:
+        raise WarmkvError(f"--max-queue must be a positive number, got {args.max_queue}")
+    check_port_free(args.host, args.port)  # before a model load that can take minutes
+    config = engine_config_from(args)
+    settings = settings_from(args)
+
     import uvicorn
 
-    from warmkv.cli import engine_config_from
     from warmkv.engine.async_engine import AsyncEngine
     from warmkv.engine.llm_engine import LLMEngine
     from warmkv.server.app import create_app
@@ -44,31 +27,29 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.max_queue < 1:
-        raise WarmkvError(f"--max-queue must be a positive number, got {args.max_queue}")
-    engine = AsyncEngine(LLMEngine.from_config(engine_config_from(args)), args.max_queue)
-    app = create_app(engine, settings_from(args))
+    engine = AsyncEngine(LLMEngine.from_config(config), args.max_queue)
+    app = create_app(engine, settings)
     # uvicorn stops accepting on SIGINT/SIGTERM, lets in-flight requests finish (bounded), then the app's
     # lifespan shuts the engine down
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 
-def settings_from(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(
-        api_key=args.api_key,
-        served_model_name=args.served_model_name,
-        chat_template=_read_template(args.chat_template),
-        tool_parser=args.tool_parser,
-        predictive_prefill=not args.no_predictive_prefill,
-        stable_tokens=not args.no_stable_tokens,
-        trace=Path(args.trace) if args.trace else None,
-    )
-
-
-def _read_template(path: str | None) -> str | None:
-    if path is None:
-        return None
+def check_port_free(host: str, port: int) -> None:
+    """Bind and release the address as uvicorn will bind it (SO_REUSEADDR: a port in TIME_WAIT is free)."""
+    if not 0 <= port <= 65535:
+        raise WarmkvError(f"--port must be between 0 and 65535, got {port}")
     try:
-        return Path(path).read_text()
-    except OSError as err:
-        raise WarmkvError(f"--chat-template {path}: {err}") from err
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise WarmkvError(f"--host {host}: {err.strerror}") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise WarmkvError(
+                    f"--port {port}: {host}:{port} is already in use (another server?); choose another --port"
+                ) from err
+            raise WarmkvError(f"--host {host} --port {port}: cannot listen there: {err.strerror}") from err

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # names only: `warmkv cache stats` and the metrics read TierName without loading torch
+    import torch
+
+SUFFIX = ".kv"  # a disk-tier block file
 
 
 class TierName(str, enum.Enum):

@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 
 from warmkv.cache.background import BackgroundWorker
-from warmkv.cache.tiers.base import TierName, TierStats
+from warmkv.cache.tiers.base import SUFFIX, TierName, TierStats
 from warmkv.cache.tiers.codec import decode_block, encode_parts
 from warmkv.errors import CacheCorruption
 
 log = logging.getLogger("warmkv.cache")
 
-SUFFIX = ".kv"
 
 
 def read_file(path: Path, buffer: bytearray | None = None) -> bytearray:

@@ -1,0 +1,81 @@
+"""Load-or-recompute costs: measured once per machine, model and device, saved, and sanity-checked."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from warmkv.cache import load_costs
+from warmkv.cache.load_costs import calibrated_load_costs
+from warmkv.cache.tiers.base import TierName
+from warmkv.engine.kv_pool import KVPool
+
+
+class CountingPrefill:
+    """A stand-in for the model: each call takes `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.calls += 1
+        time.sleep(self.seconds)
+
+
+@pytest.fixture
+def pool() -> KVPool:
+    return KVPool(2, 16, 16, 2, 8, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("WARMKV_CACHE_DIR", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_second_start_reads_the_saved_costs_instead_of_measuring(pool: KVPool, tmp_path: Path) -> None:
+    first = CountingPrefill(0.002)
+    measured = calibrated_load_costs(pool, first, False, tmp_path / "kv", "model-a")
+    assert first.calls > 0 and set(measured.bytes_per_s) == {TierName.HOST, TierName.DISK}
+    again = CountingPrefill(0.002)
+    saved = calibrated_load_costs(pool, again, False, tmp_path / "kv", "model-a")
+    assert again.calls == 0 and saved == measured
+
+
+def test_recalibrate_another_model_or_other_tiers_measure_again(pool: KVPool, tmp_path: Path) -> None:
+    calibrated_load_costs(pool, CountingPrefill(0.002), False, tmp_path / "kv", "model-a")
+    for call in (
+        lambda p: calibrated_load_costs(pool, p, False, tmp_path / "kv", "model-a", recalibrate=True),
+        lambda p: calibrated_load_costs(pool, p, False, tmp_path / "kv", "model-b"),
+        lambda p: calibrated_load_costs(pool, p, None, tmp_path / "kv", "model-a"),  # no host tier
+    ):
+        prefill = CountingPrefill(0.002)
+        call(prefill)
+        assert prefill.calls > 0
+
+
+def test_damaged_or_absurd_saved_costs_are_measured_again(
+    pool: KVPool, tmp_path: Path, _own_cache_home: Path
+) -> None:
+    calibrated_load_costs(pool, CountingPrefill(0.002), None, None, "model-a")
+    (saved,) = (_own_cache_home / "calibration").glob("*.json")
+    for content in ("{not json", json.dumps({"prefill_tok_s": -5.0, "bytes_per_s": {}}),
+                    json.dumps({"prefill_tok_s": "fast", "bytes_per_s": {}})):  # fmt: skip
+        saved.write_text(content)
+        prefill = CountingPrefill(0.002)
+        costs = calibrated_load_costs(pool, prefill, None, None, "model-a")
+        assert prefill.calls > 0 and 100 < costs.prefill_tok_s < 1e6
+
+
+def test_implausible_measurement_is_retried_then_clipped(
+    pool: KVPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(load_costs, "PLAUSIBLE_PREFILL_TOK_S", (1.0, 100.0))  # so any real run is "absurd"
+    prefill = CountingPrefill(0.001)  # 128 tokens a millisecond: far above the bound
+    costs = calibrated_load_costs(pool, prefill, None, None, "model-a")
+    assert prefill.calls == load_costs.ATTEMPTS * 6  # warm-up + five timed runs, each attempt
+    assert costs.prefill_tok_s == 100.0

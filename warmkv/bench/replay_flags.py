@@ -1,0 +1,41 @@
+"""Flags of `warmkv bench replay`, apart from the benchmark itself so that `warmkv --help` stays cheap."""
+
+from __future__ import annotations
+
+import argparse
+
+from warmkv.bench.policies import DEFAULT_POLICIES
+from warmkv.bench.synthetic import SHAPES
+
+
+def add_replay_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("traces", nargs="*", help="trace files (warmkv JSON lines or OpenAI-format logs)")
+    shapes = ", ".join(SHAPES)
+    parser.add_argument("--synthetic", help=f"comma-separated synthetic shapes, or 'all': {shapes}")
+    parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces")
+    parser.add_argument("--url", help="replay against this OpenAI-compatible server (…/v1) instead")
+    parser.add_argument("--api-key", default="unused", help="API key sent with --url")
+    parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
+    parser.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help="comma-separated, or 'all' for the ablations too",
+    )
+    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
+    parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
+    parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: below the working set)")
+    parser.add_argument("--host-tokens", type=int, help="host tier; default: four times the pool")
+    parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
+    parser.add_argument("--max-gap", type=float, default=0.0, help="longest idle gap to honour, in seconds")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="N > 1: warmkv on N replicas, round-robin or routed, "
+        "with and without the shared tier",
+    )  # fmt: skip
+    parser.add_argument("--redis-url", help="shared tier for --replicas (default: a local redis-server)")
+    parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
+    parser.add_argument("--name", help="result file name (default: replay-<device>-<model>-<context>)")
