@@ -44,14 +44,15 @@ def experts_reference(
     weights: torch.Tensor,  # [tokens, top_k] in the model dtype
     expert_ids: torch.Tensor,  # [tokens, top_k]
 ) -> torch.Tensor:
-    """Each expert that was chosen runs once on its tokens; rounds where transformers rounds."""
-    out = torch.zeros_like(x)
+    """Each expert that was chosen runs once on its tokens, rounding where transformers rounds; the k
+    outputs of a token are summed in the order of its choices, as the fused kernels sum them."""
+    tokens, top_k = expert_ids.shape
+    per_choice = torch.empty(tokens, top_k, x.shape[1], dtype=x.dtype, device=x.device)
     for expert in expert_ids.unique().tolist():
-        tokens, slot = torch.where(expert_ids == expert)
-        h = silu_and_mul(F.linear(x[tokens], gate_up_proj[expert]))
-        h = F.linear(h, down_proj[expert]) * weights[tokens, slot, None]
-        out.index_add_(0, tokens, h)
-    return out
+        rows, choice = torch.where(expert_ids == expert)
+        h = silu_and_mul(F.linear(x[rows], gate_up_proj[expert]))
+        per_choice[rows, choice] = F.linear(h, down_proj[expert]) * weights[rows, choice, None]
+    return per_choice.sum(dim=1)
 
 
 def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
