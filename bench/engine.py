@@ -2,6 +2,7 @@
 
     python -m bench.engine                                    # the default model on this machine
     python -m bench.engine --shape qwen2.5-7b --device cuda   # random weights in Qwen2.5-7B's shape, bf16
+    python -m bench.engine --shape qwen3-30b-a3b --device cuda --batches 8 32 --no-transformers  # MoE
 
 Prefill: one prompt of --prompt-tokens, logits of the last token only, both sides keeping the KV.
 Prefill over a cached prefix (--chunk-over-cached CHUNK CACHED): CHUNK new tokens attending to CACHED
@@ -17,6 +18,7 @@ import argparse
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -94,10 +96,9 @@ def main() -> None:
         streams, prompt_tokens, chunk = args.stall
         result["stall"] = [_stall(engine, streams, prompt_tokens, step) for step in (chunk, prompt_tokens)]
         print_table(result["stall"])
-    if device.type == "cuda":
-        result |= _limits(ours, engine, rows, args, device, dtype)
-        measured = [{"measure": k, "value": v} for k, v in result.items() if isinstance(v, float)]
-        print_table(measured)
+    result |= _limits(ours, engine, rows, args, device, dtype)
+    measured = [{"measure": k, "value": v} for k, v in result.items() if isinstance(v, float)]
+    print_table(measured)
     decode = next(r for r in rows if r["phase"] == f"decode {args.decode_tokens}")
     result |= {
         "prefill_tokens": args.prompt_tokens[0],
@@ -129,20 +130,27 @@ def _models(
 def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argparse.Namespace,
             device: torch.device, dtype: torch.dtype) -> dict:  # fmt: skip
     """Each result beside the limit measured in this run: HBM copy bandwidth for decode, the bf16 matmul
-    rate for prefill."""
+    rate for prefill (on a CPU, with smaller probes). A mixture-of-experts step reads only the experts its
+    tokens chose."""
     bandwidth = _copy_bandwidth(device)
     matmul = _matmul_rate(device, dtype)
     cfg = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.module.parameters())
-    embedding_bytes = cfg.vocab_size * cfg.hidden_size * torch.finfo(dtype).bits // 8  # gathered, not read
+    weights = _weight_bytes(model)
     context = 32 + args.decode_tokens // 2
     kv_bytes = context * engine.pool.block_bytes // engine.pool.block_size
-    decode_limit = bandwidth / (weight_bytes - embedding_bytes + kv_bytes)
-    decode = next(r for r in rows if r["phase"].startswith("decode ") and "batch" not in r["phase"])
-    out = {"hbm_copy_bytes_per_s": bandwidth, "bf16_matmul_flop_per_s": matmul,
-           "decode_bs1_bandwidth_limit_tok_s": decode_limit,
-           "decode_bs1_fraction_of_bandwidth_limit": decode["warmkv tok/s"] / decode_limit}  # fmt: skip
-    linear_params = (weight_bytes - 2 * embedding_bytes) / (torch.finfo(dtype).bits // 8)
+    dtype_name = str(dtype).removeprefix("torch.")
+    out = {"hbm_copy_bytes_per_s": bandwidth, f"{dtype_name}_matmul_flop_per_s": matmul,
+           "weight_bytes_read_per_bs1_step": weights.read_per_step(1)}  # fmt: skip
+    for row in rows:
+        if row["phase"].startswith("decode "):
+            batch = int(row["phase"].split()[-1]) if "batch" in row["phase"] else 1
+            limit = batch * bandwidth / (weights.read_per_step(batch) + batch * kv_bytes)
+            key = f"decode_batch{batch}" if "batch" in row["phase"] else "decode_bs1"
+            out[f"{key}_tok_s"] = row["warmkv tok/s"]
+            out[f"{key}_bandwidth_limit_tok_s"] = limit
+            out[f"{key}_fraction_of_bandwidth_limit"] = row["warmkv tok/s"] / limit
+    element = torch.finfo(dtype).bits // 8
+    linear_params = weights.active_per_prefill_token / element
     for row in rows:
         if row["phase"].startswith("prefill "):
             words = row["phase"].split()
@@ -152,24 +160,56 @@ def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argpa
             flops = 2 * linear_params * n + attention
             name = f"prefill_{n // 1024}k" + (f"_over_{cached // 1024}k_cached" if cached else "")
             out[f"{name}_fraction_of_matmul_rate"] = flops * row["warmkv tok/s"] / n / matmul
-    for row in rows:
-        if row["phase"].startswith("decode batch"):
-            out[f"decode_bs{row['phase'].split()[-1]}_tok_s"] = row["warmkv tok/s"]
     return out
 
 
+@dataclass(slots=True)
+class _WeightBytes:
+    dense: int  # read by every step: attention, norms, dense MLPs (not the embedding: gathered, not read)
+    lm_head: int
+    experts: int  # all routed experts of all layers
+    num_experts: int
+    top_k: int
+
+    def read_per_step(self, batch: int) -> float:
+        """Weight bytes a decode step of `batch` tokens reads: with routing spread evenly over the experts,
+        a given expert is chosen by none of them with probability (1 - k/E)^batch."""
+        chosen = 1 - (1 - self.top_k / self.num_experts) ** batch if self.experts else 0
+        return self.dense + self.lm_head + chosen * self.experts
+
+    @property
+    def active_per_prefill_token(self) -> float:
+        """Bytes of the weights a prompt token multiplies with (logits are of the last token only)."""
+        share = self.top_k / self.num_experts if self.experts else 0
+        return self.dense + share * self.experts
+
+
+def _weight_bytes(model: LoadedModel) -> _WeightBytes:
+    total = expert_bytes = 0
+    for name, param in model.module.named_parameters():  # a tied lm_head is listed once
+        total += param.numel() * param.element_size()
+        expert_bytes += param.numel() * param.element_size() if ".mlp.experts." in name else 0
+    lm_head = model.module.lm_head.weight
+    lm_head_bytes = lm_head.numel() * lm_head.element_size()
+    embedding = 0 if model.config.tie_word_embeddings else lm_head_bytes
+    moe = model.config.moe
+    return _WeightBytes(total - expert_bytes - lm_head_bytes - embedding, lm_head_bytes, expert_bytes,
+                        moe.num_experts if moe else 1, moe.top_k if moe else 1)  # fmt: skip
+
+
 def _copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a device-to-device copy of 2 GiB."""
-    source = torch.empty(2**30, dtype=torch.int16, device=device)
+    """Bytes read + written per second by a device-to-device copy of 2 GiB (256 MiB on a CPU)."""
+    source = torch.empty(2**30 if device.type == "cuda" else 2**27, dtype=torch.int16, device=device)
     target = torch.empty_like(source)
     seconds = median_seconds(lambda: target.copy_(source), device, 10)
     return 2 * source.numel() * source.element_size() / seconds
 
 
 def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    a = torch.randn(8192, 8192, device=device, dtype=dtype)
-    b = torch.randn(8192, 8192, device=device, dtype=dtype)
-    return 2 * 8192**3 / median_seconds(lambda: a @ b, device, 10)
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / median_seconds(lambda: a @ b, device, 10)
 
 
 def _our_batch_decode(engine: LLMEngine, batch: int, tokens: int) -> None:

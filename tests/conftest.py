@@ -33,6 +33,21 @@ TINY_CONFIGS = {
     "qwen2": dict(),
     "qwen3": dict(head_dim=32),
     "mistral": dict(sliding_window=24),
+    # layer 0 routes to experts, layer 1 (mlp_only_layers) keeps a dense MLP
+    "qwen3moe": dict(
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
+    "qwen2moe": dict(
+        num_experts=8,
+        num_experts_per_tok=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+    ),
 }
 
 
@@ -61,6 +76,8 @@ def _hf_class_and_config(name: str):
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen3moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+        "qwen2moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
     }[family]
     config = config_cls(
         vocab_size=TINY_VOCAB,
@@ -83,14 +100,16 @@ def make_tiny_hf_model(name: str, seed: int = 0):
     """A transformers model with every parameter random (biases and norms included, so none is inert).
 
     Large q/k weights make attention sharp, so a wrong position, mask or rotary frequency moves the logits
-    well past the test tolerance instead of being averaged away.
+    well past the test tolerance instead of being averaged away; a large router weight makes each
+    token's choice of experts clear-cut, so rounding does not flip it.
     """
     model_cls, config = _hf_class_and_config(name)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
-            param.normal_(0.0, 0.5 if ("q_proj" in param_name or "k_proj" in param_name) else 0.08)
+            sharp = "q_proj" in param_name or "k_proj" in param_name or param_name.endswith("mlp.gate.weight")
+            param.normal_(0.0, 0.5 if sharp else 0.08)
     return model
 
 

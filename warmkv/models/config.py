@@ -13,8 +13,26 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _ARCHITECTURE_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+
+
+@dataclass(slots=True, frozen=True)
+class MoeConfig:
+    """Routed experts (and an optional shared expert) replacing the dense MLP of some layers."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    normalize_top_k: bool  # renormalise the top-k router probabilities to sum to one
+    layers: frozenset[int]  # the layers whose MLP is the expert block
+    shared_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, scaled by a sigmoid gate; 0: none
+
+    def __post_init__(self) -> None:
+        if not 0 < self.top_k <= self.num_experts:
+            raise ModelLoadError(f"num_experts_per_tok {self.top_k} is not within 1..{self.num_experts}")
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,6 +55,10 @@ class ModelConfig:
     sliding_window: int | None
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and the type's parameters
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoeConfig | None = None  # mixture-of-experts feed-forward, on the layers it names
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.layers
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -56,13 +78,14 @@ class ModelConfig:
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-                o_bias=architecture != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
+                qkv_bias=_qkv_bias_of(architecture, hf),
+                o_bias=architecture not in _QWEN2 and bool(hf.get("attention_bias", False)),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
-                qk_norm=architecture == "Qwen3ForCausalLM",
+                qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
                 sliding_window=_sliding_window_of(hf),
                 rope=_rope_of(hf),
                 eos_token_ids=_ids(hf.get("eos_token_id")),
+                moe=_moe_of(hf),
             )
         except KeyError as missing:
             raise ModelLoadError(f"config.json lacks the field {missing}") from None
@@ -78,8 +101,35 @@ def _architecture_of(hf: dict[str, Any]) -> str:
     return name
 
 
+_QWEN2 = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+
+
+def _qkv_bias_of(architecture: str, hf: dict[str, Any]) -> bool:
+    if architecture in _QWEN2:
+        return bool(hf.get("qkv_bias", True))  # Qwen2's q/k/v always have one; Qwen2-MoE's config says
+    return bool(hf.get("attention_bias", False))
+
+
+def _moe_of(hf: dict[str, Any]) -> MoeConfig | None:
+    # transformers >= 5 writes num_local_experts; the published checkpoints have num_experts
+    experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    if not experts:
+        return None
+    layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1
+    dense = set(hf.get("mlp_only_layers") or ())
+    return MoeConfig(
+        num_experts=experts,
+        top_k=hf["num_experts_per_tok"],
+        intermediate_size=hf["moe_intermediate_size"],
+        normalize_top_k=bool(hf.get("norm_topk_prob", False)),
+        layers=frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+        shared_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+    )
+
+
 def _sliding_window_of(hf: dict[str, Any]) -> int | None:
-    if hf.get("model_type") in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    qwen = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+    if hf.get("model_type") in qwen and not hf.get("use_sliding_window", False):
         return None
     if hf.get("use_sliding_window") and hf.get("max_window_layers", 0) < hf.get("num_hidden_layers", 0):
         raise UnsupportedArchitecture(

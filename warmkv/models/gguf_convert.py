@@ -21,7 +21,11 @@ GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
 }
+# llama.cpp renormalises the top-k router weights of these (its norm_w), unless the file says otherwise
+_NORMALIZED_TOP_K = {"qwen3moe"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -40,6 +44,14 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{expert}.gate_proj",  # [experts, inner, hidden]: split per expert
+    "ffn_up_exps": "mlp.experts.{expert}.up_proj",
+    "ffn_down_exps": "mlp.experts.{expert}.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -107,6 +119,8 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
         "torch_dtype": "float32",
     }
+    if _field(reader, f"{arch}.expert_count", 0):
+        config.update(_moe_config(reader, arch, tensor_names, config["num_hidden_layers"]))
     if _field(reader, f"{arch}.rope.scaling.type", "none") == "linear":
         config["rope_scaling"] = {
             "rope_type": "linear",
@@ -115,6 +129,18 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedArchitecture("GGUF with a rope_freqs tensor (llama3 rope scaling) is not supported")
     return config
+
+
+def _moe_config(reader: Any, arch: str, tensor_names: set[str], layers: int) -> dict[str, Any]:
+    return {
+        # a layer without a router keeps its dense MLP
+        "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names],
+        "num_experts": _field(reader, f"{arch}.expert_count"),
+        "num_experts_per_tok": _field(reader, f"{arch}.expert_used_count"),
+        "moe_intermediate_size": _field(reader, f"{arch}.expert_feed_forward_length"),
+        "shared_expert_intermediate_size": _field(reader, f"{arch}.expert_shared_feed_forward_length", 0),
+        "norm_topk_prob": bool(_field(reader, f"{arch}.expert_weights_norm", arch in _NORMALIZED_TOP_K)),
+    }
 
 
 def _hf_tensors(reader: Any, config: dict[str, Any], gguf: Any) -> dict[str, np.ndarray]:
@@ -126,6 +152,12 @@ def _hf_tensors(reader: Any, config: dict[str, Any], gguf: Any) -> dict[str, np.
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         weights = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         weights = weights.reshape(shape)
+        if "{expert}" in name:  # Hugging Face folders hold one tensor per expert
+            for expert, rows in enumerate(weights):
+                tensors[name.format(expert=expert)] = np.ascontiguousarray(rows)
+            continue
+        if name.endswith("shared_expert_gate.weight"):
+            weights = weights.reshape(1, -1)  # a [1, hidden] linear, however the file shapes it
         if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             weights = _unpermute(weights, config["num_attention_heads"])
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -1,8 +1,9 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3) as one plain module.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE) as one plain module.
 
 Parameter names mirror Hugging Face checkpoints, except that q/k/v and gate/up are each one matmul
-(`fuse_checkpoint_weights` concatenates them on load). The variants differ only
-in flags of ModelConfig: Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm, Mistral's sliding window.
+(`fuse_checkpoint_weights` concatenates them on load) and experts are stacked per layer. The variants
+differ only in flags of ModelConfig: Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm, Mistral's sliding
+window, the MoE models' expert block in place of the MLP on the layers ModelConfig.moe names.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 from warmkv.engine.attention import AttentionBatch, paged_attention
 from warmkv.models.config import ModelConfig
 from warmkv.models.layers import rms_norm, rotary_and_store, silu_and_mul
+from warmkv.models.moe import SparseMoeBlock, stack_expert_weights
 from warmkv.models.rope import RotaryEmbedding
 
 
@@ -87,10 +89,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoeBlock(config) if config.is_moe_layer(index) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -117,7 +119,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.rope, config.head_dim)
 
@@ -152,9 +154,12 @@ class LlamaForCausalLM(nn.Module):
 
 def fuse_checkpoint_weights(weights: dict[str, torch.Tensor]) -> None:
     """Rename a Hugging Face state dict to this module's, in place: q/k/v and gate/up become one weight
-    each (one matmul instead of three and two)."""
+    each (one matmul instead of three and two), per-expert weights one stacked tensor per layer."""
+    stack_expert_weights(weights)
     groups = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
+              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+              "mlp.shared_expert.gate_up_proj": ("mlp.shared_expert.gate_proj",
+                                                 "mlp.shared_expert.up_proj")}  # fmt: skip
     suffix = ".self_attn.q_proj.weight"
     for layer in [name.removesuffix(suffix) for name in weights if name.endswith(suffix)]:
         for fused, parts in groups.items():

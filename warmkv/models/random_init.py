@@ -20,6 +20,22 @@ SHAPES: dict[str, dict[str, Any]] = {
         intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
     ),
+    # Qwen3-30B-A3B / Qwen3-Coder-30B-A3B: 128 experts, 8 active per token (~3.3B active parameters)
+    "qwen3-30b-a3b": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    # the same architecture small enough for a CPU run: proves the benchmark's code paths work
+    "qwen3-moe-tiny": dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=49152, hidden_size=128,
+        intermediate_size=256, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
 }  # fmt: skip
 
 

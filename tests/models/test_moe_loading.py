@@ -1,0 +1,113 @@
+"""Loading mixture-of-experts models: GGUF files laid out as llama.cpp writes them, damaged folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from warmkv.engine.kv_pool import KVPool
+from warmkv.engine.model_runner import ForwardItem, ModelRunner
+from warmkv.errors import ModelLoadError
+from warmkv.models.loader import default_gguf_path, load_model
+
+from ..conftest import make_tiny_hf_model, save_tiny_model
+
+CPU = torch.device("cpu")
+GGUF_ARCH = {"qwen3moe": "qwen3moe", "qwen2moe": "qwen2moe"}
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+}  # fmt: skip
+
+
+def _gguf_tensors(hf: torch.nn.Module) -> dict[str, np.ndarray]:
+    """llama.cpp's names and layouts: experts stacked per projection, the shared gate a vector."""
+    tensors = {"token_embd.weight": hf.model.embed_tokens.weight, "output_norm.weight": hf.model.norm.weight,
+               "output.weight": hf.lm_head.weight}  # fmt: skip
+    inner = hf.config.moe_intermediate_size
+    for index, layer in enumerate(hf.model.layers):
+        for name, tensor in layer.state_dict().items():
+            module, kind = name.rsplit(".", 1)
+            if module == "mlp.experts":  # transformers stacks [experts, 2 * inner, hidden] as gate | up
+                if kind == "gate_up_proj":
+                    tensors[f"blk.{index}.ffn_gate_exps.weight"] = tensor[:, :inner]
+                    tensors[f"blk.{index}.ffn_up_exps.weight"] = tensor[:, inner:]
+                else:
+                    tensors[f"blk.{index}.ffn_down_exps.weight"] = tensor
+                continue
+            if module == "mlp.shared_expert_gate":
+                tensor = tensor[0]
+            tensors[f"blk.{index}.{_LAYER_NAMES[module]}.{kind}"] = tensor
+    return {name: np.ascontiguousarray(t.detach().numpy()) for name, t in tensors.items()}
+
+
+def write_tiny_moe_gguf(name: str, path: Path) -> torch.nn.Module:
+    import gguf
+
+    hf = make_tiny_hf_model(name)
+    cfg = hf.config
+    source = gguf.GGUFReader(default_gguf_path())
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH[name])
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", 0):
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(source.fields["tokenizer.ggml.tokens"].contents())
+    writer.add_token_types(source.fields["tokenizer.ggml.token_type"].contents())
+    writer.add_token_merges(source.fields["tokenizer.ggml.merges"].contents())
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    for gguf_name, array in _gguf_tensors(hf).items():
+        writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return hf
+
+
+@pytest.mark.parametrize("name", ["qwen3moe", pytest.param("qwen2moe", marks=pytest.mark.slow)])
+def test_moe_gguf_loads_with_matching_logits(name: str, tmp_path: Path) -> None:
+    """The tiny Qwen3-MoE has a dense layer (no router tensor in the file) and renormalised top-k (what
+    llama.cpp does for qwen3moe); the Qwen2-MoE has a shared expert whose gate the file holds as a vector."""
+    hf = write_tiny_moe_gguf(name, tmp_path / f"{name}.gguf")
+    model = load_model(str(tmp_path / f"{name}.gguf"), CPU, torch.float32)
+    assert model.config.moe is not None and model.config.moe.num_experts == 8
+    pool = KVPool(model.config.num_layers, 16, 8, model.config.num_kv_heads, model.config.head_dim,
+                  torch.float32, CPU)  # fmt: skip
+    prompt = model.tokenizer("The rivers of France flow west", add_special_tokens=False)["input_ids"]
+    (logits,) = ModelRunner(model.module, pool).forward(
+        [ForwardItem(prompt, 0, pool.allocate(-(-len(prompt) // 8)), all_logits=True)]
+    )
+    with torch.no_grad():
+        reference = hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_missing_an_expert_is_rejected(tmp_path: Path) -> None:
+    folder = save_tiny_model("qwen3moe", tmp_path / "damaged")
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["model.layers.0.mlp.experts.5.up_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mlp\.experts: .*lacks some experts"):
+        load_model(str(folder), CPU, torch.float32)

@@ -1,0 +1,146 @@
+"""Mixture-of-experts feed-forward as two grouped GEMMs over the selected experts only (Triton).
+
+A token's top-k choices are (token, expert) pairs. The pairs are sorted by expert and each expert's run
+is padded to a whole tile of rows (`align_by_expert`), so every tile of the grouped GEMM multiplies rows of
+one expert by that expert's weight: a weight is read once per tile however many tokens chose it, and an
+expert no token chose is never read. The first GEMM gathers token rows of x straight from the
+unsorted input and writes gate|up per pair; silu(gate) * up is the existing fused kernel; the second GEMM
+multiplies by the router weight on the way out; the k pairs of a token are then summed.
+
+Every shape depends only on the number of tokens (the padding is sized for the worst case, tiles past
+the real ones exit at once), and the sorting is done with device-side ops that never wait for the host,
+so CUDA graphs capture a decode step through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from warmkv.kernels.fused import silu_and_mul
+
+
+@dataclass(slots=True, frozen=True)
+class Tiles:
+    rows: int  # pairs per tile: the M of each tile's GEMM
+    cols: int  # output columns per program
+    depth: int  # reduction step
+    num_warps: int
+
+
+def tiles_for(pairs: int) -> Tiles:
+    # decode (few pairs per expert): small row tiles waste little on padding and the weight read dominates;
+    # prefill: large tiles reuse each weight tile over many rows
+    if pairs <= 64:
+        return Tiles(rows=16, cols=64, depth=128, num_warps=4)
+    if pairs <= 1024:
+        return Tiles(rows=32, cols=64, depth=64, num_warps=4)
+    return Tiles(rows=64, cols=128, depth=64, num_warps=8)
+
+
+@dataclass(slots=True)
+class ExpertAlignment:
+    """Pairs sorted by expert, each expert's run padded to a whole tile."""
+
+    sorted_pairs: torch.Tensor  # [padded] int32: pair index (token * top_k + k); `pairs` marks padding
+    tile_experts: torch.Tensor  # [tiles] int32: the expert of each tile; -1 for tiles past the last run
+
+
+def align_by_expert(expert_ids: torch.Tensor, num_experts: int, tile_rows: int) -> ExpertAlignment:
+    """Sort the pairs of expert_ids [tokens, top_k] by expert, without a host sync (graph-capturable)."""
+    flat = expert_ids.flatten()
+    pairs = flat.numel()
+    # worst case: every expert's run ends one row into a tile
+    padded = pairs + num_experts * (tile_rows - 1)
+    num_tiles = -(-padded // tile_rows)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    run_lengths = (counts + tile_rows - 1) // tile_rows * tile_rows
+    run_ends = torch.cumsum(run_lengths, 0)
+    order = torch.argsort(flat, stable=True)  # pairs of expert 0, then expert 1, ...
+    sorted_experts = flat[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts  # where each expert's pairs start in `order`
+    rank = torch.arange(pairs, device=flat.device) - first_of_expert[sorted_experts]
+    destination = run_ends[sorted_experts] - run_lengths[sorted_experts] + rank
+    sorted_pairs = torch.full((num_tiles * tile_rows,), pairs, dtype=torch.int32, device=flat.device)
+    sorted_pairs[destination] = order.to(torch.int32)
+    tile_starts = torch.arange(num_tiles, device=flat.device) * tile_rows
+    tile_experts = torch.searchsorted(run_ends, tile_starts, right=True)
+    tile_experts = torch.where(tile_experts < num_experts, tile_experts, -1).to(torch.int32)
+    return ExpertAlignment(sorted_pairs, tile_experts)
+
+
+def fused_experts(
+    x: torch.Tensor,  # [tokens, hidden]
+    gate_up_proj: torch.Tensor,  # [experts, 2 * inner, hidden]
+    down_proj: torch.Tensor,  # [experts, hidden, inner]
+    weights: torch.Tensor,  # [tokens, top_k] router weights in the model dtype
+    expert_ids: torch.Tensor,  # [tokens, top_k]
+) -> torch.Tensor:
+    """sum over k of weights[t, k] * expert[expert_ids[t, k]](x[t]): [tokens, hidden]."""
+    tokens, top_k = expert_ids.shape
+    tiles = tiles_for(tokens * top_k)
+    alignment = align_by_expert(expert_ids, gate_up_proj.shape[0], tiles.rows)
+    pairs = tokens * top_k
+    gate_up = grouped_gemm(x, gate_up_proj, alignment, pairs, top_k, tiles, None)
+    down = grouped_gemm(silu_and_mul(gate_up), down_proj, alignment, pairs, 1, tiles, weights.reshape(-1))
+    return down.view(tokens, top_k, -1).sum(dim=1)
+
+
+def grouped_gemm(
+    a: torch.Tensor,  # [rows, depth]: row `pair // pairs_per_row` feeds pair `pair`
+    b: torch.Tensor,  # [experts, cols, depth]
+    alignment: ExpertAlignment,
+    pairs: int,
+    pairs_per_row: int,
+    tiles: Tiles,
+    pair_weights: torch.Tensor | None,  # [pairs] multiplied into each output row, or None
+) -> torch.Tensor:
+    """out[pair] = a[pair // pairs_per_row] @ b[expert of pair].T (* pair_weights[pair]): [pairs, cols]."""
+    _, cols, depth = b.shape
+    out = torch.empty(pairs, cols, dtype=a.dtype, device=a.device)
+    grid = (alignment.tile_experts.numel(), triton.cdiv(cols, tiles.cols))
+    _grouped_gemm_kernel[grid](
+        a, b, out, pair_weights if pair_weights is not None else a,
+        alignment.sorted_pairs, alignment.tile_experts, pairs, cols, depth,
+        a.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        PAIRS_PER_ROW=pairs_per_row, WEIGHTED=pair_weights is not None,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay exact
+        ROWS=tiles.rows, COLS=tiles.cols, DEPTH=tiles.depth, num_warps=tiles.num_warps,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, out_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs, cols, depth,
+    stride_a, stride_b_expert, stride_b_col, stride_out,
+    PAIRS_PER_ROW: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
+    if expert < 0:  # past the last expert's run: padding of the worst case
+        return
+    pair = tl.load(sorted_pairs_ptr + tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    real = pair < pairs
+    a_rows = a_ptr + (pair // PAIRS_PER_ROW)[:, None] * stride_a
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    col_ok = col < cols
+    b_cols = b_ptr + expert * stride_b_expert + col[None, :].to(tl.int64) * stride_b_col
+    acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    for start in range(0, depth, DEPTH):
+        k = start + tl.arange(0, DEPTH)
+        k_ok = k < depth
+        a = tl.load(a_rows + k[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    dtype = out_ptr.dtype.element_ty
+    if WEIGHTED:  # round the product first, then scale by the router weight: transformers' order
+        weight = tl.load(weight_ptr + pair, mask=real, other=0.0).to(tl.float32)
+        acc = acc.to(dtype).to(tl.float32) * weight[:, None]
+    out = out_ptr + pair[:, None] * stride_out + col[None, :]
+    tl.store(out, acc.to(dtype), mask=real[:, None] & col_ok[None, :])

@@ -1,0 +1,120 @@
+"""The mixture-of-experts feed-forward block (Qwen2-MoE, Qwen3-MoE): a router picks top-k experts per
+token, each a SwiGLU MLP; their outputs are summed, weighted by the router's probabilities.
+
+Expert weights are stacked per layer as checkpoints converted by transformers hold them
+(`gate_up_proj` [experts, 2 * inner, hidden], `down_proj` [experts, hidden, inner]); per-expert
+tensors of Hugging Face folders are stacked on load (`stack_expert_weights`). On CUDA one Triton grouped
+GEMM per projection runs over the selected experts only (warmkv.kernels.fused_moe), with static shapes
+so decode graphs capture it; elsewhere a PyTorch loop over the experts that were hit is the reference.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from warmkv.errors import ModelLoadError
+from warmkv.models.config import ModelConfig, MoeConfig
+from warmkv.models.layers import TRITON, has_kernels, silu_and_mul
+
+if TRITON:
+    from warmkv.kernels.fused_moe import fused_experts
+
+
+class Experts(nn.Module):
+    def __init__(self, hidden: int, moe: MoeConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(moe.num_experts, 2 * moe.intermediate_size, hidden))
+        self.down_proj = nn.Parameter(torch.empty(moe.num_experts, hidden, moe.intermediate_size))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """sum over k of weights[t, k] * expert[expert_ids[t, k]](x[t]), [tokens, hidden]."""
+        if has_kernels(x.device):
+            return fused_experts(x, self.gate_up_proj, self.down_proj, weights, expert_ids)
+        return experts_reference(x, self.gate_up_proj, self.down_proj, weights, expert_ids)
+
+
+def experts_reference(
+    x: torch.Tensor,  # [tokens, hidden]
+    gate_up_proj: torch.Tensor,  # [experts, 2 * inner, hidden]
+    down_proj: torch.Tensor,  # [experts, hidden, inner]
+    weights: torch.Tensor,  # [tokens, top_k] in the model dtype
+    expert_ids: torch.Tensor,  # [tokens, top_k]
+) -> torch.Tensor:
+    """Each expert that was chosen runs once on its tokens, rounding where transformers rounds; the k
+    outputs of a token are summed in the order of its choices, as the fused kernels sum them."""
+    tokens, top_k = expert_ids.shape
+    per_choice = torch.empty(tokens, top_k, x.shape[1], dtype=x.dtype, device=x.device)
+    for expert in expert_ids.unique().tolist():
+        rows, choice = torch.where(expert_ids == expert)
+        h = silu_and_mul(F.linear(x[rows], gate_up_proj[expert]))
+        per_choice[rows, choice] = F.linear(h, down_proj[expert]) * weights[rows, choice, None]
+    return per_choice.sum(dim=1)
+
+
+def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights in the logits' dtype, expert ids), each [tokens, top_k]: softmax in float32, top-k,
+    optionally renormalised over the chosen k."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, expert_ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), expert_ids
+
+
+class SharedExpert(nn.Module):
+    """Qwen2-MoE's expert that sees every token, scaled per token by sigmoid(shared_expert_gate(x))."""
+
+    def __init__(self, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=False)  # concatenated on load
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        moe = config.moe
+        assert moe is not None
+        self.top_k, self.normalize = moe.top_k, moe.normalize_top_k
+        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)  # the router
+        self.experts = Experts(config.hidden_size, moe)
+        self.shared_expert: SharedExpert | None = None
+        if moe.shared_intermediate_size:
+            self.shared_expert = SharedExpert(config.hidden_size, moe.shared_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, expert_ids = route(self.gate(x), self.top_k, self.normalize)
+        out = self.experts(x, weights, expert_ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+_EXPERT_TENSOR = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def stack_expert_weights(weights: dict[str, torch.Tensor]) -> None:
+    """Per-expert tensors of a Hugging Face checkpoint (`mlp.experts.7.up_proj.weight`) become one stacked
+    tensor per layer and projection, in place; already stacked checkpoints pass through."""
+    found: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for name in [n for n in weights if _EXPERT_TENSOR.fullmatch(n)]:
+        prefix, expert, projection = _EXPERT_TENSOR.fullmatch(name).groups()  # type: ignore[union-attr]
+        found.setdefault(prefix, {}).setdefault(projection, {})[int(expert)] = weights.pop(name)
+    for prefix, projections in found.items():
+        count = max(len(by_expert) for by_expert in projections.values())
+        if len(projections) < 3 or any(sorted(e) != list(range(count)) for e in projections.values()):
+            raise ModelLoadError(f"{prefix}: the checkpoint lacks some experts' weights")
+        gate, up, down = (
+            [projections[p][e] for e in range(count)] for p in ("gate_proj", "up_proj", "down_proj")
+        )
+        pairs = zip(gate, up, strict=True)
+        weights[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in pairs])
+        weights[f"{prefix}.down_proj"] = torch.stack(down)
