@@ -79,7 +79,8 @@ def test_a_changed_prefix_is_hashed_from_where_it_differs(engine: LLMEngine, has
 
 def test_namespaces_never_share_remembered_keys(engine: LLMEngine) -> None:
     history = turn(engine, list(range(7000, 7100)), namespace="tenant a")
-    mine, theirs = engine.prefix_cache.chain("tenant a", history), engine.prefix_cache.chain("tenant b", history)
+    mine = engine.prefix_cache.chain("tenant a", history)
+    theirs = engine.prefix_cache.chain("tenant b", history)
     assert theirs == full_chain(engine, "tenant b", history)
     assert not set(mine) & set(theirs)
 
