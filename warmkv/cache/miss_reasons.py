@@ -8,7 +8,7 @@ is gone (evicted), too short to reuse (below minimum: less than a block), or che
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,31 +42,70 @@ class MissReason:
         return {**asdict(self), "kind": self.kind.value}
 
 
+@dataclass(slots=True, eq=False)  # identity: entries are removed by it
+class _Remembered:
+    token_ids: np.ndarray
+    keys: list[bytes]  # block keys of its leading whole blocks (those whose KV was computed)
+
+
 class RecentPrompts:
-    """The last few token sequences of each namespace, to compare a new prompt against."""
+    """The last few token sequences of each namespace and their block keys: a new prompt is compared with
+    them (why it missed) and chained from them (its leading blocks' keys are not hashed again).
+
+    A sequence that is a prefix of another shares no longer prefix with any prompt than the other does, so
+    only the longer is kept: a conversation growing turn by turn costs one entry, not one per turn."""
 
     def __init__(self, per_namespace: int = 64, namespaces: int = 1024) -> None:
-        self._by_namespace: OrderedDict[str, deque[np.ndarray]] = OrderedDict()
+        self._by_namespace: OrderedDict[str, list[_Remembered]] = OrderedDict()
         self._per_namespace, self._namespaces = per_namespace, namespaces
 
-    def remember(self, namespace: str, token_ids: list[int]) -> None:
-        entries = self._by_namespace.setdefault(namespace, deque(maxlen=self._per_namespace))
+    def remember(self, namespace: str, token_ids: list[int], keys: list[bytes] | None = None) -> None:
+        """`keys`: the chained block keys of token_ids' leading whole blocks, as many as are known."""
+        new = _Remembered(np.asarray(token_ids, dtype=np.int64), list(keys or []))
+        entries = self._by_namespace.setdefault(namespace, [])
         self._by_namespace.move_to_end(namespace)
-        entries.append(np.asarray(token_ids, dtype=np.int64))
+        for entry in list(entries):
+            if _starts_with(entry.token_ids, new.token_ids):  # already covered: refresh it
+                entries.remove(entry)
+                new = entry if len(entry.keys) >= len(new.keys) else _Remembered(entry.token_ids, new.keys)
+                break
+            if _starts_with(new.token_ids, entry.token_ids):  # the new one covers it
+                entries.remove(entry)
+                if len(entry.keys) > len(new.keys):
+                    new.keys = entry.keys
+        entries.append(new)
+        del entries[: -self._per_namespace]
         while len(self._by_namespace) > self._namespaces:
             self._by_namespace.popitem(last=False)
 
     def nearest(self, namespace: str, token_ids: list[int]) -> tuple[list[int], int]:
         """The remembered sequence sharing the longest prefix with token_ids, and that prefix's length."""
+        entry, common = self._nearest(namespace, token_ids)
+        return (entry.token_ids.tolist() if entry else []), common
+
+    def known_keys(self, namespace: str, token_ids: list[int], block_size: int) -> list[bytes]:
+        """Keys of token_ids' leading whole blocks that a remembered sequence shares and was keyed for."""
+        entry, common = self._nearest(namespace, token_ids)
+        return entry.keys[: common // block_size] if entry else []
+
+    def _nearest(self, namespace: str, token_ids: list[int]) -> tuple[_Remembered | None, int]:
         query = np.asarray(token_ids, dtype=np.int64)
-        best, best_common = np.zeros(0, dtype=np.int64), 0
+        best, best_common = None, 0
         for entry in reversed(self._by_namespace.get(namespace, ())):
-            length = min(len(entry), len(query))
-            differ = np.flatnonzero(entry[:length] != query[:length])
-            common = int(differ[0]) if len(differ) else length
+            common = _common_prefix(entry.token_ids, query)
             if common > best_common:
                 best, best_common = entry, common
-        return best.tolist(), best_common
+        return best, best_common
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    length = min(len(a), len(b))
+    differ = np.flatnonzero(a[:length] != b[:length])
+    return int(differ[0]) if len(differ) else length
+
+
+def _starts_with(sequence: np.ndarray, prefix: np.ndarray) -> bool:
+    return len(prefix) <= len(sequence) and _common_prefix(sequence, prefix) == len(prefix)
 
 
 def explain_miss(

@@ -93,7 +93,7 @@ class PrefixCache:
         self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
         self.policy = build_hit_policy(config.hit_policy, pool.block_size)
         self.costs: LoadCosts | None = None  # measured by the engine once the model can run
-        self.recent = RecentPrompts()  # what miss reasons compare against
+        self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
     @property
     def tiers(self) -> list[Tier]:
@@ -109,6 +109,10 @@ class PrefixCache:
     # -- the engine's side ------------------------------------------------------------------------
 
     def chain(self, namespace: str, token_ids: list[int], known: list[bytes] | None = None) -> list[bytes]:
+        """Keys of every full block of token_ids. Leading blocks' keys come from `known`, or else from the
+        recent prompt of the namespace that shares them: a new turn hashes only what it adds."""
+        if known is None:
+            known = self.recent.known_keys(namespace, token_ids, self.pool.block_size)
         return self.index.chain(namespace, token_ids, known)
 
     def lookup(self, keys: list[bytes]) -> PrefixHit:

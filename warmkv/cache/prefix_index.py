@@ -11,12 +11,17 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from warmkv.engine.kv_pool import KVPool
 
+TOKEN_BYTES = np.dtype("<u4")  # a token id as hashed: 4 bytes, little-endian (keys on disk depend on it)
 
-def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
+
+def block_hash(parent: bytes, block_tokens: bytes) -> bytes:
+    """Key of a block: its parent's key and its token ids as TOKEN_BYTES."""
     digest = hashlib.blake2b(parent, digest_size=16)
-    digest.update(b"".join(t.to_bytes(4, "little") for t in token_ids))
+    digest.update(block_tokens)
     return digest.digest()
 
 
@@ -47,8 +52,12 @@ class PrefixIndex:
         size = self._pool.block_size
         keys = list(known or [])
         parent = keys[-1] if keys else self.root(namespace)
-        for start in range(len(keys) * size, len(token_ids) - size + 1, size):
-            parent = block_hash(parent, token_ids[start : start + size])
+        first, end = len(keys) * size, len(token_ids) // size * size
+        # one conversion for all new blocks: per-token int.to_bytes costs more than the hashing
+        data = np.asarray(token_ids[first:end], dtype=TOKEN_BYTES).tobytes()
+        step = size * TOKEN_BYTES.itemsize
+        for offset in range(0, len(data), step):
+            parent = block_hash(parent, data[offset : offset + step])
             keys.append(parent)
         return keys
 

@@ -295,7 +295,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
         if self.prefix_cache is not None:
-            self.prefix_cache.recent.remember(seq.cache_namespace, seq.token_ids)
+            self.prefix_cache.recent.remember(seq.cache_namespace, seq.token_ids, seq.block_hashes)
             self.prefix_cache.record_prompt(seq.block_hashes[: seq.num_prompt_tokens // self.pool.block_size])
             # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
             # ended, and where the reply (as computed) ends
