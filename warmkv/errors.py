@@ -37,5 +37,9 @@ class EngineFailure(WarmkvError):
     """The step that served a request failed; the request is lost, the server is not."""
 
 
+class EngineStopped(EngineFailure):
+    """The engine thread died: no request can be served any more (the server reports it and exits)."""
+
+
 class CacheCorruption(WarmkvError):
     """A stored KV unit failed verification: truncated, altered, or written by another model."""

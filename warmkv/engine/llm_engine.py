@@ -2,8 +2,9 @@
 
 Scheduling, each step (priority is arrival order: the oldest sequence always makes progress):
 - every decoding sequence gets its one token first, so streams keep their cadence during long prefills;
-- prefills share the rest of `max_batch_tokens` oldest first, each capped at a share of it while others
-  wait for it (a short new prompt is not stuck behind a 30k-token cold one), then leftovers go oldest first;
+- prefills share the rest of `max_batch_tokens` oldest first, each capped at a quarter of it while others
+  contend, then what is left goes to the prefills nearest to done: a short new prompt is not stuck behind
+  a 30k-token cold one, and a prompt alone still gets the whole step;
 - a sequence that needs a block when the pool is full takes it from the newest running sequence, which is
   preempted: its whole blocks are copied to the host tier (swapped) when loading them back beats
   recomputing, and it waits at the head of the queue; on return it gets its KV back from whichever tier
@@ -353,15 +354,16 @@ class LLMEngine:
         return admitted
 
     def _share_leftover(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        """Budget no one took goes to the planned prefills, oldest first, where blocks are free for it."""
+        """Budget no one took goes to the planned prefills, nearest to done first (a short prompt gets its
+        first token in this step), where blocks are free for it."""
         leftover = self.max_batch_tokens - sum(n for _, n in plan)
-        shared = []
-        for seq, count in sorted(plan, key=lambda entry: entry[0].arrival):
-            extra = min(seq.num_uncomputed - count, leftover)
-            if count > 1 and extra > 0 and self._grow(seq, count + extra):
-                count, leftover = count + extra, leftover - extra
-            shared.append((seq, count))
-        return shared
+        counts = dict(plan)
+        for seq in sorted(counts, key=lambda s: s.num_uncomputed - counts[s]):
+            extra = min(seq.num_uncomputed - counts[seq], leftover)
+            if counts[seq] > 1 and extra > 0 and self._grow(seq, counts[seq] + extra):
+                counts[seq] += extra
+                leftover -= extra
+        return list(counts.items())
 
     def _watermark(self) -> int:
         return max(self.watermark_blocks, len(self.running)) if self.running else 0

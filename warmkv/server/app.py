@@ -32,6 +32,7 @@ from warmkv.engine.sequence import Sequence
 from warmkv.errors import (
     ContextOverflow,
     EngineFailure,
+    EngineStopped,
     InvalidRequest,
     QueueFull,
     UnknownModel,
@@ -50,6 +51,7 @@ _ERRORS: dict[type[WarmkvError], tuple[int, str, str | None]] = {
     InvalidRequest: (400, "invalid_request_error", None),
     UnknownModel: (404, "invalid_request_error", "model_not_found"),
     QueueFull: (429, "rate_limit_error", "rate_limit_exceeded"),
+    EngineStopped: (503, "server_error", "engine_stopped"),  # before its base class: first match wins
     EngineFailure: (500, "server_error", None),
 }
 
@@ -87,6 +89,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     turns = TurnMemory()
     if engine.engine.prefix_cache is not None:
         metrics.watch_cache(engine.engine.prefix_cache.stats)
+    metrics.watch_scheduler(lambda: engine.engine.stats)
     request_log = RequestLog(settings.trace)
     started = int(time.time())
 
@@ -162,8 +165,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         )
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "pending_requests": engine.num_pending}
+    async def health() -> JSONResponse:
+        if engine.failure is not None:  # the engine thread died: nothing can be served any more
+            return JSONResponse({"status": "error", "reason": engine.failure, "model": model_name}, 503)
+        return JSONResponse({"status": "ok", "model": model_name, "pending_requests": engine.num_pending})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -286,8 +291,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             record.status = 499  # client gone: leaving the iteration cancelled the request
             raise
         except WarmkvError as err:
-            record.status = 500
-            yield _sse(error_body(str(err), "server_error"))
+            record.status, kind, code = _error_kind(err)
+            yield _sse(error_body(str(err), kind, code))
         finally:
             account(record, metrics, request_log)
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from warmkv.cache.tiers.base import TierName, TierStats
+
+if TYPE_CHECKING:
+    from warmkv.engine.llm_engine import SchedulerStats
 
 
 class TierCollector(Collector):
@@ -37,6 +41,26 @@ class TierCollector(Collector):
             for tier, tier_stats in stats.items():
                 family.add_metric([tier.value], getattr(tier_stats, name))
             yield family
+
+
+class SchedulerCollector(Collector):
+    """The scheduler's counters (preemptions, swaps), read from the engine at scrape time."""
+
+    COUNTERS: ClassVar[dict[str, str]] = {
+        "preemptions": "Running sequences preempted to make room for older ones",
+        "swapped_out_bytes": "KV of preempted sequences copied to the host tier",
+        "swapped_in_bytes": "KV of resumed sequences loaded back from the host tier",
+        "recomputed_tokens": "Tokens of resumed sequences whose KV was computed a second time",
+        "failed_sequences": "Requests failed on their own while the rest of their batch went on",
+    }
+
+    def __init__(self, stats: Callable[[], SchedulerStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._stats()
+        for name, help_text in self.COUNTERS.items():
+            yield CounterMetricFamily(f"warmkv_{name}", help_text, value=getattr(stats, name))
 
 
 class ServerMetrics:
@@ -72,3 +96,6 @@ class ServerMetrics:
 
     def watch_cache(self, stats: Callable[[], dict[TierName, TierStats]]) -> None:
         self.registry.register(TierCollector(stats))
+
+    def watch_scheduler(self, stats: Callable[[], SchedulerStats]) -> None:
+        self.registry.register(SchedulerCollector(stats))
