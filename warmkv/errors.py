@@ -42,6 +42,10 @@ class EngineFailure(WarmkvError):
     """The step that served a request failed; the request is lost, the server is not."""
 
 
+class EngineStopped(EngineFailure):
+    """The engine thread died: no request can be served any more (the server reports it and exits)."""
+
+
 class CacheCorruption(WarmkvError):
     """A stored KV unit failed verification: truncated, altered, or written by another model."""
 
@@ -52,6 +56,7 @@ _HTTP: dict[type[WarmkvError], tuple[int, str, str | None]] = {
     InvalidRequest: (400, "invalid_request_error", None),
     UnknownModel: (404, "invalid_request_error", "model_not_found"),
     QueueFull: (429, "rate_limit_error", "rate_limit_exceeded"),
+    EngineStopped: (503, "server_error", "engine_stopped"),  # before its base class: first match wins
     EngineFailure: (500, "server_error", None),
 }
 

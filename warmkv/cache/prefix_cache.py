@@ -34,8 +34,9 @@ log = logging.getLogger("warmkv.cache")
 @dataclass(slots=True)
 class PrefixHit:
     blocks: list[int]  # pool blocks holding the hit, each with a reference for the caller
-    keys: list[bytes]
+    keys: list[bytes]  # prefix-index keys of the whole blocks (a partial tail block has none)
     tokens_by_tier: dict[TierName, int] = field(default_factory=dict)
+    num_tokens: int = 0  # tokens whose KV the blocks hold: the whole blocks, then a partial tail's tokens
     stopped_by: str | None = None  # why the hit ended early: "load slower than recompute", "corrupt", ...
     load_bytes: int = 0
     load_seconds: float = 0.0
@@ -106,7 +107,73 @@ class PrefixCache:
         lower = [t for t in (self.host, self.disk, self.remote) if t is not None]  # a tier that is down too
         return {TierName.LIVE: live, **{t.name: t.stats for t in lower}}
 
-    # -- the engine's side ------------------------------------------------------------------------
+    # -- the engine's side: acquire, commit, release, swap_out ----------------------------------------
+
+    def acquire(self, namespace: str, token_ids: list[int], explain: bool = False) -> PrefixHit:
+        """The longest cached prefix of `token_ids` short of its last token (whose logits start the reply),
+        as pool blocks with a reference for the caller: whole blocks from any tier, then a remembered
+        partial tail. With `explain`, the remembered prompt nearest to this one rides along for miss
+        reasons."""
+        hit = self.lookup(self.chain(namespace, token_ids[: len(token_ids) - 1]))
+        hit.num_tokens = len(hit.blocks) * self.pool.block_size
+        try:
+            tail = self.continue_hit(namespace, hit, token_ids[hit.num_tokens : len(token_ids) - 1])
+        except BaseException:
+            self._give_back(hit.blocks)
+            raise
+        if tail is not None:
+            hit.blocks.append(tail[0])
+            hit.num_tokens += tail[1]
+        if explain:
+            hit.nearest = self.recent.nearest(namespace, token_ids)
+        return hit
+
+    def commit(
+        self, namespace: str, token_ids: list[int], keys: list[bytes], blocks: list[int]
+    ) -> list[bytes]:
+        """A sequence's KV now covers `token_ids`: index its newly completed blocks (and write them through
+        in the background). Returns the keys of all its whole blocks; `keys` are those already indexed."""
+        if len(token_ids) // self.pool.block_size == len(keys):
+            return keys  # most decode steps: no block completed
+        known = len(keys)
+        keys = self.chain(namespace, token_ids, keys)
+        self.insert(keys[known:], blocks[known : len(keys)])
+        return keys
+
+    def release(self, namespace: str, token_ids: list[int], keys: list[bytes], blocks: list[int],
+                anchors: tuple[int, ...] = ()) -> None:  # fmt: skip
+        """A sequence gives its blocks back (finished or preempted). What it computed stays cached: whole
+        blocks in the index, and the partial block at each anchor (token offset within `token_ids`)."""
+        self.remember_tails(namespace, keys, token_ids, blocks, anchors)
+        self._give_back(blocks)
+        self.touch(keys)
+
+    def finish(self, namespace: str, token_ids: list[int], keys: list[bytes], prompt_tokens: int) -> None:
+        """A request ended: remember its tokens (and the keys of its whole blocks: the next turn chains on
+        from them) for miss reasons, and its prompt's blocks for the hit policy."""
+        self.recent.remember(namespace, token_ids, keys)
+        self.record_prompt(keys[: prompt_tokens // self.pool.block_size])
+
+    def swap_out(self, keys: list[bytes], blocks: list[int]) -> int:
+        """A preempted sequence's whole blocks that nothing else holds, copied to the host tier now, so that
+        it resumes by loading them rather than recomputing them; returns the bytes copied. Nothing when
+        there is no host tier or loading from it is slower than recomputing. The blocks stay indexed in
+        the pool until their space is needed (a resume before that finds them live)."""
+        if self.host is None or not self._worth_loading(TierName.HOST):
+            return 0
+        # held by this sequence and the index only: other holders keep the block live anyway
+        alone = [(k, b) for k, b in zip(keys, blocks, strict=False)
+                 if not self.host.contains(k) and self.pool.ref_counts[b] <= 2]  # fmt: skip
+        if not alone:
+            return 0
+        kv = self.pool.read_blocks([b for _, b in alone])
+        for (key, _), block_kv in zip(alone, kv, strict=True):
+            self._keep_on_host(key, block_kv)
+        return len(alone) * self.pool.block_bytes
+
+    def _give_back(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self.pool.decref(block)
 
     def chain(self, namespace: str, token_ids: list[int], known: list[bytes] | None = None) -> list[bytes]:
         """Keys of every full block of token_ids. Leading blocks' keys come from `known`, or else from the
@@ -171,23 +238,22 @@ class PrefixCache:
         try:
             # allocation first: evictions it causes may demote into the very tiers read below
             targets = self.pool.allocate(len(plan))
-        except PoolExhausted:
+        except PoolExhausted:  # as many as the pool holds (the failed try freed all it could)
             hit.stopped_by = "KV pool full"
-            return hit
-        # every block goes straight to a device staging buffer (from the pinned slab: asynchronously);
-        # the layout change to the pool's happens on the device
-        staging = torch.empty(
-            (len(plan), *self.pool.block_shape), dtype=self.pool.k.dtype, device=self.pool.k.device
-        )
-        read = self._read_bulk(plan, staging)
-        loaded = 0
-        for key, tier in plan:
-            readable = read[key] if key in read else self._copy_from(tier, key, staging[loaded])
-            if not readable:
-                hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
-                break
-            loaded += 1
-            hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
+            plan = plan[: self.pool.num_free]
+            targets = self.pool.allocate(len(plan))
+            if not plan:
+                return hit
+        try:
+            # every block goes straight to a device staging buffer (from the pinned slab: asynchronously);
+            # the layout change to the pool's happens on the device
+            staging = torch.empty(
+                (len(plan), *self.pool.block_shape), dtype=self.pool.k.dtype, device=self.pool.k.device
+            )
+            loaded = self._read_plan(plan, staging, hit)
+        except BaseException:  # the failure is the caller's request's: the pool keeps its blocks
+            self._give_back(targets + hit.blocks)
+            raise
         for unused in targets[loaded:]:
             self.pool.decref(unused)
         if not loaded:
@@ -204,6 +270,19 @@ class PrefixCache:
         log.info("loaded %.1f MB of KV into the pool at %.2f GB/s (%s)", hit.load_bytes / 1e6,
                  hit.load_bytes / max(hit.load_seconds, 1e-9) / 1e9, hit.source)  # fmt: skip
         return hit
+
+    def _read_plan(self, plan: list[tuple[bytes, Tier]], staging: torch.Tensor, hit: PrefixHit) -> int:
+        """Read the planned blocks into `staging` up to the first unreadable one; how many were read."""
+        read = self._read_bulk(plan, staging)
+        loaded = 0
+        for key, tier in plan:
+            readable = read[key] if key in read else self._copy_from(tier, key, staging[loaded])
+            if not readable:
+                hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
+                break
+            loaded += 1
+            hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
+        return loaded
 
     def _read_bulk(self, plan: list[tuple[bytes, Tier]], staging: torch.Tensor) -> dict[bytes, bool]:
         """Blocks of the disk and shared tiers, read in one batch per tier (threads / one round trip)."""
@@ -278,8 +357,13 @@ class PrefixCache:
             if self.disk is not None and self.disk.enabled and not self.disk.contains(key):
                 self.disk.put(key, self.pool.read_block(block).to("cpu"))
             return
+        if not self.host.contains(key):  # a swapped-out block is there already
+            self._keep_on_host(key, self.pool.read_block(block))
+
+    def _keep_on_host(self, key: bytes, kv: torch.Tensor) -> None:
+        assert self.host is not None
         if self.host.full:
             evicted = self.host.evict()
             if evicted is not None and self.disk is not None:
-                self.disk.put(*evicted)  # usually already there: blocks are written through
-        self.host.put(key, self.pool.read_block(block))
+                self.disk.put(*evicted)  # queued for the writer; usually already there: written through
+        self.host.put(key, kv)

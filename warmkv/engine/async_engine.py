@@ -3,6 +3,11 @@
 The step loop owns the engine: requests and cancellations reach it as commands, and outputs go back to
 each request's asyncio queue. So the event loop never waits for a forward pass, and no two threads ever
 touch the KV pool at once.
+
+A request's own failure (bad parameters, its prefix load, its forward or sampling) fails that request only.
+Anything else escaping the engine (a scheduler bug: its state can no longer be trusted) stops the thread
+for good: every pending and later request gets an error, `failure` says why, and `on_failure` tells the
+server, which reports it on /health and exits.
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from warmkv.engine.llm_engine import LLMEngine, StepOutput
 from warmkv.engine.sampling import SamplingParams
 from warmkv.engine.sequence import Sequence
-from warmkv.errors import EngineFailure, QueueFull, WarmkvError
+from warmkv.errors import EngineFailure, EngineStopped, QueueFull, WarmkvError
 
 log = logging.getLogger("warmkv.engine")
 
@@ -51,6 +56,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Submit | _Abort | _Prefill | None] = queue.SimpleQueue()
         self._requests: dict[str, tuple[Sequence, _Submit]] = {}
         self._pending = 0  # submitted and not yet finished; read from the event loop
+        self.failure: str | None = None  # why the engine thread died, once it has
+        self.on_failure: Callable[[str], None] = lambda reason: None  # called on the engine thread
+        # a submit either sees `failure` or is failed by the dying thread, never left in the queue
+        self._submitting = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="warmkv-engine", daemon=True)
         self._thread.start()
 
@@ -67,10 +76,14 @@ class AsyncEngine:
         self.engine.check_fits(len(prompt_ids), params.max_tokens)
         if self._pending >= self.max_pending:
             raise QueueFull(f"the server is at its limit of {self.max_pending} pending requests; retry later")
-        self._pending += 1
         outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self._commands.put(_Submit(prompt_ids, params, request_id, cache_namespace, anchors, loop, outputs))
+        with self._submitting:
+            if self.failure is not None:
+                raise EngineStopped(self.failure)
+            self._pending += 1
+            submit = _Submit(prompt_ids, params, request_id, cache_namespace, anchors, loop, outputs)
+            self._commands.put(submit)
         return self._outputs(request_id, outputs)
 
     async def _outputs(
@@ -107,6 +120,27 @@ class AsyncEngine:
     # -- the engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # whatever it is, it must not leave requests hanging
+            self._die(err)
+
+    def _die(self, err: BaseException) -> None:
+        log.critical("the engine thread died; no request can be served", exc_info=err)
+        with self._submitting:
+            self.failure = f"the engine stopped: {type(err).__name__}: {err}"
+        stopped = EngineStopped(self.failure)
+        self._fail_all(stopped, abort=False)  # the engine's own state is not to be trusted any more
+        while True:  # what was submitted and not yet applied
+            try:
+                command = self._commands.get(block=False)
+            except queue.Empty:
+                break
+            if isinstance(command, _Submit):
+                command.loop.call_soon_threadsafe(command.outputs.put_nowait, stopped)
+        self.on_failure(self.failure)
+
+    def _loop(self) -> None:
         while True:
             wait = not self.engine.has_work  # block only when idle; a busy engine drains between steps
             while True:
@@ -141,30 +175,27 @@ class AsyncEngine:
                 command.prompt_ids, command.params, command.request_id, command.cache_namespace,
                 anchors=command.anchors,
             )  # fmt: skip
-        except WarmkvError as err:
-            command.loop.call_soon_threadsafe(command.outputs.put_nowait, err)
+        except Exception as err:  # this request's own problem: it alone is refused
+            error = err if isinstance(err, WarmkvError) else EngineFailure(f"{type(err).__name__}: {err}")
+            command.loop.call_soon_threadsafe(command.outputs.put_nowait, error)
             return
         self._requests[command.request_id] = (sequence, command)
 
     def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as err:  # a failed step must not take the server down with it
-            log.exception("engine step failed; failing the requests it was serving")
-            self._fail_all(EngineFailure(f"the engine failed while serving this request: {err}"))
-            return
-        for output in outputs:
+        for output in self.engine.step():
             entry = self._requests.get(output.sequence.request_id)
             if entry is None:
                 continue
             if output.finished:
                 del self._requests[output.sequence.request_id]
             submit = entry[1]
-            submit.loop.call_soon_threadsafe(submit.outputs.put_nowait, output)
+            message = output if output.error is None else output.error
+            submit.loop.call_soon_threadsafe(submit.outputs.put_nowait, message)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, abort: bool = True) -> None:
         for sequence, submit in self._requests.values():
-            self.engine.abort(sequence)
+            if abort:
+                self.engine.abort(sequence)
             submit.loop.call_soon_threadsafe(submit.outputs.put_nowait, error)
         self._requests.clear()
 

@@ -19,11 +19,13 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # end-of-sequence token, stop token id or stop string
     LENGTH = "length"  # max_tokens or the context window reached
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # failed on its own (its prefix could not be loaded, its forward or sampling raised)
 
 
 @dataclass(slots=True, eq=False)  # identity, not field equality: two requests may look alike
 class Sequence:
     request_id: str
+    arrival: int  # order of arrival: the scheduler's priority (older first), kept across preemptions
     token_ids: list[int]  # prompt, then generated tokens as they come
     num_prompt_tokens: int
     params: SamplingParams
@@ -38,6 +40,11 @@ class Sequence:
     num_cached: int = 0  # prompt tokens whose KV was reused rather than computed
     cache_hit: PrefixHit | None = None  # how the prompt's cached prefix was found
     finish_reason: FinishReason | None = None
+    preemptions: int = 0  # times its KV was taken back to make room for older sequences
+    swapped_out_bytes: int = 0  # KV copied to the host tier at its preemptions
+    swapped_in_bytes: int = 0  # KV loaded back from the host tier when it resumed
+    num_recomputed: int = 0  # tokens whose KV it had computed before a preemption and computed again
+    num_computed_when_preempted: int = 0
 
     @property
     def output_ids(self) -> list[int]:

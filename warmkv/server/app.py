@@ -72,6 +72,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     turns = TurnMemory()
     if engine.engine.prefix_cache is not None:
         metrics.watch_cache(engine.engine.prefix_cache.stats, engine.engine.pool.block_size)
+    metrics.watch_scheduler(lambda: engine.engine.stats)
     request_log = RequestLog(settings.trace)
     started = int(time.time())
 
@@ -148,8 +149,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         )
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "pending_requests": engine.num_pending}
+    async def health() -> JSONResponse:
+        if engine.failure is not None:  # the engine thread died: nothing can be served any more
+            return JSONResponse({"status": "error", "reason": engine.failure, "model": model_name}, 503)
+        return JSONResponse({"status": "ok", "model": model_name, "pending_requests": engine.num_pending})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -272,8 +275,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             record.status = 499  # client gone: leaving the iteration cancelled the request
             raise
         except WarmkvError as err:
-            record.status = 500
-            yield _sse(error_body(str(err), "server_error"))
+            record.status, kind, code = http_error(err)
+            yield _sse(error_body(str(err), kind, code))
         finally:
             account(record, metrics, request_log)
 

@@ -53,6 +53,7 @@ class Generation:
                 self.record.note_cache(output.sequence, self._explain(output.sequence))
             self.record.completion_tokens = len(output.sequence.output_ids)
             if output.finished:
+                self.record.note_scheduling(output.sequence)
                 self.record.finish_reason = output.sequence.finish_reason.value  # type: ignore[union-attr]
                 decoded = self.record.completion_tokens - 1
                 elapsed = time.perf_counter() - self._first_at

@@ -4,6 +4,7 @@ and misses per tier (blocks and tokens), latency histograms. The README's "Metri
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -11,6 +12,9 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from warmkv.cache.tiers.base import TierName, TierStats
+
+if TYPE_CHECKING:
+    from warmkv.engine.llm_engine import SchedulerStats
 
 
 class TierCollector(Collector):
@@ -37,6 +41,26 @@ class TierCollector(Collector):
             for tier, tier_stats in stats.items():
                 family.add_metric([tier.value], getattr(tier_stats, name))
             yield family
+
+
+class SchedulerCollector(Collector):
+    """The scheduler's counters (preemptions, swaps), read from the engine at scrape time."""
+
+    COUNTERS: ClassVar[dict[str, str]] = {
+        "preemptions": "Running sequences preempted to make room for older ones",
+        "swapped_out_bytes": "KV of preempted sequences copied to the host tier",
+        "swapped_in_bytes": "KV of resumed sequences loaded back from the host tier",
+        "recomputed_tokens": "Tokens of resumed sequences whose KV was computed a second time",
+        "failed_sequences": "Requests failed on their own while the rest of their batch went on",
+    }
+
+    def __init__(self, stats: Callable[[], SchedulerStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self._stats()
+        for name, help_text in self.COUNTERS.items():
+            yield CounterMetricFamily(f"warmkv_{name}", help_text, value=getattr(stats, name))
 
 
 class ServerMetrics:
@@ -106,6 +130,9 @@ class ServerMetrics:
             self.hit_blocks.labels(tier.value).inc(served // size)
             self.miss_blocks.labels(tier.value).inc(looked_for // size - served // size)
             looked_for -= served
+
+    def watch_scheduler(self, stats: Callable[[], SchedulerStats]) -> None:
+        self.registry.register(SchedulerCollector(stats))
 
 
 class ResponseCounter:

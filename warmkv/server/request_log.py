@@ -29,6 +29,9 @@ class RequestRecord:
     decode_tok_s: float | None = None
     finish_reason: str | None = None
     status: int = 200
+    preemptions: int = 0  # times the scheduler took its KV back for older sequences
+    swapped_bytes: int = 0  # of its KV, copied to the host tier and back
+    recomputed_tokens: int = 0  # tokens computed again after a preemption
 
     def note_cache(self, sequence: Sequence, miss: MissReason | None) -> None:
         hit = sequence.cache_hit
@@ -44,6 +47,11 @@ class RequestRecord:
             "miss": miss.to_json() if miss else None,
         }
 
+    def note_scheduling(self, sequence: Sequence) -> None:
+        self.preemptions = sequence.preemptions
+        self.swapped_bytes = sequence.swapped_out_bytes + sequence.swapped_in_bytes
+        self.recomputed_tokens = sequence.num_recomputed
+
     @property
     def computed_tokens(self) -> int:
         # a refused request (400, 404, 429, ...) computed nothing; 499: the client left mid-way
@@ -57,6 +65,12 @@ class RequestRecord:
             f"{self.id} {self.endpoint} status={self.status} prompt={self.prompt_tokens} "
             f"cached={self.cached_tokens} ({self.cache_source}) computed={self.computed_tokens} "
             f"completion={self.completion_tokens} ttft={ttft} decode={rate} finish={self.finish_reason}"
+            + (
+                f" preempted={self.preemptions} swapped={self.swapped_bytes / 1e6:.1f}MB "
+                f"recomputed={self.recomputed_tokens}"
+                if self.preemptions
+                else ""
+            )
             + (f" miss: {self.cache['miss']['text']}" if self.cache.get("miss") else "")
         )
 

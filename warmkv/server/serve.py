@@ -31,7 +31,16 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(engine, settings)
     # uvicorn stops accepting on SIGINT/SIGTERM, lets in-flight requests finish (bounded), then the app's
     # lifespan shuts the engine down
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=30))  # fmt: skip
+
+    def stop_serving(reason: str) -> None:  # from the engine thread: uvicorn polls the flag
+        server.should_exit = True
+
+    engine.on_failure = stop_serving
+    server.run()
+    if engine.failure is not None:  # a dead engine is a failed server: exit non-zero for the supervisor
+        raise WarmkvError(engine.failure)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -1,0 +1,205 @@
+"""Many sessions at once over HTTP, on a pool far smaller than their KV: no request fails for lack of KV,
+every answer equals the session's solo answer; one request's failure, a client leaving, or the engine
+thread dying each have the effect a user expects."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.server.app import ServerSettings
+from warmkv.server.embedded import EmbeddedServer, free_port, start_embedded_server
+
+MODEL = "tiny"
+POOL = 320
+TURNS = 3
+REPLY = 12
+
+
+def start(model, pool: int = POOL, max_batch_tokens: int = 64) -> EmbeddedServer:
+    cache = CacheConfig(disk=False, host_tokens=4096, load_policy=LoadPolicy.ALWAYS)
+    config = EngineConfig(kv_pool_tokens=pool, max_batch_tokens=max_batch_tokens, cache=cache)
+    return start_embedded_server(LLMEngine(model, config), ServerSettings(served_model_name=MODEL))
+
+
+def complete(url: str, prompt: list[int], max_tokens: int = REPLY) -> httpx.Response:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+
+
+def session(url: str, first: list[int]) -> list[str | int]:
+    """Turns of one agent session: each prompt extends the last one with a new tool result. Returns each
+    turn's reply text (an int: the HTTP status of a failed turn)."""
+    prompt, replies = list(first), []
+    for turn in range(TURNS):
+        response = complete(url, prompt)
+        if response.status_code != 200:
+            return [*replies, response.status_code]
+        replies.append(response.json()["choices"][0]["text"])
+        prompt = prompt + [7000 + turn] * 5 + [first[0] + turn]
+    return replies
+
+
+def sessions_prompts() -> list[list[int]]:
+    # six sessions of ~110 + 3 x 17 tokens: over 3 times the pool together, each one alone fits it
+    return [list(range(1000 * i, 1000 * i + 110)) for i in range(1, 7)]
+
+
+def test_oversubscribed_sessions_complete_with_their_solo_answers(tiny_llama) -> None:
+    prompts = sessions_prompts()
+    assert sum(len(p) + TURNS * (6 + REPLY) for p in prompts) >= 3 * POOL
+    roomy = start(tiny_llama, pool=8192, max_batch_tokens=512)
+    try:
+        solo = [session(roomy.url, p) for p in prompts]
+    finally:
+        roomy.stop()
+    busy = start(tiny_llama)
+    results: list[list] = [[] for _ in prompts]
+    try:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session(busy.url, prompts[i])))
+                   for i in range(len(prompts))]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        assert results == solo  # no error status among them, and every reply as when run alone
+        metrics = httpx.get(f"{busy.url}/metrics").text
+        preemptions = next(
+            line for line in metrics.splitlines() if line.startswith("warmkv_preemptions_total")
+        )
+        assert float(preemptions.split()[-1]) > 0
+        assert "warmkv_swapped_out_bytes_total" in metrics and "warmkv_swapped_in_bytes_total" in metrics
+    finally:
+        busy.stop()
+
+
+@pytest.fixture(scope="module")
+def small(tiny_llama) -> EmbeddedServer:
+    running = start(tiny_llama)
+    yield running
+    running.stop()
+
+
+def test_prompt_larger_than_the_pool_gets_400_naming_the_numbers(small: EmbeddedServer) -> None:
+    response = complete(small.url, list(range(400)), max_tokens=4)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert (
+        "the KV pool holds 320 tokens" in error["message"] and "the prompt has 400 tokens" in error["message"]
+    )
+
+
+def assert_only_the_cache_holds_blocks(server: EmbeddedServer) -> None:
+    engine = server.engine.engine
+    cache = engine.prefix_cache
+    holders = Counter([*cache.index._blocks.values(), *cache.partials._entries.values()])
+    assert {b: n for b, n in enumerate(engine.pool.ref_counts) if n} == dict(holders)
+
+
+def test_client_that_hangs_up_frees_its_blocks(small: EmbeddedServer) -> None:
+    body = {"model": MODEL, "prompt": list(range(3000, 3100)), "max_tokens": 200, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{small.url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if '"text"' in line and '"text": ""' not in line:
+                break  # a token arrived; hang up
+    deadline = time.monotonic() + 30
+    while small.engine.num_pending or small.engine.engine.has_work:
+        assert time.monotonic() < deadline, "the sequence kept its blocks after the client left"
+        time.sleep(0.05)
+    assert_only_the_cache_holds_blocks(small)
+
+
+def test_one_failing_request_fails_alone(small: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = small.engine.engine.runner
+    forward = runner.forward
+    poison = 4242
+
+    def flaky(items):
+        if any(poison in item.token_ids for item in items):
+            raise RuntimeError("injected failure")
+        return forward(items)
+
+    prompts = [list(range(1000 * i, 1000 * i + 40)) for i in range(1, 4)]
+    want = [complete(small.url, p).json()["choices"][0]["text"] for p in prompts]
+    monkeypatch.setattr(runner, "forward", flaky)
+    responses: dict[int, httpx.Response] = {}
+    culprit = [1, 2, poison, 3]
+    jobs = [*prompts, culprit]
+    threads = [threading.Thread(target=lambda i=i: responses.__setitem__(i, complete(small.url, jobs[i])))
+               for i in range(len(jobs))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [responses[i].json()["choices"][0]["text"] for i in range(3)] == want
+    failed = responses[3]
+    assert failed.status_code == 500
+    assert "injected failure" in failed.json()["error"]["message"]
+    assert httpx.get(f"{small.url}/health").json()["status"] == "ok"
+
+
+def test_engine_thread_death_fails_requests_and_health(tiny_llama, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = start(tiny_llama)
+    try:
+        engine = server.engine.engine
+
+        def broken_scheduler(failed):
+            raise AssertionError("scheduler invariant broken")
+
+        monkeypatch.setattr(engine, "_schedule", broken_scheduler)
+        response = complete(server.url, list(range(100, 140)))
+        assert response.status_code == 503
+        assert "scheduler invariant broken" in response.json()["error"]["message"]
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and "scheduler invariant broken" in health.json()["reason"]
+        later = complete(server.url, list(range(100, 140)))  # refused at once, not left hanging
+        assert later.status_code == 503 and later.json()["error"]["code"] == "engine_stopped"
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_serve_exits_non_zero_when_the_engine_thread_dies(tiny_llama_folder: Path, tmp_path: Path) -> None:
+    port = free_port()
+    script = (
+        "import sys\n"
+        "from warmkv.engine.llm_engine import LLMEngine\n"
+        "def broken(self, failed): raise AssertionError('scheduler invariant broken')\n"
+        "LLMEngine._schedule = broken\n"
+        "from warmkv.cli import main\n"
+        f"main(['serve', '--model', {str(tiny_llama_folder)!r}, '--port', '{port}',"
+        f" '--kv-pool-tokens', '1024', '--kv-dir', {str(tmp_path / 'kv')!r},"
+        " '--served-model-name', 'tiny'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert complete(url, list(range(100, 140))).status_code == 503
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 1, output
+    assert "warmkv: error: the engine stopped: AssertionError: scheduler invariant broken" in output
