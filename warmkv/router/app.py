@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from warmkv.router.affinity import Replica, Router, anchor_chain
-from warmkv.server.app import error_body
+from warmkv.server.errors import error_body
 
 log = logging.getLogger("warmkv.router")
 FORWARDED_HEADERS = ("authorization", "content-type", "openai-organization", "openai-project")
