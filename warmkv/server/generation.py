@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from warmkv.cache.miss_reasons import MissReason, explain_miss
 from warmkv.chat.anchors import MessageSpan
@@ -25,11 +24,13 @@ class Generation:
         params: SamplingParams,
         cache_namespace: str,
         spans: list[MessageSpan] | None = None,
+        breakpoints: tuple[int, ...] = (),
     ) -> None:
         self.record = record
         record.prompt_tokens = len(prompt_ids)
         self._explain = lambda seq: self._miss(engine, prompt_ids, seq, spans or [])
-        anchors = tuple(span.end for span in spans or [])  # message ends: reused to the exact token
+        # message ends, and the offsets a client marked for caching: reused to the exact token
+        anchors = tuple(sorted({span.end for span in spans or []} | set(breakpoints)))
         self._submit = lambda: engine.generate(prompt_ids, params, record.id, cache_namespace, anchors)
         self._started = time.perf_counter()
         self._first_at: float | None = None
@@ -71,17 +72,6 @@ class Generation:
         return explain_miss(
             prompt_ids, seq.num_cached, hit.stopped_by, hit.nearest, spans, tokenizer, block_size
         )
-
-    def usage(self) -> dict[str, Any]:
-        r = self.record
-        return {
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
-            "prompt_cache_hit_tokens": r.cached_tokens,
-            "prompt_cache_miss_tokens": r.computed_tokens,
-        }
 
 
 def account(record: RequestRecord, metrics: ServerMetrics, request_log: RequestLog) -> None:

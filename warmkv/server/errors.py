@@ -1,0 +1,85 @@
+"""Errors as HTTP answers: one status and OpenAI error type per warmkv error, and the handlers that write
+them in the style of the API a route belongs to (OpenAI's body, or Anthropic's on /v1/messages)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from warmkv.errors import WarmkvError, error_body, http_error
+
+log = logging.getLogger("warmkv.server")
+
+
+class ApiError(Exception):
+    """An error answered as is: its status, OpenAI error type, code and offending parameter."""
+
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+        param: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was complete."""
+
+
+def error_kind(err: BaseException) -> tuple[int, str, str | None]:
+    """HTTP status, OpenAI error type and code of an error (subclasses map like their base)."""
+    if isinstance(err, ApiError):
+        return err.status, err.kind, err.code
+    return http_error(err)
+
+
+# how one API writes an error: (status, OpenAI error type, message, code, param) -> body
+ErrorWriter = Callable[[int, str, str, "str | None", "str | None"], dict[str, Any]]
+
+
+def openai_error(status: int, kind: str, message: str, code: str | None, param: str | None) -> dict[str, Any]:
+    return error_body(message, kind, code, param)
+
+
+def install_error_handlers(app: FastAPI, writers: dict[str, ErrorWriter]) -> None:
+    """Every error becomes a JSON answer; `writers` maps a path prefix to its API's error style (OpenAI's
+    everywhere else)."""
+
+    def answer(request: Request, status: int, kind: str, message: str, code: str | None = None,
+               param: str | None = None) -> JSONResponse:  # fmt: skip
+        path = request.url.path
+        write = next((w for prefix, w in writers.items() if path.startswith(prefix)), openai_error)
+        return JSONResponse(write(status, kind, message, code, param), status_code=status)
+
+    @app.exception_handler(WarmkvError)
+    async def _warmkv_error(request: Request, err: WarmkvError) -> JSONResponse:
+        status, kind, code = error_kind(err)
+        return answer(request, status, kind, str(err), code)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        return answer(request, err.status, err.kind, err.message, err.code, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        # a check over the whole body names the field it refused in its context
+        param = (first.get("ctx") or {}).get("param") or ".".join(str(p) for p in first.get("loc", ())[1:])
+        param = param or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return answer(request, 400, "invalid_request_error", message, None, param)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, err: HTTPException) -> JSONResponse:
+        return answer(request, err.status_code, "invalid_request_error", str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return answer(request, 500, "server_error", f"internal error: {type(err).__name__}")
