@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay = bench.add_parser("replay", help="replay agent traces; cache policies side by side vs the oracle")
     add_replay_flags(replay)
     replay.set_defaults(handler=run)
+    from warmkv.bench.run_load import add_load_flags
+    from warmkv.bench.run_load import run as run_load
+
+    load = bench.add_parser("load", help="trace sessions at once: errors, TTFT, throughput per policy")
+    add_load_flags(load)
+    load.set_defaults(handler=run_load)
     return parser
 
 
