@@ -109,7 +109,7 @@ def _messages(args: argparse.Namespace) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from warmkv.bench.replay_flags import add_replay_flags
+    from warmkv.bench.replay_flags import add_load_flags, add_replay_flags
     from warmkv.router.serve import add_router_flags
 
     parser = argparse.ArgumentParser(prog="warmkv", description=__doc__, formatter_class=HelpFormatter)
@@ -157,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         "oracle", bench,
     )  # fmt: skip
     add_replay_flags(replay)
+    load = command(
+        "load", "warmkv.bench.run_load:run", "trace sessions at once: errors, TTFT, throughput per policy",
+        bench,
+    )  # fmt: skip
+    add_load_flags(load)
     return parser
 
 

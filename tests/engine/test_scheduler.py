@@ -205,3 +205,20 @@ def test_a_prefix_that_cannot_be_loaded_fails_only_its_request(
         outputs += engine.step()
     assert [out.sequence for out in outputs if out.error] == [bad]
     assert [s.output_ids for s in good] == solo_outputs[:2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_oversubscribed_sessions_on_gpu_swap_through_pinned_memory(
+    tiny_llama_folder: Path, solo_outputs
+) -> None:
+    """On CUDA (kernels, decode graphs, pinned host tier) preempted sequences come back from host memory
+    and every session gives the CPU's solo tokens."""
+    model = load_model(str(tiny_llama_folder), torch.device("cuda"), torch.float32)
+    engine = small_pool(model)
+    assert engine.prefix_cache.host._slab.is_pinned()
+    seqs, outputs = run_all(engine, PROMPTS)
+    assert [out.error for out in outputs if out.error] == []
+    assert [s.output_ids for s in seqs] == solo_outputs
+    assert engine.stats.preemptions > 0 and engine.stats.swapped_in_bytes > 0
+    assert engine.stats.recomputed_tokens < BLOCK * engine.stats.preemptions

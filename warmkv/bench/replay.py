@@ -17,12 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openai import OpenAI
 from tqdm import tqdm
 
 from warmkv.bench.trace import TraceRequest
 from warmkv.models.loader import LoadedModel
+
+if TYPE_CHECKING:
+    from warmkv.server.embedded import EmbeddedServer
 
 log = logging.getLogger("warmkv.bench")
 
@@ -79,13 +83,21 @@ class Cluster:
     redis_url: str | None = None  # the shared tier, for every replica
 
 
-def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRequest], max_gap_s: float,
-                    label: str, cluster: Cluster = Cluster()) -> list[TurnResult]:  # fmt: skip
+def embedded_warmkv(model: LoadedModel, flags: list[str], kv_dir: Path) -> EmbeddedServer:
+    """A warmkv server on loopback over an already loaded model, configured by `warmkv serve` flags."""
     from warmkv.config_flags import serve_configs
     from warmkv.engine.llm_engine import LLMEngine
+    from warmkv.server.embedded import start_embedded_server
+
+    config, settings = serve_configs(["--kv-dir", str(kv_dir), *flags])
+    return start_embedded_server(LLMEngine(model, config), settings)
+
+
+def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRequest], max_gap_s: float,
+                    label: str, cluster: Cluster = Cluster()) -> list[TurnResult]:  # fmt: skip
     from warmkv.router.affinity import Router
     from warmkv.router.app import create_router_app
-    from warmkv.server.embedded import ThreadedServer, serve_in_thread, start_embedded_server
+    from warmkv.server.embedded import ThreadedServer, serve_in_thread
 
     kv_dir = Path(tempfile.mkdtemp(prefix=f"warmkv-replay-{label}-"))
     shared = ["--redis-url", cluster.redis_url] if cluster.redis_url else []
@@ -93,9 +105,7 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
 
     def start() -> Dispatch:
         for n in range(cluster.replicas):  # each replica its own disk tier
-            own_dir = str(kv_dir / f"replica-{n}")
-            config, settings = serve_configs(["--kv-dir", own_dir, *flags, *shared])
-            running.append(start_embedded_server(LLMEngine(model, config), settings))
+            running.append(embedded_warmkv(model, [*flags, *shared], kv_dir / f"replica-{n}"))
         clients = [r.client(timeout=600) for r in running]
         if cluster.routed:
             running.append(serve_in_thread(create_router_app(Router([r.url for r in running]))))

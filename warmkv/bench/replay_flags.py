@@ -1,4 +1,5 @@
-"""Flags of `warmkv bench replay`, apart from the benchmark itself so that `warmkv --help` stays cheap."""
+"""Flags of `warmkv bench replay` and `warmkv bench load`, apart from the benchmarks themselves so that
+`warmkv --help` stays cheap."""
 
 from __future__ import annotations
 
@@ -39,3 +40,52 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
     parser.add_argument("--name", help="result file name (default: replay-<device>-<model>-<context>)")
+
+
+DEFAULT_LOAD_POLICIES = ("warmkv", "warmkv_gpu_only")
+
+
+def add_load_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("traces", nargs="*", help="trace files (warmkv JSON lines or OpenAI-format logs)")
+    parser.add_argument(
+        "--synthetic", help=f"comma-separated synthetic shapes, or 'all': {', '.join(SHAPES)}"
+    )
+    parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="each session K times, as distinct conversations "
+        "sharing the system prompt and tools (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tool-time",
+        type=float,
+        default=2.0,
+        help="mean seconds between a session's requests (exponential; default %(default)s)",
+    )
+    parser.add_argument("--reply-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--url", help="run against this OpenAI-compatible server (…/v1) instead")
+    parser.add_argument("--api-key", default="unused")
+    parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
+    parser.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_LOAD_POLICIES),
+        help="comma-separated warmkv policies of `bench replay` (default %(default)s)",
+    )
+    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
+    parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
+    parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: a quarter of the working set)")
+    parser.add_argument("--host-tokens", type=int, help="host tier (default: the working set)")
+    parser.add_argument(
+        "--max-batch-tokens", type=int, help="tokens per step (default: the engine's, per device)"
+    )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=64, help="sequences per batch (default %(default)s)"
+    )
+    parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+    parser.add_argument("--name", help="result file name (default: load-<device>-<model>-<sessions>)")

@@ -28,15 +28,15 @@ BLOCK = 16
 def run(args: argparse.Namespace) -> None:
     if not args.no_plots and not plots_available():  # known before a replay of minutes, not after
         raise WarmkvError("the plots need matplotlib: pip install 'warmkv[bench]', or pass --no-plots")
-    requests = _requests(args)
-    tokenizer, template, model, device_label = _model_and_tokenizer(args)
-    prompts = [_prompt_ids(tokenizer, template, r) for r in requests]
+    requests = requests_from(args)
+    tokenizer, template, model, device_label = model_and_tokenizer(args)
+    prompts = [prompt_ids(tokenizer, template, r) for r in requests]
     oracle = oracle_hits(prompts)
     caps = _capacities(args, prompts, oracle)
     model_label = model.name if model else args.url
     workload = args.context if args.synthetic or not args.traces else "trace"
     workload = f"{workload}-{args.replicas}-replicas" if args.replicas > 1 else workload
-    stem = Path(args.out) / (args.name or _slug(f"replay-{device_label}-{model_label}-{workload}"))
+    stem = Path(args.out) / (args.name or slug(f"replay-{device_label}-{model_label}-{workload}"))
     json_path = stem.with_name(f"{stem.name}.json")
     rows = {"oracle": oracle_row([len(p) for p in prompts], oracle)}
     result = {
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
         write_json(result, json_path)
 
     if args.url:
-        served = args.served_model or _first_model(args)
+        served = args.served_model or first_model(args)
         turns = replay_on_url(args.url, args.api_key, served, requests, args.max_gap)
         add_row("url", summarize(turns, oracle))
     else:
@@ -74,7 +74,7 @@ def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, reques
         if args.replicas > 1:
             runs = _cluster_runs(args, caps, args.redis_url or store.url)  # type: ignore[union-attr]
         else:
-            runs = [(name, policy, Cluster) for name, policy in _policies(args, caps).items()]
+            runs = [(name, policy, Cluster) for name, policy in select_policies(args, caps).items()]
         for name, policy, cluster in runs:
             flags = [*common, *policy.flags]
             turns = replay_embedded(model, flags, requests, args.max_gap, name, cluster())
@@ -84,7 +84,7 @@ def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, reques
             store.stop()
 
 
-def _requests(args: argparse.Namespace) -> list[TraceRequest]:
+def requests_from(args: argparse.Namespace) -> list[TraceRequest]:
     requests = [r for path in args.traces for r in load_trace(Path(path))]
     if args.synthetic or not args.traces:
         shapes = list(SHAPES) if args.synthetic in (None, "all") else args.synthetic.split(",")
@@ -97,7 +97,7 @@ def _requests(args: argparse.Namespace) -> list[TraceRequest]:
     return requests
 
 
-def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
+def model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
     from warmkv.engine.config import EngineConfig
     from warmkv.models.loader import load_tokenizer, resolve_model_folder
     from warmkv.models.random_init import model_or_shape
@@ -115,7 +115,7 @@ def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
     return model.tokenizer, model.tokenizer.chat_template, model, label
 
 
-def _prompt_ids(tokenizer: Any, template: str, request: TraceRequest) -> list[int]:
+def prompt_ids(tokenizer: Any, template: str, request: TraceRequest) -> list[int]:
     from warmkv.chat.prompt import build_chat_prompt
     from warmkv.chat.tool_calls import PARSERS
 
@@ -134,7 +134,7 @@ def _capacities(args: argparse.Namespace, prompts: list[list[int]], oracle: list
     return Capacities(pool, args.host_tokens if args.host_tokens is not None else 4 * pool, align, 2 * align)
 
 
-def _policies(args: argparse.Namespace, caps: Capacities) -> dict[str, Any]:
+def select_policies(args: argparse.Namespace, caps: Capacities) -> dict[str, Any]:
     known = policies(caps)
     names = list(known) if args.policies == "all" else args.policies.split(",")
     unknown = [n for n in names if n not in known]
@@ -165,11 +165,11 @@ def _cluster_runs(args: argparse.Namespace, caps: Capacities, redis_url: str) ->
     return runs
 
 
-def _first_model(args: argparse.Namespace) -> str:
+def first_model(args: argparse.Namespace) -> str:
     from openai import OpenAI
 
     return OpenAI(base_url=args.url, api_key=args.api_key, max_retries=0).models.list().data[0].id
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")

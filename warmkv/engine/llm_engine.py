@@ -320,7 +320,7 @@ class LLMEngine:
         while not self._grow(seq, count):
             victim = self.running[-1]
             if victim is self.running[0]:
-                return False  # the oldest, alone: blocks are pinned for a moment (cannot outlast a step)
+                return False  # the oldest, alone: it fits the pool (check_fits), so this is momentary
             self._preempt(victim)
             if victim is seq:
                 return False

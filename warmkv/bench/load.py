@@ -1,0 +1,164 @@
+"""`warmkv bench load`: agent sessions replayed concurrently against one server, as many users would run.
+
+Every session runs on its own thread: its requests in order, each after a tool time drawn from an
+exponential distribution, each streaming a reply of a fixed number of tokens. `copies` multiplies the
+sessions into distinct conversations that share the system prompt and tools (the first user message gets
+a copy mark), so the same trace can put any number of sessions at once on the server.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import openai
+from openai import OpenAI
+
+from warmkv.bench.trace import TraceRequest
+
+
+@dataclass(slots=True, frozen=True)
+class LoadShape:
+    tool_time_s: float = 2.0  # mean of the exponential idle time before each request of a session
+    reply_tokens: int = 32  # every request generates exactly this many tokens (ignore_eos)
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class RequestResult:
+    session: str
+    turn: int
+    status: str  # "200", another HTTP status, "stream_error" or "connection"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+    started_s: float = 0.0  # since the run began
+    error: str | None = None  # the server's message, for a failed request
+
+
+def multiply_sessions(requests: list[TraceRequest], copies: int) -> list[TraceRequest]:
+    """The trace `copies` times over; copy k > 0 marks the first non-system message of each session, so
+    it is a distinct conversation after the shared system prompt and tools."""
+    out = list(requests)
+    for k in range(1, copies):
+        for request in requests:
+            messages = [dict(m) for m in request.messages]
+            first = next((m for m in messages if m["role"] != "system"), None)
+            if first is not None and isinstance(first.get("content"), str):
+                first["content"] = f"[conversation {k}] {first['content']}"
+            out.append(replace(request, session=f"{request.session}~{k}", messages=messages))
+    return out
+
+
+def by_session(requests: list[TraceRequest]) -> dict[str, list[TraceRequest]]:
+    sessions: dict[str, list[TraceRequest]] = {}
+    for request in requests:
+        sessions.setdefault(request.session, []).append(request)
+    return sessions
+
+
+def run_load(client: OpenAI, model: str, requests: list[TraceRequest], shape: LoadShape,
+             progress: Callable[[], None] = lambda: None) -> tuple[list[RequestResult], float]:  # fmt: skip
+    """Replay every session at once; the per-request results in trace order, and the run's wall time."""
+    sessions = by_session(requests)
+    started = time.perf_counter()
+    seeds = random.Random(shape.seed)
+    rngs = {name: random.Random(seeds.random()) for name in sessions}
+    lock = threading.Lock()
+
+    def run_session(name: str) -> list[RequestResult]:
+        results = []
+        for turn, request in enumerate(sessions[name]):
+            time.sleep(rngs[name].expovariate(1 / shape.tool_time_s) if shape.tool_time_s > 0 else 0)
+            results.append(_send(client, model, request, turn, shape.reply_tokens, started))
+            with lock:
+                progress()
+        return results
+
+    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
+        per_session = dict(zip(sessions, pool.map(run_session, sessions), strict=True))
+    wall = time.perf_counter() - started
+    turns = Counter[str]()
+    ordered = []
+    for request in requests:  # back in trace order, to pair with the oracle
+        ordered.append(per_session[request.session][turns[request.session]])
+        turns[request.session] += 1
+    return ordered, wall
+
+
+def _send(client: OpenAI, model: str, request: TraceRequest, turn: int, reply_tokens: int,
+          run_started: float) -> RequestResult:  # fmt: skip
+    result = RequestResult(request.session, turn, "200", started_s=time.perf_counter() - run_started)
+    options = {"tools": request.tools} if request.tools else {}
+    began = time.perf_counter()
+    try:
+        stream = client.chat.completions.create(
+            model=model, messages=request.messages, max_tokens=reply_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **options,
+        )  # fmt: skip
+        for chunk in stream:
+            choice = chunk.choices[0] if chunk.choices else None
+            if result.ttft_s is None and choice is not None and _has_output(choice):
+                result.ttft_s = time.perf_counter() - began
+            if chunk.usage is not None:
+                details = chunk.usage.prompt_tokens_details
+                result.prompt_tokens = chunk.usage.prompt_tokens
+                result.cached_tokens = (details.cached_tokens if details else None) or 0
+                result.completion_tokens = chunk.usage.completion_tokens
+    except openai.APIStatusError as err:
+        result.status, result.error = str(err.status_code), err.message
+    except openai.APIConnectionError as err:
+        result.status, result.error = "connection", str(err)
+    except openai.APIError as err:  # an error event inside a stream that had started
+        result.status, result.error = "stream_error", err.message
+    result.latency_s = time.perf_counter() - began
+    return result
+
+
+def _has_output(choice: Any) -> bool:
+    delta = choice.delta
+    return bool(delta.content or delta.tool_calls or choice.finish_reason)
+
+
+def summarize_load(results: list[RequestResult], oracle: list[int], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in results if r.status == "200"]
+    ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
+    latencies = sorted(r.latency_s for r in ok)
+    errors = Counter(r.status for r in results if r.status != "200")
+    return {
+        "requests": len(results),
+        "errors": sum(errors.values()),
+        "errors_by_status": dict(errors),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_tokens": sum(r.cached_tokens for r in ok),
+        "oracle_tokens": sum(o for r, o in zip(results, oracle, strict=True) if r.status == "200"),
+        "completion_tokens": sum(r.completion_tokens for r in ok),
+        **{f"ttft_{name}_s": value for name, value in _percentiles(ttfts).items()},
+        **{f"latency_{name}_s": value for name, value in _percentiles(latencies).items()},
+        "wall_s": wall_s,
+        "requests_per_s": len(ok) / wall_s if wall_s else 0.0,
+        "generated_tokens_per_s": sum(r.completion_tokens for r in ok) / wall_s if wall_s else 0.0,
+        "requests_detail": [_detail(r) for r in results],
+    }
+
+
+def _detail(r: RequestResult) -> dict[str, Any]:
+    return {"session": r.session, "turn": r.turn, "status": r.status, "started_s": round(r.started_s, 4),
+            "ttft_s": r.ttft_s, "latency_s": round(r.latency_s, 4), "prompt_tokens": r.prompt_tokens,
+            "cached_tokens": r.cached_tokens, **({"error": r.error[:300]} if r.error else {})}  # fmt: skip
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    pick = lambda q: values[min(len(values) - 1, int(len(values) * q))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(values)}

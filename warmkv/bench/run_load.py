@@ -1,0 +1,231 @@
+"""The `warmkv bench load` command: trace sessions run concurrently against warmkv policies (embedded, on
+one loaded model) or any `--url`; errors, TTFT, latency and throughput per policy; table + JSON + plot."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from warmkv.bench.load import LoadShape, by_session, multiply_sessions, run_load, summarize_load
+from warmkv.bench.oracle import oracle_hits
+from warmkv.bench.policies import Capacities, policies
+from warmkv.bench.replay import embedded_warmkv
+from warmkv.bench.results import write_json
+from warmkv.bench.run_replay import BLOCK, first_model, model_and_tokenizer, prompt_ids, requests_from, slug
+from warmkv.bench.trace import TraceRequest
+from warmkv.errors import WarmkvError
+
+SCHEDULER_METRICS = ("preemptions", "swapped_out_bytes", "swapped_in_bytes", "recomputed_tokens")
+
+
+def run(args: argparse.Namespace) -> None:
+    _check(args)
+    requests = multiply_sessions(requests_from(args), args.copies)
+    tokenizer, template, model, device_label = model_and_tokenizer(args)
+    prompts = [prompt_ids(tokenizer, template, r) for r in requests]
+    oracle = oracle_hits(prompts)
+    working_set = _working_set(requests, prompts, args.reply_tokens)
+    caps = _capacities(args, prompts, working_set)
+    sessions = len(by_session(requests))
+    model_label = model.name if model else args.url
+    stem = Path(args.out) / (args.name or slug(f"load-{device_label}-{model_label}-{sessions}-sessions"))
+    json_path = stem.with_name(f"{stem.name}.json")
+    shape = LoadShape(args.tool_time, args.reply_tokens, args.seed)
+    rows: dict[str, dict[str, Any]] = {}
+    result = {
+        "device": device_label,
+        "model": model_label,
+        "workload": {
+            "files": args.traces,
+            "synthetic": args.synthetic,
+            "context": args.context,
+            "copies": args.copies,
+            "sessions": sessions,
+            "requests": len(requests),
+            "tool_time_s": args.tool_time,
+            "reply_tokens": args.reply_tokens,
+        },
+        "working_set_tokens": working_set,
+        "capacities": asdict(caps),
+        "oversubscription": working_set / caps.pool_tokens,
+        "rows": rows,
+        "command": "warmkv bench load " + " ".join(sys.argv[3:]),
+    }
+    if args.url:
+        client = _url_client(args)
+        rows["url"] = _measure(client, args.served_model or first_model(args), requests, oracle, shape, "url")
+        rows["url"] |= _scrape_scheduler(args.url)
+        write_json(result, json_path)
+    else:
+        for name, policy in _load_policies(args, caps).items():
+            flags = [
+                *policy.flags,
+                "--kv-pool-tokens",
+                str(caps.pool_tokens),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--max-num-seqs",
+                str(args.max_num_seqs),
+            ]
+            if args.max_batch_tokens:
+                flags += ["--max-batch-tokens", str(args.max_batch_tokens)]
+            rows[name] = {"description": policy.description, "flags": flags}
+            rows[name] |= _run_embedded(model, flags, requests, oracle, shape, name)
+            write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
+    print(
+        f"{sessions} sessions, {len(requests)} requests; working set {working_set} tokens on a "
+        f"{caps.pool_tokens}-token pool ({result['oversubscription']:.1f}x oversubscribed)"
+    )
+    print("\n".join(table(rows)))
+    picture = plot(rows, stem)
+    print("wrote", json_path, *([picture] if picture else ["(no plot: install matplotlib)"]))
+
+
+def _check(args: argparse.Namespace) -> None:
+    for flag in ("copies", "reply_tokens", "max_num_seqs"):
+        if getattr(args, flag) < 1:
+            raise WarmkvError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.tool_time < 0:
+        raise WarmkvError(f"--tool-time must not be negative, got {args.tool_time}")
+    missing = [path for path in args.traces if not Path(path).is_file()]
+    if missing:
+        raise WarmkvError(f"trace not found: {', '.join(missing)}")
+
+
+def _working_set(requests: list[TraceRequest], prompts: list[list[int]], reply_tokens: int) -> int:
+    """KV of every session at its longest, all held at once: what the pool would need to keep them all."""
+    longest: dict[str, int] = {}
+    for request, prompt in zip(requests, prompts, strict=True):
+        longest[request.session] = max(longest.get(request.session, 0), len(prompt) + reply_tokens)
+    return sum(longest.values())
+
+
+def _capacities(args: argparse.Namespace, prompts: list[list[int]], working_set: int) -> Capacities:
+    """A pool of a quarter of the working set (4x oversubscribed), yet room for the longest request alone;
+    a host tier that holds the whole working set."""
+    longest = max(len(p) for p in prompts) + args.reply_tokens
+    pool = args.pool_tokens or -(-max(longest + BLOCK, working_set // 4) // BLOCK) * BLOCK
+    host = args.host_tokens if args.host_tokens is not None else working_set
+    align = max(BLOCK, args.context // 8 // BLOCK * BLOCK)
+    return Capacities(pool, host, align, 2 * align)
+
+
+def _load_policies(args: argparse.Namespace, caps: Capacities) -> dict[str, Any]:
+    known = policies(caps)
+    names = args.policies.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise WarmkvError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return {n: known[n] for n in names}
+
+
+def _run_embedded(
+    model: Any,
+    flags: list[str],
+    requests: list[TraceRequest],
+    oracle: list[int],
+    shape: LoadShape,
+    label: str,
+) -> dict[str, Any]:
+    kv_dir = Path(tempfile.mkdtemp(prefix=f"warmkv-load-{label}-"))
+    server = embedded_warmkv(model, flags, kv_dir)
+    try:
+        row = _measure(server.client(timeout=3600), model.name, requests, oracle, shape, label)
+        stats = server.engine.engine.stats
+        return row | {name: getattr(stats, name) for name in SCHEDULER_METRICS}
+    finally:
+        server.stop()
+        gc.collect()  # the app's reference cycles hold the engine: pinned host tier, GPU pool
+        shutil.rmtree(kv_dir, ignore_errors=True)
+
+
+def _measure(
+    client: Any, model: str, requests: list[TraceRequest], oracle: list[int], shape: LoadShape, label: str
+) -> dict[str, Any]:
+    with tqdm(total=len(requests), desc=f"load {label}", unit="req", leave=False) as bar:
+        results, wall = run_load(client, model, requests, shape, bar.update)
+    return summarize_load(results, oracle, wall)
+
+
+def _url_client(args: argparse.Namespace) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=args.url, api_key=args.api_key, max_retries=0, timeout=3600)
+
+
+def _scrape_scheduler(url: str) -> dict[str, float | None]:
+    """The server's preemption and swap counters, where it is a warmkv server (else None)."""
+    try:
+        text = httpx.get(re.sub(r"/v1/?$", "", url) + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        text = ""
+    values = {}
+    for name in SCHEDULER_METRICS:
+        match = re.search(rf"^warmkv_{name}_total (\S+)$", text, re.MULTILINE)
+        values[name] = float(match.group(1)) if match else None
+    return values
+
+
+def table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    head = (
+        f"{'policy':18} {'reqs':>5} {'errors':>6} {'prompt':>9} {'cached':>9} {'oracle':>9} "
+        f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'e2e p50':>8} {'p90':>8} {'req/s':>6} {'tok/s':>7} "
+        f"{'preempt':>7} {'swapped':>9}"
+    )
+    lines = [head]
+    for name, row in rows.items():
+        times = [
+            _ms(row[k]) for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "latency_p50_s", "latency_p90_s")
+        ]
+        swapped = (row.get("swapped_out_bytes") or 0) + (row.get("swapped_in_bytes") or 0)
+        preempt = "-" if row.get("preemptions") is None else f"{row['preemptions']:.0f}"
+        lines.append(
+            f"{name:18} {row['requests']:>5} {row['errors']:>6} {row['prompt_tokens']:>9} "
+            f"{row['cached_tokens']:>9} {row['oracle_tokens']:>9} {times[0]:>9} {times[1]:>8} "
+            f"{times[2]:>8} {times[3]:>8} {times[4]:>8} {row['requests_per_s']:>6.2f} "
+            f"{row['generated_tokens_per_s']:>7.1f} {preempt:>7} {swapped / 1e6:>7.0f}MB"
+        )
+    return lines
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}ms"
+
+
+def plot(rows: dict[str, dict[str, Any]], stem: Path) -> Path | None:
+    """TTFT distribution per policy (CDF) as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, row in rows.items():
+        ttfts = sorted(r["ttft_s"] for r in row["requests_detail"] if r["ttft_s"] is not None)
+        if ttfts:
+            ax.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=name)
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="time to first token (s)", ylabel="fraction of requests", title="TTFT under concurrent load"
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = stem.with_name(f"{stem.name}-ttft.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
