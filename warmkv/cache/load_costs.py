@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from warmkv.cache.tiers.base import TierName
-from warmkv.cache.tiers.codec import decode_block, encode_block
+from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_block
 from warmkv.cache.tiers.disk import read_file
 from warmkv.engine.kv_pool import KVPool
 
@@ -62,8 +62,10 @@ def _disk_seconds(pool: KVPool, block: int, source: torch.Tensor, disk_dir: Path
         path = Path(scratch) / "probe.kv"
         path.write_bytes(encode_block("00" * 16, b"\0" * 16, source))
 
+        layout = BlockLayout(pool.block_shape, pool.k.dtype)
+
         def load() -> None:
-            pool.write_blocks([block], decode_block(read_file(path), "00" * 16).kv[None])
+            pool.write_blocks([block], decode_block(read_file(path), "00" * 16, layout=layout).kv[None])
 
         return _seconds(load, pool)
 

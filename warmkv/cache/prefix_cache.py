@@ -21,6 +21,7 @@ from warmkv.cache.miss_reasons import RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import Tier, TierName, TierStats
+from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier
 from warmkv.cache.tiers.host import HostTier
 from warmkv.cache.tiers.redis import RedisTier
@@ -76,10 +77,12 @@ class PrefixCache:
         self.host = (
             HostTier(host_blocks, pool.block_shape, pool.k.dtype, pin=on_cuda) if host_blocks else None
         )
+        layout = BlockLayout(pool.block_shape, pool.k.dtype)  # every block read from below must match it
         self.disk = (
             DiskTier(
                 config.kv_dir or default_kv_dir(),
                 fingerprint,
+                layout,
                 config.disk_bytes(pool.block_bytes, pool.block_size),
                 config.writer_queue,
             )
@@ -88,7 +91,7 @@ class PrefixCache:
         )
         self.remote = None
         if config.redis_url:
-            self.remote = RedisTier(config.redis_url, fingerprint, config.redis_ttl_s,
+            self.remote = RedisTier(config.redis_url, fingerprint, layout, config.redis_ttl_s,
                                     config.redis_timeout_s, config.redis_cluster)  # fmt: skip
         self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
         self.policy = build_hit_policy(config.hit_policy, pool.block_size)

@@ -20,7 +20,7 @@ import torch
 
 from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import TierName, TierStats
-from warmkv.cache.tiers.codec import decode_block, encode_parts
+from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_parts
 from warmkv.errors import CacheCorruption
 
 log = logging.getLogger("warmkv.cache")
@@ -50,8 +50,11 @@ def block_path(directory: Path, key: bytes) -> Path:
 class DiskTier:
     name = TierName.DISK
 
-    def __init__(self, root: Path, fingerprint: str, capacity_bytes: int, queue_size: int = 1024) -> None:
+    def __init__(
+        self, root: Path, fingerprint: str, layout: BlockLayout, capacity_bytes: int, queue_size: int = 1024
+    ) -> None:
         self.fingerprint = fingerprint
+        self.layout = layout
         self.directory = root / fingerprint
         self.capacity_bytes = capacity_bytes
         self.stats = TierStats()
@@ -98,7 +101,7 @@ class DiskTier:
     def _read(self, key: bytes, buffer: bytearray | None) -> torch.Tensor | None:
         path = block_path(self.directory, key)
         try:
-            block = decode_block(read_file(path, buffer), self.fingerprint, key)
+            block = decode_block(read_file(path, buffer), self.fingerprint, key, self.layout)
         except FileNotFoundError:
             self._forget(key, miss=True)
             return None
