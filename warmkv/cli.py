@@ -46,6 +46,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--host-cache-tokens", type=int, help="host RAM tier size in tokens")
     tiers.add_argument("--no-disk-cache", action="store_true", help="keep no KV on disk")
     tiers.add_argument("--kv-dir", help="disk tier directory (default: kv/ in the user cache dir)")
+    tiers.add_argument(
+        "--kv-dir-mode",
+        type=_octal,
+        default=CacheConfig().kv_file_mode,
+        help="mode of KV files, octal (default 600: the owner only; 640 or 660 for a shared group); "
+        "folders get the matching search bits",
+    )
     disk = tiers.add_mutually_exclusive_group()
     disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")
     disk.add_argument("--disk-cache-tokens", type=int, help="disk tier size in tokens")
@@ -72,6 +79,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     rules.add_argument("--checkpoint-align", type=int, default=hit.checkpoint_align, help="tokens")
     rules.add_argument("--checkpoint-interval", type=int, default=hit.checkpoint_interval, help="tokens")
     rules.add_argument("--cache-unit", type=int, default=hit.unit, help="tokens per unit")
+
+
+def _octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 600") from None
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
@@ -107,6 +121,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
             host_tokens=args.host_cache_tokens,
             disk=not args.no_disk_cache,
             kv_dir=Path(args.kv_dir) if args.kv_dir else None,
+            kv_file_mode=args.kv_dir_mode,
             disk_gib=args.disk_cache_gib,
             disk_tokens=args.disk_cache_tokens,
             load_policy=LoadPolicy(args.kv_load),

@@ -49,7 +49,11 @@ def measure_load_costs(
                 lambda: pool.write_blocks([block], pinned[None]), pool
             )
         if disk_dir is not None:
-            costs.bytes_per_s[TierName.DISK] = pool.block_bytes / _disk_seconds(pool, block, source, disk_dir)
+            try:
+                seconds = _disk_seconds(pool, block, source, disk_dir)
+                costs.bytes_per_s[TierName.DISK] = pool.block_bytes / seconds
+            except OSError as err:  # full or read-only: the disk tier turns itself off on its first write
+                log.warning("disk load speed not measured (%s); disk hits will be loaded", err)
     finally:
         pool.decref(block)
     log.info("load-or-recompute costs: %s", costs.describe())

@@ -85,6 +85,7 @@ class PrefixCache:
                 layout,
                 config.disk_bytes(pool.block_bytes, pool.block_size),
                 config.writer_queue,
+                config.kv_file_mode,
             )
             if config.disk
             else None
@@ -107,6 +108,8 @@ class PrefixCache:
         live = TierStats(blocks=len(self.index), bytes=len(self.index) * self.pool.block_bytes,
                          evictions=self.index.evictions)  # fmt: skip
         lower = [t for t in (self.host, self.disk, self.remote) if t is not None]  # a tier that is down too
+        for tier in lower:
+            tier.stats.up = getattr(tier, "enabled", True)  # asking a tier that is off lets it retry
         return {TierName.LIVE: live, **{t.name: t.stats for t in lower}}
 
     # -- the engine's side ------------------------------------------------------------------------
