@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +36,7 @@ from warmkv.errors import (
     UnknownModel,
     WarmkvError,
 )
+from warmkv.server.auth import UNAUTHORIZED, GuardPaths, bearer_matches
 from warmkv.server.generation import Generation, account
 from warmkv.server.metrics import ServerMetrics
 from warmkv.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -98,14 +98,14 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="warmkv", lifespan=lifespan)
 
+    if settings.api_key is not None:
+        app.add_middleware(GuardPaths, key=settings.api_key)
+
     async def authorized(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-            raise _HTTPError(
-                401, error_body("Incorrect API key provided", "invalid_request_error", "invalid_api_key")
-            )
+        if not bearer_matches(request.headers.get("authorization", ""), settings.api_key):
+            raise _HTTPError(401, UNAUTHORIZED)
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -155,6 +155,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(_HTTPError)
     async def _http_error(_: Request, err: _HTTPError) -> JSONResponse:
         return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, _: ClientGone) -> Response:
+        # an everyday event (a user pressed stop), not a server error
+        log.info("client disconnected before the response of %s was complete", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, err: Exception) -> JSONResponse:

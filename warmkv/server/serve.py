@@ -8,13 +8,19 @@ from pathlib import Path
 
 from warmkv.errors import WarmkvError
 from warmkv.server.app import ServerSettings
+from warmkv.server.auth import resolve_api_key
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
+    group.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` on /v1, /metrics and the docs (visible in `ps`: prefer "
+        "--api-key-file or $WARMKV_API_KEY)",
+    )
+    group.add_argument("--api-key-file", help="read the API key from this file")
     group.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
     group.add_argument("--chat-template", help="Jinja chat template file overriding the model's own")
     group.add_argument("--tool-parser", default="hermes", help="tool-call format of the model's output")
@@ -55,7 +61,7 @@ def serve(args: argparse.Namespace) -> None:
 
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
-        api_key=args.api_key,
+        api_key=resolve_api_key(args.api_key, args.api_key_file),
         served_model_name=args.served_model_name,
         chat_template=_read_template(args.chat_template),
         tool_parser=args.tool_parser,
