@@ -8,6 +8,7 @@ or a prompt whose last token would merge with the next message, still matches th
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict, deque
 
 
@@ -15,14 +16,18 @@ class TurnMemory:
     def __init__(self, per_namespace: int = 32, namespaces: int = 1024) -> None:
         self._turns: OrderedDict[str, deque[tuple[str, list[int]]]] = OrderedDict()
         self._per_namespace, self._namespaces = per_namespace, namespaces
+        self._lock = threading.Lock()  # prompts are built on a worker thread, turns remembered on the loop
 
     def remember(self, namespace: str, text: str, token_ids: list[int]) -> None:
-        turns = self._turns.setdefault(namespace, deque(maxlen=self._per_namespace))
-        self._turns.move_to_end(namespace)
-        turns.append((text, list(token_ids)))
-        while len(self._turns) > self._namespaces:
-            self._turns.popitem(last=False)
+        with self._lock:
+            turns = self._turns.setdefault(namespace, deque(maxlen=self._per_namespace))
+            self._turns.move_to_end(namespace)
+            turns.append((text, list(token_ids)))
+            while len(self._turns) > self._namespaces:
+                self._turns.popitem(last=False)
 
     def longest_prefix_of(self, namespace: str, text: str) -> tuple[str, list[int]] | None:
-        matches = [turn for turn in self._turns.get(namespace, ()) if turn[0] and text.startswith(turn[0])]
+        with self._lock:
+            turns = list(self._turns.get(namespace, ()))
+        matches = [turn for turn in turns if turn[0] and text.startswith(turn[0])]
         return max(matches, key=lambda turn: len(turn[0]), default=None)

@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from warmkv.errors import (
 )
 from warmkv.server.auth import UNAUTHORIZED, GuardPaths, bearer_matches
 from warmkv.server.generation import Generation, account
+from warmkv.server.limits import BodyLimit
 from warmkv.server.metrics import ServerMetrics
 from warmkv.server.protocol import ChatCompletionRequest, CompletionRequest
 from warmkv.server.request_log import RequestLog, RequestRecord
@@ -65,6 +67,8 @@ class ServerSettings:
     # tokenise per message and reuse remembered turns' ids (off: whole-text tokenisation, for comparisons)
     stable_tokens: bool = True
     trace: Path | None = None
+    max_request_bytes: int = 16 * 2**20  # larger bodies get 413 before they are read whole
+    max_messages: int = 4096  # a chat request with more gets 400 before rendering
 
 
 class ClientGone(Exception):
@@ -90,13 +94,22 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     request_log = RequestLog(settings.trace)
     started = int(time.time())
 
+    # rendering and tokenising a request take CPU time in proportion to its size: off the event loop, so
+    # /health and streams stay responsive; one thread, as the tokenizer is shared
+    prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warmkv-prepare")
+
+    async def off_loop(work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(prepare, work)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         engine.shutdown()
+        prepare.shutdown(cancel_futures=True)
         request_log.close()
 
     app = FastAPI(title="warmkv", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
 
     if settings.api_key is not None:
         app.add_middleware(GuardPaths, key=settings.api_key)
@@ -187,20 +200,18 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        if len(body.messages) > settings.max_messages:
+            raise InvalidRequest(f"messages: {len(body.messages)} messages; this server takes at most "
+                                 f"{settings.max_messages} (--max-messages)")  # fmt: skip
         tenant = namespace(request, body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        prompt = build_chat_prompt(
-            tokenizer,
-            template,
-            parser,
-            messages,
-            tools,
-            body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.model_dump(),
-            turns,
-            tenant,
+        choice = body.tool_choice
+        tool_choice = choice if isinstance(choice, str | None) else choice.model_dump()
+        prompt = await off_loop(lambda: build_chat_prompt(
+            tokenizer, template, parser, messages, tools, tool_choice, turns, tenant,
             stable_tokens=settings.stable_tokens,
-        )
+        ))  # fmt: skip
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         record = RequestRecord(id=f"chatcmpl-{uuid.uuid4().hex}", endpoint="chat")
         params = sampling(body, len(prompt.token_ids), max_tokens)
@@ -233,7 +244,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         if isinstance(body.prompt, str):
-            prompt_ids = list(tokenizer(body.prompt)["input_ids"])
+            text = body.prompt
+            prompt_ids = await off_loop(lambda: list(tokenizer(text)["input_ids"]))
         else:
             prompt_ids = body.prompt
             if any(not 0 <= t < model.config.vocab_size for t in prompt_ids):

@@ -25,6 +25,15 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chat-template", help="Jinja chat template file overriding the model's own")
     group.add_argument("--tool-parser", default="hermes", help="tool-call format of the model's output")
     group.add_argument("--max-queue", type=int, default=256, help="pending requests before answering 429")
+    limits = ServerSettings()
+    group.add_argument(
+        "--max-request-bytes", type=int, default=limits.max_request_bytes,
+        help=f"larger request bodies get 413 (default {limits.max_request_bytes:,})",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-messages", type=int, default=limits.max_messages,
+        help=f"chat requests with more messages get 400 (default {limits.max_messages})",
+    )  # fmt: skip
     group.add_argument("--trace", help="append one JSON line per request to this file")
     group.add_argument(
         "--no-predictive-prefill",
@@ -50,8 +59,9 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if args.max_queue < 1:
-        raise WarmkvError(f"--max-queue must be a positive number, got {args.max_queue}")
+    for flag in ("max_queue", "max_request_bytes", "max_messages"):
+        if (value := getattr(args, flag)) < 1:
+            raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     engine = AsyncEngine(LLMEngine.from_config(engine_config_from(args)), args.max_queue)
     app = create_app(engine, settings_from(args))
     # uvicorn stops accepting on SIGINT/SIGTERM, lets in-flight requests finish (bounded), then the app's
@@ -68,6 +78,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         predictive_prefill=not args.no_predictive_prefill,
         stable_tokens=not args.no_stable_tokens,
         trace=Path(args.trace) if args.trace else None,
+        max_request_bytes=args.max_request_bytes,
+        max_messages=args.max_messages,
     )
 
 
