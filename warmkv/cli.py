@@ -193,23 +193,19 @@ def _cache(args: argparse.Namespace) -> None:
         print("\n".join(admin.explain(Path(args.trace))))
     elif args.action == "clear":
         cleared = admin.clear(kv_dir)
-        print(f"deleted {cleared.deleted_files} KV files ({_mib(cleared.deleted_bytes)}) from {kv_dir}")
+        print(f"deleted {cleared.deleted_files} KV blocks ({cleared.deleted_bytes:,} bytes) from {kv_dir}")
         _print_left_alone(cleared.foreign)
     elif args.action == "verify":
         report = admin.verify(kv_dir)
         for path, reason in report.corrupt:
             print(f"corrupt, deleted: {path} ({reason})")
         print(f"checked {report.checked} KV blocks in {kv_dir}: {len(report.corrupt)} corrupt "
-              f"(deleted, {_mib(report.deleted_bytes)})")  # fmt: skip
+              f"(deleted, {report.deleted_bytes:,} bytes)")  # fmt: skip
         _print_left_alone(report.foreign)
         if report.corrupt:
             raise WarmkvError(f"found {len(report.corrupt)} corrupt KV blocks in {kv_dir}")
     else:
         print("\n".join((admin.stats if args.action == "stats" else admin.listing)(kv_dir)))
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
 
 
 def _print_left_alone(foreign: list[Path], shown: int = 10) -> None:

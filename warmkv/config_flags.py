@@ -14,6 +14,7 @@ from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
 from warmkv.engine.config import EngineConfig
 from warmkv.errors import WarmkvError
+from warmkv.server.limits import API_KEY_ENV, DEFAULT_MAX_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:
     from warmkv.server.app import ServerSettings
@@ -88,6 +89,13 @@ def _add_tier_flags(parser: argparse.ArgumentParser, defaults: CacheConfig) -> N
     tiers.add_argument(
         "--kv-dir", help="disk tier directory (default: kv/ in the user cache dir, or WARMKV_KV_DIR)"
     )
+    tiers.add_argument(
+        "--kv-dir-mode",
+        type=_octal,
+        default=defaults.kv_file_mode,
+        help="mode of KV files, octal (600: the owner only; 640 or 660 for a shared group); folders get "
+        "the matching search bits",
+    )
     disk = tiers.add_mutually_exclusive_group()
     disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")
     disk.add_argument("--disk-cache-tokens", type=int, help="disk tier size in tokens")
@@ -113,6 +121,13 @@ def _add_tier_flags(parser: argparse.ArgumentParser, defaults: CacheConfig) -> N
         action="store_true",
         help="measure load-or-recompute costs again (else measured once per machine, model and device)",
     )
+
+
+def _octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 600") from None
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
@@ -143,6 +158,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
             host_tokens=args.host_cache_tokens,
             disk=not args.no_disk_cache,
             kv_dir=Path(args.kv_dir) if args.kv_dir else None,
+            kv_file_mode=args.kv_dir_mode,
             disk_gib=args.disk_cache_gib,
             disk_tokens=args.disk_cache_tokens,
             load_policy=LoadPolicy(args.kv_load),
@@ -193,11 +209,24 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
     group.add_argument("--port", type=int, default=8000, help="port to listen on")
-    group.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every /v1 request")
+    group.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` (or `x-api-key`) on /v1, /metrics and the docs (visible "
+        f"in `ps`: prefer --api-key-file or ${API_KEY_ENV})",
+    )
+    group.add_argument("--api-key-file", help="read the API key from this file")
     group.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
     group.add_argument("--chat-template", help="Jinja chat template file overriding the model's own")
     group.add_argument("--tool-parser", default="hermes", help="tool-call format of the model's output")
     group.add_argument("--max-queue", type=int, default=256, help="pending requests before answering 429")
+    group.add_argument(
+        "--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+        help="larger request bodies get 413, refused while they arrive",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-messages", type=int, default=DEFAULT_MAX_MESSAGES,
+        help="chat requests with more messages get 400, before rendering",
+    )  # fmt: skip
     group.add_argument("--trace", help="append one JSON line per request to this file")
     group.add_argument(
         "--no-predictive-prefill",
@@ -216,15 +245,18 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     from warmkv.server.app import ServerSettings
+    from warmkv.server.auth import resolve_api_key
 
     return ServerSettings(
-        api_key=args.api_key,
+        api_key=resolve_api_key(args.api_key, args.api_key_file),
         served_model_name=args.served_model_name,
         chat_template=_read_template(args.chat_template),
         tool_parser=args.tool_parser,
         predictive_prefill=not args.no_predictive_prefill,
         stable_tokens=not args.no_stable_tokens,
         trace=Path(args.trace) if args.trace else None,
+        max_request_bytes=args.max_request_bytes,
+        max_messages=args.max_messages,
     )
 
 

@@ -8,18 +8,20 @@ import pytest
 import torch
 
 from warmkv.cache import admin
+from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier, block_path
 from warmkv.cli import main
 
 FINGERPRINT = "ab" * 16
+BLOCK_SHAPE = (2, 2, 16, 1, 8)
 
 
 def stored_blocks(kv_dir: Path, count: int) -> list[Path]:
     """Blocks written by the disk tier itself, as a server would leave them."""
-    tier = DiskTier(kv_dir, FINGERPRINT, capacity_bytes=1 << 30)
+    tier = DiskTier(kv_dir, FINGERPRINT, BlockLayout(BLOCK_SHAPE, torch.float32), capacity_bytes=1 << 30)
     keys = [bytes([i]) * 16 for i in range(count)]
     for i, key in enumerate(keys):
-        tier.put(key, torch.full((2, 2, 16, 1, 8), float(i)))
+        tier.put(key, torch.full(BLOCK_SHAPE, float(i)))
     tier.flush()
     tier.close()
     return [block_path(tier.directory, key) for key in keys]
@@ -73,7 +75,7 @@ def test_cli_clear_says_what_it_deleted_and_left(tmp_path: Path, capsys: pytest.
     foreign_files(tmp_path)
     main(["cache", "clear", "--kv-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "deleted 2 KV files" in out and "left alone" in out and "photos" in out
+    assert "deleted 2 KV blocks" in out and "left alone" in out and "photos" in out
 
 
 def test_cli_verify_exits_non_zero_on_corruption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ import pytest
 from warmkv.bench.redis_process import RedisProcess
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.cache.tiers.base import TierName
+from warmkv.cache.tiers.codec import encode_block
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
@@ -63,6 +64,24 @@ def test_corrupt_shared_block_is_dropped_and_recomputed(
     assert seq.cache_hit.tokens_by_tier[TierName.REMOTE] == 16  # the block before the damaged one
     assert second.prefix_cache.remote.stats.corrupt == 1
     assert "checksum mismatch" in caplog.text
+    assert seq.output_ids == cold_tokens(tiny_llama, FOLLOW_UP)
+
+
+def test_shared_block_of_another_layout_is_dropped_and_recomputed(
+    tiny_llama: LoadedModel, redis_server: RedisProcess
+) -> None:
+    # a replica with a bug (or a hand-made value) stores a well-formed block, valid checksum, wrong shape
+    first, second = replica(tiny_llama, redis_server), replica(tiny_llama, redis_server)
+    generate(first, PROMPT)
+    first.prefix_cache.flush()
+    key = first.prefix_cache.chain("", PROMPT)[1]
+    victim = first.prefix_cache.remote.redis_key(key)
+    kv = first.prefix_cache.remote.get(key)
+    forged = encode_block(first.prefix_cache.remote.fingerprint, key, kv.reshape(kv.shape[0] * 2, -1))
+    redis_server.client.set(victim, forged)
+    seq = generate(second, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.REMOTE] == 16  # the block before the forged one
+    assert second.prefix_cache.remote.stats.corrupt == 1 and redis_server.client.get(victim) != forged
     assert seq.output_ids == cold_tokens(tiny_llama, FOLLOW_UP)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from warmkv.cache import admin
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.cache.load_costs import LoadCosts
 from warmkv.cache.tiers.base import TierName
+from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier, block_path
 from warmkv.cache.tiers.host import HostTier
 from warmkv.engine.config import EngineConfig
@@ -112,7 +114,7 @@ def test_eviction_demotes_least_recently_used_first(tiny: LoadedModel) -> None:
     assert engine.prefix_cache.index.evictions == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "shape"])
 def test_damaged_disk_block_is_detected_deleted_and_not_served(
     tiny: LoadedModel, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -124,6 +126,10 @@ def test_damaged_disk_block_is_detected_deleted_and_not_served(
     data = bytearray(victim.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
+    elif damage == "shape":  # the header's shape fields (after magic, dtype code, ndim): same element count
+        dims = list(struct.unpack_from("<5I", data, 6))
+        dims[0], dims[2] = dims[0] * 2, dims[2] // 2
+        struct.pack_into("<5I", data, 6, *dims)
     else:
         data[-100] ^= 0x40
     victim.write_bytes(bytes(data))
@@ -188,7 +194,8 @@ def test_full_writer_queue_skips_and_counts(tmp_path: Path, monkeypatch) -> None
 
     release = threading.Event()
     monkeypatch.setattr(DiskTier, "_write", lambda self, key, kv: release.wait(10))
-    disk = DiskTier(tmp_path, "ab" * 16, capacity_bytes=1 << 30, queue_size=2)
+    layout = BlockLayout((2, 1, 4, 1, 2), torch.float32)
+    disk = DiskTier(tmp_path, "ab" * 16, layout, capacity_bytes=1 << 30, queue_size=2)
     for i in range(6):
         disk.put(bytes([i]) * 16, torch.zeros(2, 1, 4, 1, 2))
     assert disk.stats.skipped_writes >= 3

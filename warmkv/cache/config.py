@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from warmkv.cache.hit_policy import HitPolicyConfig
+from warmkv.errors import WarmkvError
 from warmkv.paths import cache_home
 
 
@@ -27,6 +28,8 @@ class CacheConfig:
     host_tokens: int | None = None  # ... or in tokens; neither: 4 GiB
     disk: bool = True
     kv_dir: Path | None = None  # None: default_kv_dir()
+    # KV files hold what prompts computed: the owner's alone unless a shared set-up widens it (0o640, 0o660)
+    kv_file_mode: int = 0o600
     disk_gib: float | None = None  # disk tier size in GiB ...
     disk_tokens: int | None = None  # ... or in tokens; neither: 20 GiB
     writer_queue: int = 1024  # blocks waiting for the disk writer before writes are skipped
@@ -37,6 +40,13 @@ class CacheConfig:
     redis_ttl_s: int = 24 * 3600  # a block not rewritten for this long expires from the shared tier
     redis_timeout_s: float = 0.5  # slower answers count as the store being down
     hit_policy: HitPolicyConfig = field(default_factory=HitPolicyConfig)  # other caches' rules, for benches
+
+    def __post_init__(self) -> None:
+        if self.kv_file_mode & ~0o666 or self.kv_file_mode & 0o600 != 0o600:
+            raise WarmkvError(
+                f"--kv-dir-mode {self.kv_file_mode:o}: give a file mode such as 600, 640 or 660 "
+                "(the owner reads and writes; nothing executes)"
+            )
 
     def host_blocks(self, block_bytes: int, block_size: int) -> int:
         return _blocks(self.host_gib, self.host_tokens, 4.0, block_bytes, block_size)

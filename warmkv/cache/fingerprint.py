@@ -14,7 +14,7 @@ import torch
 
 from warmkv.paths import cache_home
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the stored block format (codec.MAGIC): blocks of an older one are never looked for
 _CHUNK = 1 << 24
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from warmkv.cache.tiers.base import TierName
-from warmkv.cache.tiers.codec import decode_block, encode_block
+from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_block
 from warmkv.cache.tiers.disk import read_file
 from warmkv.engine.kv_pool import KVPool
 from warmkv.paths import cache_home
@@ -163,7 +163,11 @@ def _measure_once(
                 lambda: pool.write_blocks([block], pinned[None]), pool
             )
         if disk_dir is not None:
-            costs.bytes_per_s[TierName.DISK] = pool.block_bytes / _disk_seconds(pool, block, source, disk_dir)
+            try:
+                seconds = _disk_seconds(pool, block, source, disk_dir)
+                costs.bytes_per_s[TierName.DISK] = pool.block_bytes / seconds
+            except OSError as err:  # full or read-only: the disk tier turns itself off on its first write
+                log.warning("disk load speed not measured (%s); disk hits will be loaded", err)
     finally:
         pool.decref(block)
     return costs
@@ -175,8 +179,10 @@ def _disk_seconds(pool: KVPool, block: int, source: torch.Tensor, disk_dir: Path
         path = Path(scratch) / "probe.kv"
         path.write_bytes(encode_block("00" * 16, b"\0" * 16, source))
 
+        layout = BlockLayout(pool.block_shape, pool.k.dtype)
+
         def load() -> None:
-            pool.write_blocks([block], decode_block(read_file(path), "00" * 16).kv[None])
+            pool.write_blocks([block], decode_block(read_file(path), "00" * 16, layout=layout).kv[None])
 
         return _seconds(load, pool)
 

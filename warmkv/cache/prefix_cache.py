@@ -21,6 +21,7 @@ from warmkv.cache.miss_reasons import RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import Tier, TierName, TierStats
+from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier
 from warmkv.cache.tiers.host import HostTier
 from warmkv.cache.tiers.redis import RedisTier
@@ -77,19 +78,22 @@ class PrefixCache:
         self.host = (
             HostTier(host_blocks, pool.block_shape, pool.k.dtype, pin=on_cuda) if host_blocks else None
         )
+        layout = BlockLayout(pool.block_shape, pool.k.dtype)  # every block read from below must match it
         self.disk = (
             DiskTier(
                 config.kv_dir or default_kv_dir(),
                 fingerprint,
+                layout,
                 config.disk_bytes(pool.block_bytes, pool.block_size),
                 config.writer_queue,
+                config.kv_file_mode,
             )
             if config.disk
             else None
         )
         self.remote = None
         if config.redis_url:
-            self.remote = RedisTier(config.redis_url, fingerprint, config.redis_ttl_s,
+            self.remote = RedisTier(config.redis_url, fingerprint, layout, config.redis_ttl_s,
                                     config.redis_timeout_s, config.redis_cluster)  # fmt: skip
         self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
         self.policy = build_hit_policy(config.hit_policy, pool.block_size)
@@ -105,6 +109,8 @@ class PrefixCache:
         live = TierStats(blocks=len(self.index), bytes=len(self.index) * self.pool.block_bytes,
                          evictions=self.index.evictions)  # fmt: skip
         lower = [t for t in (self.host, self.disk, self.remote) if t is not None]  # a tier that is down too
+        for tier in lower:
+            tier.stats.up = getattr(tier, "enabled", True)  # asking a tier that is off lets it retry
         return {TierName.LIVE: live, **{t.name: t.stats for t in lower}}
 
     # -- the engine's side: acquire, commit, release, swap_out ----------------------------------------

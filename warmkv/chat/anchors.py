@@ -1,16 +1,27 @@
 """Where each message of a rendered conversation ends, and tokenisation that keeps those ends stable.
 
-Works for any chat template: the conversation is rendered once per message prefix, and where that text is a
-prefix of the full prompt its length marks the message's end. A template that rewrites earlier turns (so a
-shorter rendering is not a prefix of the longer one) simply yields no boundary there.
+Works for any chat template. A message ends where the conversation rendered up to it stops, when that
+text is a prefix of the full prompt (a template that rewrites earlier turns simply yields no boundary
+there). Rendering every prefix costs O(messages^2), so the ends come from two renders instead: the
+conversation as is, and with each message's text wrapped in marker characters, which locate every
+message's text in the first. Between two located texts lies template markup (the end of one message, the
+start of the next); where ends fall inside such a stretch is learned once per distinct stretch, by
+rendering the prefixes that end in it, and reused for every stretch like it. Should the markers change the
+rendering in any way, every prefix is rendered, as the definition says.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from warmkv.chat.template import encode, render_chat
+
+# private-use characters: no template writes them, and a message holding one is simply left unmarked. A
+# message's text is wrapped as OPEN, its number (one character of a private-use plane), text, CLOSE
+_OPEN, _CLOSE, _NUMBER_BASE = "\ue000", "\ue001", 0xF0000
+_MARKS = re.compile("[\ue000\ue001\U000f0000-\U000ffffd]")
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,14 +39,95 @@ def message_ends(
     text: str,
 ) -> list[tuple[int, str, int]]:
     """(message index, role, character offset just past it) for each message that ends inside `text`."""
+    render = _Prefixes(tokenizer, messages, tools, template, text)
+    ends = _ends_from_marked_render(render)
+    if ends is not None:
+        # the render without generation prompt stands for the prompt only as far as the two agree
+        agree = _common_prefix(render.full, text)
+        return [end for end in ends if end[2] <= agree]
+    return [(i, m["role"], end) for i, m in enumerate(messages) if (end := render.end_of(i)) is not None]
+
+
+class _Prefixes:
+    """Renders of a conversation without the generation prompt: whole, marked, or up to a message."""
+
+    def __init__(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                 template: str, text: str) -> None:  # fmt: skip
+        self.messages, self.text = messages, text
+        self._render = lambda some: render_chat(tokenizer, some, tools, False, template)
+        self.full = self._render(messages)
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        return self._render(messages)
+
+    def end_of(self, index: int) -> int | None:
+        """Where message `index` ends, if rendering up to it gives a prefix of the prompt: the definition."""
+        prefix = self._render(self.messages[: index + 1])
+        return len(prefix) if self.text.startswith(prefix) else None
+
+
+def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | None:
+    messages, full = render.messages, render.full
+    if len(messages) > 0xFFFFD - _NUMBER_BASE:
+        return None
+    probe = [{**m, "content": f"{_OPEN}{chr(_NUMBER_BASE + i)}{m['content']}{_CLOSE}"} if _markable(m) else m
+             for i, m in enumerate(messages)]  # fmt: skip
+    with_marks = render.render(probe)
+    if _MARKS.sub("", with_marks) != full:
+        return None  # the template treats marked text differently: no shortcut
+    # the texts the template wrote, in order (a template may leave some out, as it may rewrite old turns)
+    marked, starts, stops = _text_spans(with_marks)
+    if not marked or marked != sorted(set(marked)) or not len(starts) == len(stops) == len(marked):
+        return None
+    if any(a > b for a, b in zip(starts, stops, strict=True)):
+        return None
+    # stretch k runs from the end of located text k-1 (or the start) to the start of text k (or the end)
+    bounds = [0, *stops], [*starts, len(full)]
+    owners = [range(0, marked[0])] + [
+        range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
+    ]
+    learned: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
     ends = []
-    for index in range(len(messages)):
-        prefix = render_chat(
-            tokenizer, messages[: index + 1], tools, add_generation_prompt=False, chat_template=template
-        )
-        if text.startswith(prefix):
-            ends.append((index, messages[index]["role"], len(prefix)))
+    for low, high, indices in zip(*bounds, owners, strict=True):
+        if low > high:
+            return None
+        key = (full[low:high], tuple(messages[i]["role"] for i in indices))
+        if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
+            found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
+            learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
+        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
     return ends
+
+
+def _markable(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, str) and bool(content) and _MARKS.search(content) is None
+
+
+def _text_spans(with_marks: str) -> tuple[list[int], list[int], list[int]]:
+    """Which message texts the marked render holds, and the offsets in the unmarked render where each
+    starts and stops."""
+    numbers, starts, stops = [], [], []
+    for removed, match in enumerate(_MARKS.finditer(with_marks)):  # each mark found moves the rest back
+        char, position = match.group(), match.start() - removed
+        if char == _OPEN:
+            starts.append(position)
+        elif char == _CLOSE:
+            stops.append(position)
+        else:
+            numbers.append(ord(char) - _NUMBER_BASE)
+    return numbers, starts, stops
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] agrees, a[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if a[:middle] == b[:middle] else (low, middle)
+    return low
 
 
 def encode_segments(

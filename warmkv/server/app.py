@@ -16,7 +16,9 @@ from warmkv.chat.tool_calls import PARSERS
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.errors import WarmkvError
 from warmkv.server import openai_routes
+from warmkv.server.auth import GuardPaths
 from warmkv.server.errors import install_error_handlers
+from warmkv.server.limits import BodyLimit
 from warmkv.server.metrics import ResponseCounter, ServerMetrics
 from warmkv.server.request_log import RequestLog
 from warmkv.server.state import ServerSettings, ServerState, State
@@ -33,7 +35,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="warmkv", lifespan=lifespan)
     app.state.warmkv = state
-    app.add_middleware(ResponseCounter, metrics=state.metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    if settings.api_key is not None:  # the /v1 routes check the key themselves; this guards the others
+        app.add_middleware(GuardPaths, key=settings.api_key)
+    app.add_middleware(ResponseCounter, metrics=state.metrics)  # outermost: it counts the 401s and 413s too
     install_error_handlers(app, {})
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])

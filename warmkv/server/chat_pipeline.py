@@ -16,6 +16,7 @@ from warmkv.chat.tool_calls import ToolCall
 from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
 from warmkv.engine.sequence import FinishReason, Sequence
+from warmkv.errors import InvalidRequest
 from warmkv.server.generation import Generation
 from warmkv.server.request_log import RequestRecord
 from warmkv.server.state import ServerState
@@ -106,6 +107,9 @@ class ChatRun:
 
 async def start_chat(state: ServerState, chat: ChatRequest) -> ChatRun:
     """Render and tokenise (in a worker thread: a long history takes a while) and set up the generation."""
+    if len(chat.messages) > state.settings.max_messages:
+        raise InvalidRequest(f"messages: {len(chat.messages)} messages; this server takes at most "
+                             f"{state.settings.max_messages} (--max-messages)")  # fmt: skip
     prompt = await asyncio.to_thread(
         state.session.prompt, chat.messages, chat.tools, chat.tool_choice, chat.namespace
     )

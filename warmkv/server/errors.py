@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from warmkv.errors import WarmkvError, error_body, http_error
@@ -78,6 +78,12 @@ def install_error_handlers(app: FastAPI, writers: dict[str, ErrorWriter]) -> Non
     @app.exception_handler(HTTPException)
     async def _http(request: Request, err: HTTPException) -> JSONResponse:
         return answer(request, err.status_code, "invalid_request_error", str(err.detail))
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, _: ClientGone) -> Response:
+        # an everyday event (a user pressed stop), not a server error: no traceback
+        log.info("client disconnected before the response of %s was complete", request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:

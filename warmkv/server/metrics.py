@@ -36,6 +36,13 @@ class TierCollector(Collector):
             for tier, tier_stats in stats.items():
                 family.add_metric([tier.value], getattr(tier_stats, name))
             yield family
+        up = GaugeMetricFamily(
+            "warmkv_cache_tier_up", "1 while the tier serves; 0 while it is off (unwritable, unreachable)",
+            labels=["tier"],
+        )  # fmt: skip
+        for tier, tier_stats in stats.items():
+            up.add_metric([tier.value], 1.0 if tier_stats.up else 0.0)
+        yield up
         for name, help_text in counters.items():
             family = CounterMetricFamily(f"warmkv_cache_{name}", help_text, labels=["tier"])
             for tier, tier_stats in stats.items():

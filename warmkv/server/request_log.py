@@ -71,8 +71,16 @@ class RequestRecord:
                 if self.preemptions
                 else ""
             )
-            + (f" miss: {self.cache['miss']['text']}" if self.cache.get("miss") else "")
+            + (f" miss: {self.miss_summary()}" if self.cache.get("miss") else "")
         )
+
+    def miss_summary(self) -> str:
+        """The miss reason without prompt text: excerpts of what changed are logged at debug level only."""
+        miss = self.cache["miss"]
+        if miss["request_excerpt"] is None:
+            return str(miss["text"])
+        where = f"{miss['role']} message #{miss['message_index']}" if miss["role"] else "the prompt"
+        return f"{where} changed; recomputed from token {miss['token']} (excerpts at --log-level debug)"
 
 
 class RequestLog:
@@ -82,6 +90,8 @@ class RequestLog:
 
     def write(self, record: RequestRecord) -> None:
         log.info(record.line())
+        if record.cache.get("miss") and record.cache["miss"]["request_excerpt"] is not None:
+            log.debug("%s miss: %s", record.id, record.cache["miss"]["text"])  # quotes the prompt
         if self._trace is None:
             return
         entry = {"time": time.time(), **asdict(record), "computed_tokens": record.computed_tokens}

@@ -12,8 +12,9 @@ from warmkv.errors import WarmkvError
 
 
 def serve(args: argparse.Namespace) -> None:
-    if args.max_queue < 1:
-        raise WarmkvError(f"--max-queue must be a positive number, got {args.max_queue}")
+    for flag in ("max_queue", "max_request_bytes", "max_messages"):
+        if (value := getattr(args, flag)) < 1:
+            raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
     check_port_free(args.host, args.port)  # before a model load that can take minutes
     config = engine_config_from(args)
     settings = settings_from(args)

@@ -14,6 +14,7 @@ from warmkv.chat.session import ChatSession
 from warmkv.chat.tool_calls import ToolCallParser
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.errors import UnknownModel
+from warmkv.server.limits import DEFAULT_MAX_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from warmkv.server.metrics import ServerMetrics
 from warmkv.server.request_log import RequestLog
 
@@ -29,6 +30,8 @@ class ServerSettings:
     # tokenise per message and reuse remembered turns' ids (off: whole-text tokenisation, for comparisons)
     stable_tokens: bool = True
     trace: Path | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_messages: int = DEFAULT_MAX_MESSAGES
 
 
 @dataclass(slots=True)

@@ -12,9 +12,9 @@ from warmkv.server.state import State
 
 
 def presented_key(request: Request) -> str:
-    bearer = request.headers.get("authorization", "")
-    if bearer:
-        return bearer.removeprefix("Bearer ").strip()
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":  # the scheme's case does not matter (RFC 7235)
+        return token.strip()
     return request.headers.get("x-api-key", "")
 
 

@@ -29,6 +29,7 @@ class TierStats:
     skipped_writes: int = 0  # the writer's queue was full
     corrupt: int = 0  # stored units that failed verification and were deleted
     unavailable: int = 0  # times the tier was found down (the shared store: unreachable or too slow)
+    up: bool = True  # serving now (a disk that cannot be written, a store that is down: not)
 
 
 class Tier(Protocol):

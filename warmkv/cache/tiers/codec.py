@@ -1,8 +1,14 @@
 """One stored block as bytes, the same on disk and in the shared store: a header naming the model
-fingerprint, key, dtype and shape, a CRC-32 of the payload, then the payload."""
+fingerprint, key, dtype and shape, then the payload, with a CRC-32 over both.
+
+A stored block comes from outside the process (a file anyone may edit, a store any replica writes), so
+decoding trusts nothing: the checksum covers the header as well as the payload, and the shape and dtype
+must be the model's own KV block layout before a byte of it reaches the pool.
+"""
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -11,11 +17,24 @@ import torch
 
 from warmkv.errors import CacheCorruption
 
-MAGIC = b"WKV2"
+MAGIC = b"WKV3"
+_OLDER_MAGICS = (b"WKV2",)  # earlier warmkv formats: never decoded, but still recognised as warmkv's
 _DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
-# magic, dtype, ndim, shape, fingerprint, key, CRC-32 of the payload, payload length. CRC-32 finds torn
-# writes and flipped bits at several GB/s; foreign files are caught by the fingerprint and key
-_HEADER = struct.Struct("<4sBB5I16s16sIQ")
+_MAX_DIMS = 5
+# magic, dtype, ndim, shape, fingerprint, key, payload length, then a CRC-32 of everything before it and of
+# the payload. CRC-32 finds torn writes and flipped bits at several GB/s; foreign files are caught by the
+# fingerprint and key. The fingerprint and key sit where every format since WKV2 has them.
+_HEADER = struct.Struct(f"<4sBB{_MAX_DIMS}I16s16sQI")
+HEADER_SIZE = _HEADER.size
+_CHECKED = HEADER_SIZE - 4  # the header bytes the checksum covers: all but the checksum itself
+
+
+@dataclass(slots=True, frozen=True)
+class BlockLayout:
+    """Shape and dtype of one block of the model's KV: what every stored block of its fingerprint must be."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,27 +50,22 @@ def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
 def encode_parts(fingerprint: str, key: bytes, kv: torch.Tensor) -> tuple[bytes, memoryview]:
     """Header and payload; the payload is a view of the tensor's memory, not a copy (a block is large)."""
     payload = memoryview(kv.contiguous().view(torch.uint8).numpy()).cast("B")
-    shape = list(kv.shape) + [0] * (5 - kv.dim())
-    header = _HEADER.pack(
-        MAGIC,
-        _DTYPES[kv.dtype],
-        kv.dim(),
-        *shape,
-        bytes.fromhex(fingerprint),
-        key,
-        _checksum(payload),
-        len(payload),
-    )
-    return header, payload
+    shape = list(kv.shape) + [0] * (_MAX_DIMS - kv.dim())
+    fields = _HEADER.pack(
+        MAGIC, _DTYPES[kv.dtype], kv.dim(), *shape, bytes.fromhex(fingerprint), key, len(payload), 0
+    )[:_CHECKED]
+    return fields + struct.pack("<I", zlib.crc32(payload, zlib.crc32(fields))), payload
 
 
-def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) -> StoredBlock:
-    """The block in `data` (read into a bytearray: the tensor shares its memory); CacheCorruption if anything
-    about it is wrong."""
-    if len(data) < _HEADER.size:
+def decode_block(
+    data: bytearray, fingerprint: str, key: bytes | None = None, layout: BlockLayout | None = None
+) -> StoredBlock:
+    """The block in `data` (read into a bytearray: the tensor shares its memory); CacheCorruption, and
+    nothing else, if anything about it is wrong. `layout`: the shape and dtype the block must have."""
+    if len(data) < HEADER_SIZE:
         raise CacheCorruption("truncated header")
     magic, dtype_code, ndim, *rest = _HEADER.unpack_from(data)
-    shape, (stored_fingerprint, stored_key, checksum, length) = rest[:5][:ndim], rest[5:]
+    dims, (stored_fingerprint, stored_key, length, checksum) = rest[:_MAX_DIMS], rest[_MAX_DIMS:]
     if magic != MAGIC:
         raise CacheCorruption("not a warmkv KV file (or an older format)")
     if stored_fingerprint != bytes.fromhex(fingerprint):
@@ -59,29 +73,28 @@ def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) ->
     if key is not None and stored_key != key:
         raise CacheCorruption("key does not match the file name")
     # views released on the way out, even by an error: the caller reuses `data` as a read buffer
-    with memoryview(data) as whole, whole[_HEADER.size :] as payload:
+    with memoryview(data) as whole, whole[:_CHECKED] as fields, whole[HEADER_SIZE:] as payload:
         if len(payload) != length:
             raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
-        if _checksum(payload) != checksum:
+        if zlib.crc32(payload, zlib.crc32(fields)) != checksum:
             raise CacheCorruption("checksum mismatch")
     dtype = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
-    if dtype is None:
-        raise CacheCorruption(f"unknown dtype code {dtype_code}")
-    kv = torch.frombuffer(data, dtype=torch.uint8, offset=_HEADER.size).view(dtype).reshape(shape)
+    if dtype is None or not 0 < ndim <= _MAX_DIMS:
+        raise CacheCorruption(f"unknown dtype code {dtype_code} or {ndim} dimensions")
+    shape = tuple(dims[:ndim])
+    if layout is not None and (shape, dtype) != (layout.shape, layout.dtype):
+        raise CacheCorruption(f"a {dtype} block of shape {list(shape)}; the model's blocks are "
+                              f"{layout.dtype} of shape {list(layout.shape)}")  # fmt: skip
+    if math.prod(shape) * dtype.itemsize != length:
+        raise CacheCorruption(f"shape {list(shape)} does not match the {length}-byte payload")
+    kv = torch.frombuffer(data, dtype=torch.uint8, offset=HEADER_SIZE).view(dtype).reshape(shape)
     return StoredBlock(stored_key, kv)
 
 
 def stored_identity(head: bytes) -> tuple[str, bytes] | None:
     """Fingerprint (hex) and key named by the first HEADER_SIZE bytes of a stored block, or None when they
     are not a warmkv block header. Nothing else is checked: this tells warmkv's files from anyone else's."""
-    if len(head) < _HEADER.size or head[: len(MAGIC)] != MAGIC:
+    if len(head) < HEADER_SIZE or head[: len(MAGIC)] not in (MAGIC, *_OLDER_MAGICS):
         return None
     fields = _HEADER.unpack_from(head)
-    return fields[8].hex(), fields[9]
-
-
-HEADER_SIZE = _HEADER.size
-
-
-def _checksum(payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload)
+    return fields[3 + _MAX_DIMS].hex(), fields[4 + _MAX_DIMS]

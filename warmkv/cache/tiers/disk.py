@@ -1,30 +1,43 @@
 """Local-disk tier: one file per block under a directory per model fingerprint; survives restarts.
 
 A file is written to a temporary name and renamed into place, so a crash never leaves a half-written
-block under a real name. Each file carries its fingerprint, key, shape and a checksum of its payload; a file
-that fails any check is deleted and never served. Writes happen on a background thread behind a bounded
-queue: when the queue is full the write is skipped and counted, never waited for.
+block under a real name. Each file carries its fingerprint, key, shape and a checksum of header and
+payload; a file that fails any check is deleted and never served. Writes happen on a background thread
+behind a bounded queue: when the queue is full the write is skipped and counted, never waited for.
+
+Files hold prompt-derived data, so they are created readable by their owner only (a wider mode is a
+setting for shared set-ups). A directory that cannot be written (read-only, full, foreign-owned) turns the
+tier off with one warning; requests go on from memory, and the writer probes the directory again every
+RETRY_S seconds, turning the tier back on once it can write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import SUFFIX, TierName, TierStats
-from warmkv.cache.tiers.codec import decode_block, encode_parts
+from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_parts
 from warmkv.errors import CacheCorruption
 
 log = logging.getLogger("warmkv.cache")
 
+RETRY_S = 60.0  # between probes of a directory that could not be written
+
+
+class _Probe:
+    """A writer-queue item: try the directory again."""
 
 
 def read_file(path: Path, buffer: bytearray | None = None) -> bytearray:
@@ -49,26 +62,40 @@ def block_path(directory: Path, key: bytes) -> Path:
 class DiskTier:
     name = TierName.DISK
 
-    def __init__(self, root: Path, fingerprint: str, capacity_bytes: int, queue_size: int = 1024) -> None:
+    def __init__(
+        self, root: Path, fingerprint: str, layout: BlockLayout, capacity_bytes: int, queue_size: int = 1024,
+        file_mode: int = 0o600, retry_s: float = RETRY_S,
+    ) -> None:  # fmt: skip
         self.fingerprint = fingerprint
+        self.layout = layout
         self.directory = root / fingerprint
         self.capacity_bytes = capacity_bytes
+        self.file_mode = file_mode
+        self.folder_mode = file_mode | (file_mode & 0o444) >> 2  # searchable by whoever may read
         self.stats = TierStats()
-        self.enabled = True
+        self._up = False
+        self._warned = False  # one warning per outage
+        self._retry_s, self._retry_at = retry_s, 0.0
         self._files: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recently used first
         self._lock = threading.Lock()
         self._queued: set[bytes] = set()
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._scan()
-        except OSError as err:
-            self._disable(err)
-        self._writer = BackgroundWorker("warmkv-disk-writer", self._write_queued, queue_size)
+        self._writer: BackgroundWorker[tuple[bytes, torch.Tensor] | _Probe] = BackgroundWorker(
+            "warmkv-disk-writer", self._write_queued, queue_size
+        )
+        self._probe()
         # reading and checksumming release the GIL: a long hit loads on several cores at once
         self._local = threading.local()  # each reader thread's reusable buffer
         self._readers = ThreadPoolExecutor(
             max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="warmkv-disk-read"
         )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the tier serves and stores blocks; while it is off, asking schedules a retry when due."""
+        if not self._up and time.monotonic() >= self._retry_at:
+            self._retry_at = time.monotonic() + self._retry_s
+            self._writer.put(_Probe())  # on the writer thread: the caller never waits for the disk
+        return self._up
 
     # -- the engine's side ------------------------------------------------------------------------
 
@@ -97,27 +124,35 @@ class DiskTier:
     def _read(self, key: bytes, buffer: bytearray | None) -> torch.Tensor | None:
         path = block_path(self.directory, key)
         try:
-            block = decode_block(read_file(path, buffer), self.fingerprint, key)
+            block = decode_block(read_file(path, buffer), self.fingerprint, key, self.layout)
         except FileNotFoundError:
             self._forget(key, miss=True)
             return None
-        except (OSError, CacheCorruption) as err:
+        except OSError as err:  # unreadable (permissions, I/O): a miss; the file is not proven bad
+            log.warning("cannot read KV block %s: %s", path.name, err)
+            self._forget(key, miss=True)
+            return None
+        except CacheCorruption as err:
             log.warning("dropping corrupt KV block %s: %s", path.name, err)
             self._forget(key, corrupt=True)
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only directory keeps it; it is never served again
+                path.unlink(missing_ok=True)
             return None
         with self._lock:  # readers run on several threads
             if key in self._files:
                 self._files.move_to_end(key)
             self.stats.hits += 1
-        os.utime(path)  # recency survives a restart: the scan orders files by modification time
+        # recency survives a restart (the scan orders files by modification time); only a hint, so a
+        # directory that refuses it costs nothing
+        with contextlib.suppress(OSError):
+            os.utime(path)
         return block.kv
 
     def put(self, key: bytes, kv: torch.Tensor, wait: bool = False) -> None:
         """Queue a block for writing; `kv` must not change afterwards (pass a copy). With the queue full,
         the write is skipped, or (wait=True, off the request path) waited for."""
         with self._lock:
-            if not self.enabled or key in self._files or key in self._queued:
+            if not self._up or key in self._files or key in self._queued:
                 return
             self._queued.add(key)
         if not self._writer.put((key, kv), wait):
@@ -145,10 +180,14 @@ class DiskTier:
 
     # -- the writer thread ------------------------------------------------------------------------
 
-    def _write_queued(self, batch: list[tuple[bytes, torch.Tensor]]) -> None:
-        for key, kv in batch:
+    def _write_queued(self, batch: list[tuple[bytes, torch.Tensor] | _Probe]) -> None:
+        for item in batch:
+            if isinstance(item, _Probe):
+                self._probe()
+                continue
+            key, kv = item
             try:
-                if self.enabled:
+                if self._up:
                     self._write(key, kv)
             except OSError as err:
                 self._disable(err)
@@ -159,10 +198,10 @@ class DiskTier:
     def _write(self, key: bytes, kv: torch.Tensor) -> None:
         header, payload = encode_parts(self.fingerprint, key, kv)
         path = block_path(self.directory, key)
-        path.parent.mkdir(exist_ok=True)
+        self._make_folder(path.parent)
         temporary = path.with_name(f"{path.name}.tmp{threading.get_ident()}")
         try:
-            with temporary.open("wb") as f:
+            with self._create(temporary) as f:
                 f.write(header)
                 f.write(payload)
             temporary.replace(path)  # atomic: readers see the whole file or none
@@ -175,9 +214,47 @@ class DiskTier:
         while self.stats.bytes > self.capacity_bytes and self._files:
             self.evict()
 
+    def _create(self, path: Path) -> BinaryIO:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.file_mode)
+        try:
+            os.fchmod(descriptor, self.file_mode)  # exactly the mode asked for, whatever the umask
+        except OSError:
+            os.close(descriptor)
+            raise
+        return os.fdopen(descriptor, "wb")
+
+    def _make_folder(self, folder: Path) -> None:
+        for missing in reversed([folder, *folder.parents]):  # the root's own parents first
+            if not missing.is_dir():
+                missing.mkdir(mode=self.folder_mode, exist_ok=True)
+                os.chmod(missing, self.folder_mode)  # folders it creates; the user's own stay as they are
+
     # -- bookkeeping ------------------------------------------------------------------------------
 
-    def _scan(self) -> None:
+    def _probe(self) -> None:
+        """Turn the tier on if its directory can be written (a file created, then removed), reading what
+        it holds; else leave it off (one warning per outage) until the next probe."""
+        if self._up:
+            return
+        try:
+            self._make_folder(self.directory)
+            probe = self.directory / f".probe{threading.get_ident()}"
+            with self._create(probe) as f:
+                f.write(b"warmkv")
+            probe.unlink()
+            files, size = self._scan()
+        except OSError as err:
+            self._disable(err)
+            return
+        with self._lock:
+            self._files = files
+            self.stats.blocks, self.stats.bytes = len(files), size
+            self._up = True
+        if self._warned:
+            log.warning("disk KV tier %s is writable again: back on", self.directory)
+            self._warned = False
+
+    def _scan(self) -> tuple[OrderedDict[bytes, int], int]:
         # stale temporaries are what a crash mid-write leaves; they were never under a real name
         for temporary in self.directory.glob(f"*/*{SUFFIX}.tmp*"):
             temporary.unlink(missing_ok=True)
@@ -188,9 +265,8 @@ class DiskTier:
                 found.append((stat.st_mtime_ns, bytes.fromhex(path.stem), stat.st_size))
             except (OSError, ValueError):
                 continue
-        for _, key, size in sorted(found):
-            self._files[key] = size
-        self.stats.blocks, self.stats.bytes = len(self._files), sum(self._files.values())
+        files = OrderedDict((key, size) for _, key, size in sorted(found))
+        return files, sum(files.values())
 
     def _forget(self, key: bytes, miss: bool = False, corrupt: bool = False) -> None:
         with self._lock:
@@ -201,6 +277,10 @@ class DiskTier:
                 self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes - size
 
     def _disable(self, err: OSError) -> None:
-        if self.enabled:
-            log.warning("disk KV tier disabled (%s): serving from memory tiers only", err)
-        self.enabled = False
+        with self._lock:
+            self._up = False
+            self._retry_at = time.monotonic() + self._retry_s
+        if not self._warned:
+            log.warning("disk KV tier disabled (%s): serving from memory tiers only; retrying every %.0f s",
+                        err, self._retry_s)  # fmt: skip
+            self._warned = True

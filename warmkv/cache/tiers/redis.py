@@ -19,7 +19,7 @@ import torch
 
 from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import TierName, TierStats
-from warmkv.cache.tiers.codec import decode_block, encode_block
+from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_block
 from warmkv.errors import CacheCorruption, WarmkvError
 
 log = logging.getLogger("warmkv.cache")
@@ -29,8 +29,8 @@ WRITE_BATCH = 64  # blocks per pipelined write
 class RedisTier:
     name = TierName.REMOTE
 
-    def __init__(self, url: str, fingerprint: str, ttl_s: int, timeout_s: float, cluster: bool = False,
-                 queue_size: int = 1024, backoff_s: float = 5.0) -> None:  # fmt: skip
+    def __init__(self, url: str, fingerprint: str, layout: BlockLayout, ttl_s: int, timeout_s: float,
+                 cluster: bool = False, queue_size: int = 1024, backoff_s: float = 5.0) -> None:  # fmt: skip
         import redis
 
         self._errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
@@ -41,6 +41,7 @@ class RedisTier:
         except (ValueError, redis.RedisError) as err:
             raise WarmkvError(f"--redis-url {url}: {err}") from err
         self.url, self.fingerprint, self.ttl_s, self.backoff_s = url, fingerprint, ttl_s, backoff_s
+        self.layout = layout
         self._timeout_s = timeout_s
         self.prefix = f"warmkv:{fingerprint}:"
         self.stats = TierStats()
@@ -101,7 +102,7 @@ class RedisTier:
             self.stats.misses += 1
             return None
         try:
-            kv = decode_block(bytearray(value), self.fingerprint, key).kv
+            kv = decode_block(bytearray(value), self.fingerprint, key, self.layout).kv
         except CacheCorruption as err:
             log.warning("dropping corrupt KV block %s from the shared tier: %s", key.hex(), err)
             self.stats.corrupt += 1

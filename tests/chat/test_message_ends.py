@@ -1,0 +1,96 @@
+"""Message ends come from a constant number of template renders, and are exactly the ends the definition
+gives (render the conversation up to each message; where that is a prefix of the prompt, it ends there)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+import warmkv.chat.anchors as anchors
+from warmkv.chat.prompt import build_chat_prompt
+from warmkv.chat.template import render_chat
+from warmkv.chat.tool_calls import PARSERS
+
+from ..conftest import SMOLLM2_TOKENIZER
+
+TOKENIZER = AutoTokenizer.from_pretrained(str(SMOLLM2_TOKENIZER))
+# a tools-aware template in the Qwen 2.5 manner: tool calls as JSON, tool results inside a user turn
+TOOLS_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{%- for c in m.tool_calls or [] %}\n<tool_call>\n{{ c.function | tojson }}\n</tool_call>{% endfor %}"
+    "<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+# rewrites earlier turns: only the last assistant message keeps its text (as reasoning templates do)
+REWRITING_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.role != 'assistant' or loop.last %}{{ m.content }}{% endif %}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+TEMPLATES = {"smollm2": TOKENIZER.chat_template, "tools": TOOLS_TEMPLATE, "rewriting": REWRITING_TEMPLATE}
+
+
+def by_definition(messages: list[dict[str, Any]], template: str, text: str) -> list[tuple[int, str, int]]:
+    ends = []
+    for i, message in enumerate(messages):
+        prefix = render_chat(TOKENIZER, messages[: i + 1], None, False, template)
+        if text.startswith(prefix):
+            ends.append((i, message["role"], len(prefix)))
+    return ends
+
+
+CALL = {"type": "function", "function": {"name": "read", "arguments": {"path": "a.py"}}}
+message = st.one_of(
+    st.builds(lambda role, text: {"role": role, "content": text},
+              st.sampled_from(["user", "assistant", "tool"]),
+              st.sampled_from(["", "hi", "Hello there.", "\n\nok"])),
+    st.just({"role": "assistant", "content": "", "tool_calls": [CALL]}),
+)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(sorted(TEMPLATES)),
+    st.booleans(),
+    st.lists(message, min_size=1, max_size=8),
+)
+def test_ends_equal_the_definition(name: str, system: bool, messages: list[dict[str, Any]]) -> None:
+    messages = ([{"role": "system", "content": "Be brief."}] if system else []) + messages
+    template = TEMPLATES[name]
+    text = render_chat(TOKENIZER, messages, None, True, template)
+    assert anchors.message_ends(TOKENIZER, messages, None, template, text) == by_definition(
+        messages, template, text
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_a_thousand_messages_take_a_constant_number_of_renders(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    renders = 0
+    real = anchors.render_chat
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        nonlocal renders
+        renders += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(anchors, "render_chat", counted)
+    messages = [{"role": "system", "content": "You are terse."}]
+    for turn in range(500):
+        messages += [{"role": "user", "content": f"Question {turn}?"},
+                     {"role": "assistant", "content": f"Answer {turn}."}]  # fmt: skip
+    prompt = build_chat_prompt(TOKENIZER, TEMPLATES[name], PARSERS["hermes"], messages, None, None)
+    # the whole render, the marked render, and a few prefixes per distinct stretch of template markup;
+    # rendering every prefix would be 1,001
+    assert renders <= 12, renders
+    # the rewriting template hides earlier replies: their ends are no prefix, the last one's is
+    hidden = set(range(2, len(messages) - 1, 2)) if name == "rewriting" else set()
+    assert [span.index for span in prompt.spans] == [i for i in range(len(messages)) if i not in hidden]
