@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from warmkv.cache.config import CacheConfig
+from warmkv.config_flags import add_serve_flags, settings_from
 from warmkv.engine.config import EngineConfig
 from warmkv.errors import WarmkvError
 from warmkv.server.auth import resolve_api_key
-from warmkv.server.serve import add_serve_flags, settings_from
 
 from ..cache.test_disk_trouble import make_read_only
 from .conftest import start_server
