@@ -17,7 +17,7 @@ import torch
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.cache.hit_policy import HitPolicyName, build_hit_policy
 from warmkv.cache.load_costs import LoadCosts
-from warmkv.cache.miss_reasons import RecentPrompts
+from warmkv.cache.miss_reasons import LookupStop, RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import Tier, TierName, TierStats
@@ -36,7 +36,8 @@ class PrefixHit:
     blocks: list[int]  # pool blocks holding the hit, each with a reference for the caller
     keys: list[bytes]
     tokens_by_tier: dict[TierName, int] = field(default_factory=dict)
-    stopped_by: str | None = None  # why the hit ended early: "load slower than recompute", "corrupt", ...
+    stop: LookupStop | None = None  # why the hit ended early, if it did
+    stop_tier: TierName | None = None  # the tier it was reading when it stopped
     load_bytes: int = 0
     load_seconds: float = 0.0
     nearest: tuple[list[int], int] = (
@@ -54,6 +55,17 @@ class PrefixHit:
             taken = min(surplus, self.tokens_by_tier[tier])
             self.tokens_by_tier[tier] -= taken
             surplus -= taken
+
+    @property
+    def stopped_by(self) -> str | None:
+        """Why the hit ended early, for people: "KV pool full", "load from disk slower than recompute", ..."""
+        tier = self.stop_tier.value if self.stop_tier else "a lower tier"
+        return {
+            None: None,
+            LookupStop.POOL_FULL: "KV pool full",
+            LookupStop.UNREADABLE: f"{tier} block unreadable (dropped)",
+            LookupStop.SLOWER_THAN_RECOMPUTE: f"load from {tier} slower than recompute",
+        }[self.stop]
 
     @property
     def source(self) -> str:
@@ -168,7 +180,7 @@ class PrefixCache:
             # allocation first: evictions it causes may demote into the very tiers read below
             targets = self.pool.allocate(len(plan))
         except PoolExhausted:
-            hit.stopped_by = "KV pool full"
+            hit.stop = LookupStop.POOL_FULL
             return hit
         # every block goes straight to a device staging buffer (from the pinned slab: asynchronously);
         # the layout change to the pool's happens on the device
@@ -180,7 +192,7 @@ class PrefixCache:
         for key, tier in plan:
             readable = read[key] if key in read else self._copy_from(tier, key, staging[loaded])
             if not readable:
-                hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
+                hit.stop, hit.stop_tier = LookupStop.UNREADABLE, tier.name
                 break
             loaded += 1
             hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
@@ -232,7 +244,7 @@ class PrefixCache:
             if tier is None:
                 break
             if not self._worth_loading(tier.name):
-                hit.stopped_by = f"load from {tier.name.value} slower than recompute"
+                hit.stop, hit.stop_tier = LookupStop.SLOWER_THAN_RECOMPUTE, tier.name
                 break
             plan.append((key, tier))
         return plan
