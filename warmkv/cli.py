@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(generate)
     add_sampling_flags(generate)
 
-    serve = command("serve", "warmkv.server.serve:serve", "serve the OpenAI-compatible HTTP API")
+    serve = command("serve", "warmkv.cli:_serve", "serve the OpenAI-compatible HTTP API")
     add_engine_flags(serve)
     add_serve_flags(serve)
 
@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_replay_flags(replay)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from warmkv.config_flags import engine_config_from, settings_from
+    from warmkv.server.serve import check_port_free, run_server
+
+    check_port_free(args.host, args.port)  # before loading anything: a model load can take minutes
+    config = engine_config_from(args)
+    run_server(config, settings_from(args), args.host, args.port, args.max_queue, args.log_level)
 
 
 def _report(args: argparse.Namespace) -> None:
