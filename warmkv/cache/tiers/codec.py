@@ -6,13 +6,15 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from warmkv.errors import CacheCorruption
 
+if TYPE_CHECKING:  # torch is loaded by the functions that need it: `warmkv cache stats` reads headers only
+    import torch
+
 MAGIC = b"WKV2"
-_DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_DTYPES = {"float32": 1, "bfloat16": 2, "float16": 3}  # torch dtype names
 # magic, dtype, ndim, shape, fingerprint, key, CRC-32 of the payload, payload length. CRC-32 finds torn
 # writes and flipped bits at several GB/s; foreign files are caught by the fingerprint and key
 _HEADER = struct.Struct("<4sBB5I16s16sIQ")
@@ -30,11 +32,13 @@ def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
 
 def encode_parts(fingerprint: str, key: bytes, kv: torch.Tensor) -> tuple[bytes, memoryview]:
     """Header and payload; the payload is a view of the tensor's memory, not a copy (a block is large)."""
+    import torch
+
     payload = memoryview(kv.contiguous().view(torch.uint8).numpy()).cast("B")
     shape = list(kv.shape) + [0] * (5 - kv.dim())
     header = _HEADER.pack(
         MAGIC,
-        _DTYPES[kv.dtype],
+        _DTYPES[str(kv.dtype).removeprefix("torch.")],
         kv.dim(),
         *shape,
         bytes.fromhex(fingerprint),
@@ -64,10 +68,13 @@ def decode_block(data: bytearray, fingerprint: str, key: bytes | None = None) ->
             raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
         if _checksum(payload) != checksum:
             raise CacheCorruption("checksum mismatch")
-    dtype = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
+    import torch
+
+    dtype = next((name for name, code in _DTYPES.items() if code == dtype_code), None)
     if dtype is None:
         raise CacheCorruption(f"unknown dtype code {dtype_code}")
-    kv = torch.frombuffer(data, dtype=torch.uint8, offset=_HEADER.size).view(dtype).reshape(shape)
+    payload_bytes = torch.frombuffer(data, dtype=torch.uint8, offset=_HEADER.size)
+    kv = payload_bytes.view(getattr(torch, dtype)).reshape(shape)
     return StoredBlock(stored_key, kv)
 
 
