@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(generate)
     add_sampling_flags(generate)
 
-    serve = command("serve", "warmkv.server.serve:serve", "serve the OpenAI-compatible HTTP API")
+    serve = command("serve", "warmkv.cli:_serve", "serve the OpenAI-compatible HTTP API")
     add_engine_flags(serve)
     add_serve_flags(serve)
 
@@ -163,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_load_flags(load)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from warmkv.config_flags import engine_config_from, settings_from
+    from warmkv.server.serve import check_port_free, run_server
+
+    for flag in ("max_queue", "max_request_bytes", "max_messages"):
+        if (value := getattr(args, flag)) < 1:
+            raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
+    check_port_free(args.host, args.port)  # before loading anything: a model load can take minutes
+    config = engine_config_from(args)
+    run_server(config, settings_from(args), args.host, args.port, args.max_queue, args.log_level)
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -33,3 +33,14 @@ def test_replay_compares_policies_with_the_oracle(tmp_path: Path, capsys: pytest
         assert row in table
     assert (tmp_path / "replay-test-ttft.png").stat().st_size > 10_000
     assert (tmp_path / "replay-test-computed.png").stat().st_size > 10_000
+
+
+def test_replay_without_matplotlib_stops_at_once_and_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from warmkv.bench import run_replay
+
+    monkeypatch.setattr(run_replay, "plots_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"pip install 'warmkv\[bench\]', or pass --no-plots"):
+        main(["bench", "replay", "--synthetic", "restart", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # nothing replayed, nothing written

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from warmkv.cache.miss_reasons import MissKind, MissReason, RecentPrompts, explain_miss
+from warmkv.cache.miss_reasons import LookupStop, MissKind, MissReason, RecentPrompts, explain_miss
 from warmkv.chat.anchors import MessageSpan
 
 
@@ -14,10 +14,11 @@ class Digits:
 SPANS = [MessageSpan(0, "system", 40), MessageSpan(1, "user", 70)]
 
 
-def reason(prompt: list[int], cached: int, stopped_by: str | None, recent: RecentPrompts) -> MissReason:
-    return explain_miss(
-        prompt, cached, stopped_by, recent.nearest("", prompt), SPANS, Digits(), block_size=16
-    )
+def reason(
+    prompt: list[int], cached: int, stop: LookupStop | None, recent: RecentPrompts, text: str | None = None
+) -> MissReason:
+    nearest = recent.nearest("", prompt)
+    return explain_miss(prompt, cached, stop, text, nearest, SPANS, Digits(), block_size=16)
 
 
 def test_nearest_prompt_is_the_longest_shared_prefix() -> None:
@@ -34,9 +35,34 @@ def test_each_kind_of_miss() -> None:
     assert reason(prompt, 0, None, recent).kind is MissKind.NEW_TOKENS
     recent.remember("", list(range(70)))
     assert reason(prompt, 0, None, recent).kind is MissKind.EVICTED
-    slow = reason(prompt, 16, "load from disk slower than recompute", recent)
+    slow = reason(prompt, 16, LookupStop.SLOWER_THAN_RECOMPUTE, recent, "load from disk slower than…")
     assert slow.kind is MissKind.SLOWER_THAN_RECOMPUTE and "tokens 16-64" in slow.text
     assert reason(prompt, 64, None, recent).kind is MissKind.BELOW_MINIMUM
     changed = reason([*range(50), 7, 7, 7, *range(53, 70)], 48, None, recent)
     assert (changed.kind, changed.message_index, changed.role) == (MissKind.CHANGED, 1, "user")
     assert "changed at token 50" in changed.text and "7 7 7" in changed.request_excerpt
+
+
+def test_lookup_stopped_by_a_full_pool_is_named_so() -> None:
+    recent = RecentPrompts()
+    recent.remember("", list(range(70)))
+    full = reason(list(range(70)), 16, LookupStop.POOL_FULL, recent, "KV pool full")
+    assert full.kind is MissKind.POOL_FULL and full.text.endswith("KV pool full: tokens 16-64 recomputed")
+    unreadable = reason(list(range(70)), 16, LookupStop.UNREADABLE, recent, "disk block unreadable (dropped)")
+    assert unreadable.kind is MissKind.UNREADABLE
+
+
+def test_first_request_after_a_restart_served_from_disk_is_not_called_unshared() -> None:
+    fresh_memory = RecentPrompts()  # a restarted server remembers no prompt; its disk tier served 64
+    after_restart = reason(list(range(70)), 64, None, fresh_memory)
+    assert after_restart.kind is MissKind.NEW_TOKENS
+    assert "no earlier request" not in after_restart.text
+    assert "new tokens after the 64 served from the cache" in after_restart.text
+
+
+def test_unrelated_prompt_sharing_less_than_a_block_is_new_not_changed() -> None:
+    recent = RecentPrompts()
+    recent.remember("", [*range(5), *range(500, 560)])  # shares only a 5-token template header
+    unrelated = reason([*range(5), *range(900, 960)], 0, None, recent)
+    assert unrelated.kind is MissKind.NEW_TOKENS and "changed" not in unrelated.text
+    assert "no earlier request shares a whole block" in unrelated.text

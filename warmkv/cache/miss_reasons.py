@@ -26,6 +26,22 @@ class MissKind(str, enum.Enum):
     BELOW_MINIMUM = "below minimum"
     SLOWER_THAN_RECOMPUTE = "load slower than recompute"
     UNREADABLE = "unreadable"
+    POOL_FULL = "pool full"
+
+
+class LookupStop(str, enum.Enum):
+    """Why a lookup served fewer blocks than the tiers hold."""
+
+    POOL_FULL = "pool full"  # no free block to load into
+    UNREADABLE = "unreadable"  # a stored block failed to read or verify, and was dropped
+    SLOWER_THAN_RECOMPUTE = "slower than recompute"  # loading would take longer than computing
+
+
+_MISS_OF_STOP = {
+    LookupStop.POOL_FULL: MissKind.POOL_FULL,
+    LookupStop.UNREADABLE: MissKind.UNREADABLE,
+    LookupStop.SLOWER_THAN_RECOMPUTE: MissKind.SLOWER_THAN_RECOMPUTE,
+}
 
 
 @dataclass(slots=True)
@@ -111,20 +127,29 @@ def _starts_with(sequence: np.ndarray, prefix: np.ndarray) -> bool:
 def explain_miss(
     prompt_ids: list[int],
     cached_tokens: int,
-    stopped_by: str | None,
+    stop: LookupStop | None,
+    stop_text: str | None,
     nearest: tuple[list[int], int],
     spans: list[MessageSpan],
     tokenizer: Any,
     block_size: int,
 ) -> MissReason:
+    """stop / stop_text: why the lookup ended early, if it did, and that said for people."""
     entry, common = nearest
     # the most an ideal block cache could have served: whole blocks, and never the last prompt token
     reusable = min(common, len(prompt_ids) - 1) // block_size * block_size
-    if reusable > cached_tokens:  # it was cached once and was not served this time
-        return _not_served(cached_tokens, reusable, stopped_by, spans)
-    if entry and common < min(len(entry), len(prompt_ids)):
-        return _changed(prompt_ids, entry, common, cached_tokens, spans, tokenizer)
     span = message_at(spans, cached_tokens)
+    if reusable > cached_tokens:  # it was cached once and was not served this time
+        return _not_served(cached_tokens, reusable, stop, stop_text, spans)
+    if common < cached_tokens:
+        # the cache served more than any prompt remembered since start-up shares: it is older (a restart)
+        text = f"new tokens after the {cached_tokens} served from the cache"
+        return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
+    if entry and common < min(len(entry), len(prompt_ids)):  # the two prompts part ways
+        if common >= block_size:  # they shared whole blocks: an earlier prompt, edited
+            return _changed(prompt_ids, entry, common, cached_tokens, spans, tokenizer)
+        text = "new tokens: no earlier request shares a whole block with this prompt's start"
+        return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
     if common > cached_tokens:
         text = (
             f"{common - cached_tokens} more tokens match an earlier request: less than a whole "
@@ -135,12 +160,12 @@ def explain_miss(
     return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
 
 
-def _not_served(cached: int, reusable: int, stopped_by: str | None, spans: list[MessageSpan]) -> MissReason:
+def _not_served(
+    cached: int, reusable: int, stop: LookupStop | None, stop_text: str | None, spans: list[MessageSpan]
+) -> MissReason:
     span = message_at(spans, cached)
-    if stopped_by and "slower than recompute" in stopped_by:
-        kind, text = MissKind.SLOWER_THAN_RECOMPUTE, f"{stopped_by}: tokens {cached}-{reusable} recomputed"
-    elif stopped_by:
-        kind, text = MissKind.UNREADABLE, f"{stopped_by}: tokens {cached}-{reusable} recomputed"
+    if stop is not None:
+        kind, text = _MISS_OF_STOP[stop], f"{stop_text or stop.value}: tokens {cached}-{reusable} recomputed"
     else:
         kind, text = (
             MissKind.EVICTED,

@@ -17,7 +17,7 @@ import torch
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.cache.hit_policy import HitPolicyName, build_hit_policy
 from warmkv.cache.load_costs import LoadCosts
-from warmkv.cache.miss_reasons import RecentPrompts
+from warmkv.cache.miss_reasons import LookupStop, RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import Tier, TierName, TierStats
@@ -38,7 +38,8 @@ class PrefixHit:
     keys: list[bytes]  # prefix-index keys of the whole blocks (a partial tail block has none)
     tokens_by_tier: dict[TierName, int] = field(default_factory=dict)
     num_tokens: int = 0  # tokens whose KV the blocks hold: the whole blocks, then a partial tail's tokens
-    stopped_by: str | None = None  # why the hit ended early: "load slower than recompute", "corrupt", ...
+    stop: LookupStop | None = None  # why the hit ended early, if it did
+    stop_tier: TierName | None = None  # the tier it was reading when it stopped
     load_bytes: int = 0
     load_seconds: float = 0.0
     nearest: tuple[list[int], int] = (
@@ -56,6 +57,17 @@ class PrefixHit:
             taken = min(surplus, self.tokens_by_tier[tier])
             self.tokens_by_tier[tier] -= taken
             surplus -= taken
+
+    @property
+    def stopped_by(self) -> str | None:
+        """Why the hit ended early, for people: "KV pool full", "load from disk slower than recompute", ..."""
+        tier = self.stop_tier.value if self.stop_tier else "a lower tier"
+        return {
+            None: None,
+            LookupStop.POOL_FULL: "KV pool full",
+            LookupStop.UNREADABLE: f"{tier} block unreadable (dropped)",
+            LookupStop.SLOWER_THAN_RECOMPUTE: f"load from {tier} slower than recompute",
+        }[self.stop]
 
     @property
     def source(self) -> str:
@@ -245,7 +257,7 @@ class PrefixCache:
             # allocation first: evictions it causes may demote into the very tiers read below
             targets = self.pool.allocate(len(plan))
         except PoolExhausted:  # as many as the pool holds (the failed try freed all it could)
-            hit.stopped_by = "KV pool full"
+            hit.stop = LookupStop.POOL_FULL
             plan = plan[: self.pool.num_free]
             targets = self.pool.allocate(len(plan))
             if not plan:
@@ -284,7 +296,7 @@ class PrefixCache:
         for key, tier in plan:
             readable = read[key] if key in read else self._copy_from(tier, key, staging[loaded])
             if not readable:
-                hit.stopped_by = f"{tier.name.value} block unreadable (dropped)"
+                hit.stop, hit.stop_tier = LookupStop.UNREADABLE, tier.name
                 break
             loaded += 1
             hit.tokens_by_tier[tier.name] = hit.tokens_by_tier.get(tier.name, 0) + self.pool.block_size
@@ -321,7 +333,7 @@ class PrefixCache:
             if tier is None:
                 break
             if not self._worth_loading(tier.name):
-                hit.stopped_by = f"load from {tier.name.value} slower than recompute"
+                hit.stop, hit.stop_tier = LookupStop.SLOWER_THAN_RECOMPUTE, tier.name
                 break
             plan.append((key, tier))
         return plan

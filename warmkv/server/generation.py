@@ -69,9 +69,8 @@ class Generation:
         if hit is None:
             return None
         tokenizer, block_size = llm.model.tokenizer, llm.pool.block_size
-        return explain_miss(
-            prompt_ids, seq.num_cached, hit.stopped_by, hit.nearest, spans, tokenizer, block_size
-        )
+        return explain_miss(prompt_ids, seq.num_cached, hit.stop, hit.stopped_by, hit.nearest, spans,
+                            tokenizer, block_size)  # fmt: skip
 
 
 def account(record: RequestRecord, metrics: ServerMetrics, request_log: RequestLog) -> None:

@@ -2,37 +2,34 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import socket
+from typing import TYPE_CHECKING
 
-from warmkv.config_flags import engine_config_from, settings_from
 from warmkv.errors import WarmkvError
 
+if TYPE_CHECKING:
+    from warmkv.engine.config import EngineConfig
+    from warmkv.server.app import ServerSettings
 
-def serve(args: argparse.Namespace) -> None:
-    for flag in ("max_queue", "max_request_bytes", "max_messages"):
-        if (value := getattr(args, flag)) < 1:
-            raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
-    check_port_free(args.host, args.port)  # before a model load that can take minutes
-    config = engine_config_from(args)
-    settings = settings_from(args)
 
+def run_server(
+    config: EngineConfig, settings: ServerSettings, host: str, port: int, max_queue: int, log_level: str
+) -> None:
+    """Load the model and serve until Ctrl-C / SIGTERM (the caller checked the port: check_port_free)."""
     import uvicorn
 
     from warmkv.engine.async_engine import AsyncEngine
     from warmkv.engine.llm_engine import LLMEngine
     from warmkv.server.app import create_app
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    engine = AsyncEngine(LLMEngine.from_config(config), args.max_queue)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = AsyncEngine(LLMEngine.from_config(config), max_queue)
     app = create_app(engine, settings)
     # uvicorn stops accepting on SIGINT/SIGTERM, lets in-flight requests finish (bounded), then the app's
     # lifespan shuts the engine down
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=30))  # fmt: skip
 
     def stop_serving(reason: str) -> None:  # from the engine thread: uvicorn polls the flag

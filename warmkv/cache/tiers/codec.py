@@ -12,14 +12,16 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from warmkv.errors import CacheCorruption
 
+if TYPE_CHECKING:  # torch is loaded by the functions that need it: `warmkv cache` reads headers only
+    import torch
+
 MAGIC = b"WKV3"
 _OLDER_MAGICS = (b"WKV2",)  # earlier warmkv formats: never decoded, but still recognised as warmkv's
-_DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_DTYPES = {"float32": 1, "bfloat16": 2, "float16": 3}  # torch dtype names
 _MAX_DIMS = 5
 # magic, dtype, ndim, shape, fingerprint, key, payload length, then a CRC-32 of everything before it and of
 # the payload. CRC-32 finds torn writes and flipped bits at several GB/s; foreign files are caught by the
@@ -49,11 +51,14 @@ def encode_block(fingerprint: str, key: bytes, kv: torch.Tensor) -> bytes:
 
 def encode_parts(fingerprint: str, key: bytes, kv: torch.Tensor) -> tuple[bytes, memoryview]:
     """Header and payload; the payload is a view of the tensor's memory, not a copy (a block is large)."""
+    import torch
+
     payload = memoryview(kv.contiguous().view(torch.uint8).numpy()).cast("B")
     shape = list(kv.shape) + [0] * (_MAX_DIMS - kv.dim())
     fields = _HEADER.pack(
-        MAGIC, _DTYPES[kv.dtype], kv.dim(), *shape, bytes.fromhex(fingerprint), key, len(payload), 0
-    )[:_CHECKED]
+        MAGIC, _DTYPES[_dtype_name(kv.dtype)], kv.dim(), *shape, bytes.fromhex(fingerprint), key,
+        len(payload), 0,
+    )[:_CHECKED]  # fmt: skip
     return fields + struct.pack("<I", zlib.crc32(payload, zlib.crc32(fields))), payload
 
 
@@ -78,10 +83,12 @@ def decode_block(
             raise CacheCorruption(f"truncated payload ({len(payload)} of {length} bytes)")
         if zlib.crc32(payload, zlib.crc32(fields)) != checksum:
             raise CacheCorruption("checksum mismatch")
-    dtype = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
-    if dtype is None or not 0 < ndim <= _MAX_DIMS:
+    import torch
+
+    name = next((d for d, code in _DTYPES.items() if code == dtype_code), None)
+    if name is None or not 0 < ndim <= _MAX_DIMS:
         raise CacheCorruption(f"unknown dtype code {dtype_code} or {ndim} dimensions")
-    shape = tuple(dims[:ndim])
+    dtype, shape = getattr(torch, name), tuple(dims[:ndim])
     if layout is not None and (shape, dtype) != (layout.shape, layout.dtype):
         raise CacheCorruption(f"a {dtype} block of shape {list(shape)}; the model's blocks are "
                               f"{layout.dtype} of shape {list(layout.shape)}")  # fmt: skip
@@ -89,6 +96,10 @@ def decode_block(
         raise CacheCorruption(f"shape {list(shape)} does not match the {length}-byte payload")
     kv = torch.frombuffer(data, dtype=torch.uint8, offset=HEADER_SIZE).view(dtype).reshape(shape)
     return StoredBlock(stored_key, kv)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def stored_identity(head: bytes) -> tuple[str, bytes] | None:

@@ -22,14 +22,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import SUFFIX, TierName, TierStats
 from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_parts
 from warmkv.errors import CacheCorruption
+
+if TYPE_CHECKING:  # names for type hints only: `warmkv cache` reads files without loading torch
+    import torch
 
 log = logging.getLogger("warmkv.cache")
 
