@@ -290,4 +290,4 @@ def test_cache_cli_prints_and_cleans(
     main(["cache", "verify", "--kv-dir", str(tmp_path)])
     assert "checked 3 KV blocks" in capsys.readouterr().out
     main(["cache", "clear", "--kv-dir", str(tmp_path)])
-    assert "deleted 3 KV files" in capsys.readouterr().out
+    assert "deleted 3 KV blocks" in capsys.readouterr().out
