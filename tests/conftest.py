@@ -34,8 +34,10 @@ TINY_CONFIGS = {
     "qwen2": dict(),
     "qwen3": dict(head_dim=32),
     "mistral": dict(sliding_window=24),
-    # layer 0 routes to experts, layer 1 (mlp_only_layers) keeps a dense MLP
+    # layer 0 routes to experts, layer 1 (mlp_only_layers) keeps a dense MLP; YaRN as Qwen3 models use it
+    # past their native context
     "qwen3moe": dict(
+        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
         head_dim=32,
         num_experts=8,
         num_experts_per_tok=2,

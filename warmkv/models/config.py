@@ -143,6 +143,11 @@ def _rope_of(hf: dict[str, Any]) -> dict[str, Any]:
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    if rope["rope_type"] in ("llama3", "yarn"):  # the trained context, where transformers reads it
+        rope.setdefault(
+            "original_max_position_embeddings",
+            hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 4096),
+        )
     return rope
 
 
