@@ -45,6 +45,23 @@ TINY_CONFIGS = {
         norm_topk_prob=True,
         mlp_only_layers=[1],
     ),
+    # sliding window on layer 0, full attention on layer 1, sinks, YaRN without truncation, as gpt-oss-20b
+    "gptoss": dict(
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 150000.0,
+        },
+    ),
     "qwen2moe": dict(
         num_experts=8,
         num_experts_per_tok=4,
@@ -65,6 +82,7 @@ def _hf_class_and_config(name: str):
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen3moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "qwen2moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+        "gptoss": (tf.GptOssConfig, tf.GptOssForCausalLM),
     }[family]
     config = config_cls(
         vocab_size=TINY_VOCAB,
@@ -95,7 +113,8 @@ def make_tiny_hf_model(name: str, seed: int = 0):
     model = model_cls(config).eval()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
-            sharp = "q_proj" in param_name or "k_proj" in param_name or param_name.endswith("mlp.gate.weight")
+            router = param_name.endswith(("mlp.gate.weight", "mlp.router.weight"))
+            sharp = "q_proj" in param_name or "k_proj" in param_name or router
             param.normal_(0.0, 0.5 if sharp else 0.08)
     return model
 

@@ -111,3 +111,12 @@ def test_checkpoint_missing_an_expert_is_rejected(tmp_path: Path) -> None:
     save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mlp\.experts: .*lacks some experts"):
         load_model(str(folder), CPU, torch.float32)
+
+
+def test_mxfp4_gpt_oss_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    folder = save_tiny_model("gptoss", tmp_path / "mxfp4")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 4, dtype=torch.uint8)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="MXFP4-quantised gpt-oss weights are not supported"):
+        load_model(str(folder), CPU, torch.float32)
