@@ -33,14 +33,33 @@ TINY_CONFIGS = {
     "qwen2": dict(),
     "qwen3": dict(head_dim=32),
     "mistral": dict(sliding_window=24),
-    # layer 0 routes to experts, layer 1 (mlp_only_layers) keeps a dense MLP
+    # layer 0 routes to experts, layer 1 (mlp_only_layers) keeps a dense MLP; YaRN as Qwen3 models use it
+    # past their native context
     "qwen3moe": dict(
+        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
         head_dim=32,
         num_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
         norm_topk_prob=True,
         mlp_only_layers=[1],
+    ),
+    # sliding window on layer 0, full attention on layer 1, sinks, YaRN without truncation, as gpt-oss-20b
+    "gptoss": dict(
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 150000.0,
+        },
     ),
     "qwen2moe": dict(
         num_experts=8,
@@ -78,6 +97,7 @@ def _hf_class_and_config(name: str):
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen3moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "qwen2moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+        "gptoss": (tf.GptOssConfig, tf.GptOssForCausalLM),
     }[family]
     config = config_cls(
         vocab_size=TINY_VOCAB,
@@ -108,7 +128,8 @@ def make_tiny_hf_model(name: str, seed: int = 0):
     model = model_cls(config).eval()
     with torch.no_grad():
         for param_name, param in model.named_parameters():
-            sharp = "q_proj" in param_name or "k_proj" in param_name or param_name.endswith("mlp.gate.weight")
+            router = param_name.endswith(("mlp.gate.weight", "mlp.router.weight"))
+            sharp = "q_proj" in param_name or "k_proj" in param_name or router
             param.normal_(0.0, 0.5 if sharp else 0.08)
     return model
 

@@ -1,4 +1,5 @@
-"""A mixture-of-experts model (tiny random Qwen3-MoE) on the paged, cached engine: reuse is exact."""
+"""Mixture-of-experts models (tiny random Qwen3-MoE; gpt-oss with sinks and alternating sliding windows)
+on the paged, cached engine: reuse is exact."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from ..conftest import save_tiny_model
 PROMPT = list(range(1000, 1050))  # three full blocks of 16 and a partial one
 
 
-@pytest.fixture(scope="module")
-def moe_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model("qwen3moe", tmp_path_factory.mktemp("tiny-qwen3moe"))
+@pytest.fixture(scope="module", params=["qwen3moe", "gptoss"])
+def moe_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK_SIZE = 16
 
 
-def reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, window):
+def reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, window, sinks=None):
     out, row = torch.empty_like(q), 0
     for table, query_len, context_len in zip(tables, query_lens, context_lens, strict=True):
         positions = torch.arange(context_len)
@@ -34,12 +34,17 @@ def reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, wind
         if window:
             visible &= positions[None, :] > query_pos - window
         scores = scores.masked_fill(~visible.to(q.device), float("-inf"))
-        out[row : row + query_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+        if sinks is not None:  # one more logit per head, whose value is zero
+            scores = torch.cat((scores, sinks.float()[:, None, None].expand(-1, query_len, 1)), dim=-1)
+        weights = scores.softmax(-1)[..., :context_len]
+        out[row : row + query_len] = torch.einsum("hqk,khd->qhd", weights, v).to(q.dtype)
         row += query_len
     return out
 
 
-def run_case(query_lens, context_lens, heads, kv_heads, head_dim, window=None, splits=None, seed=0):
+def run_case(
+    query_lens, context_lens, heads, kv_heads, head_dim, window=None, splits=None, seed=0, sinks=False
+):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -54,8 +59,9 @@ def run_case(query_lens, context_lens, heads, kv_heads, head_dim, window=None, s
     if splits is not None:
         batch.num_splits = splits
     scale = head_dim**-0.5
-    got = kernel.paged_attention(q, k_cache, v_cache, batch, scale, window)
-    want = reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, window)
+    sink_logits = torch.randn(heads, device=DEVICE) * 2 if sinks else None
+    got = kernel.paged_attention(q, k_cache, v_cache, batch, scale, window, sink_logits)
+    want = reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, window, sink_logits)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
@@ -80,6 +86,11 @@ def test_prefill_chunks_on_top_of_cached_blocks_and_fresh_prompts_together() -> 
 
 def test_group_that_is_not_a_power_of_two_is_padded() -> None:
     run_case([3, 1], [20, 9], heads=21, kv_heads=3, head_dim=16)  # 7 query heads per KV head
+
+
+def test_attention_sinks_join_the_softmax_once_across_splits() -> None:
+    run_case([1, 1], [150, 17], heads=4, kv_heads=2, head_dim=16, splits=3, sinks=True)
+    run_case([30, 1], [100, 80], heads=4, kv_heads=2, head_dim=16, window=24, sinks=True)
 
 
 def test_sliding_window_hides_keys_before_it() -> None:

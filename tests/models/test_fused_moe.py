@@ -54,6 +54,26 @@ def test_fused_experts_match_the_expert_loop_in_float32(tokens: int, top_k: int)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop() -> None:
+    """gpt-oss's experts: a bias on both projections, the clamped SwiGLU, softmax over the top-k."""
+    from warmkv.models.config import MoeConfig
+    from warmkv.models.moe import Experts
+
+    torch.manual_seed(3)
+    moe = MoeConfig(8, 2, 32, False, frozenset({0}), biases=True, clamped_swiglu=(1.702, 7.0))
+    experts = Experts(64, moe).to(DEVICE)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(0.0, 0.5)  # large enough that the clamp at 7 cuts some gate and up values
+    x = torch.randn(6, 64, device=DEVICE)
+    weights, expert_ids = route(torch.randn(6, 8, device=DEVICE), 2, False, softmax_over_top_k=True)
+    tensors = (experts.gate_up_proj, experts.down_proj, weights, expert_ids, experts.activation,
+               experts.gate_up_proj_bias, experts.down_proj_bias)  # fmt: skip
+    with torch.no_grad():
+        got, want = fused_experts(x, *tensors), experts_reference(x, *tensors)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 7, 300, 3000])

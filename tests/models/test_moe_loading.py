@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem, ModelRunner
-from warmkv.errors import ModelLoadError
+from warmkv.errors import ModelLoadError, UnsupportedArchitecture
 from warmkv.models.loader import default_gguf_path, load_model
 
 from ..conftest import make_tiny_hf_model, save_tiny_model
@@ -65,6 +66,10 @@ def write_tiny_moe_gguf(name: str, path: Path) -> torch.nn.Module:
     writer.add_key_length(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if cfg.rope_parameters["rope_type"] == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(cfg.rope_parameters["factor"])
+        writer.add_rope_scaling_orig_ctx_len(cfg.rope_parameters["original_max_position_embeddings"])
     writer.add_expert_count(cfg.num_experts)
     writer.add_expert_used_count(cfg.num_experts_per_tok)
     writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -88,8 +93,9 @@ def write_tiny_moe_gguf(name: str, path: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("name", ["qwen3moe", pytest.param("qwen2moe", marks=pytest.mark.slow)])
 def test_moe_gguf_loads_with_matching_logits(name: str, tmp_path: Path) -> None:
-    """The tiny Qwen3-MoE has a dense layer (no router tensor in the file) and renormalised top-k (what
-    llama.cpp does for qwen3moe); the Qwen2-MoE has a shared expert whose gate the file holds as a vector."""
+    """The tiny Qwen3-MoE has a dense layer (no router tensor in the file), renormalised top-k (what
+    llama.cpp does for qwen3moe) and YaRN; the Qwen2-MoE has a shared expert whose gate the file holds as
+    a vector."""
     hf = write_tiny_moe_gguf(name, tmp_path / f"{name}.gguf")
     model = load_model(str(tmp_path / f"{name}.gguf"), CPU, torch.float32)
     assert model.config.moe is not None and model.config.moe.num_experts == 8
@@ -111,3 +117,21 @@ def test_checkpoint_missing_an_expert_is_rejected(tmp_path: Path) -> None:
     save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mlp\.experts: .*lacks some experts"):
         load_model(str(folder), CPU, torch.float32)
+
+
+def test_mxfp4_gpt_oss_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    folder = save_tiny_model("gptoss", tmp_path / "mxfp4")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 4, dtype=torch.uint8)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="MXFP4-quantised gpt-oss weights are not supported"):
+        load_model(str(folder), CPU, torch.float32)
+
+
+def test_deepseek_v3_is_refused_as_unsupported(tmp_path: Path) -> None:
+    """Multi-head latent attention is not implemented: the user hears so before any weight is read."""
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"})
+    )
+    with pytest.raises(UnsupportedArchitecture, match=r"DeepseekV3ForCausalLM is not supported.*Qwen3Moe"):
+        load_model(str(tmp_path), CPU, torch.float32)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from warmkv.engine.attention import AttentionBatch, SequenceSlice, build_mask
+from warmkv.engine.attention import AttentionBatch, SequenceSlice
 from warmkv.engine.kv_pool import KVPool
 from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM
@@ -41,7 +41,6 @@ class ModelRunner:
         self.module = module
         self.pool = pool
         self.device = module.lm_head.weight.device
-        self.sliding_window = module.config.sliding_window
         self.kernels = has_kernels(self.device)
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graphs and self.kernels:
@@ -107,17 +106,14 @@ class ModelRunner:
     def _slices(self, items: list[ForwardItem]) -> list[SequenceSlice]:
         slices, offset = [], 0
         for item in items:
-            query_len, context_len = len(item.token_ids), item.start + len(item.token_ids)
-            window = self.sliding_window
-            needs_mask = item.start > 0 or (window is not None and context_len > window)
+            context_len = item.start + len(item.token_ids)
             slices.append(
                 SequenceSlice(
                     query_start=offset,
-                    query_len=query_len,
+                    query_len=len(item.token_ids),
                     context_slots=self.pool.slots(item.block_ids, 0, context_len),
-                    mask=build_mask(query_len, context_len, window, self.device) if needs_mask else None,
                     is_whole=item.start == 0,
                 )
             )
-            offset += query_len
+            offset += len(item.token_ids)
         return slices

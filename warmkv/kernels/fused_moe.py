@@ -14,6 +14,7 @@ so CUDA graphs capture a decode step through it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,35 +80,42 @@ def fused_experts(
     down_proj: torch.Tensor,  # [experts, hidden, inner]
     weights: torch.Tensor,  # [tokens, top_k] router weights in the model dtype
     expert_ids: torch.Tensor,  # [tokens, top_k]
+    activation: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul,  # [n, 2 * inner] -> [n, inner]
+    gate_up_bias: torch.Tensor | None = None,  # [experts, 2 * inner]
+    down_bias: torch.Tensor | None = None,  # [experts, hidden]
 ) -> torch.Tensor:
     """sum over k of weights[t, k] * expert[expert_ids[t, k]](x[t]): [tokens, hidden]."""
     tokens, top_k = expert_ids.shape
-    tiles = tiles_for(tokens * top_k)
-    alignment = align_by_expert(expert_ids, gate_up_proj.shape[0], tiles.rows)
     pairs = tokens * top_k
-    gate_up = grouped_gemm(x, gate_up_proj, alignment, pairs, top_k, tiles, None)
-    down = grouped_gemm(silu_and_mul(gate_up), down_proj, alignment, pairs, 1, tiles, weights.reshape(-1))
+    tiles = tiles_for(pairs)
+    alignment = align_by_expert(expert_ids, gate_up_proj.shape[0], tiles.rows)
+    gate_up = grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k, tiles, None)
+    down = grouped_gemm(
+        activation(gate_up), down_proj, down_bias, alignment, pairs, 1, tiles, weights.reshape(-1)
+    )
     return down.view(tokens, top_k, -1).sum(dim=1)
 
 
 def grouped_gemm(
     a: torch.Tensor,  # [rows, depth]: row `pair // pairs_per_row` feeds pair `pair`
     b: torch.Tensor,  # [experts, cols, depth]
+    bias: torch.Tensor | None,  # [experts, cols], added to each output row, or None
     alignment: ExpertAlignment,
     pairs: int,
     pairs_per_row: int,
     tiles: Tiles,
     pair_weights: torch.Tensor | None,  # [pairs] multiplied into each output row, or None
 ) -> torch.Tensor:
-    """out[pair] = a[pair // pairs_per_row] @ b[expert of pair].T (* pair_weights[pair]): [pairs, cols]."""
+    """out[pair] = (a[pair // pairs_per_row] @ b[e].T + bias[e]) * pair_weights[pair], e the pair's
+    expert: [pairs, cols]."""
     _, cols, depth = b.shape
     out = torch.empty(pairs, cols, dtype=a.dtype, device=a.device)
     grid = (alignment.tile_experts.numel(), triton.cdiv(cols, tiles.cols))
     _grouped_gemm_kernel[grid](
-        a, b, out, pair_weights if pair_weights is not None else a,
+        a, b, out, bias if bias is not None else a, pair_weights if pair_weights is not None else a,
         alignment.sorted_pairs, alignment.tile_experts, pairs, cols, depth,
-        a.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        PAIRS_PER_ROW=pairs_per_row, WEIGHTED=pair_weights is not None,
+        a.stride(0), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
+        PAIRS_PER_ROW=pairs_per_row, BIAS=bias is not None, WEIGHTED=pair_weights is not None,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay exact
         ROWS=tiles.rows, COLS=tiles.cols, DEPTH=tiles.depth, num_warps=tiles.num_warps,
     )  # fmt: skip
@@ -116,9 +124,9 @@ def grouped_gemm(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, out_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs, cols, depth,
-    stride_a, stride_b_expert, stride_b_col, stride_out,
-    PAIRS_PER_ROW: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+    a_ptr, b_ptr, out_ptr, bias_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs, cols, depth,
+    stride_a, stride_b_expert, stride_b_col, stride_bias, stride_out,
+    PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -139,6 +147,9 @@ def _grouped_gemm_kernel(
         b = tl.load(b_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     dtype = out_ptr.dtype.element_ty
+    if BIAS:  # the product is rounded before the bias is added: transformers' order
+        bias = tl.load(bias_ptr + expert * stride_bias + col, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc.to(dtype).to(tl.float32) + bias[None, :]
     if WEIGHTED:  # round the product first, then scale by the router weight: transformers' order
         weight = tl.load(weight_ptr + pair, mask=real, other=0.0).to(tl.float32)
         acc = acc.to(dtype).to(tl.float32) * weight[:, None]

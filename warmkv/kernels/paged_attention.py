@@ -94,6 +94,7 @@ def paged_attention(
     batch: PagedBatch,
     scale: float,
     sliding_window: int | None,
+    sinks: torch.Tensor | None = None,  # [heads]: a logit per head in each softmax's denominator (gpt-oss)
 ) -> torch.Tensor:
     tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -107,7 +108,7 @@ def paged_attention(
     else:
         partial, lse = out, out  # lse is not written without splits
     _attention_kernel[(tiles, num_kv_heads, splits)](
-        q, k_cache, v_cache, partial, lse,
+        q, k_cache, v_cache, partial, lse, sinks if sinks is not None else q,
         batch.block_table, batch.context_lens, batch.query_starts, batch.tile_seqs, batch.tile_starts,
         scale * 1.4426950408889634,  # exp2 below: fold log2(e) into the scale
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
@@ -117,7 +118,7 @@ def paged_attention(
         lse.stride(-2) if splits > 1 else 0,
         HEADS_PER_KV=num_heads // num_kv_heads, GROUP=group,
         ROWS=batch.tokens_per_tile * group, BLOCK_N=BLOCK_KEYS, BLOCK_SIZE=batch.block_size,
-        SLIDING_WINDOW=sliding_window or 0,
+        SLIDING_WINDOW=sliding_window or 0, SINKS=sinks is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models stay exact
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), SPLIT=splits > 1,
         **(PREFILL_LAUNCH if batch.tokens_per_tile * group >= ROWS_PER_TILE else DECODE_LAUNCH),
@@ -135,13 +136,13 @@ def paged_attention(
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, sinks_ptr,
     block_table_ptr, context_lens_ptr, query_starts_ptr, tile_seqs_ptr, tile_starts_ptr,
     scale_log2,
     stride_q_token, stride_q_head, stride_kv_slot, stride_kv_head, stride_table,
     stride_out_token, stride_out_head, stride_out_split, stride_lse_split, stride_lse_token,
     HEADS_PER_KV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, SINKS: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
@@ -177,6 +178,10 @@ def _attention_kernel(
 
     best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     total = tl.zeros([ROWS], dtype=tl.float32)
+    if SINKS:  # the sink is one more key with no value: the first split starts its sum with it
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        best = tl.where(split == 0, sink, best)
+        total = tl.where(split == 0, 1.0, total)
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)

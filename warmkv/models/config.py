@@ -15,6 +15,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 _ARCHITECTURE_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
@@ -29,6 +30,10 @@ class MoeConfig:
     normalize_top_k: bool  # renormalise the top-k router probabilities to sum to one
     layers: frozenset[int]  # the layers whose MLP is the expert block
     shared_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, scaled by a sigmoid gate; 0: none
+    # gpt-oss: biases on the router and the experts, softmax over the top-k logits only, and a clamped
+    # SwiGLU (alpha, limit) in place of silu(gate) * up
+    biases: bool = False
+    clamped_swiglu: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.top_k <= self.num_experts:
@@ -56,9 +61,17 @@ class ModelConfig:
     rope: dict[str, Any] = field(default_factory=dict)  # rope_type, rope_theta and the type's parameters
     eos_token_ids: tuple[int, ...] = ()
     moe: MoeConfig | None = None  # mixture-of-experts feed-forward, on the layers it names
+    window_layers: frozenset[int] | None = None  # the layers sliding_window applies to; None: all
+    attention_sinks: bool = False  # gpt-oss: a learned logit per head in each softmax's denominator
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer in self.moe.layers
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of this layer's attention, None for full attention."""
+        if self.window_layers is not None and layer not in self.window_layers:
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -86,6 +99,8 @@ class ModelConfig:
                 rope=_rope_of(hf),
                 eos_token_ids=_ids(hf.get("eos_token_id")),
                 moe=_moe_of(hf),
+                window_layers=_window_layers_of(hf),
+                attention_sinks=architecture == "GptOssForCausalLM",
             )
         except KeyError as missing:
             raise ModelLoadError(f"config.json lacks the field {missing}") from None
@@ -110,6 +125,14 @@ def _qkv_bias_of(architecture: str, hf: dict[str, Any]) -> bool:
     return bool(hf.get("attention_bias", False))
 
 
+def _window_layers_of(hf: dict[str, Any]) -> frozenset[int] | None:
+    # gpt-oss alternates sliding-window and full attention layers
+    if hf.get("model_type") != "gpt_oss":
+        return None
+    types = hf.get("layer_types") or []
+    return frozenset(i for i, kind in enumerate(types) if kind == "sliding_attention")
+
+
 def _moe_of(hf: dict[str, Any]) -> MoeConfig | None:
     # transformers >= 5 writes num_local_experts; the published checkpoints have num_experts
     experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
@@ -117,13 +140,16 @@ def _moe_of(hf: dict[str, Any]) -> MoeConfig | None:
         return None
     layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1
     dense = set(hf.get("mlp_only_layers") or ())
+    gpt_oss = hf.get("model_type") == "gpt_oss"  # every layer routes, to experts of intermediate_size
     return MoeConfig(
         num_experts=experts,
         top_k=hf["num_experts_per_tok"],
-        intermediate_size=hf["moe_intermediate_size"],
+        intermediate_size=hf["intermediate_size" if gpt_oss else "moe_intermediate_size"],
         normalize_top_k=bool(hf.get("norm_topk_prob", False)),
         layers=frozenset(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
         shared_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+        biases=gpt_oss,
+        clamped_swiglu=(hf.get("swiglu_alpha", 1.702), hf.get("swiglu_limit", 7.0)) if gpt_oss else None,
     )
 
 
@@ -143,6 +169,11 @@ def _rope_of(hf: dict[str, Any]) -> dict[str, Any]:
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    if rope["rope_type"] in ("llama3", "yarn"):  # the trained context, where transformers reads it
+        rope.setdefault(
+            "original_max_position_embeddings",
+            hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 4096),
+        )
     return rope
 
 

@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from warmkv.errors import ModelLoadError, UnsupportedArchitecture
+from warmkv.models.config import SUPPORTED_ARCHITECTURES
 
 GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -103,7 +104,7 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     hidden = _field(reader, f"{arch}.embedding_length")
     config: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
-        "model_type": arch,
+        "model_type": SUPPORTED_ARCHITECTURES[GGUF_ARCHITECTURES[arch]],  # qwen3moe -> qwen3_moe
         "vocab_size": int(embedding.shape[1]),
         "hidden_size": hidden,
         "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
@@ -121,11 +122,14 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     }
     if _field(reader, f"{arch}.expert_count", 0):
         config.update(_moe_config(reader, arch, tensor_names, config["num_hidden_layers"]))
-    if _field(reader, f"{arch}.rope.scaling.type", "none") == "linear":
-        config["rope_scaling"] = {
-            "rope_type": "linear",
-            "factor": _field(reader, f"{arch}.rope.scaling.factor"),
-        }
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling in ("linear", "yarn"):
+        factor = _field(reader, f"{arch}.rope.scaling.factor")
+        config["rope_scaling"] = {"rope_type": scaling, "factor": factor}
+    if scaling == "yarn":  # as llama.cpp's converter writes Qwen3's YaRN
+        config["rope_scaling"]["original_max_position_embeddings"] = _field(
+            reader, f"{arch}.rope.scaling.original_context_length"
+        )
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedArchitecture("GGUF with a rope_freqs tensor (llama3 rope scaling) is not supported")
     return config

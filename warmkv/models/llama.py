@@ -1,9 +1,10 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE) as one plain module.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, gpt-oss) as one plain module.
 
 Parameter names mirror Hugging Face checkpoints, except that q/k/v and gate/up are each one matmul
 (`fuse_checkpoint_weights` concatenates them on load) and experts are stacked per layer. The variants
 differ only in flags of ModelConfig: Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm, Mistral's sliding
-window, the MoE models' expert block in place of the MLP on the layers ModelConfig.moe names.
+window, the MoE models' expert block in place of the MLP on the layers ModelConfig.moe names, and
+gpt-oss's attention sinks and sliding window on every other layer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from warmkv.engine.attention import AttentionBatch, paged_attention
 from warmkv.models.config import ModelConfig
 from warmkv.models.layers import rms_norm, rotary_and_store, silu_and_mul
-from warmkv.models.moe import SparseMoeBlock, stack_expert_weights
+from warmkv.models.moe import SparseMoeBlock, convert_gpt_oss_experts, stack_expert_weights
 from warmkv.models.rope import RotaryEmbedding
 
 
@@ -33,7 +34,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_heads,
@@ -51,7 +52,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
         self.scale = self.head_dim**-0.5
-        self.sliding_window = config.sliding_window
+        self.sliding_window = config.window_of(index)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if config.attention_sinks else None
 
     def forward(
         self,
@@ -73,7 +75,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         q, k = rotary_and_store(q, k, v, *rotary, kv[0], kv[1], batch.slot_mapping)
-        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale, self.sliding_window)
+        out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale, self.sliding_window, self.sinks)
         return self.o_proj(out.reshape(tokens, -1))
 
 
@@ -91,7 +93,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, index)
         self.mlp = SparseMoeBlock(config) if config.is_moe_layer(index) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -152,9 +154,11 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def fuse_checkpoint_weights(weights: dict[str, torch.Tensor]) -> None:
+def fuse_checkpoint_weights(weights: dict[str, torch.Tensor], config: ModelConfig) -> None:
     """Rename a Hugging Face state dict to this module's, in place: q/k/v and gate/up become one weight
     each (one matmul instead of three and two), per-expert weights one stacked tensor per layer."""
+    if config.architecture == "GptOssForCausalLM":
+        convert_gpt_oss_experts(weights)
     stack_expert_weights(weights)
     groups = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),

@@ -107,7 +107,7 @@ def build_module(
     """The model with these weights, without first filling memory with a random initialisation."""
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
-    fuse_checkpoint_weights(weights)
+    fuse_checkpoint_weights(weights, config)
     expected = set(module.state_dict())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")

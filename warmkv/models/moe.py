@@ -1,5 +1,5 @@
-"""The mixture-of-experts feed-forward block (Qwen2-MoE, Qwen3-MoE): a router picks top-k experts per
-token, each a SwiGLU MLP; their outputs are summed, weighted by the router's probabilities.
+"""The mixture-of-experts feed-forward block (Qwen2-MoE, Qwen3-MoE, gpt-oss): a router picks top-k
+experts per token, each a SwiGLU MLP; their outputs are summed, weighted by the router's probabilities.
 
 Expert weights are stacked per layer as checkpoints converted by transformers hold them
 (`gate_up_proj` [experts, 2 * inner, hidden], `down_proj` [experts, hidden, inner]); per-expert
@@ -11,6 +11,7 @@ so decode graphs capture it; elsewhere a PyTorch loop over the experts that were
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +28,30 @@ if TRITON:
 class Experts(nn.Module):
     def __init__(self, hidden: int, moe: MoeConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(moe.num_experts, 2 * moe.intermediate_size, hidden))
-        self.down_proj = nn.Parameter(torch.empty(moe.num_experts, hidden, moe.intermediate_size))
+        inner = moe.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(moe.num_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(moe.num_experts, hidden, inner))
+        self.gate_up_proj_bias: nn.Parameter | None = None
+        self.down_proj_bias: nn.Parameter | None = None
+        if moe.biases:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(moe.num_experts, 2 * inner))
+            self.down_proj_bias = nn.Parameter(torch.empty(moe.num_experts, hidden))
+        self.clamped_swiglu = moe.clamped_swiglu
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """sum over k of weights[t, k] * expert[expert_ids[t, k]](x[t]), [tokens, hidden]."""
-        if has_kernels(x.device):
-            return fused_experts(x, self.gate_up_proj, self.down_proj, weights, expert_ids)
-        return experts_reference(x, self.gate_up_proj, self.down_proj, weights, expert_ids)
+        run = fused_experts if has_kernels(x.device) else experts_reference
+        return run(x, self.gate_up_proj, self.down_proj, weights, expert_ids, self.activation,
+                   self.gate_up_proj_bias, self.down_proj_bias)  # fmt: skip
+
+    def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[tokens, 2 * inner] -> [tokens, inner]: silu(gate) * up, or gpt-oss's clamped variant."""
+        if self.clamped_swiglu is None:
+            return silu_and_mul(gate_up)
+        alpha, limit = self.clamped_swiglu
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def experts_reference(
@@ -43,6 +60,9 @@ def experts_reference(
     down_proj: torch.Tensor,  # [experts, hidden, inner]
     weights: torch.Tensor,  # [tokens, top_k] in the model dtype
     expert_ids: torch.Tensor,  # [tokens, top_k]
+    activation: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul,  # [n, 2 * inner] -> [n, inner]
+    gate_up_bias: torch.Tensor | None = None,  # [experts, 2 * inner]
+    down_bias: torch.Tensor | None = None,  # [experts, hidden]
 ) -> torch.Tensor:
     """Each expert that was chosen runs once on its tokens, rounding where transformers rounds; the k
     outputs of a token are summed in the order of its choices, as the fused kernels sum them."""
@@ -50,14 +70,22 @@ def experts_reference(
     per_choice = torch.empty(tokens, top_k, x.shape[1], dtype=x.dtype, device=x.device)
     for expert in expert_ids.unique().tolist():
         rows, choice = torch.where(expert_ids == expert)
-        h = silu_and_mul(F.linear(x[rows], gate_up_proj[expert]))
-        per_choice[rows, choice] = F.linear(h, down_proj[expert]) * weights[rows, choice, None]
+        h = F.linear(x[rows], gate_up_proj[expert])
+        h = activation(h if gate_up_bias is None else h + gate_up_bias[expert])
+        h = F.linear(h, down_proj[expert])
+        h = h if down_bias is None else h + down_bias[expert]
+        per_choice[rows, choice] = h * weights[rows, choice, None]
     return per_choice.sum(dim=1)
 
 
-def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor, top_k: int, normalize: bool, softmax_over_top_k: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights in the logits' dtype, expert ids), each [tokens, top_k]: softmax in float32, top-k,
-    optionally renormalised over the chosen k."""
+    optionally renormalised over the chosen k; or (gpt-oss) top-k logits, softmax over those."""
+    if softmax_over_top_k:
+        top, expert_ids = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(top, dim=-1), expert_ids
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, expert_ids = torch.topk(probs, top_k, dim=-1)
     if normalize:
@@ -82,8 +110,8 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         moe = config.moe
         assert moe is not None
-        self.top_k, self.normalize = moe.top_k, moe.normalize_top_k
-        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)  # the router
+        self.top_k, self.normalize, self.softmax_over_top_k = moe.top_k, moe.normalize_top_k, moe.biases
+        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=moe.biases)  # the router
         self.experts = Experts(config.hidden_size, moe)
         self.shared_expert: SharedExpert | None = None
         if moe.shared_intermediate_size:
@@ -91,7 +119,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = route(self.gate(x), self.top_k, self.normalize)
+        weights, expert_ids = route(self.gate(x), self.top_k, self.normalize, self.softmax_over_top_k)
         out = self.experts(x, weights, expert_ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -118,3 +146,21 @@ def stack_expert_weights(weights: dict[str, torch.Tensor]) -> None:
         pairs = zip(gate, up, strict=True)
         weights[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in pairs])
         weights[f"{prefix}.down_proj"] = torch.stack(down)
+
+
+def convert_gpt_oss_experts(weights: dict[str, torch.Tensor]) -> None:
+    """gpt-oss's layout to ours, in place: the router is `gate`, expert matrices are transposed to
+    [experts, out, in], and gate/up, interleaved column by column, become [gate | up]."""
+    if any(name.endswith(("_blocks", "_scales")) for name in weights):
+        raise ModelLoadError(
+            "MXFP4-quantised gpt-oss weights are not supported; use a bf16 checkpoint (e.g. a *-BF16 copy)"
+        )
+    for name in [n for n in weights if ".mlp.router." in n]:
+        weights[name.replace(".mlp.router.", ".mlp.gate.")] = weights.pop(name)
+    for name in [n for n in weights if n.endswith(".mlp.experts.gate_up_proj")]:
+        stacked = weights[name].transpose(1, 2)  # [experts, 2 * inner, hidden], gate and up interleaved
+        weights[name] = torch.cat((stacked[:, 0::2], stacked[:, 1::2]), dim=1).contiguous()
+        bias = weights[f"{name}_bias"]
+        weights[f"{name}_bias"] = torch.cat((bias[:, 0::2], bias[:, 1::2]), dim=1).contiguous()
+    for name in [n for n in weights if n.endswith(".mlp.experts.down_proj")]:
+        weights[name] = weights[name].transpose(1, 2).contiguous()

@@ -28,6 +28,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     ),
+    # gpt-oss-20b: 32 experts, 4 active; sliding window of 128 on every other layer; attention sinks
+    "gpt-oss-20b": dict(
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=201088, hidden_size=2880,
+        intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+    ),
     # the same architecture small enough for a CPU run: proves the benchmark's code paths work
     "qwen3-moe-tiny": dict(
         architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=49152, hidden_size=128,

@@ -20,7 +20,47 @@ def inverse_frequencies(rope: dict[str, Any], head_dim: int) -> torch.Tensor:
         return inv_freq / float(rope["factor"])
     if rope_type == "llama3":
         return _llama3_scaled(inv_freq, rope)
-    raise UnsupportedArchitecture(f"rope_type {rope_type!r} is not supported (default, linear, llama3 are)")
+    if rope_type == "yarn":
+        return _yarn_scaled(inv_freq, rope, head_dim)
+    raise UnsupportedArchitecture(
+        f"rope_type {rope_type!r} is not supported (default, linear, llama3, yarn are)"
+    )
+
+
+def attention_scaling(rope: dict[str, Any]) -> float:
+    """The factor YaRN multiplies cos and sin by (so q.k by its square); 1 for the other types."""
+    if rope["rope_type"] != "yarn":
+        return 1.0
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    factor = float(rope["factor"])
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor, 1.0)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_scaled(inv_freq: torch.Tensor, rope: dict[str, Any], head_dim: int) -> torch.Tensor:
+    # YaRN: frequencies that turn many times over the original context keep their value, those that turn
+    # less than once are divided by `factor`, with a linear ramp over the dimensions in between
+    base, factor = float(rope["rope_theta"]), float(rope["factor"])
+    old_context = float(rope["original_max_position_embeddings"])
+
+    def dimension_of(rotations: float) -> float:
+        return head_dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension_of(rope.get("beta_fast") or 32), dimension_of(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # the ramp needs a width
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, rope: dict[str, Any]) -> torch.Tensor:
@@ -40,9 +80,10 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, rope: dict[str, Any], head_dim: int) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
+        self.scaling = attention_scaling(rope)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape [tokens, head_dim], computed in float32 like transformers does."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
