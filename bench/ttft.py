@@ -87,12 +87,15 @@ def main() -> None:
     if trace is not None and trace.exists():
         result["trace"] = trace_replay(model, args, load_trace(trace)[: args.trace_requests], limits)
         result["tiers_over_gpu_only_ttft"] = result["trace"]["tiers_over_gpu_only_ttft"]
+        result["trace_median_ttft_ms"] = result["trace"]["median_ttft_ms"]
+        result["trace_median_ttft_over_limit"] = result["trace"]["median_ttft_over_limit"]
     elif trace is not None:
         print(f"skipping the trace replay: {trace} does not exist")
     if args.step_streams:
         result["steps"] = step_times(model, args)
+        result["tiers_over_gpu_only_step"] = result["steps"]["tiers_over_gpu_only_step"]
     summary = {k: v for k, v in result.items() if isinstance(v, float)}
-    print_table([{"measure": k, "value": _rounded(v)} for k, v in summary.items()])
+    print_table([{"measure": k, "value": f"{v:.4g}"} for k, v in summary.items()])
     slug = re.sub(r"[^a-z0-9.]+", "-", f"{result['device']}-{model.name}-{args.cached_tokens}".lower())
     print("wrote", write_result(f"ttft-{slug.strip('-')}", result, Path(args.out)))
 
@@ -128,9 +131,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def synthetic_requests(tokenizer: Any, cached: int, new: int, repeats: int, seed: int) -> list[TraceRequest]:
-    """An agent-style conversation: a system prompt of about `cached` tokens, then turns that each resend
-    the history with a short reply and a new user message of about `new` tokens. The first request caches
-    the system prompt, the second warms the hit path up, `repeats` more are measured."""
+    """An agent-style conversation whose last request has about `cached` tokens of history: a system
+    prompt, then turns that each resend the history with a short reply and a new user message of about
+    `new` tokens. The first request caches the system prompt, the second warms the hit path up, `repeats`
+    more are measured."""
     rng = random.Random(seed)
     words = [w for w in (tokenizer.decode([i]).strip() for i in range(1000, 6000)) if w.isalpha()]
 
@@ -138,7 +142,9 @@ def synthetic_requests(tokenizer: Any, cached: int, new: int, repeats: int, seed
         ids = encode(tokenizer, " ".join(rng.choice(words) for _ in range(tokens)))
         return tokenizer.decode(ids[:tokens])
 
-    messages = [{"role": "system", "content": text(cached)}, {"role": "user", "content": text(new)}]
+    turn_tokens = new + 16  # the message, its reply "OK." and the template's markers around both
+    system = text(max(64, cached - (repeats + 1) * turn_tokens))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": text(new)}]
     requests = [TraceRequest("synthetic", list(messages), shape="synthetic")]
     for _ in range(repeats + 1):
         messages += [{"role": "assistant", "content": "OK."}, {"role": "user", "content": text(new)}]
@@ -336,10 +342,6 @@ def _engine_config(
     return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, kv_pool_tokens=pool_tokens,
                         max_batch_tokens=args.max_batch_tokens, max_num_seqs=max(8, args.step_streams + 2),
                         cache=cache)  # fmt: skip
-
-
-def _rounded(value: float) -> float:
-    return float(f"{value:.4g}")
 
 
 if __name__ == "__main__":
