@@ -45,7 +45,7 @@ from bench.common import RESULTS, HardwareLimits, device_name, print_table, sync
 from warmkv.bench.oracle import oracle_hits
 from warmkv.bench.replay import TurnResult, replay_embedded
 from warmkv.bench.trace import TraceRequest, load_trace
-from warmkv.cache.config import CacheConfig
+from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.chat.messages import for_template
 from warmkv.chat.prompt import build_chat_prompt
 from warmkv.chat.template import encode, render_chat
@@ -338,7 +338,9 @@ def _one_run(model: LoadedModel, args: argparse.Namespace, tiers: bool) -> list[
 def _engine_config(
     args: argparse.Namespace, pool_tokens: int, tiers: bool, kv_dir: Path | None
 ) -> EngineConfig:
-    cache = CacheConfig(host_tokens=pool_tokens if tiers else 0, disk=kv_dir is not None, kv_dir=kv_dir)
+    # live hits only: nothing to decide between loading and recomputing, so no start-up measurement of it
+    cache = CacheConfig(host_tokens=pool_tokens if tiers else 0, disk=kv_dir is not None, kv_dir=kv_dir,
+                        load_policy=LoadPolicy.ALWAYS)  # fmt: skip
     return EngineConfig(model=args.model, device=args.device, dtype=args.dtype, kv_pool_tokens=pool_tokens,
                         max_batch_tokens=args.max_batch_tokens, max_num_seqs=max(8, args.step_streams + 2),
                         cache=cache)  # fmt: skip
