@@ -254,7 +254,8 @@ def _replay(model: LoadedModel, args: argparse.Namespace, requests: list[TraceRe
     tiers = ["--host-cache-tokens", str(pool_tokens)] if name == "tiers" else ["--host-cache-tokens", "0",
                                                                               "--no-disk-cache"]  # fmt: skip
     flags = ["--kv-pool-tokens", str(pool_tokens), "--max-batch-tokens", str(args.max_batch_tokens),
-             "--max-num-seqs", "8", "--device", args.device, "--dtype", args.dtype, *tiers]  # fmt: skip
+             "--max-num-seqs", "8", "--device", args.device, "--dtype", args.dtype, "--kv-load", "always",
+             *tiers]  # fmt: skip
     return replay_embedded(model, flags, requests, 0.0, name)
 
 
