@@ -21,17 +21,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from bench.common import (
-    HardwareLimits,
-    device_name,
-    kv_bytes_per_token,
-    median_seconds,
-    prefill_flops,
-    print_table,
-    synchronize,
-    weight_bytes_read,
-    write_result,
-)
+from bench.common import device_name, median_seconds, print_table, synchronize, write_result
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.model_runner import ForwardItem
@@ -140,26 +130,46 @@ def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argpa
             device: torch.device, dtype: torch.dtype) -> dict:  # fmt: skip
     """Each result beside the limit measured in this run: HBM copy bandwidth for decode, the bf16 matmul
     rate for prefill."""
-    limits = HardwareLimits.measure(device, dtype)
+    bandwidth = _copy_bandwidth(device)
+    matmul = _matmul_rate(device, dtype)
+    cfg = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.module.parameters())
+    embedding_bytes = cfg.vocab_size * cfg.hidden_size * torch.finfo(dtype).bits // 8  # gathered, not read
     context = 32 + args.decode_tokens // 2
-    kv_bytes = context * kv_bytes_per_token(model)
-    decode_limit = limits.copy_bytes_per_s / (weight_bytes_read(model) + kv_bytes)
+    kv_bytes = context * engine.pool.block_bytes // engine.pool.block_size
+    decode_limit = bandwidth / (weight_bytes - embedding_bytes + kv_bytes)
     decode = next(r for r in rows if r["phase"].startswith("decode ") and "batch" not in r["phase"])
-    matmul = limits.matmul_flop_per_s
-    out = {"hbm_copy_bytes_per_s": limits.copy_bytes_per_s, "bf16_matmul_flop_per_s": matmul,
+    out = {"hbm_copy_bytes_per_s": bandwidth, "bf16_matmul_flop_per_s": matmul,
            "decode_bs1_bandwidth_limit_tok_s": decode_limit,
            "decode_bs1_fraction_of_bandwidth_limit": decode["warmkv tok/s"] / decode_limit}  # fmt: skip
+    linear_params = (weight_bytes - 2 * embedding_bytes) / (torch.finfo(dtype).bits // 8)
     for row in rows:
         if row["phase"].startswith("prefill "):
             words = row["phase"].split()
             n, cached = int(words[1]), int(words[3]) if "cached" in words else 0
-            flops = prefill_flops(model, n, cached)
+            # QK^T and PV over the cached keys and, causally, half the new ones
+            attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * n * (cached + n / 2)
+            flops = 2 * linear_params * n + attention
             name = f"prefill_{n // 1024}k" + (f"_over_{cached // 1024}k_cached" if cached else "")
             out[f"{name}_fraction_of_matmul_rate"] = flops * row["warmkv tok/s"] / n / matmul
     for row in rows:
         if row["phase"].startswith("decode batch"):
             out[f"decode_bs{row['phase'].split()[-1]}_tok_s"] = row["warmkv tok/s"]
     return out
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a device-to-device copy of 2 GiB."""
+    source = torch.empty(2**30, dtype=torch.int16, device=device)
+    target = torch.empty_like(source)
+    seconds = median_seconds(lambda: target.copy_(source), device, 10)
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    return 2 * 8192**3 / median_seconds(lambda: a @ b, device, 10)
 
 
 def _our_batch_decode(engine: LLMEngine, batch: int, tokens: int) -> None:
