@@ -21,6 +21,7 @@ from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier, block_path
 from warmkv.cache.tiers.host import HostTier
 from warmkv.engine.config import EngineConfig
+from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.model_runner import ForwardItem
 from warmkv.engine.sampling import SamplingParams
@@ -291,3 +292,27 @@ def test_cache_cli_prints_and_cleans(
     assert "checked 3 KV blocks" in capsys.readouterr().out
     main(["cache", "clear", "--kv-dir", str(tmp_path)])
     assert "deleted 3 KV blocks" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_demotion_to_pinned_host_does_not_wait_for_the_device() -> None:
+    shape = (2, 2, 16, 2, 8)
+    host = HostTier(capacity_blocks=2, block_shape=shape, dtype=torch.float32, pin=True)
+    block = torch.full(shape, 3.0, device="cuda")
+    torch.cuda._sleep(500_000_000)  # the device stays busy for a while
+    host.put(b"a" * 16, block)
+    assert not torch.cuda.current_stream().query()  # put returned with the device still busy
+    key, kv = host.evict()  # a reader on the CPU waits for the copy
+    assert key == b"a" * 16 and torch.all(kv == 3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_write_through_gather_does_not_wait_for_the_device() -> None:
+    pool = KVPool(2, 8, 16, 2, 8, torch.float32, torch.device("cuda"))
+    pool.k[:, 16:32] = 5.0
+    torch.cuda._sleep(500_000_000)
+    kv = pool.read_blocks([1, 3])
+    assert not torch.cuda.current_stream().query()
+    assert torch.all(kv[0, 0] == 5.0) and torch.all(kv[1] == 0.0)

@@ -89,7 +89,7 @@ class KVPool:
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
         """A copy of several blocks, gathered in one pass: [n, 2, layers, block_size, kv_heads, head_dim]."""
         size = self.block_size
-        slots = (torch.tensor(blocks)[:, None] * size + torch.arange(size)).flatten().to(self.k.device)
+        slots = self._block_slots(blocks)
         kv = torch.stack((self.k[:, slots], self.v[:, slots]))  # [2, layers, n * size, heads, dim]
         kv = kv.unflatten(2, (len(blocks), size))  # [2, layers, n, size, heads, dim]
         return kv.permute(2, 0, 1, 3, 4, 5).contiguous()
@@ -98,11 +98,19 @@ class KVPool:
         """Fill blocks from kv [n, 2, layers, block_size, kv_heads, head_dim], on any device, with one copy
         each for K and V rather than a small strided copy per block."""
         size = self.block_size
-        slots = (torch.tensor(blocks)[:, None] * size + torch.arange(size)).flatten().to(self.k.device)
+        slots = self._block_slots(blocks)
         layers = kv.shape[2]
         for side, target in ((0, self.k), (1, self.v)):
             rows = kv[:, side].transpose(0, 1).reshape(layers, len(blocks) * size, *kv.shape[-2:])
             target[:, slots] = rows.to(self.k.device, non_blocking=True)
+
+    def _block_slots(self, blocks: list[int]) -> torch.Tensor:
+        """Flat slot indices of whole blocks, on the pool's device. The host does not wait for the device:
+        a copy from pageable memory would wait for every step queued before it."""
+        device = self.k.device
+        ids = torch.tensor(blocks, dtype=torch.long, pin_memory=device.type == "cuda")
+        ids = ids.to(device, non_blocking=True)
+        return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
 
     @property
     def block_shape(self) -> tuple[int, ...]:

@@ -1,4 +1,9 @@
-"""Host RAM tier: one preallocated slab of blocks (pinned on CUDA, so copies to the GPU are asynchronous)."""
+"""Host RAM tier: one preallocated slab of blocks (pinned on CUDA, so copies both ways are asynchronous).
+
+A block demoted from the GPU is copied in the device's stream order, not waited for: a later load of it
+(on the same stream) is ordered after that copy, and only a reader on the CPU (eviction to the tier
+below) waits for copies still in flight.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ class HostTier:
         self._free = list(range(capacity_blocks))
         self._block_bytes = self._slab[0].numel() * self._slab.element_size() if capacity_blocks else 0
         self.stats = TierStats()
+        self._in_flight: set[int] = set()  # slots whose copy from the device may not have landed yet
+        self._copied = torch.cuda.Event() if pin else None  # recorded after the latest such copy
 
     def contains(self, key: bytes) -> bool:
         return key in self._slots
@@ -42,7 +49,11 @@ class HostTier:
         if not self._free:
             return
         slot = self._free.pop()
-        self._slab[slot].copy_(kv)
+        from_device = kv.is_cuda and self._copied is not None
+        self._slab[slot].copy_(kv, non_blocking=from_device)
+        if from_device:
+            self._copied.record()  # type: ignore[union-attr]
+            self._in_flight.add(slot)
         self._slots[key] = slot
         self._update_size()
 
@@ -54,6 +65,9 @@ class HostTier:
         if not self._slots:
             return None
         key, slot = self._slots.popitem(last=False)
+        if slot in self._in_flight:  # the oldest slot is rarely still in flight: then wait for all
+            self._copied.synchronize()  # type: ignore[union-attr]
+            self._in_flight.clear()
         self._free.append(slot)
         self.stats.evictions += 1
         self._update_size()
