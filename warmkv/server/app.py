@@ -1,6 +1,7 @@
-"""The HTTP API: OpenAI's chat completions, completions and models, plus health and metrics. Routes
-validate, hand the prompt to the engine, and format output; every chat API shares one chat path
-(server/chat_pipeline.py); cache decisions live in the engine and cache packages, session memory in chat/."""
+"""The HTTP API: OpenAI's chat completions, completions and models, Anthropic's messages, plus health and
+metrics. Routes validate, hand the prompt to the engine, and format output;
+every chat API shares one chat path (server/chat_pipeline.py); cache decisions live in the engine and cache
+packages, session memory in chat/."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from warmkv.chat.session import ChatSession
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.errors import WarmkvError
-from warmkv.server import openai_routes
+from warmkv.server import anthropic_routes, openai_routes
+from warmkv.server.anthropic import anthropic_error
 from warmkv.server.errors import install_error_handlers
 from warmkv.server.metrics import ServerMetrics
 from warmkv.server.request_log import RequestLog
@@ -34,10 +36,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="warmkv", lifespan=lifespan)
     app.state.warmkv = state
-    install_error_handlers(app, {})
+    install_error_handlers(app, {"/v1/messages": anthropic_error})
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
     return app
 
 
