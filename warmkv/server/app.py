@@ -1,5 +1,5 @@
-"""The HTTP API: OpenAI's chat completions, completions and models, Anthropic's messages, plus health and
-metrics. Routes validate, hand the prompt to the engine, and format output;
+"""The HTTP API: OpenAI's chat completions, completions and models, Anthropic's messages and OpenAI's
+responses, plus health and metrics. Routes validate, hand the prompt to the engine, and format output;
 every chat API shares one chat path (server/chat_pipeline.py); cache decisions live in the engine and cache
 packages, session memory in chat/."""
 
@@ -17,7 +17,7 @@ from warmkv.chat.session import ChatSession
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.errors import WarmkvError
-from warmkv.server import anthropic_routes, openai_routes
+from warmkv.server import anthropic_routes, openai_routes, responses_routes
 from warmkv.server.anthropic import anthropic_error
 from warmkv.server.errors import install_error_handlers
 from warmkv.server.metrics import ServerMetrics
@@ -41,6 +41,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(responses_routes.router)
     return app
 
 
