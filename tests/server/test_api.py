@@ -215,6 +215,13 @@ def test_models_and_metrics(server: EmbeddedServer) -> None:
     assert tiers == {'tier="live"', 'tier="host"', 'tier="disk"'}
 
 
+def test_model_card_by_id(server: EmbeddedServer) -> None:
+    card = server.client().models.retrieve(MODEL)
+    assert card.id == MODEL and card.owned_by == "warmkv" and card.model_extra["max_model_len"] > 0
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-nonesuch")
+
+
 def test_client_disconnect_cancels_generation(server: EmbeddedServer) -> None:
     assert server.engine.num_pending == 0  # earlier requests, streamed or not, left nothing behind
     body = {"model": MODEL, "messages": FRANCE, "max_tokens": 2000, "ignore_eos": True, "stream": True}

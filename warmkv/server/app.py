@@ -1,6 +1,7 @@
-"""The HTTP API: OpenAI's chat completions, completions and models, plus health and metrics. Routes
-validate, hand the prompt to the engine, and format output; every chat API shares one chat path
-(server/chat_pipeline.py); cache decisions live in the engine and cache packages, session memory in chat/."""
+"""The HTTP API: OpenAI's chat completions, completions and models, Anthropic's messages and OpenAI's
+responses, plus health and metrics. Routes validate, hand the prompt to the engine, and format output;
+every chat API shares one chat path (server/chat_pipeline.py); cache decisions live in the engine and cache
+packages, session memory in chat/."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from warmkv.chat.session import ChatSession
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.errors import WarmkvError
-from warmkv.server import openai_routes
+from warmkv.server import anthropic_routes, openai_routes, responses_routes
+from warmkv.server.anthropic import anthropic_error
 from warmkv.server.auth import GuardPaths
 from warmkv.server.errors import install_error_handlers
 from warmkv.server.limits import BodyLimit
@@ -39,10 +41,12 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     if settings.api_key is not None:  # the /v1 routes check the key themselves; this guards the others
         app.add_middleware(GuardPaths, key=settings.api_key)
     app.add_middleware(ResponseCounter, metrics=state.metrics)  # outermost: it counts the 401s and 413s too
-    install_error_handlers(app, {})
+    install_error_handlers(app, {"/v1/messages": anthropic_error})
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
+    app.include_router(responses_routes.router)
     return app
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from warmkv.chat.conversations import ConversationStore
 from warmkv.chat.session import ChatSession
 from warmkv.chat.tool_calls import ToolCallParser
 from warmkv.engine.async_engine import AsyncEngine
@@ -43,6 +44,7 @@ class ServerState:
     session: ChatSession
     metrics: ServerMetrics
     request_log: RequestLog
+    conversations: ConversationStore = field(default_factory=ConversationStore)  # for previous_response_id
     started: int = field(default_factory=lambda: int(time.time()))
 
     @property

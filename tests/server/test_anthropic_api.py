@@ -1,0 +1,187 @@
+"""Anthropic's Messages API through the official anthropic SDK, against a real server."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import pytest
+
+from warmkv.engine.config import EngineConfig
+from warmkv.server.embedded import EmbeddedServer
+
+from .conftest import start_server
+
+MODEL = "SmolLM2-135M-Instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+WEATHER_TOOL = {
+    "name": "get_weather",
+    "description": "Get the current weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+FORCE_WEATHER = {"type": "tool", "name": "get_weather"}
+
+
+def client(server: EmbeddedServer, api_key: str = "unused") -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=api_key, max_retries=0)
+
+
+def create(
+    server: EmbeddedServer, messages: list[dict], salt: str, **options: object
+) -> anthropic.types.Message:
+    options.setdefault("max_tokens", 20)
+    return client(server).messages.create(model=MODEL, messages=messages, extra_body=greedy(salt), **options)
+
+
+def greedy(salt: str | None = None) -> dict:
+    # the current SDK no longer offers temperature; the API (and warmkv) still take it
+    return {"temperature": 0} | ({"cache_salt": salt} if salt else {})
+
+
+def prompt_tokens(usage: anthropic.types.Usage) -> int:
+    return usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens
+
+
+def test_create_answers_with_anthropic_usage(server: EmbeddedServer) -> None:
+    message = create(server, FRANCE, "fresh-anthropic")
+    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    assert [block.type for block in message.content] == ["text"]
+    assert "Paris" in message.content[0].text
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+    # the same prompt as the chat completions API renders for this conversation
+    assert prompt_tokens(message.usage) == 37 and message.usage.cache_read_input_tokens == 0
+    assert message.usage.output_tokens > 0
+
+
+def test_system_blocks_max_tokens_and_stop_sequences(server: EmbeddedServer) -> None:
+    system = [{"type": "text", "text": "You are a geography tutor."}, {"type": "text", "text": " Be terse."}]
+    cut = create(server, FRANCE, "stops", system=system, max_tokens=3)
+    assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 3
+    whole = create(server, FRANCE, "stops", system=system, max_tokens=30).content[0].text
+    word = whole.split()[1]
+    stopped = create(server, FRANCE, "stops", system=system, max_tokens=30, stop_sequences=[word])
+    assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == word
+    assert word not in stopped.content[0].text and whole.startswith(stopped.content[0].text)
+
+
+def test_stream_sends_the_event_sequence_and_the_same_text(server: EmbeddedServer) -> None:
+    whole = create(server, FRANCE, "stream").content[0].text
+    with client(server).messages.stream(
+        model=MODEL, max_tokens=20, messages=FRANCE, extra_body=greedy("stream")
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    kinds = [event.type for event in events if event.type != "text"]  # "text": the SDK's own helper event
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(kinds[2:-3]) == {"content_block_delta"}
+    # on the wire, as named events (the SDK drops the ping)
+    body = {"model": MODEL, "max_tokens": 5, "messages": FRANCE, "stream": True, **greedy()}
+    with httpx.stream("POST", f"{server.url}/v1/messages", json=body) as wire:
+        names = [line.removeprefix("event: ") for line in wire.iter_lines() if line.startswith("event: ")]
+    assert names[:3] == ["message_start", "ping", "content_block_start"] and names[-1] == "message_stop"
+    assert final.content[0].text == whole and final.stop_reason == "end_turn"
+    assert final.usage.cache_read_input_tokens == 36 and final.usage.output_tokens > 0
+
+
+def test_forced_tool_use_and_tool_result_round_trip(server: EmbeddedServer) -> None:
+    question = [{"role": "user", "content": "What's the weather in Paris?"}]
+    first = create(server, question, "tools", tools=[WEATHER_TOOL], tool_choice=FORCE_WEATHER, max_tokens=60)
+    assert first.stop_reason == "tool_use"
+    (call,) = [block for block in first.content if block.type == "tool_use"]
+    assert call.name == "get_weather" and isinstance(call.input, dict) and call.id
+
+    result = {"type": "tool_result", "tool_use_id": call.id, "content": '{"sky": "sunny"}'}
+    history = [*question, {"role": "assistant", "content": first.content},
+               {"role": "user", "content": [result]}]  # fmt: skip
+    second = create(server, history, "tools", tools=[WEATHER_TOOL], max_tokens=20)
+    assert second.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    # the first turn's whole prompt (tools and question) is read back from the cache
+    assert second.usage.cache_read_input_tokens >= prompt_tokens(first.usage)
+
+
+def test_streamed_tool_use_sends_input_json_delta(server: EmbeddedServer) -> None:
+    question = [{"role": "user", "content": "What's the weather in Paris?"}]
+    events = list(
+        client(server).messages.create(
+            model=MODEL, max_tokens=60, messages=question, tools=[WEATHER_TOOL], tool_choice=FORCE_WEATHER,
+            stream=True, extra_body=greedy(),
+        )
+    )  # fmt: skip
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    assert [block.type for block in starts] == ["tool_use"] and starts[0].name == "get_weather"
+    deltas = [e.delta for e in events if e.type == "content_block_delta"]
+    assert deltas and all(d.type == "input_json_delta" for d in deltas)
+    (message_delta,) = [e for e in events if e.type == "message_delta"]
+    assert message_delta.delta.stop_reason == "tool_use" and message_delta.usage.output_tokens > 0
+
+
+def test_count_tokens_matches_the_prompt_of_create(server: EmbeddedServer) -> None:
+    options = {"system": "Answer briefly.", "tools": [WEATHER_TOOL]}
+    counted = client(server).messages.count_tokens(model=MODEL, messages=FRANCE, **options)
+    message = create(server, FRANCE, "count", **options)
+    assert counted.input_tokens == prompt_tokens(message.usage) > 37
+
+
+def test_cache_control_breakpoint_reports_cache_creation(server: EmbeddedServer) -> None:
+    system = [
+        {
+            "type": "text",
+            "text": "You are a terse geography tutor. " * 8,
+            "cache_control": {"type": "ephemeral"},
+        }
+    ]
+    first = create(server, FRANCE, "breakpoint", system=system)
+    assert first.usage.cache_creation_input_tokens > 0 and first.usage.cache_read_input_tokens == 0
+    again = create(server, [{"role": "user", "content": "And of Italy?"}], "breakpoint", system=system)
+    # the system prompt, cached up to the breakpoint: read back, nothing created
+    assert again.usage.cache_read_input_tokens >= first.usage.cache_creation_input_tokens
+    assert again.usage.cache_creation_input_tokens == 0
+
+
+def test_conversation_started_on_chat_completions_continues_warm_on_messages(server: EmbeddedServer) -> None:
+    history = [{"role": "system", "content": "You are a terse geography tutor. " * 8}, *FRANCE]
+    first = server.client().chat.completions.create(
+        model=MODEL, messages=history, max_tokens=12, temperature=0, extra_body={"cache_salt": "cross"}
+    )
+    reply = first.choices[0].message.content
+    turn = [*FRANCE, {"role": "assistant", "content": reply}, {"role": "user", "content": "And Italy?"}]
+    second = create(server, turn, "cross", system=history[0]["content"])
+    assert second.usage.cache_read_input_tokens >= first.usage.prompt_tokens
+
+
+def test_errors_have_anthropic_bodies(server: EmbeddedServer) -> None:
+    url = f"{server.url}/v1/messages"
+    missing = httpx.post(url, json={"model": MODEL, "messages": FRANCE})
+    assert missing.status_code == 400
+    assert missing.json()["type"] == "error" and missing.json()["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in missing.json()["error"]["message"]
+    unknown = httpx.post(url, json={"model": MODEL, "messages": FRANCE, "max_tokens": 5, "container": "x"})
+    assert unknown.status_code == 400 and "container" in unknown.json()["error"]["message"]
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}
+    body = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [image]}]}
+    refused = httpx.post(url, json=body)
+    assert refused.status_code == 400 and "'image'" in refused.json()["error"]["message"]
+    version = httpx.post(url, json={**body, "messages": FRANCE}, headers={"anthropic-version": "2022-12-31"})
+    assert version.status_code == 400 and "anthropic-version" in version.json()["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as err:
+        client(server).messages.create(model="claude-nonesuch", max_tokens=5, messages=FRANCE)
+    assert err.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(anthropic.BadRequestError):
+        client(server).messages.create(
+            model=MODEL, max_tokens=5, messages=FRANCE, extra_body={"temperature": 1.5}
+        )
+
+
+def test_x_api_key_authenticates(default_model) -> None:
+    guarded = start_server(default_model, EngineConfig(kv_pool_tokens=2048), api_key="sekret")
+    try:
+        with pytest.raises(anthropic.AuthenticationError) as err:
+            client(guarded, "wrong").messages.count_tokens(model=MODEL, messages=FRANCE)
+        assert err.value.body["error"]["type"] == "authentication_error"
+        counted = client(guarded, "sekret").messages.count_tokens(model=MODEL, messages=FRANCE)
+        assert counted.input_tokens == 37
+        # the same key as a Bearer token (how Claude Code sends ANTHROPIC_AUTH_TOKEN)
+        bearer = anthropic.Anthropic(base_url=guarded.url, auth_token="sekret", max_retries=0)
+        assert bearer.messages.count_tokens(model=MODEL, messages=FRANCE).input_tokens == 37
+    finally:
+        guarded.stop()
