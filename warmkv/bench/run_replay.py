@@ -13,11 +13,12 @@ from typing import Any
 import redis
 import torch
 
-from warmkv.bench.oracle import oracle_hits
+from warmkv.bench.oracle import oracle_hits, peer_oracle
+from warmkv.bench.peers import PEER_NAMES, Peer, UrlPeer, make_peer
 from warmkv.bench.policies import DEFAULT_POLICIES, Capacities, Policy, policies
 from warmkv.bench.redis_process import RedisProcess
-from warmkv.bench.replay import Cluster, replay_embedded, replay_on_url
-from warmkv.bench.results import oracle_row, plot, summarize, table, write_json
+from warmkv.bench.replay import Cluster, replay_embedded, replay_on_peer
+from warmkv.bench.results import oracle_row, plot, shape_table, summarize, table, write_json
 from warmkv.bench.synthetic import SHAPES, synthetic_trace
 from warmkv.bench.trace import TraceRequest, load_trace
 from warmkv.errors import WarmkvError
@@ -32,6 +33,10 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url", help="replay against this OpenAI-compatible server (…/v1) instead")
+    parser.add_argument(
+        "--peer", help=f"comma-separated real servers to run beside warmkv on the same requests: "
+        f"{', '.join(PEER_NAMES)} (built first by `python -m bench.peers`)",
+    )  # fmt: skip
     parser.add_argument("--api-key", default="unused")
     parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
     parser.add_argument(
@@ -41,7 +46,7 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
     parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
-    parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
+    parser.add_argument("--tokenizer", help="tokenizer folder, for --shape")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: below the working set)")
@@ -59,22 +64,26 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     requests = _requests(args)
-    tokenizer, template, model, device_label = _model_and_tokenizer(args)
-    prompts = [_prompt_ids(tokenizer, template, r) for r in requests]
-    oracle = oracle_hits(prompts)
-    caps = _capacities(args, prompts, oracle)
+    peer_names = _peer_names(args)
+    rows: dict[str, dict[str, Any]] = {}
+    caps, model, device_label = None, None, "url"
+    if not args.url:  # warmkv's rows: the oracle over warmkv's own rendering
+        tokenizer, template, model, device_label = _model_and_tokenizer(args)
+        prompts = [_prompt_ids(tokenizer, template, r) for r in requests]
+        oracle = oracle_hits(prompts)
+        caps = _capacities(args, prompts, oracle)
+        rows["oracle"] = oracle_row([len(p) for p in prompts], oracle)
     model_label = model.name if model else args.url
     workload = args.context if args.synthetic or not args.traces else "trace"
     workload = f"{workload}-{args.replicas}-replicas" if args.replicas > 1 else workload
     stem = Path(args.out) / (args.name or _slug(f"replay-{device_label}-{model_label}-{workload}"))
     json_path = stem.with_name(f"{stem.name}.json")
-    rows = {"oracle": oracle_row([len(p) for p in prompts], oracle)}
     result = {
         "device": device_label,
         "model": model_label,
         "trace": {"files": args.traces, "synthetic": args.synthetic, "context": args.context,
                   "requests": len(requests), "sessions": len({r.session for r in requests})},
-        "capacities": asdict(caps),
+        "capacities": asdict(caps) if caps else None,
         "rows": rows,
         "command": "warmkv bench replay " + " ".join(sys.argv[3:]),
     }  # fmt: skip
@@ -82,20 +91,40 @@ def run(args: argparse.Namespace) -> None:
     def add_row(name: str, row: dict[str, Any]) -> None:
         """Written as each row comes, so a run cut short keeps what it measured."""
         rows[name] = row
-        rows["oracle"] = rows.pop("oracle")
+        for oracle_name in [n for n in rows if n.startswith("oracle")]:  # the oracles last
+            rows[oracle_name] = rows.pop(oracle_name)
         write_json(result, json_path)
 
     if args.url:
-        served = args.served_model or _first_model(args)
-        turns = replay_on_url(args.url, args.api_key, served, requests, args.max_gap)
-        add_row("url", summarize(turns, oracle))
+        peer = UrlPeer(name="url", model=args.served_model or _first_model(args), base_url=args.url,
+                       api_key=args.api_key)  # fmt: skip
+        _run_peer(peer, requests, args.max_gap, rows, add_row)
     else:
+        assert caps is not None and model is not None
         _run_embedded(args, model, caps, requests, oracle, add_row)
+        for name in peer_names:
+            with make_peer(name, model.name, _gguf_of(args), model.folder) as peer:
+                _run_peer(peer, requests, args.max_gap, rows, add_row)
     print("\n".join(table(rows)))
+    print()
+    print("\n".join(shape_table(rows)))
     pictures = plot(rows, stem)
     print("wrote", json_path, *pictures)
     if not pictures:
         print("no plots: install matplotlib (pip install 'warmkv[bench]')")
+
+
+def _run_peer(peer: Peer, requests: list[TraceRequest], max_gap_s: float, rows: dict[str, Any],
+              add_row: Callable[[str, dict[str, Any]], None]) -> None:  # fmt: skip
+    """The peer's row, judged against an oracle of its own prompt tokens; `oracle_<peer>` beside it."""
+    with peer.http() as http:
+        oracle = peer_oracle(peer.tokenizer(http), requests)
+    turns = replay_on_peer(peer, requests, max_gap_s)
+    row = summarize(turns, oracle.clipped(turns))
+    row["oracle_source"] = f"{peer.name}'s own prompt tokens ({oracle.dialect})"
+    row["prompt_length_mismatches"] = oracle.mismatches(turns)
+    rows[f"oracle_{peer.name}"] = oracle_row(oracle.lengths, oracle.hits)
+    add_row(peer.name, row)
 
 
 def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, requests: list[TraceRequest],
@@ -132,13 +161,8 @@ def _requests(args: argparse.Namespace) -> list[TraceRequest]:
 
 def _model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
     from warmkv.engine.config import EngineConfig
-    from warmkv.models.loader import load_tokenizer, resolve_model_folder
     from warmkv.models.random_init import model_or_shape
 
-    if args.url:
-        folder = Path(args.tokenizer) if args.tokenizer else resolve_model_folder(args.model)
-        tokenizer = load_tokenizer(folder)
-        return tokenizer, tokenizer.chat_template, None, "url"
     config = EngineConfig(device=args.device, dtype=args.dtype)
     device = config.torch_device()
     dtype = config.torch_dtype(device)
@@ -196,6 +220,27 @@ def _cluster_runs(args: argparse.Namespace, caps: Capacities, redis_url: str) ->
 
             runs.append((name, Policy(name, description, warmkv.flags), cluster))
     return runs
+
+
+def _peer_names(args: argparse.Namespace) -> list[str]:
+    names = args.peer.split(",") if args.peer else []
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown:
+        raise WarmkvError(f"--peer: unknown {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    if names and args.url:
+        raise WarmkvError("--peer runs beside warmkv's own rows: it cannot be combined with --url")
+    if names and args.shape:
+        raise WarmkvError("--peer serves real weights: it cannot be combined with --shape")
+    return names
+
+
+def _gguf_of(args: argparse.Namespace) -> Path | None:
+    """The GGUF llama-server serves: --model when it is one, the default model's without --model."""
+    from warmkv.models.loader import default_gguf_path
+
+    if args.model:
+        return Path(args.model) if Path(args.model).suffix == ".gguf" else None
+    return default_gguf_path()
 
 
 def _first_model(args: argparse.Namespace) -> str:
