@@ -253,8 +253,27 @@ class UrlPeer(Peer):
         pass
 
 
+def peer_names(spec: str | None) -> list[str]:
+    """`--peer llama.cpp,vllm` checked: the names in order."""
+    names = spec.split(",") if spec else []
+    unknown = [n for n in names if n not in PEER_NAMES]
+    if unknown:
+        raise PeerError(f"--peer: unknown {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    return names
+
+
+def gguf_of(model_spec: str | None) -> Path | None:
+    """The GGUF llama-server serves: --model when it is one, the default model's without --model."""
+    from warmkv.models.loader import default_gguf_path
+
+    if model_spec:
+        return Path(model_spec) if Path(model_spec).suffix == ".gguf" else None
+    return default_gguf_path()
+
+
 def make_peer(name: str, model: str, gguf: Path | None, folder: Path, **options: Any) -> Peer:
-    """The peer called `name`, serving `model` from the same weights warmkv serves."""
+    """The peer called `name`, serving `model` from the same weights warmkv serves: `gguf` for llama-server,
+    the Hugging Face `folder` (warmkv's conversion of it) for vLLM. A context manager: started on entry."""
     if name == "llama.cpp":
         return LlamaServer(name=name, model=model, gguf=gguf, **options)
     if name == "vllm":

@@ -14,7 +14,7 @@ import redis
 import torch
 
 from warmkv.bench.oracle import oracle_hits, peer_oracle
-from warmkv.bench.peers import PEER_NAMES, Peer, UrlPeer, make_peer
+from warmkv.bench.peers import PEER_NAMES, Peer, UrlPeer, gguf_of, make_peer, peer_names
 from warmkv.bench.policies import DEFAULT_POLICIES, Capacities, Policy, policies
 from warmkv.bench.redis_process import RedisProcess
 from warmkv.bench.replay import Cluster, replay_embedded, replay_on_peer
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
         assert caps is not None and model is not None
         _run_embedded(args, model, caps, requests, oracle, add_row)
         for name in peer_names:
-            with make_peer(name, model.name, _gguf_of(args), model.folder) as peer:
+            with make_peer(name, model.name, gguf_of(args.model), model.folder) as peer:
                 _run_peer(peer, requests, args.max_gap, rows, add_row)
     print("\n".join(table(rows)))
     print()
@@ -223,24 +223,12 @@ def _cluster_runs(args: argparse.Namespace, caps: Capacities, redis_url: str) ->
 
 
 def _peer_names(args: argparse.Namespace) -> list[str]:
-    names = args.peer.split(",") if args.peer else []
-    unknown = [n for n in names if n not in PEER_NAMES]
-    if unknown:
-        raise WarmkvError(f"--peer: unknown {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    names = peer_names(args.peer)
     if names and args.url:
         raise WarmkvError("--peer runs beside warmkv's own rows: it cannot be combined with --url")
     if names and args.shape:
         raise WarmkvError("--peer serves real weights: it cannot be combined with --shape")
     return names
-
-
-def _gguf_of(args: argparse.Namespace) -> Path | None:
-    """The GGUF llama-server serves: --model when it is one, the default model's without --model."""
-    from warmkv.models.loader import default_gguf_path
-
-    if args.model:
-        return Path(args.model) if Path(args.model).suffix == ".gguf" else None
-    return default_gguf_path()
 
 
 def _first_model(args: argparse.Namespace) -> str:
