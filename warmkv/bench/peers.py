@@ -229,7 +229,7 @@ class Vllm(Peer):
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
                 "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                 "--enable-prefix-caching", "--enable-prompt-tokens-details",
-                "--max-model-len", str(self.context_tokens), "--disable-log-requests"]  # fmt: skip
+                "--max-model-len", str(self.context_tokens)]  # fmt: skip
 
 
 @dataclass
