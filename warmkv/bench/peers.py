@@ -13,9 +13,11 @@ repository; nothing here builds or downloads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -63,7 +65,7 @@ class Peer:
     model: str  # the name it serves the model under: the one warmkv serves, so requests are identical
     ready_timeout_s: float = 300.0
     port: int = field(default_factory=_free_port)
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="warmkv-peer-")))
+    workdir: Path | None = None  # its log and slot files; a temporary directory made at first start
     api_key: str = "unused"
     process: subprocess.Popen[bytes] | None = None
 
@@ -91,13 +93,16 @@ class Peer:
         return httpx.Client(base_url=server_root(self.url), timeout=600)
 
     def start(self) -> None:
-        logfile = (self.workdir / f"{self.name}.log").open("ab")
-        self.process = subprocess.Popen(self.command(), stdout=logfile, stderr=subprocess.STDOUT,
-                                        env=self.environment(), start_new_session=True)  # fmt: skip
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="warmkv-peer-"))
+        with (self.workdir / f"{self.name}.log").open("ab") as log_file:  # the child keeps its own handle
+            self.process = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
+                                            env=self.environment(), start_new_session=True)  # fmt: skip
         self._wait_ready()
 
     def stop(self) -> None:
-        """Like an operator's stop: SIGTERM, then SIGKILL after 30 s."""
+        """Like an operator's stop: SIGTERM, then SIGKILL after 30 s; then whatever it left behind in its
+        session (vLLM's engine-core worker) is killed, so a restart finds the port and memory free."""
         if self.process is None:
             return
         self.process.terminate()
@@ -106,6 +111,8 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # started as its own session: pgid == pid
         self.process = None
 
     def restart(self) -> None:
@@ -115,7 +122,8 @@ class Peer:
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Peer:
         self.start()
@@ -125,6 +133,8 @@ class Peer:
         self.close()
 
     def log_tail(self, lines: int = 30) -> str:
+        if self.workdir is None:
+            return ""
         path = self.workdir / f"{self.name}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
@@ -172,6 +182,7 @@ class LlamaServer(Peer):
         return Dialect.LLAMA_CPP
 
     def command(self) -> list[str]:
+        assert self.workdir is not None  # made by start()
         slots_dir = self.workdir / "slots"
         slots_dir.mkdir(exist_ok=True)
         threads = ["--threads", str(self.threads)] if self.threads else []
@@ -222,8 +233,11 @@ class Vllm(Peer):
         return Dialect.VLLM
 
     def environment(self) -> dict[str, str]:
-        return dict(os.environ) | {"VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
-                                   "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        # vLLM drops its CPU worker to one torch thread unless OMP_NUM_THREADS is set: give it the cores
+        # warmkv's torch and llama-server use
+        threads = os.environ.get("OMP_NUM_THREADS") or str(os.cpu_count() or 1)
+        return dict(os.environ) | {"OMP_NUM_THREADS": threads, "VLLM_NO_USAGE_STATS": "1",
+                                   "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib), "HF_HUB_OFFLINE": "1"}
 
     def command(self) -> list[str]:
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
