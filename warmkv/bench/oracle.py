@@ -1,9 +1,16 @@
 """The oracle: what an infinite cache would reuse. For each request, the longest token prefix it shares
-with any earlier request of the run (its prompt as the server tokenises it)."""
+with any earlier request of the run (its prompt as the server tokenises it: warmkv's rendering for warmkv's
+rows, a peer's own tokens for a peer's row)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from warmkv.bench.peer_tokens import ServerTokenizer
+from warmkv.bench.replay import TurnResult
+from warmkv.bench.trace import TraceRequest
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -20,3 +27,29 @@ def oracle_hits(prompts: list[list[int]]) -> list[int]:
         best = max((common_prefix(prompt, earlier) for earlier in arrays[:i]), default=0)
         hits.append(min(best, len(prompt) - 1))
     return hits
+
+
+@dataclass(slots=True, frozen=True)
+class PeerOracle:
+    """The oracle over a peer's own prompt tokens, read before the replay (tokenising touches no cache)."""
+
+    lengths: list[int]
+    hits: list[int]
+    dialect: str
+
+    def clipped(self, turns: list[TurnResult]) -> list[int]:
+        """Where the peer's usage counts fewer prompt tokens than its tokenizer did (a template that renders
+        differently for generation), the oracle cannot exceed what the request really had."""
+        return [min(hit, max(0, t.prompt_tokens - 1)) if not t.error else hit
+                for hit, t in zip(self.hits, turns, strict=True)]  # fmt: skip
+
+    def mismatches(self, turns: list[TurnResult]) -> int:
+        """Requests whose usage.prompt_tokens differs from the tokenizer's count (0: the oracle is exact)."""
+        pairs = zip(self.lengths, turns, strict=True)
+        return sum(1 for n, t in pairs if not t.error and n != t.prompt_tokens)
+
+
+def peer_oracle(tokenizer: ServerTokenizer, requests: list[TraceRequest]) -> PeerOracle:
+    prompts = [tokenizer.prompt_ids(r) for r in requests]
+    assert tokenizer.dialect is not None  # found by the first prompt_ids
+    return PeerOracle([len(p) for p in prompts], oracle_hits(prompts), tokenizer.dialect.value)

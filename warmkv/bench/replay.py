@@ -2,7 +2,8 @@
 
 Each policy gets a fresh embedded server on loopback (its own disk directory) over the same loaded model;
 a request marked `restart` stops the server (flushing its disk writer) and starts a new one on the same
-directory. With `--url`, the requests go to that server instead (one row, restarts not possible).
+directory. A peer (`--peer`, or the server given by `--url`) gets the same requests through the same client;
+a restart restarts the peer where it can (see warmkv.bench.peers) and is marked skipped where not.
 TTFT is the time to the first streamed token of a `max_tokens: 1` request.
 """
 
@@ -16,12 +17,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from openai import OpenAI
+from openai import OpenAI, OpenAIError
 from tqdm import tqdm
 
+from warmkv.bench.peer_tokens import cached_tokens
+from warmkv.bench.peers import Peer
 from warmkv.bench.trace import TraceRequest
 from warmkv.models.loader import LoadedModel
 
@@ -29,6 +33,14 @@ if TYPE_CHECKING:
     from warmkv.server.embedded import EmbeddedServer
 
 log = logging.getLogger("warmkv.bench")
+
+
+class Restart(str, Enum):
+    """What became of a trace's restart before a turn."""
+
+    NONE = ""
+    DONE = "done"  # the server was stopped and started; it kept whatever its cache keeps over a restart
+    SKIPPED = "skipped"  # the server cannot be restarted from here (--url): the turn ran on a warm server
 
 
 @dataclass(slots=True)
@@ -39,14 +51,17 @@ class TurnResult:
     prompt_tokens: int
     cached_tokens: int
     ttft_s: float
+    latency_s: float = 0.0  # the whole request, to its last byte
+    error: str = ""  # why the request failed; its tokens then count nowhere
+    restart: Restart = Restart.NONE
 
 
-def send(client: OpenAI, model: str, request: TraceRequest) -> tuple[int, int, float]:
-    """(prompt tokens, cached tokens, TTFT) of one streamed request."""
+def send(client: OpenAI, model: str, request: TraceRequest) -> tuple[int, int, float, float]:
+    """(prompt tokens, cached tokens, TTFT, latency) of one streamed request."""
     options = {"tools": request.tools} if request.tools else {}
     started = time.perf_counter()
     ttft = None
-    usage = None
+    usage, extra = None, {}
     stream = client.chat.completions.create(
         model=model, messages=request.messages, max_tokens=1, temperature=0, stream=True,
         stream_options={"include_usage": True}, **options,
@@ -56,24 +71,29 @@ def send(client: OpenAI, model: str, request: TraceRequest) -> tuple[int, int, f
         if ttft is None and first is not None and (first.delta.content or first.finish_reason):
             ttft = time.perf_counter() - started
         usage = chunk.usage or usage
+        extra = chunk.model_extra or extra  # llama-server sends its timings (cache_n) beside usage
+    latency = time.perf_counter() - started
     if usage is None:
         raise RuntimeError("the server sent no usage: it must support stream_options.include_usage")
-    details = usage.prompt_tokens_details
-    cached = (details.cached_tokens if details else None) or (usage.model_extra or {}).get(
-        "prompt_cache_hit_tokens", 0
-    )
-    return usage.prompt_tokens, cached or 0, ttft if ttft is not None else time.perf_counter() - started
+    cached = cached_tokens(usage.model_dump(), extra)
+    return usage.prompt_tokens, cached, ttft if ttft is not None else latency, latency
 
 
 Dispatch = Callable[[TraceRequest], OpenAI]  # which server a request goes to
 
 
-def replay_on_url(url: str, api_key: str, model: str, requests: list[TraceRequest],
-                  max_gap_s: float) -> list[TurnResult]:  # fmt: skip
-    client = OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600)
-    if any(r.restart for r in requests):
-        log.warning("the trace restarts the server; against --url the restarts are skipped")
-    return _replay(lambda: lambda _: client, lambda: None, model, requests, max_gap_s, "url")
+def replay_on_peer(peer: Peer, requests: list[TraceRequest], max_gap_s: float) -> list[TurnResult]:
+    """The trace against a peer server (running, or started and stopped by the caller), through the same
+    client code as warmkv's rows; restarts as the peer can make them."""
+    client = OpenAI(base_url=peer.url, api_key=peer.api_key, max_retries=0, timeout=600)
+
+    def restart() -> tuple[Dispatch, Restart]:
+        if not peer.can_restart:
+            return lambda _: client, Restart.SKIPPED
+        peer.restart()
+        return lambda _: client, Restart.DONE
+
+    return _replay(lambda _: client, restart, peer.model, requests, max_gap_s, peer.name)
 
 
 @dataclass(slots=True, frozen=True)
@@ -119,22 +139,32 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
             running.pop().stop()  # the router first, then the replicas
         gc.collect()  # the apps' reference cycles hold engines: pinned host tiers, GPU pools
 
+    def restart() -> tuple[Dispatch, Restart]:
+        stop()
+        return start(), Restart.DONE
+
     try:
-        return _replay(start, stop, model.name, requests, max_gap_s, label)
+        return _replay(start(), restart, model.name, requests, max_gap_s, label)
     finally:
         stop()
         shutil.rmtree(kv_dir, ignore_errors=True)  # a long replay writes gigabytes of KV
 
 
-def _replay(start: Callable[[], Dispatch], stop: Callable[[], None], model: str, requests: list[TraceRequest],
-            max_gap_s: float, label: str) -> list[TurnResult]:  # fmt: skip
-    dispatch = start()
+def _replay(dispatch: Dispatch, restart: Callable[[], tuple[Dispatch, Restart]], model: str,
+            requests: list[TraceRequest], max_gap_s: float, label: str) -> list[TurnResult]:  # fmt: skip
     results = []
     for index, request in enumerate(tqdm(requests, desc=f"replay {label}", unit="req", leave=False)):
+        restarted = Restart.NONE
         if request.restart and index:
-            stop()
-            dispatch = start()
+            dispatch, restarted = restart()
         time.sleep(min(request.gap_s, max_gap_s))
-        prompt, cached, ttft = send(dispatch(request), model, request)
-        results.append(TurnResult(index, request.session, request.shape, prompt, cached, ttft))
+        turn = TurnResult(index, request.session, request.shape, 0, 0, 0.0, restart=restarted)
+        try:
+            turn.prompt_tokens, turn.cached_tokens, turn.ttft_s, turn.latency_s = send(
+                dispatch(request), model, request
+            )
+        except (OpenAIError, RuntimeError) as err:  # one request's failure is its row's error, not the run's
+            turn.error = f"{type(err).__name__}: {err}"[:300]
+            log.warning("replay %s request %d failed: %s", label, index, turn.error)
+        results.append(turn)
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from warmkv.bench.peers import PEER_NAMES
 from warmkv.bench.policies import DEFAULT_POLICIES
 from warmkv.bench.synthetic import SHAPES
 
@@ -16,6 +17,10 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces")
     parser.add_argument("--url", help="replay against this OpenAI-compatible server (…/v1) instead")
+    parser.add_argument(
+        "--peer", help=f"comma-separated real servers to run beside warmkv on the same requests: "
+        f"{', '.join(PEER_NAMES)} (built first by `python -m bench.peers`)",
+    )  # fmt: skip
     parser.add_argument("--api-key", default="unused", help="API key sent with --url")
     parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
     parser.add_argument(

@@ -10,36 +10,47 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from warmkv.bench.replay import TurnResult
+from warmkv.bench.replay import Restart, TurnResult
 
 
 def summarize(turns: list[TurnResult], oracle: list[int]) -> dict[str, Any]:
-    prompt = sum(t.prompt_tokens for t in turns)
-    cached = sum(t.cached_tokens for t in turns)
-    reusable = sum(oracle)
-    ttfts = sorted(t.ttft_s for t in turns)
-    shapes = sorted({t.shape for t in turns})
+    """Totals of the requests that succeeded (a failed one counts only as an error), overall and per shape."""
     pairs = list(zip(turns, oracle, strict=True))
+    shapes = sorted({t.shape for t in turns})
+    by_shape = {shape: _totals([p for p in pairs if p[0].shape == shape]) for shape in shapes}
     return {
-        "requests": len(turns),
+        **_totals(pairs),
+        "restarts": {kind.value: sum(t.restart is kind for t in turns) for kind in Restart if kind.value},
+        "efficiency_by_shape": {shape: totals["efficiency"] for shape, totals in by_shape.items()},
+        "by_shape": by_shape,
+        "turns": [
+            asdict(t) | {"oracle_tokens": o, "computed_tokens": t.prompt_tokens - t.cached_tokens}
+            for t, o in pairs
+        ],
+    }
+
+
+def _totals(pairs: list[tuple[TurnResult, int]]) -> dict[str, Any]:
+    done = [(t, o) for t, o in pairs if not t.error]
+    prompt = sum(t.prompt_tokens for t, _ in done)
+    cached = sum(t.cached_tokens for t, _ in done)
+    reusable = sum(o for _, o in done)
+    ttfts = sorted(t.ttft_s for t, _ in done)
+    busy = sum(t.latency_s for t, _ in done)  # time spent in requests: no idle gaps, no restarts
+    return {
+        "requests": len(pairs),
+        "errors": len(pairs) - len(done),
         "prompt_tokens": prompt,
         "cached_tokens": cached,
         "oracle_tokens": reusable,
         "computed_tokens": prompt - cached,
         "hit_rate": cached / prompt if prompt else 0.0,
         "efficiency": cached / reusable if reusable else 1.0,
-        "ttft_mean_s": statistics.fmean(ttfts),
-        "ttft_p50_s": ttfts[len(ttfts) // 2],
-        "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.9))],
-        "efficiency_by_shape": {
-            shape: _ratio([t.cached_tokens for t, _ in pairs if t.shape == shape],
-                          [o for t, o in pairs if t.shape == shape])
-            for shape in shapes
-        },
-        "turns": [
-            asdict(t) | {"oracle_tokens": o, "computed_tokens": t.prompt_tokens - t.cached_tokens}
-            for t, o in pairs
-        ],
+        "ttft_mean_s": statistics.fmean(ttfts) if ttfts else None,
+        "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None,
+        "ttft_p90_s": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.9))] if ttfts else None,
+        "requests_per_s": len(done) / busy if busy else None,
+        "prompt_tokens_per_s": prompt / busy if busy else None,
     }
 
 
@@ -50,19 +61,34 @@ def oracle_row(prompts: list[int], oracle: list[int]) -> dict[str, Any]:
             "hit_rate": sum(oracle) / total if total else 0.0, "efficiency": 1.0}  # fmt: skip
 
 
-def _ratio(cached: list[int], oracle: list[int]) -> float:
-    return sum(cached) / sum(oracle) if sum(oracle) else 1.0
-
-
 def table(rows: dict[str, dict[str, Any]]) -> list[str]:
     head = f"{'policy':24} {'prompt':>8} {'cached':>8} {'oracle':>8} {'computed':>9} {'hit':>6} {'eff':>6} " \
-           f"{'TTFT mean':>10} {'p50':>8} {'p90':>8}"  # fmt: skip
+           f"{'TTFT mean':>10} {'p50':>8} {'p90':>8} {'req/s':>6} {'err':>4}"  # fmt: skip
     lines = [head]
     for name, row in rows.items():
         times = [_ms(row.get(k)) for k in ("ttft_mean_s", "ttft_p50_s", "ttft_p90_s")]
         tokens = f"{row['prompt_tokens']:>8} {row['cached_tokens']:>8} {row['oracle_tokens']:>8}"
+        rate = f"{row['requests_per_s']:.2f}" if row.get("requests_per_s") else "-"
         lines.append(f"{name:24} {tokens} {row['computed_tokens']:>9} {row['hit_rate']:>6.1%} "
-                     f"{row['efficiency']:>6.1%} {times[0]:>10} {times[1]:>8} {times[2]:>8}")  # fmt: skip
+                     f"{row['efficiency']:>6.1%} {times[0]:>10} {times[1]:>8} {times[2]:>8} {rate:>6} "
+                     f"{row.get('errors', 0):>4}")  # fmt: skip
+    return lines
+
+
+def shape_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Per shape: cached/oracle and TTFT p50/p90 of each row that replayed requests."""
+    measured = {name: row for name, row in rows.items() if "by_shape" in row}
+    shapes = sorted({shape for row in measured.values() for shape in row["by_shape"]})
+    lines = [f"{'shape':16} {'policy':24} {'cached/oracle':>13} {'p50':>8} {'p90':>8} {'req/s':>6} "
+             f"{'err':>4}"]
+    for shape in shapes:
+        for name, row in measured.items():
+            cell = row["by_shape"].get(shape)
+            if cell is None:
+                continue
+            rate = f"{cell['requests_per_s']:.2f}" if cell.get("requests_per_s") else "-"
+            lines.append(f"{shape:16} {name:24} {cell['efficiency']:>13.1%} {_ms(cell['ttft_p50_s']):>8} "
+                         f"{_ms(cell['ttft_p90_s']):>8} {rate:>6} {cell['errors']:>4}")  # fmt: skip
     return lines
 
 

@@ -13,11 +13,12 @@ from typing import Any
 import redis
 import torch
 
-from warmkv.bench.oracle import oracle_hits
+from warmkv.bench.oracle import oracle_hits, peer_oracle
+from warmkv.bench.peers import Peer, UrlPeer, gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, Policy, policies
 from warmkv.bench.redis_process import RedisProcess
-from warmkv.bench.replay import Cluster, replay_embedded, replay_on_url
-from warmkv.bench.results import oracle_row, plot, plots_available, summarize, table, write_json
+from warmkv.bench.replay import Cluster, replay_embedded, replay_on_peer
+from warmkv.bench.results import oracle_row, plot, plots_available, shape_table, summarize, table, write_json
 from warmkv.bench.synthetic import SHAPES, synthetic_trace
 from warmkv.bench.trace import TraceRequest, load_trace
 from warmkv.errors import WarmkvError
@@ -29,22 +30,26 @@ def run(args: argparse.Namespace) -> None:
     if not args.no_plots and not plots_available():  # known before a replay of minutes, not after
         raise WarmkvError("the plots need matplotlib: pip install 'warmkv[bench]', or pass --no-plots")
     requests = requests_from(args)
-    tokenizer, template, model, device_label = model_and_tokenizer(args)
-    prompts = [prompt_ids(tokenizer, template, r) for r in requests]
-    oracle = oracle_hits(prompts)
-    caps = _capacities(args, prompts, oracle)
+    peer_names = _peer_names(args)
+    rows: dict[str, dict[str, Any]] = {}
+    caps, model, device_label = None, None, "url"
+    if not args.url:  # warmkv's rows: the oracle over warmkv's own rendering
+        tokenizer, template, model, device_label = model_and_tokenizer(args)
+        prompts = [prompt_ids(tokenizer, template, r) for r in requests]
+        oracle = oracle_hits(prompts)
+        caps = _capacities(args, prompts, oracle)
+        rows["oracle"] = oracle_row([len(p) for p in prompts], oracle)
     model_label = model.name if model else args.url
     workload = args.context if args.synthetic or not args.traces else "trace"
     workload = f"{workload}-{args.replicas}-replicas" if args.replicas > 1 else workload
     stem = Path(args.out) / (args.name or slug(f"replay-{device_label}-{model_label}-{workload}"))
     json_path = stem.with_name(f"{stem.name}.json")
-    rows = {"oracle": oracle_row([len(p) for p in prompts], oracle)}
     result = {
         "device": device_label,
         "model": model_label,
         "trace": {"files": args.traces, "synthetic": args.synthetic, "context": args.context,
                   "requests": len(requests), "sessions": len({r.session for r in requests})},
-        "capacities": asdict(caps),
+        "capacities": asdict(caps) if caps else None,
         "rows": rows,
         "command": "warmkv bench replay " + " ".join(sys.argv[3:]),
     }  # fmt: skip
@@ -52,17 +57,37 @@ def run(args: argparse.Namespace) -> None:
     def add_row(name: str, row: dict[str, Any]) -> None:
         """Written as each row comes, so a run cut short keeps what it measured."""
         rows[name] = row
-        rows["oracle"] = rows.pop("oracle")
+        for oracle_name in [n for n in rows if n.startswith("oracle")]:  # the oracles last
+            rows[oracle_name] = rows.pop(oracle_name)
         write_json(result, json_path)
 
     if args.url:
-        served = args.served_model or first_model(args)
-        turns = replay_on_url(args.url, args.api_key, served, requests, args.max_gap)
-        add_row("url", summarize(turns, oracle))
+        peer = UrlPeer(name="url", model=args.served_model or first_model(args), base_url=args.url,
+                       api_key=args.api_key)  # fmt: skip
+        _run_peer(peer, requests, args.max_gap, rows, add_row)
     else:
+        assert caps is not None and model is not None
         _run_embedded(args, model, caps, requests, oracle, add_row)
+        for name in peer_names:
+            with make_peer(name, model.name, gguf_of(args.model), model.folder) as peer:
+                _run_peer(peer, requests, args.max_gap, rows, add_row)
     print("\n".join(table(rows)))
+    print()
+    print("\n".join(shape_table(rows)))
     print("wrote", json_path, *([] if args.no_plots else plot(rows, stem)))
+
+
+def _run_peer(peer: Peer, requests: list[TraceRequest], max_gap_s: float, rows: dict[str, Any],
+              add_row: Callable[[str, dict[str, Any]], None]) -> None:  # fmt: skip
+    """The peer's row, judged against an oracle of its own prompt tokens; `oracle_<peer>` beside it."""
+    with peer.http() as http:
+        oracle = peer_oracle(peer.tokenizer(http), requests)
+    turns = replay_on_peer(peer, requests, max_gap_s)
+    row = summarize(turns, oracle.clipped(turns))
+    row["oracle_source"] = f"{peer.name}'s own prompt tokens ({oracle.dialect})"
+    row["prompt_length_mismatches"] = oracle.mismatches(turns)
+    rows[f"oracle_{peer.name}"] = oracle_row(oracle.lengths, oracle.hits)
+    add_row(peer.name, row)
 
 
 def _run_embedded(args: argparse.Namespace, model: Any, caps: Capacities, requests: list[TraceRequest],
@@ -99,13 +124,8 @@ def requests_from(args: argparse.Namespace) -> list[TraceRequest]:
 
 def model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, str, Any, str]:
     from warmkv.engine.config import EngineConfig
-    from warmkv.models.loader import load_tokenizer, resolve_model_folder
     from warmkv.models.random_init import model_or_shape
 
-    if args.url:
-        folder = Path(args.tokenizer) if args.tokenizer else resolve_model_folder(args.model)
-        tokenizer = load_tokenizer(folder)
-        return tokenizer, tokenizer.chat_template, None, "url"
     config = EngineConfig(device=args.device, dtype=args.dtype)
     device = config.torch_device()
     dtype = config.torch_dtype(device)
@@ -163,6 +183,15 @@ def _cluster_runs(args: argparse.Namespace, caps: Capacities, redis_url: str) ->
 
             runs.append((name, Policy(name, description, warmkv.flags), cluster))
     return runs
+
+
+def _peer_names(args: argparse.Namespace) -> list[str]:
+    names = peer_names(args.peer)
+    if names and args.url:
+        raise WarmkvError("--peer runs beside warmkv's own rows: it cannot be combined with --url")
+    if names and args.shape:
+        raise WarmkvError("--peer serves real weights: it cannot be combined with --shape")
+    return names
 
 
 def first_model(args: argparse.Namespace) -> str:
