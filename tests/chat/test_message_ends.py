@@ -15,9 +15,9 @@ from warmkv.chat.prompt import build_chat_prompt
 from warmkv.chat.template import render_chat
 from warmkv.chat.tool_calls import PARSERS
 
-from ..conftest import SMOLLM2_TOKENIZER
+from ..conftest import smollm2_tokenizer
 
-TOKENIZER = AutoTokenizer.from_pretrained(str(SMOLLM2_TOKENIZER))
+TOKENIZER = AutoTokenizer.from_pretrained(str(smollm2_tokenizer()))
 # a tools-aware template in the Qwen 2.5 manner: tool calls as JSON, tool results inside a user turn
 TOOLS_TEMPLATE = (
     "{%- for m in messages %}"
