@@ -4,6 +4,7 @@ thread dying each have the effect a user expects."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,10 +28,11 @@ TURNS = 3
 REPLY = 12
 
 
-def start(model, pool: int = POOL, max_batch_tokens: int = 64) -> EmbeddedServer:
+def start(model, pool: int = POOL, max_batch_tokens: int = 64, trace: Path | None = None) -> EmbeddedServer:
     cache = CacheConfig(disk=False, host_tokens=4096, load_policy=LoadPolicy.ALWAYS)
     config = EngineConfig(kv_pool_tokens=pool, max_batch_tokens=max_batch_tokens, cache=cache)
-    return start_embedded_server(LLMEngine(model, config), ServerSettings(served_model_name=MODEL))
+    settings = ServerSettings(served_model_name=MODEL, trace=trace)
+    return start_embedded_server(LLMEngine(model, config), settings)
 
 
 def complete(url: str, prompt: list[int], max_tokens: int = REPLY) -> httpx.Response:
@@ -56,7 +58,7 @@ def sessions_prompts() -> list[list[int]]:
     return [list(range(1000 * i, 1000 * i + 110)) for i in range(1, 7)]
 
 
-def test_oversubscribed_sessions_complete_with_their_solo_answers(tiny_llama) -> None:
+def test_oversubscribed_sessions_complete_with_their_solo_answers(tiny_llama, tmp_path: Path) -> None:
     prompts = sessions_prompts()
     assert sum(len(p) + TURNS * (6 + REPLY) for p in prompts) >= 3 * POOL
     roomy = start(tiny_llama, pool=8192, max_batch_tokens=512)
@@ -64,7 +66,7 @@ def test_oversubscribed_sessions_complete_with_their_solo_answers(tiny_llama) ->
         solo = [session(roomy.url, p) for p in prompts]
     finally:
         roomy.stop()
-    busy = start(tiny_llama)
+    busy = start(tiny_llama, trace=tmp_path / "trace.jsonl")
     results: list[list] = [[] for _ in prompts]
     try:
         threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session(busy.url, prompts[i])))
@@ -82,6 +84,10 @@ def test_oversubscribed_sessions_complete_with_their_solo_answers(tiny_llama) ->
         assert "warmkv_swapped_out_bytes_total" in metrics and "warmkv_swapped_in_bytes_total" in metrics
     finally:
         busy.stop()
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    preempted = [r for r in records if r["preemptions"]]  # the per-request record says who gave way
+    assert preempted and all(r["status"] == 200 for r in records)
+    assert any(r["swapped_bytes"] > 0 for r in preempted)
 
 
 @pytest.fixture(scope="module")

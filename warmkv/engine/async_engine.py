@@ -162,7 +162,7 @@ class AsyncEngine:
                     command.prompt_ids, SamplingParams(max_tokens=0), cache_namespace=command.cache_namespace,
                     background=True,
                 )  # fmt: skip
-            except WarmkvError as err:
+            except Exception as err:  # idle-time work is optional: never worth a request, or the thread
                 log.info("idle-time prefill skipped: %s", err)
             return
         if isinstance(command, _Abort):
