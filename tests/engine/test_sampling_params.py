@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from warmkv.engine.sampling import SamplingParams
+from warmkv.engine.sampling import SamplingParams, sample
 from warmkv.errors import InvalidRequest
 
 
@@ -19,3 +19,10 @@ def test_seed_torch_cannot_take_is_refused(seed: int) -> None:
 def test_every_seed_accepted_makes_a_generator(seed: int) -> None:
     generator = SamplingParams(temperature=1.0, seed=seed).generator(torch.device("cpu"))
     assert generator is not None
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(5e-324, 1.0), (1e-9, 0.5), (1.0, 5e-324), (2.0, 1e-45)])
+def test_extreme_temperature_or_top_p_samples_the_likeliest_token(temperature: float, top_p: float) -> None:
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=1)
+    assert sample(logits, params, params.generator(torch.device("cpu"))) == 1

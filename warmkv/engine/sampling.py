@@ -10,6 +10,8 @@ from warmkv.errors import InvalidRequest
 
 # what torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer); beyond it, it raises
 SEED_RANGE = (-(2**63), 2**64 - 1)
+# below this a temperature divides logits into infinities; such a distribution is the greedy choice anyway
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(slots=True)
@@ -32,6 +34,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidRequest(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
 
@@ -71,6 +75,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs, order = probs.sort(descending=True)
         # drop a token once the tokens more likely than it already cover top_p
         outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        outside[0] = False  # the likeliest token stays, however small top_p is
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
