@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from warmkv.cache import load_costs
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import calibrated_load_costs
 from warmkv.cache.tiers.base import TierName
-from warmkv.engine.kv_pool import KVPool
 
 
 class CountingPrefill:

@@ -16,6 +16,7 @@ import torch
 
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.cache.hit_policy import HitPolicyName, build_hit_policy
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts
 from warmkv.cache.miss_reasons import LookupStop, RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
@@ -26,7 +27,6 @@ from warmkv.cache.tiers.disk import DiskTier
 from warmkv.cache.tiers.host import HostTier
 from warmkv.cache.tiers.redis import RedisTier
 from warmkv.cache.write_through import WriteThrough
-from warmkv.engine.kv_pool import KVPool
 from warmkv.errors import PoolExhausted
 
 log = logging.getLogger("warmkv.cache")

@@ -28,12 +28,12 @@ import torch
 
 from warmkv.cache.config import LoadPolicy
 from warmkv.cache.fingerprint import model_fingerprint
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import calibrated_load_costs
 from warmkv.cache.prefix_cache import PrefixCache, PrefixHit
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.detokenizer import IncrementalDetokenizer
-from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem, ModelRunner
 from warmkv.engine.sampling import SamplingParams, sample_batch
 from warmkv.engine.sequence import FinishReason, Sequence
