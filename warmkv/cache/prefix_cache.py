@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.cache.hit_policy import HitPolicyName, build_hit_policy
 from warmkv.cache.kv_pool import KVPool
-from warmkv.cache.load_costs import LoadCosts
+from warmkv.cache.load_costs import LoadCosts, calibrated_load_costs
 from warmkv.cache.miss_reasons import LookupStop, RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
@@ -80,6 +81,7 @@ class PrefixCache:
     def __init__(self, pool: KVPool, fingerprint: str, config: CacheConfig) -> None:
         self.pool = pool
         self.config = config
+        self.fingerprint = fingerprint
         self.index = PrefixIndex(pool, fingerprint)
         self.index.on_evict = self._demote
         # sub-block anchors only where any prefix may be served (other caches' rules serve no such tails)
@@ -109,7 +111,7 @@ class PrefixCache:
                                     config.redis_timeout_s, config.redis_cluster)  # fmt: skip
         self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
         self.policy = build_hit_policy(config.hit_policy, pool.block_size)
-        self.costs: LoadCosts | None = None  # measured by the engine once the model can run
+        self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
     @property
@@ -125,7 +127,20 @@ class PrefixCache:
             tier.stats.up = getattr(tier, "enabled", True)  # asking a tier that is off lets it retry
         return {TierName.LIVE: live, **{t.name: t.stats for t in lower}}
 
-    # -- the engine's side: acquire, commit, release, swap_out ----------------------------------------
+    # -- the engine's side: calibrate, acquire, commit, release, finish, swap_out --------------------
+
+    def calibrate(self, prefill: Callable[[list[int]], None]) -> None:
+        """Learn whether loading a block from each lower tier beats recomputing it, once the model can run
+        (`prefill` runs a prompt through it and keeps nothing). Saved per machine, model and device, so a
+        restart reads the figures back. Only `--kv-load auto` weighs the two; without lower tiers there is
+        nothing to weigh."""
+        if not self.tiers or self.config.load_policy is not LoadPolicy.AUTO:
+            return
+        disk_dir = self.disk.directory if self.disk is not None and self.disk.enabled else None
+        host_pinned = None if self.host is None else self.pool.k.device.type == "cuda"  # as the slab is
+        self.costs = calibrated_load_costs(
+            self.pool, prefill, host_pinned, disk_dir, self.fingerprint, self.config.recalibrate
+        )
 
     def acquire(self, namespace: str, token_ids: list[int], explain: bool = False) -> PrefixHit:
         """The longest cached prefix of `token_ids` short of its last token (whose logits start the reply),
