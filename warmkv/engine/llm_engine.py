@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from warmkv.cache.fingerprint import model_fingerprint
+from warmkv.cache.hit_policy import build_emulation
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.prefix_cache import PrefixCache, PrefixHit
 from warmkv.cache.tiers.base import TierName
@@ -110,7 +111,8 @@ class LLMEngine:
         fingerprint = model_fingerprint(
             model.folder, model.dtype, self.config.block_size, self.pool.block_shape, model.in_memory_id
         )
-        cache = PrefixCache(self.pool, fingerprint, self.config.cache)
+        emulation = build_emulation(self.config.hit_emulation, self.config.block_size)
+        cache = PrefixCache(self.pool, fingerprint, self.config.cache, emulation)
         cache.calibrate(self._prefill_probe)
         return cache
 
