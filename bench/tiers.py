@@ -21,9 +21,9 @@ import torch
 
 from bench.common import device_name, median_seconds, print_table, synchronize, write_result
 from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
-from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel

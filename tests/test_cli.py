@@ -62,12 +62,15 @@ def test_serve_with_block_size_128_is_accepted() -> None:
     config = engine_config_from(build_parser().parse_args(["serve", "--block-size", "128"]))
     assert config.block_size == 128
     # unset benchmark-only sizes follow the block size instead of refusing it
-    assert config.cache.hit_policy.unit % 128 == 0 and config.cache.hit_policy.checkpoint_align % 128 == 0
+    args = build_parser().parse_args(["serve", "--block-size", "128", "--hit-policy", "checkpoints"])
+    emulation = engine_config_from(args).hit_emulation
+    assert emulation is not None and emulation.checkpoint_align % 128 == 0
 
 
 def test_units_policy_with_large_blocks_rounds_its_default_unit_up() -> None:
     args = build_parser().parse_args(["serve", "--block-size", "128", "--hit-policy", "units"])
-    assert engine_config_from(args).cache.hit_policy.unit == 128
+    emulation = engine_config_from(args).hit_emulation
+    assert emulation is not None and emulation.unit == 128
 
 
 def test_benchmark_size_without_its_policy_is_refused_not_ignored() -> None:

@@ -27,21 +27,6 @@ LAYERS = {
     "errors": 0, "paths": 0, "text": 0,
 }  # fmt: skip
 
-# Backward arrows that exist today, each to be removed (issue 16). Nothing may be added to this list: a
-# new backward import fails the test; removing one of these makes its entry stale, which fails it too.
-KNOWN_BACKWARD = {
-    # the KV pool belongs to the cache side of the engine-cache seam (or below both); today it is engine's
-    ("warmkv.cache.load_costs", "warmkv.engine.kv_pool"),
-    ("warmkv.cache.partial_blocks", "warmkv.engine.kv_pool"),
-    ("warmkv.cache.prefix_cache", "warmkv.engine.kv_pool"),
-    ("warmkv.cache.prefix_index", "warmkv.engine.kv_pool"),
-    ("warmkv.cache.write_through", "warmkv.engine.kv_pool"),
-    # a model should own its attention call
-    ("warmkv.models.llama", "warmkv.engine.attention"),
-    # miss reasons need message spans: the explanation belongs above the cache (or spans below it)
-    ("warmkv.cache.miss_reasons", "warmkv.chat.anchors"),
-}
-
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(REPO_ROOT).with_suffix("").parts
@@ -99,12 +84,8 @@ def test_imports_point_down_the_layers() -> None:
         for target in targets
         if "." in module and "." in target and LAYERS[_layer(target)] > LAYERS[_layer(module)]
     }
-    new = sorted(backward - KNOWN_BACKWARD)
-    assert not new, "imports against the layers (" + " -> ".join(LAYERS) + "): " + ", ".join(
-        f"{a} -> {b}" for a, b in new
-    )
-    stale = sorted(KNOWN_BACKWARD - backward)
-    assert not stale, f"these backward imports are gone: delete them from KNOWN_BACKWARD: {stale}"
+    arrows = ", ".join(f"{a} -> {b}" for a, b in sorted(backward))
+    assert not backward, f"imports against the layers ({' -> '.join(LAYERS)}): {arrows}"
 
 
 def test_no_import_cycles_between_packages() -> None:
@@ -112,7 +93,7 @@ def test_no_import_cycles_between_packages() -> None:
     edges: dict[str, set[str]] = {}
     for module, targets in import_graph().items():
         for target in targets:
-            if (module, target) not in KNOWN_BACKWARD and _layer(module) != _layer(target):
+            if _layer(module) != _layer(target):
                 edges.setdefault(_layer(module), set()).add(_layer(target))
     cycle = _find_cycle(edges)
     assert cycle is None, "package import cycle: " + " -> ".join(cycle or [])

@@ -57,11 +57,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
     _add_tier_flags(parser, defaults.cache)
     rules = parser.add_argument_group("other caches' reuse rules, for side-by-side benchmarks")
-    hit = HitPolicyConfig()
+    hit = HitPolicyConfig(HitPolicyName.BLOCKS)  # for its default sizes
     rules.add_argument(
         "--hit-policy",
         choices=[p.value for p in HitPolicyName],
-        default=hit.name.value,
+        default=HitPolicyName.BLOCKS.value,
         help="blocks: any cached prefix (warmkv); checkpoints: ds4-style; units: DeepSeek-API-style",
     )
     rules.add_argument(
@@ -153,6 +153,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         prefix_cache=not args.no_prefix_cache,
         cuda_graphs=not args.no_cuda_graphs,
+        hit_emulation=hit_policy_from(args),
         cache=CacheConfig(
             host_gib=args.host_cache_gib,
             host_tokens=args.host_cache_tokens,
@@ -167,15 +168,15 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
             redis_cluster=args.redis_cluster,
             redis_ttl_s=args.redis_ttl,
             redis_timeout_s=args.redis_timeout,
-            hit_policy=hit_policy_from(args),
         ),
     )
 
 
-def hit_policy_from(args: argparse.Namespace) -> HitPolicyConfig:
-    """Sizes a policy does not use are not checked; unset sizes follow the block size."""
+def hit_policy_from(args: argparse.Namespace) -> HitPolicyConfig | None:
+    """The emulation `--hit-policy` asks for; None for warmkv's own rule (blocks). A size given for a policy
+    that does not use it is refused; unset sizes follow the block size."""
     name = HitPolicyName(args.hit_policy)
-    defaults = HitPolicyConfig()
+    defaults = HitPolicyConfig(name)
     used = {
         HitPolicyName.BLOCKS: (),
         HitPolicyName.CHECKPOINTS: ("checkpoint_align", "checkpoint_interval"),
@@ -195,6 +196,8 @@ def hit_policy_from(args: argparse.Namespace) -> HitPolicyConfig:
         elif value < args.block_size or value % args.block_size:
             raise WarmkvError(f"{option} must be a multiple of --block-size {args.block_size}, got {value}")
         sizes[flag] = value
+    if name is HitPolicyName.BLOCKS:
+        return None
     return HitPolicyConfig(
         name, sizes["checkpoint_align"], sizes["checkpoint_interval"], defaults.checkpoint_slots,
         sizes["cache_unit"],

@@ -12,9 +12,11 @@ from warmkv.models.loader import LoadedModel
 PROMPT = list(range(1000, 1057))  # 57 tokens: 3 whole blocks and a 9-token tail at the frontier
 
 
-def engine_with(model: LoadedModel, pool_tokens: int = 4096, **cache: object) -> LLMEngine:
-    config = CacheConfig(disk=False, host_tokens=0, **cache)  # type: ignore[arg-type]
-    return LLMEngine(model, EngineConfig(kv_pool_tokens=pool_tokens, cache=config))
+def engine_with(
+    model: LoadedModel, pool_tokens: int = 4096, emulation: HitPolicyConfig | None = None
+) -> LLMEngine:
+    config = CacheConfig(disk=False, host_tokens=0)
+    return LLMEngine(model, EngineConfig(kv_pool_tokens=pool_tokens, cache=config, hit_emulation=emulation))
 
 
 def run(engine: LLMEngine, prompt: list[int], max_tokens: int = 6):
@@ -45,7 +47,7 @@ def test_next_turn_reuses_the_reply_to_its_end(tiny_llama: LoadedModel) -> None:
 
 
 def test_other_caches_rules_serve_no_partial_blocks(tiny_llama: LoadedModel) -> None:
-    engine = engine_with(tiny_llama, hit_policy=HitPolicyConfig(HitPolicyName.UNITS, unit=16))
+    engine = engine_with(tiny_llama, emulation=HitPolicyConfig(HitPolicyName.UNITS, unit=16))
     run(engine, PROMPT, max_tokens=1)
     assert run(engine, [*PROMPT, 7, 8]).num_cached == 48
 

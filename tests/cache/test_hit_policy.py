@@ -15,9 +15,10 @@ from warmkv.errors import WarmkvError
 from warmkv.models.loader import LoadedModel
 
 
-def engine_with(model: LoadedModel, policy: HitPolicyConfig) -> LLMEngine:
-    cache = CacheConfig(disk=False, host_tokens=0, hit_policy=policy)
-    return LLMEngine(model, EngineConfig(kv_pool_tokens=4096, cache=cache))
+def engine_with(model: LoadedModel, policy: HitPolicyConfig | None) -> LLMEngine:
+    """policy None: warmkv's own rule, as served (no emulation at all)."""
+    cache = CacheConfig(disk=False, host_tokens=0)
+    return LLMEngine(model, EngineConfig(kv_pool_tokens=4096, cache=cache, hit_emulation=policy))
 
 
 def cached(engine: LLMEngine, prompt: list[int], max_tokens: int = 1) -> tuple[int, list[int]]:
@@ -31,7 +32,7 @@ def tokens(start: int, n: int) -> list[int]:
 
 
 def test_blocks_serve_every_cached_block_including_generated_ones(tiny_llama: LoadedModel) -> None:
-    engine = engine_with(tiny_llama, HitPolicyConfig())
+    engine = engine_with(tiny_llama, None)
     prompt = tokens(1000, 100)
     _, reply = cached(engine, prompt, max_tokens=40)
     hit, _ = cached(engine, [*prompt, *reply, *tokens(3000, 5)])
@@ -60,7 +61,7 @@ def test_checkpoints_keep_a_stale_cold_anchor(tiny_llama: LoadedModel) -> None:
     hit, _ = cached(engine, [*edited, *tokens(2300, 20)])
     assert hit == 0  # no refresh: the anchor still points at the old prefix
 
-    warmkv = engine_with(tiny_llama, HitPolicyConfig())
+    warmkv = engine_with(tiny_llama, None)
     cached(warmkv, [*system, *tokens(2000, 20)])
     cached(warmkv, [*edited, *tokens(2200, 20)])
     assert cached(warmkv, [*edited, *tokens(2300, 20)])[0] == 96  # the rewritten prefix's whole blocks
@@ -80,4 +81,13 @@ def test_policy_flags_are_checked() -> None:
     with pytest.raises(WarmkvError, match="--cache-unit must be a multiple of --block-size 16, got 50"):
         engine_config_from(args)
     args = build_parser().parse_args(["serve", "--hit-policy", "checkpoints", "--checkpoint-align", "512"])
-    assert engine_config_from(args).cache.hit_policy.name is HitPolicyName.CHECKPOINTS
+    emulation = engine_config_from(args).hit_emulation
+    assert emulation is not None and emulation.name is HitPolicyName.CHECKPOINTS
+
+
+def test_serving_builds_no_emulation(tiny_llama: LoadedModel) -> None:
+    """Other caches' rules are for benchmarks: plain `serve` (or `--hit-policy blocks`) asks for none."""
+    for flags in ([], ["--hit-policy", "blocks"]):
+        assert engine_config_from(build_parser().parse_args(["serve", *flags])).hit_emulation is None
+    engine = engine_with(tiny_llama, None)
+    assert engine.prefix_cache is not None and engine.prefix_cache.emulation is None

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmkv.cache import prefix_index
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.miss_reasons import RecentPrompts
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.engine.config import EngineConfig
-from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from warmkv.cache import load_costs
+from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import calibrated_load_costs
+from warmkv.cache.prefix_cache import PrefixCache
 from warmkv.cache.tiers.base import TierName
-from warmkv.engine.kv_pool import KVPool
 
 
 class CountingPrefill:
@@ -79,3 +81,23 @@ def test_implausible_measurement_is_retried_then_clipped(
     costs = calibrated_load_costs(pool, prefill, None, None, "model-a")
     assert prefill.calls == load_costs.ATTEMPTS * 6  # warm-up + five timed runs, each attempt
     assert costs.prefill_tok_s == 100.0
+
+
+def test_the_cache_calibrates_its_own_tiers_only_when_it_weighs_loads(tmp_path: Path) -> None:
+    """The engine hands over a prefill and nothing else: which tiers to time is the cache's business."""
+    pool = KVPool(2, 64, 16, 2, 8, torch.float32, torch.device("cpu"))
+    config = CacheConfig(host_tokens=256, kv_dir=tmp_path / "kv")
+    cache = PrefixCache(pool, "model-a", config)
+    prefill = CountingPrefill(0.002)
+    cache.calibrate(prefill)
+    assert prefill.calls > 0 and cache.costs is not None
+    assert set(cache.costs.bytes_per_s) == {TierName.HOST, TierName.DISK}
+    cache.close()
+    for config in (
+        CacheConfig(host_tokens=256, kv_dir=tmp_path / "kv", load_policy=LoadPolicy.ALWAYS),
+        CacheConfig(host_tokens=0, disk=False),  # nothing below the live pool
+    ):
+        cache, prefill = PrefixCache(pool, "model-a", config), CountingPrefill(0.002)
+        cache.calibrate(prefill)
+        assert prefill.calls == 0 and cache.costs is None
+        cache.close()

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 
 from warmkv.cache import admin
 from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts
 from warmkv.cache.tiers.base import TierName
 from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier, block_path
 from warmkv.cache.tiers.host import HostTier
 from warmkv.engine.config import EngineConfig
-from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.model_runner import ForwardItem
 from warmkv.engine.sampling import SamplingParams

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from warmkv.engine.kv_pool import KVPool
+from warmkv.cache.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem, ModelRunner
 from warmkv.models.config import ModelConfig
 from warmkv.models.loader import _read_json, _read_weights, build_module

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from warmkv.engine.kv_pool import KVPool
+from warmkv.cache.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem, ModelRunner
 from warmkv.errors import ModelLoadError, UnsupportedArchitecture
 from warmkv.models.loader import default_gguf_path, load_model

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from warmkv.cache.hit_policy import HitPolicyConfig
 from warmkv.errors import WarmkvError
 from warmkv.paths import cache_home
 
@@ -39,7 +38,6 @@ class CacheConfig:
     redis_cluster: bool = False
     redis_ttl_s: int = 24 * 3600  # a block not rewritten for this long expires from the shared tier
     redis_timeout_s: float = 0.5  # slower answers count as the store being down
-    hit_policy: HitPolicyConfig = field(default_factory=HitPolicyConfig)  # other caches' rules, for benches
 
     def __post_init__(self) -> None:
         if self.kv_file_mode & ~0o666 or self.kv_file_mode & 0o600 != 0o600:

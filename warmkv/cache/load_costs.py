@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.tiers.base import TierName
 from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_block
 from warmkv.cache.tiers.disk import read_file
-from warmkv.engine.kv_pool import KVPool
 from warmkv.paths import cache_home
 
 log = logging.getLogger("warmkv.cache")

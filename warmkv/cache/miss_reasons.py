@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from warmkv.chat.anchors import MessageSpan, message_at
-
 EXCERPT_TOKENS = 10
+
+
+class Span(Protocol):
+    """Where a prompt's message ends, in tokens: chat's MessageSpan is one. The cache names messages in its
+    explanations but knows nothing of chats, so it asks only for these three fields."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def end(self) -> int: ...  # token offset just past the message
 
 
 class MissKind(str, enum.Enum):
@@ -130,7 +141,7 @@ def explain_miss(
     stop: LookupStop | None,
     stop_text: str | None,
     nearest: tuple[list[int], int],
-    spans: list[MessageSpan],
+    spans: Sequence[Span],
     tokenizer: Any,
     block_size: int,
 ) -> MissReason:
@@ -138,7 +149,7 @@ def explain_miss(
     entry, common = nearest
     # the most an ideal block cache could have served: whole blocks, and never the last prompt token
     reusable = min(common, len(prompt_ids) - 1) // block_size * block_size
-    span = message_at(spans, cached_tokens)
+    span = _message_at(spans, cached_tokens)
     if reusable > cached_tokens:  # it was cached once and was not served this time
         return _not_served(cached_tokens, reusable, stop, stop_text, spans)
     if common < cached_tokens:
@@ -161,9 +172,9 @@ def explain_miss(
 
 
 def _not_served(
-    cached: int, reusable: int, stop: LookupStop | None, stop_text: str | None, spans: list[MessageSpan]
+    cached: int, reusable: int, stop: LookupStop | None, stop_text: str | None, spans: Sequence[Span]
 ) -> MissReason:
-    span = message_at(spans, cached)
+    span = _message_at(spans, cached)
     if stop is not None:
         kind, text = _MISS_OF_STOP[stop], f"{stop_text or stop.value}: tokens {cached}-{reusable} recomputed"
     else:
@@ -179,10 +190,10 @@ def _changed(
     entry: list[int],
     common: int,
     cached: int,
-    spans: list[MessageSpan],
+    spans: Sequence[Span],
     tokenizer: Any,
 ) -> MissReason:
-    span = message_at(spans, common)
+    span = _message_at(spans, common)
     ours, theirs = _excerpt(tokenizer, prompt_ids, common), _excerpt(tokenizer, entry, common)
     name = f"{span.role} message #{span.index}" if span else "the prompt"
     text = f"{name} changed at token {common}: {ours!r} vs {theirs!r}"
@@ -191,11 +202,16 @@ def _changed(
     return MissReason(MissKind.CHANGED, cached, *_message(span), text, ours, theirs)
 
 
-def _message(span: MessageSpan | None) -> tuple[int | None, str | None]:
+def _message_at(spans: Sequence[Span], token: int) -> Span | None:
+    """The message a token position belongs to: the first whose end lies past it."""
+    return next((span for span in spans if token < span.end), None)
+
+
+def _message(span: Span | None) -> tuple[int | None, str | None]:
     return (span.index, span.role) if span else (None, None)
 
 
-def _where(span: MessageSpan | None) -> str:
+def _where(span: Span | None) -> str:
     return f"{span.role} message #{span.index}: " if span else ""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from warmkv.engine.kv_pool import KVPool
+from warmkv.cache.kv_pool import KVPool
 
 Tail = tuple[int, ...]
 

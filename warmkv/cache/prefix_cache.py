@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
-from warmkv.cache.hit_policy import HitPolicyName, build_hit_policy
-from warmkv.cache.load_costs import LoadCosts
+from warmkv.cache.hit_policy import HitEmulation
+from warmkv.cache.kv_pool import KVPool
+from warmkv.cache.load_costs import LoadCosts, calibrated_load_costs
 from warmkv.cache.miss_reasons import LookupStop, RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
@@ -26,7 +28,6 @@ from warmkv.cache.tiers.disk import DiskTier
 from warmkv.cache.tiers.host import HostTier
 from warmkv.cache.tiers.redis import RedisTier
 from warmkv.cache.write_through import WriteThrough
-from warmkv.engine.kv_pool import KVPool
 from warmkv.errors import PoolExhausted
 
 log = logging.getLogger("warmkv.cache")
@@ -77,13 +78,19 @@ class PrefixHit:
 
 
 class PrefixCache:
-    def __init__(self, pool: KVPool, fingerprint: str, config: CacheConfig) -> None:
+    def __init__(
+        self, pool: KVPool, fingerprint: str, config: CacheConfig, emulation: HitEmulation | None = None
+    ) -> None:
+        """`emulation`: another cache's reuse rules, for benchmarks; None (serving) serves any cached
+        prefix."""
         self.pool = pool
         self.config = config
+        self.fingerprint = fingerprint
         self.index = PrefixIndex(pool, fingerprint)
         self.index.on_evict = self._demote
+        self.emulation = emulation
         # sub-block anchors only where any prefix may be served (other caches' rules serve no such tails)
-        self.partials = PartialBlocks(pool) if config.hit_policy.name is HitPolicyName.BLOCKS else None
+        self.partials = PartialBlocks(pool) if emulation is None else None
         pool.reclaim = self._reclaim
         host_blocks = config.host_blocks(pool.block_bytes, pool.block_size)
         on_cuda = pool.k.device.type == "cuda"
@@ -108,8 +115,7 @@ class PrefixCache:
             self.remote = RedisTier(config.redis_url, fingerprint, layout, config.redis_ttl_s,
                                     config.redis_timeout_s, config.redis_cluster)  # fmt: skip
         self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
-        self.policy = build_hit_policy(config.hit_policy, pool.block_size)
-        self.costs: LoadCosts | None = None  # measured by the engine once the model can run
+        self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
     @property
@@ -125,7 +131,20 @@ class PrefixCache:
             tier.stats.up = getattr(tier, "enabled", True)  # asking a tier that is off lets it retry
         return {TierName.LIVE: live, **{t.name: t.stats for t in lower}}
 
-    # -- the engine's side: acquire, commit, release, swap_out ----------------------------------------
+    # -- the engine's side: calibrate, acquire, commit, release, finish, swap_out --------------------
+
+    def calibrate(self, prefill: Callable[[list[int]], None]) -> None:
+        """Learn whether loading a block from each lower tier beats recomputing it, once the model can run
+        (`prefill` runs a prompt through it and keeps nothing). Saved per machine, model and device, so a
+        restart reads the figures back. Only `--kv-load auto` weighs the two; without lower tiers there is
+        nothing to weigh."""
+        if not self.tiers or self.config.load_policy is not LoadPolicy.AUTO:
+            return
+        disk_dir = self.disk.directory if self.disk is not None and self.disk.enabled else None
+        host_pinned = None if self.host is None else self.pool.k.device.type == "cuda"  # as the slab is
+        self.costs = calibrated_load_costs(
+            self.pool, prefill, host_pinned, disk_dir, self.fingerprint, self.config.recalibrate
+        )
 
     def acquire(self, namespace: str, token_ids: list[int], explain: bool = False) -> PrefixHit:
         """The longest cached prefix of `token_ids` short of its last token (whose logits start the reply),
@@ -168,9 +187,10 @@ class PrefixCache:
 
     def finish(self, namespace: str, token_ids: list[int], keys: list[bytes], prompt_tokens: int) -> None:
         """A request ended: remember its tokens (and the keys of its whole blocks: the next turn chains on
-        from them) for miss reasons, and its prompt's blocks for the hit policy."""
+        from them) for miss reasons, and its prompt's blocks for an emulation of other caches' rules."""
         self.recent.remember(namespace, token_ids, keys)
-        self.record_prompt(keys[: prompt_tokens // self.pool.block_size])
+        if self.emulation is not None:
+            self.emulation.record(keys[: prompt_tokens // self.pool.block_size])
 
     def swap_out(self, keys: list[bytes], blocks: list[int]) -> int:
         """A preempted sequence's whole blocks that nothing else holds, copied to the host tier now, so that
@@ -201,13 +221,13 @@ class PrefixCache:
         return self.index.chain(namespace, token_ids, known)
 
     def lookup(self, keys: list[bytes]) -> PrefixHit:
-        """The longest run of leading keys held by any tier and served by the hit policy, in pool blocks."""
-        hit = self._lookup(keys[: self.policy.usable(keys)])
-        hit.truncate(self.policy.usable(hit.keys), self.pool)  # a hit cut short still ends where allowed
+        """The longest run of leading keys held by any tier (and served by the emulation, if any), in pool
+        blocks."""
+        if self.emulation is None:
+            return self._lookup(keys)
+        hit = self._lookup(keys[: self.emulation.usable(keys)])
+        hit.truncate(self.emulation.usable(hit.keys), self.pool)  # a hit cut short still ends where allowed
         return hit
-
-    def record_prompt(self, prompt_keys: list[bytes]) -> None:
-        self.policy.record(prompt_keys)
 
     def remember_tails(self, namespace: str, keys: list[bytes], token_ids: list[int], blocks: list[int],
                        anchors: tuple[int, ...]) -> None:  # fmt: skip

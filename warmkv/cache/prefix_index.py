@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from warmkv.engine.kv_pool import KVPool
+from warmkv.cache.kv_pool import KVPool
 
 TOKEN_BYTES = np.dtype("<u4")  # a token id as hashed: 4 bytes, little-endian (keys on disk depend on it)
 

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from warmkv.cache.background import BackgroundWorker
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.tiers.base import Tier
-from warmkv.engine.kv_pool import KVPool
 
 QUEUED_STEPS = 4  # gathers waiting for the helper: each holds a step's new blocks in device memory
 STAGING_BLOCKS = 64  # pinned bounce buffer: device-to-host copies into it are truly asynchronous

@@ -145,8 +145,3 @@ def encode_segments(
         if index >= 0 and end >= (len(head[0]) if head else 0):
             spans.append(MessageSpan(index, role, len(ids)))
     return ids, spans
-
-
-def message_at(spans: list[MessageSpan], token: int) -> MessageSpan | None:
-    """The message a token position belongs to: the first whose end lies past it."""
-    return next((span for span in spans if token < span.end), None)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from warmkv.cache.config import CacheConfig
+from warmkv.cache.hit_policy import HitPolicyConfig
 from warmkv.errors import WarmkvError
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ class EngineConfig:
     prefix_cache: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)  # tiers below the pool
     cuda_graphs: bool = True  # replay decode steps of 1..max_num_seqs sequences as CUDA graphs (CUDA only)
+    # another cache's reuse rules, emulated for `bench replay` (or `--hit-policy`); None when serving
+    hit_emulation: HitPolicyConfig | None = None
 
     def torch_device(self) -> torch.device:
         import torch

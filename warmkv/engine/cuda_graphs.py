@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from warmkv.engine.attention import AttentionBatch
-from warmkv.engine.kv_pool import KVPool
+from warmkv.cache.kv_pool import KVPool
 from warmkv.kernels.paged_attention import PagedBatch, group_size, num_splits, tokens_per_tile
+from warmkv.models.attention import AttentionBatch
 from warmkv.models.llama import LlamaForCausalLM
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -26,14 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from warmkv.cache.config import LoadPolicy
 from warmkv.cache.fingerprint import model_fingerprint
-from warmkv.cache.load_costs import calibrated_load_costs
+from warmkv.cache.hit_policy import build_emulation
+from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.prefix_cache import PrefixCache, PrefixHit
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.detokenizer import IncrementalDetokenizer
-from warmkv.engine.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem, ModelRunner
 from warmkv.engine.sampling import SamplingParams, sample_batch
 from warmkv.engine.sequence import FinishReason, Sequence
@@ -108,19 +107,13 @@ class LLMEngine:
         self._arrivals = itertools.count()
 
     def _build_prefix_cache(self) -> PrefixCache:
-        layout = self.pool.block_shape
         model = self.model
         fingerprint = model_fingerprint(
-            model.folder, model.dtype, self.config.block_size, layout, model.in_memory_id
+            model.folder, model.dtype, self.config.block_size, self.pool.block_shape, model.in_memory_id
         )
-        cache = PrefixCache(self.pool, fingerprint, self.config.cache)
-        if cache.tiers and self.config.cache.load_policy is LoadPolicy.AUTO:
-            disk_dir = cache.disk.directory if cache.disk is not None and cache.disk.enabled else None
-            host_pinned = cache.host is not None and self.model.device.type == "cuda"
-            cache.costs = calibrated_load_costs(
-                self.pool, self._prefill_probe, host_pinned if cache.host else None, disk_dir, fingerprint,
-                self.config.cache.recalibrate,
-            )  # fmt: skip
+        emulation = build_emulation(self.config.hit_emulation, self.config.block_size)
+        cache = PrefixCache(self.pool, fingerprint, self.config.cache, emulation)
+        cache.calibrate(self._prefill_probe)
         return cache
 
     def _prefill_probe(self, tokens: list[int]) -> None:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from warmkv.engine.attention import AttentionBatch, SequenceSlice
-from warmkv.engine.kv_pool import KVPool
+from warmkv.cache.kv_pool import KVPool
+from warmkv.models.attention import AttentionBatch, SequenceSlice
 from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM
 

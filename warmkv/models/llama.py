@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from warmkv.engine.attention import AttentionBatch, paged_attention
+from warmkv.models.attention import AttentionBatch, paged_attention
 from warmkv.models.config import ModelConfig
 from warmkv.models.layers import rms_norm, rotary_and_store, silu_and_mul
 from warmkv.models.moe import SparseMoeBlock, convert_gpt_oss_experts, stack_expert_weights
