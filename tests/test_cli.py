@@ -34,9 +34,10 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def _bench_script_flags() -> set[str]:
-    """Flags of the scripts under bench/ (`python -m bench.engine ...`), read from their source."""
+    """Flags of the scripts under bench/ (`python -m bench.engine ...`, `python -m bench.peers ...`), read
+    from their source."""
     found = set()
-    for script in (REPO_ROOT / "bench").glob("*.py"):
+    for script in [*(REPO_ROOT / "bench").glob("*.py"), *(REPO_ROOT / "bench").glob("*/__main__.py")]:
         for node in ast.walk(ast.parse(script.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
                 names = [a.value for a in node.args if isinstance(a, ast.Constant)]
@@ -44,11 +45,18 @@ def _bench_script_flags() -> set[str]:
     return found
 
 
+def _peer_server_flags() -> set[str]:
+    """Flags warmkv passes to the peers it benchmarks (llama-server, vLLM), which the README quotes."""
+    source = (REPO_ROOT / "warmkv" / "bench" / "peers.py").read_text()
+    return set(re.findall(r'"(--[a-z][a-z0-9-]*)"', source))
+
+
 def test_every_flag_the_readme_names_exists() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme))
     pip_flags = {"--no-deps"}  # the README's set-up commands
-    unknown = named - _option_strings(build_parser()) - _bench_script_flags() - pip_flags
+    known = _option_strings(build_parser()) | _bench_script_flags() | _peer_server_flags() | pip_flags
+    unknown = named - known
     assert not unknown, f"README names flags no parser has: {sorted(unknown)}"
 
 
