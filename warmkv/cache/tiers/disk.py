@@ -225,6 +225,8 @@ class DiskTier:
         return os.fdopen(descriptor, "wb")
 
     def _make_folder(self, folder: Path) -> None:
+        if folder.is_dir():  # the usual case: one stat per write
+            return
         for missing in reversed([folder, *folder.parents]):  # the root's own parents first
             if not missing.is_dir():
                 missing.mkdir(mode=self.folder_mode, exist_ok=True)
