@@ -243,6 +243,8 @@ class Vllm(Peer):
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
                 "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                 "--enable-prefix-caching", "--enable-prompt-tokens-details",
+                # requests with tools are refused without a tool parser; hermes is the one warmkv uses
+                "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                 "--max-model-len", str(self.context_tokens)]  # fmt: skip
 
 
