@@ -56,9 +56,25 @@ class ToolCallParser:
             return None
         return ToolCall(name, json.dumps(arguments)) if isinstance(arguments, dict) else None
 
+    @property
+    def opening(self) -> str:
+        """A call's text before its function is named."""
+        return f"{self.start}\n"
+
+    def naming(self, name: str) -> str:
+        """What follows the opening: the function's name, up to its arguments object."""
+        return f'{{"name": {json.dumps(name)}, "arguments": '
+
+    @property
+    def call_tail(self) -> str:
+        """What closes a call after its arguments object."""
+        return "}\n" + self.end
+
+    calls_separator = "\n"  # between parallel calls
+
     def render_call(self, name: str, arguments: str) -> str:
         """How an earlier call reads in the prompt, for templates that know no tool calls."""
-        return f'{self.start}\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n{self.end}'
+        return f"{self.opening}{self.naming(name)}{arguments}{self.call_tail}"
 
 
 PARSERS: dict[str, ToolCallParser] = {"hermes": ToolCallParser()}

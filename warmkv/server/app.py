@@ -23,11 +23,13 @@ from starlette.exceptions import HTTPException
 
 from warmkv.chat.prompt import build_chat_prompt
 from warmkv.chat.reply import ReplyReader
+from warmkv.chat.structure import reply_grammar
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.chat.turns import TurnMemory
 from warmkv.engine.async_engine import AsyncEngine
+from warmkv.engine.grammar import Grammar, GrammarCompiler
 from warmkv.engine.llm_engine import StepOutput
-from warmkv.engine.sampling import SamplingParams
+from warmkv.engine.sampling import SamplingParams, TokenLogprobs
 from warmkv.engine.sequence import Sequence
 from warmkv.errors import (
     ContextOverflow,
@@ -38,6 +40,7 @@ from warmkv.errors import (
     WarmkvError,
 )
 from warmkv.server.generation import Generation, account
+from warmkv.server.logprobs import chat_logprobs, completion_logprobs
 from warmkv.server.metrics import ServerMetrics
 from warmkv.server.protocol import ChatCompletionRequest, CompletionRequest
 from warmkv.server.request_log import RequestLog, RequestRecord
@@ -83,6 +86,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     if settings.tool_parser not in PARSERS:
         raise WarmkvError(f"--tool-parser {settings.tool_parser}: choose one of {', '.join(PARSERS)}")
     parser = PARSERS[settings.tool_parser]
+    grammars = GrammarCompiler(tokenizer, engine.engine.eos_token_ids)
     metrics = ServerMetrics()
     turns = TurnMemory()
     if engine.engine.prefix_cache is not None:
@@ -112,7 +116,11 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise UnknownModel(f"The model {name!r} does not exist; this server serves {model_name!r}")
 
     def sampling(
-        body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, max_tokens: int | None
+        body: ChatCompletionRequest | CompletionRequest,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        grammar: Grammar | None = None,
     ) -> SamplingParams:
         return SamplingParams(
             # unset: whatever the context window leaves (at least 1, so an overlong prompt is refused as such)
@@ -126,6 +134,13 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             stop=body.stop_strings,
             stop_token_ids=body.stop_token_ids,
             ignore_eos=body.ignore_eos,
+            min_p=body.min_p,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=body.logit_bias or {},
+            logprobs=logprobs,
+            grammar=grammar,
         )
 
     def namespace(request: Request, body: ChatCompletionRequest | CompletionRequest) -> str:
@@ -143,7 +158,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        reason = str(first.get("msg")).removeprefix("Value error, ")
+        message = f"{param}: {reason}" if param else reason
         return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
 
     @app.exception_handler(HTTPException)
@@ -182,24 +198,38 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         tenant = namespace(request, body)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        choice = body.tool_choice
+        tool_choice = choice if isinstance(choice, str | None) else choice.model_dump()
         prompt = build_chat_prompt(
             tokenizer,
             template,
             parser,
             messages,
             tools,
-            body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.model_dump(),
+            tool_choice,
             turns,
             tenant,
             stable_tokens=settings.stable_tokens,
         )
+        response_format = body.response_format.model_dump(by_alias=True) if body.response_format else None
+        parallel = body.parallel_tool_calls is not False
+        grammar = reply_grammar(tools, tool_choice, response_format, parser, parallel)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         record = RequestRecord(id=f"chatcmpl-{uuid.uuid4().hex}", endpoint="chat")
-        params = sampling(body, len(prompt.token_ids), max_tokens)
-        generation = Generation(engine, record, prompt.token_ids, params, tenant, prompt.spans)
-        if prompt.forced_prefix:  # a forced call ends at its end marker; nothing after it is wanted
+        # compiling takes milliseconds (a second for the first grammar: the vocabulary is indexed)
+        compiled = await asyncio.to_thread(grammars.compile, grammar) if grammar is not None else None
+        params = sampling(body, len(prompt.token_ids), max_tokens, body.top_logprobs_count, compiled)
+        # one call at most, without a grammar to say so: the reply ends with the first call's end marker
+        one_call_by_stop = grammar is None and bool(prompt.tool_names) and not parallel
+        if one_call_by_stop:
             params.stop.append(parser.end)
-        fmt = _ChatFormat(record.id, model_name, ReplyReader(prompt, parser), body.include_usage)
+        generation = Generation(engine, record, prompt.token_ids, params, tenant, prompt.spans, body.n)
+        fmts = [
+            _ChatFormat(record.id, model_name, ReplyReader(prompt, parser, one_call_by_stop),
+                        body.include_usage, index, tokenizer)
+            for index in range(body.n)
+        ]  # fmt: skip
+        fmt = fmts[0]
 
         def remember_turn(sequence: Sequence) -> None:
             # the prompt, and the prompt with the reply as generated: the next turn's history starts so
@@ -219,7 +249,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 turns.remember(tenant, predicted.text, predicted.token_ids)
                 engine.prefill_when_idle(predicted.token_ids, tenant)
 
-        return await run(request, generation, fmt, stream=body.stream, on_finish=remember_turn)
+        # the conversation goes on with one of the choices: the first is remembered
+        return await run(request, generation, fmts, stream=body.stream, on_finish=remember_turn)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -231,16 +262,18 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             if any(not 0 <= t < model.config.vocab_size for t in prompt_ids):
                 raise InvalidRequest(f"prompt token ids must be in [0, {model.config.vocab_size})")
         record = RequestRecord(id=f"cmpl-{uuid.uuid4().hex}", endpoint="completions")
-        params = sampling(body, len(prompt_ids), body.max_tokens)
-        generation = Generation(engine, record, prompt_ids, params, namespace(request, body))
-        return await run(
-            request, generation, _CompletionFormat(record.id, model_name, body.include_usage), body.stream
-        )
+        params = sampling(body, len(prompt_ids), body.max_tokens, body.logprobs)
+        generation = Generation(engine, record, prompt_ids, params, namespace(request, body), n=body.n)
+        fmts = [
+            _CompletionFormat(record.id, model_name, body.include_usage, index, tokenizer)
+            for index in range(body.n)
+        ]
+        return await run(request, generation, fmts, body.stream)
 
     async def run(
         request: Request,
         generation: Generation,
-        fmt: _Format,
+        fmts: list[_Format],
         stream: bool,
         on_finish: Callable[[Sequence], None] = lambda _: None,
     ) -> Response:
@@ -253,7 +286,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise
         if stream:
             return StreamingResponse(
-                _stream(first, generation, fmt, on_finish), media_type="text/event-stream"
+                _stream(first, generation, fmts, on_finish), media_type="text/event-stream"
             )
         try:
             outputs = [first, *(await _until_disconnect(request, _collect(generation)))]
@@ -262,25 +295,26 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             raise
         finally:
             account(record, metrics, request_log)
-        body = fmt.whole(outputs, generation.usage())
-        on_finish(outputs[-1].sequence)  # after formatting: the reply's tool calls are known by then
-        return JSONResponse(body)
+        by_choice = [[o for o in outputs if generation.choice_of(o) == i] for i, _ in enumerate(fmts)]
+        choices = [fmt.whole_choice(choice) for fmt, choice in zip(fmts, by_choice, strict=True)]
+        on_finish(by_choice[0][-1].sequence)  # after formatting: the reply's tool calls are known by then
+        return JSONResponse(fmts[0].envelope(choices, usage=generation.usage()))
 
     async def _stream(
-        first: StepOutput, generation: Generation, fmt: _Format, on_finish: Callable[[Sequence], None]
+        first: StepOutput, generation: Generation, fmts: list[_Format], on_finish: Callable[[Sequence], None]
     ) -> AsyncIterator[str]:
         record = generation.record
         try:
-            yield _sse(fmt.opening())
-            for chunk in fmt.delta(first):
+            for fmt in fmts:
+                yield _sse(fmt.opening())
+            for chunk in fmts[0].delta(first):
                 yield _sse(chunk)
-            last = first
-            async for last in generation:
-                for chunk in fmt.delta(last):
+            async for output in generation:
+                for chunk in fmts[generation.choice_of(output)].delta(output):
                     yield _sse(chunk)
-            on_finish(last.sequence)
-            if fmt.include_usage:
-                yield _sse(fmt.usage_chunk(generation.usage()))
+            on_finish(first.sequence)
+            if fmts[0].include_usage:
+                yield _sse(fmts[0].usage_chunk(generation.usage()))
             yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             record.status = 499  # client gone: leaving the iteration cancelled the request
@@ -329,13 +363,17 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 class _Format:
-    """How one endpoint shapes outputs: a whole response, or stream chunks."""
+    """How one endpoint shapes one choice's outputs: a whole response, or stream chunks."""
 
     object_name = ""
+    chunk_object = ""
     include_usage = False
 
-    def __init__(self, request_id: str, model: str) -> None:
+    def __init__(self, request_id: str, model: str, index: int = 0, tokenizer: Any = None) -> None:
         self.id, self.model, self.created = request_id, model, int(time.time())
+        self.index = index  # of the choice
+        self.tokenizer = tokenizer  # for log-probs' token texts
+        self._logprobs: list[TokenLogprobs] = []  # not yet sent
 
     def envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
@@ -347,27 +385,37 @@ class _Format:
     def delta(self, output: StepOutput) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def whole(self, outputs: list[StepOutput], usage: dict[str, Any]) -> dict[str, Any]:
+    def whole_choice(self, outputs: list[StepOutput]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def whole(self, outputs: list[StepOutput], usage: dict[str, Any]) -> dict[str, Any]:
+        return self.envelope([self.whole_choice(outputs)], usage=usage)
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self.envelope([], usage=usage), "object": self.chunk_object}
 
-    chunk_object = ""
+    def _take_logprobs(self, outputs: list[StepOutput]) -> list[TokenLogprobs] | None:
+        """Log-probs of these outputs and any held back; None when the request asked for none."""
+        if outputs[-1].sequence.params.logprobs is None:
+            return None
+        taken = self._logprobs + [o.logprobs for o in outputs if o.logprobs is not None]
+        self._logprobs = []
+        return taken
 
 
 class _ChatFormat(_Format):
     object_name = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, request_id: str, model: str, reader: ReplyReader, include_usage: bool) -> None:
-        super().__init__(request_id, model)
+    def __init__(self, request_id: str, model: str, reader: ReplyReader, include_usage: bool, index: int,
+                 tokenizer: Any) -> None:  # fmt: skip
+        super().__init__(request_id, model, index, tokenizer)
         self.include_usage = include_usage
         self.reader = reader
         self._calls_sent = 0
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         chunk = {**self.envelope([choice]), "object": self.chunk_object}
         return chunk | ({"usage": None} if self.include_usage else {})
 
@@ -384,20 +432,25 @@ class _ChatFormat(_Format):
         self._calls_sent = len(calls)
         if output.finished:
             chunks.append(self._chunk({}, self._finish_reason(output)))
+        logprobs = self._take_logprobs([output])
+        if not chunks and logprobs:
+            self._logprobs = logprobs  # the token's text is held back: its log-prob goes with it
+        elif logprobs is not None:
+            chunks[0]["choices"][0]["logprobs"] = chat_logprobs(logprobs, self.tokenizer)
         return chunks
 
-    def whole(self, outputs: list[StepOutput], usage: dict[str, Any]) -> dict[str, Any]:
+    def whole_choice(self, outputs: list[StepOutput]) -> dict[str, Any]:
         content = "".join(self._content_of(output) for output in outputs)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if self.reader.calls:
             message |= {"content": content or None, "tool_calls": [c.to_openai() for c in self.reader.calls]}
-        choice = {
-            "index": 0,
+        logprobs = self._take_logprobs(outputs)
+        return {
+            "index": self.index,
             "message": message,
-            "logprobs": None,
+            "logprobs": None if logprobs is None else chat_logprobs(logprobs, self.tokenizer),
             "finish_reason": self._finish_reason(outputs[-1]),
         }
-        return self.envelope([choice], usage=usage)
 
     def _content_of(self, output: StepOutput) -> str:
         text = self.reader.feed(output.text)
@@ -410,21 +463,29 @@ class _ChatFormat(_Format):
 class _CompletionFormat(_Format):
     object_name = chunk_object = "text_completion"
 
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
-        super().__init__(request_id, model)
+    def __init__(self, request_id: str, model: str, include_usage: bool, index: int, tokenizer: Any) -> None:
+        super().__init__(request_id, model, index, tokenizer)
         self.include_usage = include_usage
+        self._text_offset = 0  # characters of the completion sent, where the next tokens' text starts
 
-    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(self, text: str, finish_reason: str | None, outputs: list[StepOutput]) -> dict[str, Any]:
+        logprobs = self._take_logprobs(outputs) if outputs else None
+        if logprobs is not None:
+            logprobs = completion_logprobs(logprobs, self.tokenizer, self._text_offset)
+            self._text_offset += sum(len(token) for token in logprobs["tokens"])
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def opening(self) -> dict[str, Any]:
-        return self.envelope([self._choice("", None)])
+        return self.envelope([self._choice("", None, [])])
 
     def delta(self, output: StepOutput) -> list[dict[str, Any]]:
         reason = output.sequence.finish_reason.value if output.finished else None  # type: ignore[union-attr]
-        return [self.envelope([self._choice(output.text, reason)])] if output.text or reason else []
+        if not (output.text or reason):
+            self._logprobs += [output.logprobs] if output.logprobs is not None else []
+            return []
+        return [self.envelope([self._choice(output.text, reason, [output])])]
 
-    def whole(self, outputs: list[StepOutput], usage: dict[str, Any]) -> dict[str, Any]:
+    def whole_choice(self, outputs: list[StepOutput]) -> dict[str, Any]:
         text = "".join(output.text for output in outputs)
         reason = outputs[-1].sequence.finish_reason.value  # type: ignore[union-attr]
-        return self.envelope([self._choice(text, reason)], usage=usage)
+        return self._choice(text, reason, outputs)
