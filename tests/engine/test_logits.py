@@ -53,12 +53,14 @@ def test_greedy_without_parameters_equals_transformers_greedy(engine, tiny_llama
                                   eos_token_id=None, pad_token_id=0)[0, len(PROMPT):].tolist()  # fmt: skip
     ids, _ = generate(engine, max_tokens=12, ignore_eos=True)
     assert ids == expected
-    assert engine.add_request(PROMPT, SamplingParams(repetition_penalty=1.0, logit_bias={})).logits_processors == []
-    engine.abort(engine.waiting[-1])
+    neutral = engine.add_request(PROMPT, SamplingParams(repetition_penalty=1.0, logit_bias={}))
+    assert neutral.logits_processors == []
+    engine.abort(neutral)
 
 
 def test_logit_bias_plus_100_forces_a_token_and_minus_100_bans_one(engine) -> None:
-    forced, _ = generate(engine, max_tokens=8, temperature=1.0, seed=1, logit_bias={4242: 100}, ignore_eos=True)
+    forced, _ = generate(engine, max_tokens=8, temperature=1.0, seed=1, logit_bias={4242: 100},
+                         ignore_eos=True)  # fmt: skip
     assert forced == [4242] * 8
     greedy, _ = generate(engine, max_tokens=8, ignore_eos=True)
     banned, _ = generate(engine, max_tokens=8, logit_bias={greedy[0]: -100}, ignore_eos=True)
@@ -92,7 +94,7 @@ def test_logprobs_are_the_models_and_alternatives_come_sorted(engine) -> None:
         assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
         assert lp.top[0] == (token, lp.logprob)  # greedy picks the likeliest
         assert sum(math.exp(v) for v in values) <= 1 + 1e-5
-    none, outputs = generate(engine, max_tokens=3, ignore_eos=True)
+    _, outputs = generate(engine, max_tokens=3, ignore_eos=True)
     assert all(o.logprobs is None for o in outputs)
     with pytest.raises(InvalidRequest, match="logprobs"):
         SamplingParams(logprobs=21)
@@ -104,9 +106,10 @@ def test_token_ids_outside_the_vocabulary_are_refused(engine) -> None:
 
 
 def test_json_schema_grammar_yields_valid_json_at_temperature_one(engine) -> None:
-    grammar = GrammarCompiler(engine.model.tokenizer, engine.eos_token_ids).compile(json_schema_grammar(SCHEMA))
+    compiler = GrammarCompiler(engine.model.tokenizer, engine.eos_token_ids)
+    grammar = compiler.compile(json_schema_grammar(SCHEMA))
     for seed in range(5):
-        ids, outputs = generate(engine, max_tokens=60, temperature=1.0, seed=seed, grammar=grammar)
+        _, outputs = generate(engine, max_tokens=60, temperature=1.0, seed=seed, grammar=grammar)
         assert outputs[-1].sequence.finish_reason.value == "stop"
         jsonschema.validate(json.loads("".join(o.text for o in outputs)), SCHEMA)
 
@@ -130,7 +133,8 @@ def test_grammar_state_survives_preemption(tiny_model) -> None:
     assert preempted > 0
     assert [s.output_ids for s in seqs] == alone
     for seq in seqs:
-        jsonschema.validate(json.loads(tiny_model.tokenizer.decode(seq.output_ids, skip_special_tokens=True)), SCHEMA)
+        text = tiny_model.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        jsonschema.validate(json.loads(text), SCHEMA)
 
 
 def test_an_invalid_schema_is_refused_with_its_reason(tiny_model) -> None:
