@@ -45,16 +45,22 @@ class ToolCallParser:
             return None
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
             return None
+        naming = self.naming(payload["name"])
+        if body.startswith(naming) and set(payload) == {"name", "arguments"}:
+            # laid out as we render calls: the arguments as written (json.dumps would turn 1e999 into
+            # Infinity, which is no JSON, and re-escape text)
+            return self.parse_arguments(payload["name"], body[len(naming) :])
         arguments = payload.get("arguments", payload.get("parameters", {}))
         return ToolCall(payload["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
 
     def parse_arguments(self, name: str, text: str) -> ToolCall | None:
-        """A forced call to `name`: the reply is its arguments object; text after the object is ignored."""
+        """A call to `name` whose arguments object opens `text`; text after the object is ignored."""
+        text = text.lstrip()
         try:
-            arguments, _ = json.JSONDecoder().raw_decode(text.lstrip())
+            arguments, end = json.JSONDecoder().raw_decode(text)
         except json.JSONDecodeError:
             return None
-        return ToolCall(name, json.dumps(arguments)) if isinstance(arguments, dict) else None
+        return ToolCall(name, text[:end]) if isinstance(arguments, dict) else None
 
     @property
     def opening(self) -> str:
