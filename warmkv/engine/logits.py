@@ -38,7 +38,9 @@ class Penalties:
         self._repetition = params.repetition_penalty
         self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # generated tokens
         self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # prompt and generated
-        self._seen[torch.tensor(prompt_ids, device=device)] = True
+        # a tokenizer's added tokens may lie beyond the model's vocabulary: the model never scores them
+        scored = [t for t in prompt_ids if t < vocab_size]
+        self._seen[torch.tensor(scored, dtype=torch.long, device=device)] = True
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self._repetition != 1.0:
