@@ -158,10 +158,11 @@ def test_generate_uses_model_defaults_and_prints_one_stats_line(
               "1024", "--max-tokens", "5", "--seed", "1", "Hello"]  # fmt: skip
     main(common)
     err = capsys.readouterr().err
-    assert "temperature 0.5, top_p 1, top_k 7 (unset flags from generation_config.json)" in err
-    assert "repetition_penalty 1.2: not applied" in err
+    unset_from_file = "(unset flags from generation_config.json)"
+    assert f"temperature 0.5, top_p 1, top_k 7, repetition_penalty 1.2 {unset_from_file}" in err
     stats = [line for line in err.splitlines() if "completion tokens" in line]
     assert len(stats) == 1
     assert re.search(r"\d+ prompt tokens, [1-5] completion tokens, TTFT \d+\.\d\d s, [\d.]+ tok/s", stats[0])
-    main([*common, "--temperature", "0"])
-    assert "temperature 0, top_p 1, top_k 7" in capsys.readouterr().err  # a flag beats the model's default
+    main([*common, "--temperature", "0", "--repetition-penalty", "1"])
+    # a flag beats the model's default
+    assert "temperature 0, top_p 1, top_k 7, repetition_penalty 1 (" in capsys.readouterr().err

@@ -19,13 +19,15 @@ Handler = str  # "module:function"
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "sampling (unset: the model's generation_config.json, else greedy; its repetition_penalty is "
-        "reported, not applied: warmkv's sampler has none)"
+        "sampling (unset: the model's generation_config.json, else greedy)"
     )
     group.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
     group.add_argument("--temperature", type=float, help="0 is greedy")
     group.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to P")
     group.add_argument("--top-k", type=int, help="keep the K most likely tokens (0: no limit)")
+    group.add_argument(
+        "--repetition-penalty", type=float, help="above 1 discourages repeating tokens (1: none)"
+    )
     group.add_argument("--seed", type=int, help="seed of the sampler (same seed, same text)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -51,14 +53,13 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=_given(args.temperature, model_defaults.temperature),
         top_p=_given(args.top_p, model_defaults.top_p),
         top_k=_given(args.top_k, model_defaults.top_k),
+        repetition_penalty=_given(args.repetition_penalty, model_defaults.repetition_penalty),
         seed=args.seed,
         stop=args.stop,
     )
-    _say(f"sampling: temperature {params.temperature:g}, top_p {params.top_p:g}, top_k {params.top_k} "
+    _say(f"sampling: temperature {params.temperature:g}, top_p {params.top_p:g}, top_k {params.top_k}, "
+         f"repetition_penalty {params.repetition_penalty:g} "
          f"(unset flags from {model_defaults.source})")  # fmt: skip
-    if model_defaults.repetition_penalty != 1.0:
-        _say(f"the model asks for repetition_penalty {model_defaults.repetition_penalty:g}: not applied "
-             "(warmkv's sampler has no repetition penalty)")  # fmt: skip
     tokenizer = engine.model.tokenizer
     prompt_ids = encode(tokenizer, args.prompt if messages is None else render_chat(tokenizer, messages))
     started = time.perf_counter()

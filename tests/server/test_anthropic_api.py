@@ -99,6 +99,18 @@ def test_forced_tool_use_and_tool_result_round_trip(server: EmbeddedServer) -> N
     assert second.usage.cache_read_input_tokens >= prompt_tokens(first.usage)
 
 
+def test_tool_choice_any_is_enforced_by_grammar(server: EmbeddedServer) -> None:
+    # unconstrained, SmolLM2 answers a forced call with a function that does not exist; the grammar on the
+    # shared chat path makes it one call to a declared tool, whose input satisfies the tool's schema
+    question = [{"role": "user", "content": "What's the weather in Paris?"}]
+    message = create(server, question, "any", tools=[WEATHER_TOOL], max_tokens=60,
+                     tool_choice={"type": "any", "disable_parallel_tool_use": True})  # fmt: skip
+    assert message.stop_reason == "tool_use"
+    (call,) = [block for block in message.content if block.type == "tool_use"]
+    assert call.name == "get_weather" and isinstance(call.input.get("city"), str)
+    assert [block.type for block in message.content] == ["tool_use"]
+
+
 def test_streamed_tool_use_sends_input_json_delta(server: EmbeddedServer) -> None:
     question = [{"role": "user", "content": "What's the weather in Paris?"}]
     events = list(

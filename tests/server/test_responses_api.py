@@ -112,7 +112,7 @@ def test_unsupported_fields_are_refused_by_name(server: EmbeddedServer) -> None:
     url = f"{server.url}/v1/responses"
     base = {"model": MODEL, "input": FRANCE}
     for field, value in [("background", True), ("conversation", "conv_1"), ("top_logprobs", 3),
-                         ("text", {"format": {"type": "json_object"}}), ("truncation", "auto"),
+                         ("text", {"format": {"type": "grammar"}}), ("truncation", "auto"),
                          ("tools", [{"type": "web_search"}])]:  # fmt: skip
         answer = httpx.post(url, json={**base, field: value})
         assert answer.status_code == 400, field
@@ -130,6 +130,20 @@ def test_unsupported_fields_are_refused_by_name(server: EmbeddedServer) -> None:
     assert httpx.post(url, json={**base, **harmless}).status_code == 200
     with pytest.raises(openai.NotFoundError):
         respond(server, "x", input=FRANCE, previous_response_id="resp_nonesuch")
+
+
+def test_text_format_json_schema_and_required_tool_choice_are_enforced(server: EmbeddedServer) -> None:
+    # the chat path's grammar: a JSON reply valid under the schema, and a call to a declared tool
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"],
+              "additionalProperties": False}  # fmt: skip
+    text = {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+    response = respond(server, "json", input=FRANCE, max_output_tokens=40, text=text)
+    assert response.status == "completed" and response.text.format.type == "json_schema"
+    assert set(json.loads(response.output_text)) == {"capital"}
+    forced = respond(server, "required", input="What's the weather in Paris?", tools=[WEATHER_TOOL],
+                     tool_choice="required", parallel_tool_calls=False, max_output_tokens=60)  # fmt: skip
+    (call,) = [item for item in forced.output if item.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
 
 
 def test_previous_response_is_private_to_its_tenant(server: EmbeddedServer) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +56,8 @@ def _forced_prefix(
     if not tools:
         raise InvalidRequest("tool_choice asks for a tool call but the request has no tools")
     if tool_choice == "required":
-        return f"{parser.start}\n"
+        return parser.opening
     name = tool_choice["function"]["name"]  # type: ignore[index]
     if name not in {t["function"]["name"] for t in tools}:
         raise InvalidRequest(f"tool_choice names the function {name!r}, which is not among the tools")
-    return f'{parser.start}\n{{"name": {json.dumps(name)}, "arguments": '
+    return parser.opening + parser.naming(name)

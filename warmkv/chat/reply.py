@@ -11,9 +11,12 @@ log = logging.getLogger("warmkv.chat")
 
 
 class ReplyReader:
-    def __init__(self, prompt: ChatPrompt, parser: ToolCallParser) -> None:
+    def __init__(self, prompt: ChatPrompt, parser: ToolCallParser, stops_at_call_end: bool = False) -> None:
+        """stops_at_call_end: generation stops at a call's end marker (a stop string), so that a call still
+        open when the reply ends is closed here."""
         self._prompt = prompt
         self._parser = parser
+        self._stops_at_call_end = stops_at_call_end
         self._forced_calls: list[ToolCall] = []
         self._held = ""  # a forced call's arguments: read once the reply is complete
         self._streamer = None
@@ -30,7 +33,11 @@ class ReplyReader:
         if self._prompt.forced_function is not None:
             self._held += text
             return ""
-        return self._streamer.feed(text) if self._streamer is not None else text
+        if self._streamer is None:
+            return text
+        released = self._streamer.feed(text)
+        # a forced reply is calls alone (its grammar says so): what lies between them is no content
+        return "" if self._prompt.forced_prefix else released
 
     def finish(self) -> str:
         """Content still held when the reply ends; a malformed call comes back here as text."""
@@ -43,5 +50,4 @@ class ReplyReader:
             return self._prompt.forced_prefix + self._held
         if self._streamer is None:
             return ""
-        # a forced call was cut at its end marker (a stop string), so the marker is supplied
-        return self._streamer.finish(close_open_call=bool(self._prompt.forced_prefix))[0]
+        return self._streamer.finish(close_open_call=self._stops_at_call_end)[0]

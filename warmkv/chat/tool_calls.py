@@ -45,20 +45,42 @@ class ToolCallParser:
             return None
         if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
             return None
+        naming = self.naming(payload["name"])
+        if body.startswith(naming) and set(payload) == {"name", "arguments"}:
+            # laid out as we render calls: the arguments as written (json.dumps would turn 1e999 into
+            # Infinity, which is no JSON, and re-escape text)
+            return self.parse_arguments(payload["name"], body[len(naming) :])
         arguments = payload.get("arguments", payload.get("parameters", {}))
         return ToolCall(payload["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
 
     def parse_arguments(self, name: str, text: str) -> ToolCall | None:
-        """A forced call to `name`: the reply is its arguments object; text after the object is ignored."""
+        """A call to `name` whose arguments object opens `text`; text after the object is ignored."""
+        text = text.lstrip()
         try:
-            arguments, _ = json.JSONDecoder().raw_decode(text.lstrip())
+            arguments, end = json.JSONDecoder().raw_decode(text)
         except json.JSONDecodeError:
             return None
-        return ToolCall(name, json.dumps(arguments)) if isinstance(arguments, dict) else None
+        return ToolCall(name, text[:end]) if isinstance(arguments, dict) else None
+
+    @property
+    def opening(self) -> str:
+        """A call's text before its function is named."""
+        return f"{self.start}\n"
+
+    def naming(self, name: str) -> str:
+        """What follows the opening: the function's name, up to its arguments object."""
+        return f'{{"name": {json.dumps(name)}, "arguments": '
+
+    @property
+    def call_tail(self) -> str:
+        """What closes a call after its arguments object."""
+        return "}\n" + self.end
+
+    calls_separator = "\n"  # between parallel calls
 
     def render_call(self, name: str, arguments: str) -> str:
         """How an earlier call reads in the prompt, for templates that know no tool calls."""
-        return f'{self.start}\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n{self.end}'
+        return f"{self.opening}{self.naming(name)}{arguments}{self.call_tail}"
 
 
 PARSERS: dict[str, ToolCallParser] = {"hermes": ToolCallParser()}

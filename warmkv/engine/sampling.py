@@ -1,17 +1,22 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, seeded."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, min-p, top-p, seeded; log-probs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from warmkv.errors import InvalidRequest
 
+if TYPE_CHECKING:
+    from warmkv.engine.grammar import Grammar
+
 # what torch.Generator.manual_seed accepts (a signed or unsigned 64-bit integer); beyond it, it raises
 SEED_RANGE = (-(2**63), 2**64 - 1)
 # below this a temperature divides logits into infinities; such a distribution is the greedy choice anyway
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 @dataclass(slots=True)
@@ -20,10 +25,17 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no limit
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest one
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 means none
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # report each token's log-prob and this many alternatives; None: none
+    grammar: Grammar | None = None  # the output must be a sentence of this grammar
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -38,6 +50,23 @@ class SamplingParams:
             self.temperature = 0.0
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidRequest(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed}")
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not -100 <= bias <= 100 for bias in self.logit_bias.values()):
+            raise InvalidRequest("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs: 0 to {MAX_LOGPROBS} alternatives per token, not {self.logprobs}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the request names must be the model's."""
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            if any(not 0 <= token < vocab_size for token in ids):
+                raise InvalidRequest(f"{name}: token ids must be in [0, {vocab_size})")
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None or self.temperature == 0:
@@ -71,6 +100,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         # drop a token once the tokens more likely than it already cover top_p
@@ -79,3 +110,21 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model, and the likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-prob), likeliest first
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """From the model's raw logits [vocab], before penalties, bias, masks and temperature (as vLLM
+    reports them by default): what the model itself thought of the token."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+    alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprobs(token, float(logprobs[token]), alternatives)

@@ -13,6 +13,7 @@ from warmkv.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from warmkv.cache.prefix_cache import PrefixHit
+    from warmkv.engine.logits import LogitsProcessor
 
 
 class FinishReason(str, enum.Enum):
@@ -34,6 +35,7 @@ class Sequence:
     cache_namespace: str = ""
     background: bool = False  # idle-time prefill: runs only while no request is waiting or running
     anchors: tuple[int, ...] = ()  # token offsets where messages end: reused to the exact token later
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # penalties, bias, grammar
     block_ids: list[int] = field(default_factory=list)  # the block table
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-index keys of the leading full blocks
     num_computed: int = 0  # leading tokens whose KV is stored in block_ids

@@ -15,7 +15,7 @@ class GenerationDefaults:
     temperature: float = 0.0  # 0 is greedy: what a model without the file (or do_sample false) gets
     top_p: float = 1.0
     top_k: int = 0
-    repetition_penalty: float = 1.0  # read so it can be reported; warmkv's sampler has no such penalty
+    repetition_penalty: float = 1.0  # 1: none
     source: str = "greedy: the model gives no generation_config.json"
 
 

@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from warmkv.chat.session import ChatSession
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.engine.async_engine import AsyncEngine
+from warmkv.engine.grammar import GrammarCompiler
 from warmkv.errors import WarmkvError
 from warmkv.server import anthropic_routes, openai_routes, responses_routes
 from warmkv.server.anthropic import anthropic_error
@@ -65,7 +66,7 @@ def _server_state(engine: AsyncEngine, settings: ServerSettings) -> ServerState:
     )
     return ServerState(
         engine, settings, settings.served_model_name or model.name, parser, session, metrics,
-        RequestLog(settings.trace),
+        RequestLog(settings.trace), GrammarCompiler(model.tokenizer, engine.engine.eos_token_ids),
     )  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The one chat path every chat API translates onto: /v1/chat/completions, /v1/messages and /v1/responses
 all become a `ChatRequest` (OpenAI chat messages and function tools), rendered, cached, anchored, logged
 and remembered the same way. So one conversation reuses the same KV whichever API carries its turns, and
-what the chat path enforces (forced tool calls) every API inherits."""
+what the chat path enforces (forced tool calls and JSON replies, by grammar) every API inherits."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from warmkv.chat.prompt import ChatPrompt
 from warmkv.chat.reply import ReplyReader
+from warmkv.chat.structure import reply_grammar
 from warmkv.chat.tool_calls import ToolCall
 from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
@@ -36,6 +37,8 @@ class ChatRequest:
     namespace: str  # the tenant's cache namespace
     breakpoints: frozenset[int] = frozenset()  # messages whose end the client marked for caching
     max_tool_calls: int | None = None  # 1 when the client turned parallel tool calls off
+    response_format: dict[str, Any] | None = None  # OpenAI's: the reply must be JSON (under a schema)
+    n: int = 1  # choices: sequences sampled from the one prompt
 
 
 class ReplyEnd(str, enum.Enum):
@@ -58,8 +61,11 @@ class ReplyPiece:
 class ChatReply:
     """A reply as it streams, split into content and tool calls."""
 
-    def __init__(self, state: ServerState, prompt: ChatPrompt, chat: ChatRequest) -> None:
-        self._reader = ReplyReader(prompt, state.parser)
+    def __init__(
+        self, state: ServerState, prompt: ChatPrompt, chat: ChatRequest, stops_at_call_end: bool
+    ) -> None:
+        """stops_at_call_end: the reply ends at a call's end marker (see ReplyReader)."""
+        self._reader = ReplyReader(prompt, state.parser, stops_at_call_end)
         self._tokenizer = state.tokenizer
         self._stops = list(chat.params.stop)  # before the forced call's end marker joins them
         self._max_calls = chat.max_tool_calls
@@ -97,12 +103,17 @@ class ChatRun:
     chat: ChatRequest
     prompt: ChatPrompt
     generation: Generation
-    reply: ChatReply
+    replies: list[ChatReply]  # one per choice
     breakpoint_tokens: int  # token offset of the last cache breakpoint in the prompt (0: none)
 
     @property
     def record(self) -> RequestRecord:
         return self.generation.record
+
+    @property
+    def reply(self) -> ChatReply:
+        """The first choice's reply: the one the conversation goes on with."""
+        return self.replies[0]
 
 
 async def start_chat(state: ServerState, chat: ChatRequest) -> ChatRun:
@@ -118,15 +129,20 @@ async def start_chat(state: ServerState, chat: ChatRequest) -> ChatRun:
     chat.params.max_tokens = (
         chat.max_tokens if chat.max_tokens is not None else max(1, state.max_model_len - prompt_tokens)
     )
-    reply = ChatReply(state, prompt, chat)
-    if prompt.forced_prefix:  # a forced call ends at its end marker; nothing after it is wanted
+    parallel = chat.max_tool_calls != 1
+    grammar = reply_grammar(chat.tools, chat.tool_choice, chat.response_format, state.parser, parallel)
+    # compiling takes milliseconds (a second for the first grammar: the vocabulary is indexed)
+    chat.params.grammar = await asyncio.to_thread(state.grammars.compile, grammar) if grammar else None
+    # one call at most, without a grammar to say so: the reply ends with the first call's end marker
+    one_call_by_stop = grammar is None and bool(prompt.tool_names) and not parallel
+    replies = [ChatReply(state, prompt, chat, one_call_by_stop) for _ in range(chat.n)]
+    if one_call_by_stop:
         chat.params.stop.append(state.parser.end)
     breakpoints = [span.end for span in prompt.spans if span.index in chat.breakpoints]
     record = RequestRecord(id=chat.id, endpoint=chat.endpoint)
-    generation = Generation(
-        state.engine, record, prompt.token_ids, chat.params, chat.namespace, prompt.spans, tuple(breakpoints)
-    )
-    return ChatRun(chat, prompt, generation, reply, max(breakpoints, default=0))
+    generation = Generation(state.engine, record, prompt.token_ids, chat.params, chat.namespace, prompt.spans,
+                            tuple(breakpoints), n=chat.n)  # fmt: skip
+    return ChatRun(chat, prompt, generation, replies, max(breakpoints, default=0))
 
 
 async def remember_reply(state: ServerState, run: ChatRun, sequence: Sequence) -> None:

@@ -72,7 +72,8 @@ def install_error_handlers(app: FastAPI, writers: dict[str, ErrorWriter]) -> Non
         # a check over the whole body names the field it refused in its context
         param = (first.get("ctx") or {}).get("param") or ".".join(str(p) for p in first.get("loc", ())[1:])
         param = param or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        reason = str(first.get("msg")).removeprefix("Value error, ")  # pydantic's prefix to a check's words
+        message = f"{param}: {reason}" if param else reason
         return answer(request, 400, "invalid_request_error", message, None, param)
 
     @app.exception_handler(HTTPException)

@@ -1,14 +1,30 @@
 """Request bodies of the OpenAI API, validated. Unknown fields are accepted and ignored, as OpenAI does;
-known fields of the wrong type or out of range are a 400."""
+known fields of the wrong type or out of range are a 400. Every field OpenAI defines is either honoured,
+accepted as having no effect on the output (said so where it is declared), or refused with a 400 that
+names it: none is accepted and silently ignored."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from warmkv.engine.sampling import SEED_RANGE
+from warmkv.engine.sampling import MAX_LOGPROBS, SEED_RANGE
+
+MAX_CHOICES = 8  # n: each choice is a sequence of its own
+
+# fields of OpenAI's that warmkv does not implement: sending one (other than null) is a 400 naming it
+_REFUSED = {
+    "audio": "audio output is not supported",
+    "functions": "the deprecated functions are not supported; use tools",
+    "function_call": "the deprecated function_call is not supported; use tool_choice",
+    "reasoning_effort": "reasoning_effort is not supported with this model",
+    "verbosity": "verbosity is not supported with this model",
+    "web_search_options": "web search is not supported",
+    "echo": "echo is not supported",
+    "suffix": "suffix (insertion) is not supported",
+}
 
 
 class _Lenient(BaseModel):
@@ -100,6 +116,18 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # strict or not, the schema is enforced
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # required with type json_schema (chat/structure.py)
+
+
 class _Generation(_Lenient):
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
@@ -112,11 +140,37 @@ class _Generation(_Lenient):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
-    presence_penalty: float = Field(default=0.0, ge=0, le=0, description="penalties are not supported")
-    frequency_penalty: float = Field(default=0.0, ge=0, le=0, description="penalties are not supported")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0)  # beyond OpenAI, as vLLM accepts it
+    min_p: float = Field(default=0.0, ge=0, le=1)  # beyond OpenAI, as vLLM accepts it
+    logit_bias: dict[int, float] | None = None  # token id (a string in JSON) -> bias in [-100, 100]
     cache_salt: str | None = None  # isolates this request's prefix cache entries from other tenants'
+    # accepted, no effect on the output: who is asking, and what to store (nothing is stored)
     user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None  # one tier here
+    prompt_cache_key: str | None = None  # the prefix cache is keyed by content (and cache_salt) anyway
+    prompt_cache_retention: str | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value and any(not -100 <= bias <= 100 for bias in value.values()):
+            raise ValueError("biases must be in [-100, 100]")
+        return value
+
+    @field_validator("echo", "suffix")
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise ValueError(_REFUSED[info.field_name])  # type: ignore[index]
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -131,25 +185,49 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # unset: several calls may come
+    response_format: ResponseFormat | None = None
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    modalities: list[Literal["text"]] | None = None  # audio is refused (as audio is)
+    prediction: dict[str, Any] | None = None  # a latency hint; never changes the output, so it is harmless
+    audio: Any = None
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported")
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("logprobs must be true when top_logprobs is set")
         return value
+
+    @field_validator("audio", "functions", "function_call", "reasoning_effort", "verbosity",
+                     "web_search_options")  # fmt: skip
+    @classmethod
+    def _refused_unless_null(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError(_REFUSED[info.field_name])  # type: ignore[index]
+        return value
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """Alternatives per token when log-probs are asked for; None when they are not."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[int] = Field(min_length=1)
-    echo: bool = False
-    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives per token
+    best_of: int | None = Field(default=None, ge=1)
 
-    @field_validator("echo")
+    @field_validator("best_of")
     @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of other than n is not supported (every choice generated is returned)")
         return value

@@ -57,7 +57,7 @@ async def respond(
     on_finish: Callable[[Sequence], Awaitable[None]] | None = None,
 ) -> Response:
     """Run `generation` and answer with `fmt`; `on_finish` runs once the reply is complete (and formatted,
-    so the reply's tool calls are known)."""
+    so the reply's tool calls are known), with the first choice's sequence (the first output's)."""
     record = generation.record
     try:
         first = await _until_disconnect(request, generation.first())
@@ -77,7 +77,7 @@ async def respond(
         account(record, state.metrics, state.request_log)
     body = fmt.whole(outputs, record)
     if on_finish is not None:
-        await on_finish(outputs[-1].sequence)
+        await on_finish(first.sequence)
     return JSONResponse(body)
 
 
@@ -92,12 +92,11 @@ async def _stream(
     try:
         for event in [*fmt.opening(), *fmt.delta(first)]:
             yield event
-        last = first
-        async for last in generation:
-            for event in fmt.delta(last):
+        async for output in generation:
+            for event in fmt.delta(output):
                 yield event
         if on_finish is not None:
-            await on_finish(last.sequence)
+            await on_finish(first.sequence)
         for event in fmt.closing(record):
             yield event
     except asyncio.CancelledError:

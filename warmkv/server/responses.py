@@ -49,7 +49,13 @@ def to_chat(body: ResponsesRequest, namespace: str, store: ConversationStore) ->
         max_tokens=body.max_output_tokens,
         namespace=namespace,
         max_tool_calls=1 if one_call else body.max_tool_calls,
+        response_format=body.text.format.response_format() if body.text and body.text.format else None,
     )
+
+
+def _text_format(body: ResponsesRequest) -> dict[str, Any]:
+    fmt = body.text.format if body.text else None
+    return fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
 
 
 def _tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
@@ -167,7 +173,7 @@ class ResponseFormat(ReplyFormat):
             "previous_response_id": body.previous_response_id,
             "reasoning": {"effort": None, "summary": None}, "store": body.store,
             "temperature": self.chat.params.temperature, "top_p": self.chat.params.top_p,
-            "text": {"format": {"type": "text"}}, "truncation": "disabled",
+            "text": {"format": _text_format(body)}, "truncation": "disabled",
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump() if choice else "auto",
             "tools": [t.model_dump() for t in body.tools or []],
             "usage": responses_usage(self.record) if status != "in_progress" else None,

@@ -28,7 +28,20 @@ class FunctionChoice(_Strict):
 
 
 class TextFormat(_Strict):
-    type: Literal["text"] = Field(description="only plain text output is supported")
+    """The reply's form: free text, or JSON (under a schema) enforced by grammar on the chat path."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None  # json_schema's
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # strict or not, the schema is enforced
+
+    def response_format(self) -> dict[str, Any] | None:
+        """As chat completions' response_format (the chat path's form); None for free text."""
+        if self.type == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.json_schema}}
+        return None if self.type == "text" else {"type": self.type}
 
 
 class TextConfig(_Strict):

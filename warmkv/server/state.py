@@ -14,6 +14,7 @@ from warmkv.chat.conversations import ConversationStore
 from warmkv.chat.session import ChatSession
 from warmkv.chat.tool_calls import ToolCallParser
 from warmkv.engine.async_engine import AsyncEngine
+from warmkv.engine.grammar import GrammarCompiler
 from warmkv.errors import UnknownModel
 from warmkv.server.limits import DEFAULT_MAX_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
 from warmkv.server.metrics import ServerMetrics
@@ -44,6 +45,7 @@ class ServerState:
     session: ChatSession
     metrics: ServerMetrics
     request_log: RequestLog
+    grammars: GrammarCompiler  # forced tool calls and JSON replies, compiled for this model's tokenizer
     conversations: ConversationStore = field(default_factory=ConversationStore)  # for previous_response_id
     started: int = field(default_factory=lambda: int(time.time()))
 
