@@ -222,3 +222,28 @@ def test_oversubscribed_sessions_on_gpu_swap_through_pinned_memory(
     assert [s.output_ids for s in seqs] == solo_outputs
     assert engine.stats.preemptions > 0 and engine.stats.swapped_in_bytes > 0
     assert engine.stats.recomputed_tokens < BLOCK * engine.stats.preemptions
+
+
+def _hits_after_pressure(model, breakpoint: int) -> int:
+    """Cached tokens of a prompt A (marked for caching up to `breakpoint`), resent after a newer prompt B
+    and then a long one forced evictions from a pool with no tier below it."""
+    engine = LLMEngine(model, EngineConfig(kv_pool_tokens=POOL, cache=CacheConfig(disk=False, host_tokens=0)))
+    first, second, filler = list(range(3000, 3064)), list(range(4000, 4064)), list(range(5000, 5256))
+
+    def run(prompt: list[int], cache_breakpoint: int = 0) -> Sequence:
+        seq = engine.add_request(prompt, SamplingParams(max_tokens=1), cache_breakpoint=cache_breakpoint)
+        while engine.has_work:
+            engine.step()
+        return seq
+
+    run(first, breakpoint)
+    run(second)
+    run(filler)  # 17 blocks of a 20-block pool: most of A's or B's blocks must go
+    return run(first).num_cached
+
+
+def test_cache_breakpoint_blocks_are_evicted_last(tiny_model) -> None:
+    # without a breakpoint the older prompt's blocks go first (least recently used) ...
+    assert _hits_after_pressure(tiny_model, breakpoint=0) < 48
+    # ... with one (Anthropic's cache_control) they outlive the newer prompt's: A hits all 3 whole blocks
+    assert _hits_after_pressure(tiny_model, breakpoint=64) >= 48

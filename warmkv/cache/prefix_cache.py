@@ -185,10 +185,13 @@ class PrefixCache:
         self._give_back(blocks)
         self.touch(keys)
 
-    def finish(self, namespace: str, token_ids: list[int], keys: list[bytes], prompt_tokens: int) -> None:
+    def finish(self, namespace: str, token_ids: list[int], keys: list[bytes], prompt_tokens: int,
+               cache_breakpoint: int = 0) -> None:  # fmt: skip
         """A request ended: remember its tokens (and the keys of its whole blocks: the next turn chains on
-        from them) for miss reasons, and its prompt's blocks for an emulation of other caches' rules."""
+        from them) for miss reasons, and its prompt's blocks for an emulation of other caches' rules. The
+        blocks before the client's cache breakpoint (Anthropic's cache_control) are kept longest."""
         self.recent.remember(namespace, token_ids, keys)
+        self.index.keep_longest(keys[: cache_breakpoint // self.pool.block_size])
         if self.emulation is not None:
             self.emulation.record(keys[: prompt_tokens // self.pool.block_size])
 

@@ -82,6 +82,10 @@ class PrefixIndex:
         self._blocks[key] = block
         return True
 
+    def keep_longest(self, keys: list[bytes]) -> None:
+        """Evict these (still indexed) blocks last, as a prefix other requests share is."""
+        self._shared.update(key for key in keys if key in self._blocks)
+
     def touch(self, keys: list[bytes]) -> None:
         # tail first, so a chain's later blocks are evicted before the prefix they depend on
         for key in reversed(keys):

@@ -34,6 +34,7 @@ class _Submit:
     request_id: str
     cache_namespace: str
     anchors: tuple[int, ...]
+    cache_breakpoint: int
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[StepOutput | BaseException]
 
@@ -69,7 +70,7 @@ class AsyncEngine:
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, cache_namespace: str = "",
-        anchors: tuple[int, ...] = (),
+        anchors: tuple[int, ...] = (), cache_breakpoint: int = 0,
     ) -> AsyncIterator[StepOutput]:  # fmt: skip
         """Outputs of one request. Refusals (too long, queue full) raise here, before anything is queued;
         leaving the iteration early (client gone) cancels the request."""
@@ -82,7 +83,9 @@ class AsyncEngine:
             if self.failure is not None:
                 raise EngineStopped(self.failure)
             self._pending += 1
-            submit = _Submit(prompt_ids, params, request_id, cache_namespace, anchors, loop, outputs)
+            submit = _Submit(
+                prompt_ids, params, request_id, cache_namespace, anchors, cache_breakpoint, loop, outputs
+            )
             self._commands.put(submit)
         return self._outputs(request_id, outputs)
 
@@ -173,7 +176,7 @@ class AsyncEngine:
         try:
             sequence = self.engine.add_request(
                 command.prompt_ids, command.params, command.request_id, command.cache_namespace,
-                anchors=command.anchors,
+                anchors=command.anchors, cache_breakpoint=command.cache_breakpoint,
             )  # fmt: skip
         except Exception as err:  # this request's own problem: it alone is refused
             error = err if isinstance(err, WarmkvError) else EngineFailure(f"{type(err).__name__}: {err}")

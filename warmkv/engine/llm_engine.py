@@ -149,6 +149,7 @@ class LLMEngine:
         cache_namespace: str = "",
         background: bool = False,
         anchors: tuple[int, ...] = (),
+        cache_breakpoint: int = 0,
     ) -> Sequence:
         self.check_fits(len(prompt_ids), params.max_tokens)
         vocab_size = self.model.config.vocab_size
@@ -164,6 +165,7 @@ class LLMEngine:
             cache_namespace=cache_namespace,
             background=background,
             anchors=anchors,
+            cache_breakpoint=cache_breakpoint,
             logits_processors=logits_processors(params, prompt_ids, vocab_size, self.model.device),
         )
         self.waiting.append(sequence)
@@ -484,8 +486,9 @@ class LLMEngine:
             self.waiting.remove(seq)
         if self.prefix_cache is not None and keep_tail:
             self.prefix_cache.finish(
-                seq.cache_namespace, seq.token_ids, seq.block_hashes, seq.num_prompt_tokens
-            )
+                seq.cache_namespace, seq.token_ids, seq.block_hashes, seq.num_prompt_tokens,
+                seq.cache_breakpoint,
+            )  # fmt: skip
         # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
         # ended, and where the reply (as computed) ends
         self._release(seq, (*seq.anchors, seq.num_prompt_tokens, seq.num_computed) if keep_tail else ())

@@ -35,6 +35,7 @@ class Sequence:
     cache_namespace: str = ""
     background: bool = False  # idle-time prefill: runs only while no request is waiting or running
     anchors: tuple[int, ...] = ()  # token offsets where messages end: reused to the exact token later
+    cache_breakpoint: int = 0  # prompt tokens up to the client's last cache breakpoint: kept longest
     logits_processors: list[LogitsProcessor] = field(default_factory=list)  # penalties, bias, grammar
     block_ids: list[int] = field(default_factory=list)  # the block table
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-index keys of the leading full blocks

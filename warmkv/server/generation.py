@@ -38,11 +38,13 @@ class Generation:
         self.n = n
         record.prompt_tokens = len(prompt_ids)
         self._explain = lambda seq: self._miss(engine, prompt_ids, seq, spans or [])
-        # message ends, and the offsets a client marked for caching: reused to the exact token
+        # message ends, and the offsets a client marked for caching: reused to the exact token (the
+        # last breakpoint's blocks are also evicted last)
         anchors = tuple(sorted({span.end for span in spans or []} | set(breakpoints)))
         self._request_ids = [record.id, *(f"{record.id}-{i}" for i in range(1, n))]
         self._submit = lambda i: engine.generate(
-            prompt_ids, _choice_params(params, i), self._request_ids[i], cache_namespace, anchors
+            prompt_ids, _choice_params(params, i), self._request_ids[i], cache_namespace, anchors,
+            max(breakpoints, default=0)
         )
         self._completion_tokens = [0] * n
         self._started = time.perf_counter()
