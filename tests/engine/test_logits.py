@@ -138,3 +138,11 @@ def test_an_invalid_schema_is_refused_with_its_reason(tiny_model) -> None:
     compiler = GrammarCompiler(tiny_model.tokenizer, {2})
     with pytest.raises(InvalidRequest, match="cannot be enforced"):
         compiler.compile(json_schema_grammar({"type": "no-such-type"}))
+
+
+def test_extreme_repetition_penalty_still_samples(engine) -> None:
+    # found by the fuzzer: 5e-324 turned positive logits into +inf and the sampler's probabilities into NaN
+    for temperature in (0.0, 1.0):
+        ids, _ = generate(engine, max_tokens=4, ignore_eos=True, repetition_penalty=5e-324,
+                          temperature=temperature, seed=1)  # fmt: skip
+        assert len(ids) == 4

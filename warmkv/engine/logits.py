@@ -102,7 +102,9 @@ def logits_processors(
 def process(processors: list[LogitsProcessor], logits: torch.Tensor) -> torch.Tensor:
     for processor in processors:
         logits = processor(logits)
-    return logits
+    # an extreme parameter (a repetition penalty of 5e-324 divides a logit into +inf) must not make the
+    # sampler's probabilities NaN: the largest finite logit still wins; -inf (a grammar's mask) stays
+    return logits.clamp(max=torch.finfo(logits.dtype).max) if processors else logits
 
 
 def accept(processors: list[LogitsProcessor], token: int) -> bool:
