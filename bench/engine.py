@@ -23,7 +23,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bench.common import device_name, median_seconds, print_table, synchronize, write_result
+from bench.common import (
+    copy_bandwidth,
+    device_name,
+    matmul_rate,
+    median_seconds,
+    print_table,
+    synchronize,
+    write_result,
+)
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.model_runner import ForwardItem
@@ -132,8 +140,8 @@ def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argpa
     """Each result beside the limit measured in this run: HBM copy bandwidth for decode, the bf16 matmul
     rate for prefill (on a CPU, with smaller probes). A mixture-of-experts step reads only the experts its
     tokens chose."""
-    bandwidth = _copy_bandwidth(device)
-    matmul = _matmul_rate(device, dtype)
+    bandwidth = copy_bandwidth(device)
+    matmul = matmul_rate(device, dtype)
     cfg = model.config
     weights = _weight_bytes(model)
     context = 32 + args.decode_tokens // 2
@@ -195,21 +203,6 @@ def _weight_bytes(model: LoadedModel) -> _WeightBytes:
     moe = model.config.moe
     return _WeightBytes(total - expert_bytes - lm_head_bytes - embedding, lm_head_bytes, expert_bytes,
                         moe.num_experts if moe else 1, moe.top_k if moe else 1)  # fmt: skip
-
-
-def _copy_bandwidth(device: torch.device) -> float:
-    """Bytes read + written per second by a device-to-device copy of 2 GiB (256 MiB on a CPU)."""
-    source = torch.empty(2**30 if device.type == "cuda" else 2**27, dtype=torch.int16, device=device)
-    target = torch.empty_like(source)
-    seconds = median_seconds(lambda: target.copy_(source), device, 10)
-    return 2 * source.numel() * source.element_size() / seconds
-
-
-def _matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    size = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    return 2 * size**3 / median_seconds(lambda: a @ b, device, 10)
 
 
 def _our_batch_decode(engine: LLMEngine, batch: int, tokens: int) -> None:
