@@ -9,30 +9,38 @@ from warmkv.bench.peers import PEER_NAMES
 from warmkv.bench.policies import DEFAULT_POLICIES
 from warmkv.bench.synthetic import SHAPES
 
+DEFAULT_LOAD_POLICIES = ("warmkv", "warmkv_gpu_only")
 
-def add_replay_flags(parser: argparse.ArgumentParser) -> None:
+
+def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    """What both benchmarks replay, and against what: traces or synthetic shapes, a model or a --url."""
     parser.add_argument("traces", nargs="*", help="trace files (warmkv JSON lines or OpenAI-format logs)")
     shapes = ", ".join(SHAPES)
     parser.add_argument("--synthetic", help=f"comma-separated synthetic shapes, or 'all': {shapes}")
     parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces")
-    parser.add_argument("--url", help="replay against this OpenAI-compatible server (…/v1) instead")
-    parser.add_argument(
-        "--peer", help=f"comma-separated real servers to run beside warmkv on the same requests: "
-        f"{', '.join(PEER_NAMES)} (built first by `python -m bench.peers`)",
-    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic traces and tool times")
+    parser.add_argument("--url", help="run against this OpenAI-compatible server (…/v1) instead")
     parser.add_argument("--api-key", default="unused", help="API key sent with --url")
     parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
-    parser.add_argument(
-        "--policies",
-        default=",".join(DEFAULT_POLICIES),
-        help="comma-separated, or 'all' for the ablations too",
-    )
     parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
     parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
     parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+
+
+def add_replay_flags(parser: argparse.ArgumentParser) -> None:
+    _add_workload_flags(parser)
+    parser.add_argument(
+        "--peer", help=f"comma-separated real servers to run beside warmkv on the same requests: "
+        f"{', '.join(PEER_NAMES)} (built first by `python -m bench.peers`)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help="comma-separated, or 'all' for the ablations too",
+    )
     parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: below the working set)")
     parser.add_argument("--host-tokens", type=int, help="host tier; default: four times the pool")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
@@ -42,55 +50,30 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
         "with and without the shared tier",
     )  # fmt: skip
     parser.add_argument("--redis-url", help="shared tier for --replicas (default: a local redis-server)")
-    parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
     parser.add_argument("--name", help="result file name (default: replay-<device>-<model>-<context>)")
 
 
-DEFAULT_LOAD_POLICIES = ("warmkv", "warmkv_gpu_only")
-
-
 def add_load_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("traces", nargs="*", help="trace files (warmkv JSON lines or OpenAI-format logs)")
+    _add_workload_flags(parser)
     parser.add_argument(
-        "--synthetic", help=f"comma-separated synthetic shapes, or 'all': {', '.join(SHAPES)}"
-    )
-    parser.add_argument("--context", type=int, default=3000, help="synthetic sessions' context in tokens")
+        "--copies", type=int, default=1,
+        help="each session K times, as distinct conversations sharing the system prompt and tools",
+    )  # fmt: skip
     parser.add_argument(
-        "--copies",
-        type=int,
-        default=1,
-        help="each session K times, as distinct conversations "
-        "sharing the system prompt and tools (default %(default)s)",
-    )
-    parser.add_argument(
-        "--tool-time",
-        type=float,
-        default=2.0,
-        help="mean seconds between a session's requests (exponential; default %(default)s)",
-    )
+        "--tool-time", type=float, default=2.0,
+        help="mean seconds between a session's requests (exponential)",
+    )  # fmt: skip
     parser.add_argument("--reply-tokens", type=int, default=32, help="tokens generated per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--url", help="run against this OpenAI-compatible server (…/v1) instead")
-    parser.add_argument("--api-key", default="unused")
-    parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
     parser.add_argument(
         "--policies",
         default=",".join(DEFAULT_LOAD_POLICIES),
-        help="comma-separated warmkv policies of `bench replay` (default %(default)s)",
+        help="comma-separated warmkv policies of `bench replay`",
     )
-    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
-    parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
-    parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: a quarter of the working set)")
     parser.add_argument("--host-tokens", type=int, help="host tier (default: the working set)")
     parser.add_argument(
         "--max-batch-tokens", type=int, help="tokens per step (default: the engine's, per device)"
     )
-    parser.add_argument(
-        "--max-num-seqs", type=int, default=64, help="sequences per batch (default %(default)s)"
-    )
-    parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch")
     parser.add_argument("--name", help="result file name (default: load-<device>-<model>-<sessions>)")
