@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,6 +65,17 @@ def test_default_model_logits_match_transformers_gguf_loader() -> None:
     torch.testing.assert_close(logits[0], reference, atol=2e-3, rtol=1e-3)
 
 
+def add_smollm2_tokenizer(writer: Any, source: Any) -> None:
+    """SmolLM2's tokenizer, from the default model's GGUF (`source`), into a GGUF being written."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(source.fields["tokenizer.ggml.tokens"].contents())
+    writer.add_token_types(source.fields["tokenizer.ggml.token_type"].contents())
+    writer.add_token_merges(source.fields["tokenizer.ggml.merges"].contents())
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+
 def write_tiny_gguf(path: Path) -> torch.nn.Module:
     """A float32 GGUF of a tiny random Llama, laid out as llama.cpp writes it, with SmolLM2's tokenizer."""
     import gguf
@@ -80,13 +92,7 @@ def write_tiny_gguf(path: Path) -> torch.nn.Module:
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(source.fields["tokenizer.ggml.tokens"].contents())
-    writer.add_token_types(source.fields["tokenizer.ggml.token_type"].contents())
-    writer.add_token_merges(source.fields["tokenizer.ggml.merges"].contents())
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    add_smollm2_tokenizer(writer, source)
     writer.add_chat_template(source.fields["tokenizer.chat_template"].contents())
 
     def permute(w: np.ndarray, heads: int) -> np.ndarray:  # llama.cpp's convert_hf_to_gguf

@@ -16,6 +16,7 @@ from warmkv.errors import ModelLoadError, UnsupportedArchitecture
 from warmkv.models.loader import default_gguf_path, load_model
 
 from ..conftest import make_tiny_hf_model, save_tiny_model
+from .test_loading import add_smollm2_tokenizer
 
 CPU = torch.device("cpu")
 GGUF_ARCH = {"qwen3moe": "qwen3moe", "qwen2moe": "qwen2moe"}
@@ -75,13 +76,7 @@ def write_tiny_moe_gguf(name: str, path: Path) -> torch.nn.Module:
     writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", 0):
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(source.fields["tokenizer.ggml.tokens"].contents())
-    writer.add_token_types(source.fields["tokenizer.ggml.token_type"].contents())
-    writer.add_token_merges(source.fields["tokenizer.ggml.merges"].contents())
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    add_smollm2_tokenizer(writer, source)
     for gguf_name, array in _gguf_tensors(hf).items():
         writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
