@@ -121,8 +121,7 @@ def _warmed(model: LoadedModel, base: EngineConfig, args: argparse.Namespace, kv
         pass
     if tier is TierName.LIVE:
         return engine
-    while engine.prefix_cache.index.evict_one():  # demoted to host RAM
-        pass
+    engine.prefix_cache.index.evict(len(engine.prefix_cache.index))  # demoted to host RAM
     if tier is TierName.HOST:
         return engine
     engine.close()

@@ -17,6 +17,7 @@ from warmkv.cache import admin
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts
+from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import TierName
 from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier, block_path
@@ -71,8 +72,7 @@ def assert_hit_logits_exact(engine: LLMEngine, model: LoadedModel, prompt: list[
 
 
 def evict_everything_live(engine: LLMEngine) -> None:
-    while engine.prefix_cache.index.evict_one():
-        pass
+    engine.prefix_cache.index.evict(len(engine.prefix_cache.index))
 
 
 def test_hit_from_host_tier_is_exact(tiny: LoadedModel) -> None:
@@ -113,6 +113,40 @@ def test_eviction_demotes_least_recently_used_first(tiny: LoadedModel) -> None:
     assert all(host.contains(k) for k in chains[0])  # the least recently used session, demoted first
     assert not any(host.contains(k) for k in chains[1])
     assert engine.prefix_cache.index.evictions == 2
+
+
+def test_eviction_takes_unheld_session_tails_before_shared_prefixes() -> None:
+    pool = KVPool(1, 4, 16, 1, 2, torch.float32, torch.device("cpu"))
+    index = PrefixIndex(pool, "0" * 32)
+    demoted: list[list[bytes]] = []
+    index.on_evict = lambda victims: demoted.append([key for key, _ in victims])
+    keys = [bytes([n]) * 16 for n in range(4)]  # least recently used first
+    for key, block in zip(keys, pool.allocate(4), strict=True):
+        index.insert(key, block)
+        pool.decref(block)  # held by the index alone
+    index.keep_longest([keys[0]])  # a shared prefix
+    pool.incref(index.match([keys[1]])[0])  # a running sequence holds keys[1]
+    assert index.evict(2) == 2 and demoted == [[keys[2], keys[3]]]  # one batch, tails first
+    assert index.evict(2) == 1 and demoted[-1] == [keys[0]]  # then the shared prefix; never the held one
+    assert index.evict(1) == 0 and pool.num_free == 3
+
+
+def test_host_overflow_writes_blocks_the_disk_lacks(tiny: LoadedModel, tmp_path: Path) -> None:
+    engine = make_engine(tiny, tmp_path, host_tokens=16)  # a host tier of one block
+    engine.prefix_cache.write_through.submit = lambda keys, blocks: None  # as if its queue were full
+    generate(engine, PROMPT)
+    evict_everything_live(engine)  # three blocks demoted through a one-block host tier
+    engine.prefix_cache.flush()
+    disk = engine.prefix_cache.disk
+    keys = engine.prefix_cache.chain("", PROMPT)
+    # the tails went down first: the prefix stays on the host, its tail reached the disk though the
+    # write-through never wrote it
+    assert [disk.contains(k) for k in keys] == [False, True, True]
+    assert engine.prefix_cache.host.contains(keys[0])
+    seq = generate(engine, PROMPT)
+    tiers = seq.cache_hit.tokens_by_tier
+    assert (tiers[TierName.HOST], tiers[TierName.DISK]) == (16, 32)  # then the live partial tail
+    assert seq.output_ids == cold_tokens(tiny, PROMPT)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "shape"])

@@ -33,8 +33,8 @@ class KVPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
-        # asked for one block when none is free; returns False when nothing can be reclaimed
-        self.reclaim: Callable[[], bool] = lambda: False
+        # asked to free `count` blocks when too few are free; returns how many it freed (0: nothing left)
+        self.reclaim: Callable[[int], int] = lambda count: 0
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -46,7 +46,7 @@ class KVPool:
 
     def allocate(self, count: int) -> list[int]:
         while len(self._free) < count:
-            if not self.reclaim():
+            if not self.reclaim(count - len(self._free)):  # in one batch: one scan, one gather to demote
                 raise PoolExhausted(
                     f"KV pool exhausted: {count} blocks wanted, {len(self._free)} free of {self.num_blocks}"
                 )

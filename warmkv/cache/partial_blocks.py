@@ -46,12 +46,13 @@ class PartialBlocks:
         self._entries.move_to_end((parent, best))
         return self._entries[(parent, best)], length
 
-    def evict_one(self) -> bool:
-        """Give up the least recently used tail; True when that freed a pool block."""
-        while self._entries:
-            if self._drop_oldest():
-                return True
-        return False
+    def evict(self, count: int) -> int:
+        """Give up least recently used tails until `count` pool blocks are freed or none is left; returns
+        the blocks freed."""
+        freed = 0
+        while self._entries and freed < count:
+            freed += self._drop_oldest()
+        return freed
 
     def _drop_oldest(self) -> bool:
         (parent, tail), block = self._entries.popitem(last=False)

@@ -207,9 +207,7 @@ class PrefixCache:
                  if not self.host.contains(k) and self.pool.ref_counts[b] <= 2]  # fmt: skip
         if not alone:
             return 0
-        kv = self.pool.read_blocks([b for _, b in alone])
-        for (key, _), block_kv in zip(alone, kv, strict=True):
-            self._keep_on_host(key, block_kv)
+        self._keep_on_host([k for k, _ in alone], self.pool.read_blocks([b for _, b in alone]))
         return len(alone) * self.pool.block_bytes
 
     def _give_back(self, blocks: list[int]) -> None:
@@ -265,9 +263,10 @@ class PrefixCache:
         hit.tokens_by_tier[TierName.LIVE] = hit.tokens_by_tier.get(TierName.LIVE, 0) + tokens
         return target, tokens
 
-    def _reclaim(self) -> bool:
+    def _reclaim(self, count: int) -> int:
         # tails first: each holds a whole block for fewer than block_size tokens
-        return (self.partials is not None and self.partials.evict_one()) or self.index.evict_one()
+        freed = self.partials.evict(count) if self.partials is not None else 0
+        return freed + self.index.evict(count - freed) if freed < count else freed
 
     def _lookup(self, keys: list[bytes]) -> PrefixHit:
         blocks = self.index.match(keys)
@@ -391,20 +390,39 @@ class PrefixCache:
             return True
         return self.costs.load_is_faster(tier, self.pool.block_bytes, self.pool.block_size)
 
-    def _demote(self, key: bytes, block: int) -> None:
-        """A live block is about to be reused: keep its KV one tier down."""
+    def _demote(self, victims: list[tuple[bytes, int]]) -> None:
+        """Live blocks about to be reused: keep their KV one tier down, gathered off the pool in one pass."""
         if self.host is None:
             # usually written through already; copy only what the write-through skipped
-            if self.disk is not None and self.disk.enabled and not self.disk.contains(key):
-                self.disk.put(key, self.pool.read_block(block).to("cpu"))
+            if self.disk is not None and self.disk.enabled:
+                missing = [(key, block) for key, block in victims if not self.disk.contains(key)]
+                self._put_on_disk(missing)
             return
-        if not self.host.contains(key):  # a swapped-out block is there already
-            self._keep_on_host(key, self.pool.read_block(block))
+        missing = [(key, block) for key, block in victims if not self.host.contains(key)]  # swapped out?
+        if missing:
+            self._keep_on_host([key for key, _ in missing], self.pool.read_blocks([b for _, b in missing]))
 
-    def _keep_on_host(self, key: bytes, kv: torch.Tensor) -> None:
+    def _put_on_disk(self, victims: list[tuple[bytes, int]]) -> None:
+        assert self.disk is not None
+        if victims:
+            kv = self.pool.read_blocks([block for _, block in victims]).to("cpu")
+            for (key, _), block_kv in zip(victims, kv, strict=True):
+                self.disk.put(key, block_kv)
+
+    def _keep_on_host(self, keys: list[bytes], kv: torch.Tensor) -> None:
+        """Blocks `kv` [n, ...] (on any device) onto the host tier, its least recently used blocks going
+        down to the disk first where the disk lacks them (written through, it usually has them)."""
         assert self.host is not None
-        if self.host.full:
+        beyond = max(0, len(keys) - self.host.capacity)  # more than the whole tier: the oldest go below
+        if beyond and self.disk is not None:
+            for key, block_kv in zip(keys[:beyond], kv[:beyond].to("cpu"), strict=True):
+                self.disk.put(key, block_kv.clone())
+        keys, kv = keys[beyond:], kv[beyond:]
+        while self.host.free_blocks < len(keys):
             evicted = self.host.evict()
-            if evicted is not None and self.disk is not None:
-                self.disk.put(*evicted)  # queued for the writer; usually already there: written through
-        self.host.put(key, kv)
+            if evicted is None:
+                break
+            key, view = evicted
+            if self.disk is not None and self.disk.wants(key):
+                self.disk.put(key, view.clone())  # the slot is reused at once: the writer gets a copy
+        self.host.put_many(keys, kv)

@@ -32,9 +32,9 @@ class PrefixIndex:
         self._blocks: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
         self._shared: set[bytes] = set()  # keys another request has hit: shared prefixes, evicted last
         self.evictions = 0
-        # told of each block before its KV is given up, so a lower tier can keep it
-        self.on_evict: Callable[[bytes, int], None] = lambda key, block: None
-        pool.reclaim = self.evict_one
+        # told of the (key, block) pairs about to be given up, so a lower tier can keep their KV
+        self.on_evict: Callable[[list[tuple[bytes, int]]], None] = lambda victims: None
+        pool.reclaim = self.evict
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -92,24 +92,28 @@ class PrefixIndex:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
 
-    def evict_one(self) -> bool:
-        """Evict the least recently used block no sequence holds, a session's own tail before any prefix
-        that other requests shared (a system prompt + tools anchor)."""
-        victim = shared_fallback = None
+    def evict(self, count: int) -> int:
+        """Evict up to `count` least recently used blocks that no sequence holds, sessions' own tails before
+        any prefix that other requests shared (a system prompt + tools anchor); returns how many. One pass
+        over the index, however many blocks: running sequences' blocks are skipped once, not per block."""
+        victims: list[tuple[bytes, int]] = []
+        shared: list[tuple[bytes, int]] = []
         for key, block in self._blocks.items():
             if self._pool.ref_counts[block] != 1:  # a sequence still reads it
                 continue
             if key not in self._shared:
-                victim = (key, block)
-                break
-            shared_fallback = shared_fallback or (key, block)
-        victim = victim or shared_fallback
-        if victim is None:
-            return False
-        key, block = victim
-        self.on_evict(key, block)
-        del self._blocks[key]
-        self._shared.discard(key)
-        self._pool.decref(block)
-        self.evictions += 1
-        return True
+                victims.append((key, block))
+                if len(victims) == count:
+                    break
+            elif len(shared) < count:
+                shared.append((key, block))
+        victims += shared[: count - len(victims)]
+        if not victims:
+            return 0
+        self.on_evict(victims)
+        for key, block in victims:
+            del self._blocks[key]
+            self._shared.discard(key)
+            self._pool.decref(block)
+        self.evictions += len(victims)
+        return len(victims)

@@ -149,6 +149,12 @@ class DiskTier:
             os.utime(path)
         return block.kv
 
+    def wants(self, key: bytes) -> bool:
+        """Whether a put of this block would store it: the tier is up and has it neither on disk nor
+        queued (lets a caller skip copying a block the disk has)."""
+        with self._lock:
+            return self._up and key not in self._files and key not in self._queued
+
     def put(self, key: bytes, kv: torch.Tensor, wait: bool = False) -> None:
         """Queue a block for writing; `kv` must not change afterwards (pass a copy). With the queue full,
         the write is skipped, or (wait=True, off the request path) waited for."""

@@ -42,26 +42,44 @@ class HostTier:
         return self._slab[slot]
 
     def put(self, key: bytes, kv: torch.Tensor) -> None:
-        """Store a block; the caller demotes what `evict` returns first when the tier is full."""
-        if key in self._slots:
-            self._slots.move_to_end(key)
-            return
-        if not self._free:
-            return
-        slot = self._free.pop()
+        self.put_many([key], kv[None])
+
+    def put_many(self, keys: list[bytes], kv: torch.Tensor) -> None:
+        """Store blocks kv [n, ...] while slots are free (the caller demotes what `evict` returns first);
+        from the device, the copies are queued on its stream, not waited for."""
         from_device = kv.is_cuda and self._copied is not None
-        self._slab[slot].copy_(kv, non_blocking=from_device)
-        if from_device:
+        stored = False
+        for key, block_kv in zip(keys, kv, strict=True):
+            if key in self._slots:
+                self._slots.move_to_end(key)
+                continue
+            if not self._free:
+                break
+            slot = self._free.pop()
+            self._slab[slot].copy_(block_kv, non_blocking=from_device)
+            if from_device:
+                self._in_flight.add(slot)
+            self._slots[key] = slot
+            stored = True
+        if stored and from_device:
             self._copied.record()  # type: ignore[union-attr]
-            self._in_flight.add(slot)
-        self._slots[key] = slot
         self._update_size()
 
     @property
     def full(self) -> bool:
         return not self._free
 
+    @property
+    def capacity(self) -> int:
+        return len(self._slab)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
     def evict(self) -> tuple[bytes, torch.Tensor] | None:
+        """The least recently used block, removed: its key and a view of its slot, valid until the next
+        put (copy it to keep it)."""
         if not self._slots:
             return None
         key, slot = self._slots.popitem(last=False)
@@ -71,7 +89,7 @@ class HostTier:
         self._free.append(slot)
         self.stats.evictions += 1
         self._update_size()
-        return key, self._slab[slot].clone()  # the slot is reused at once; the tier below gets a copy
+        return key, self._slab[slot]
 
     def _update_size(self) -> None:
         self.stats.blocks = len(self._slots)
