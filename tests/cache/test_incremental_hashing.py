@@ -94,7 +94,8 @@ def test_incremental_turns_keep_exact_outputs(engine: LLMEngine, tiny_llama_fold
         ours, theirs = turn(engine, prompt, "exact"), turn(cold, prompt, "exact")
         assert ours == theirs
         history = ours
-    assert engine.prefix_cache.recent.known_keys("exact", history, BLOCK)  # the last turn is remembered
+    # the last turn is remembered
+    assert engine.prefix_cache.recent.nearest("exact", history).known_keys(BLOCK)
 
 
 def test_a_growing_conversation_is_remembered_once() -> None:
@@ -102,7 +103,7 @@ def test_a_growing_conversation_is_remembered_once() -> None:
     for length in range(20, 200, 20):
         recent.remember("", list(range(length)))
     recent.remember("", [*range(30), 5])  # a branch: kept beside the conversation
-    assert recent.nearest("", list(range(500)))[1] == 180
+    assert recent.nearest("", list(range(500))).common == 180
     assert len(recent._by_namespace[""]) == 2
 
 
@@ -122,6 +123,6 @@ def test_remembered_keys_always_equal_a_full_chain(turns: list[tuple[int, list[i
     prompt: list[int] = []
     for keep, added in turns:
         prompt = prompt[:keep] + added
-        keys = index.chain("", prompt, recent.known_keys("", prompt, BLOCK))
+        keys = index.chain("", prompt, recent.nearest("", prompt).known_keys(BLOCK))
         assert keys == index.chain("", prompt)
         recent.remember("", prompt, keys[: len(keys) // 2 + 1])  # only some blocks keyed, as after an abort

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from warmkv.cache.miss_reasons import LookupStop, MissKind, MissReason, RecentPrompts, explain_miss
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warmkv.cache.miss_reasons import (
+    LookupStop,
+    MissKind,
+    MissReason,
+    RecentPrompts,
+    _common_prefix,
+    explain_miss,
+)
 from warmkv.chat.anchors import MessageSpan
 
 
@@ -26,7 +37,7 @@ def test_nearest_prompt_is_the_longest_shared_prefix() -> None:
     recent.remember("", list(range(50)))
     recent.remember("", [*range(30), 999])
     recent.remember("other tenant", list(range(70)))
-    assert recent.nearest("", list(range(60)))[1] == 50
+    assert recent.nearest("", list(range(60))).common == 50
 
 
 def test_each_kind_of_miss() -> None:
@@ -66,3 +77,23 @@ def test_unrelated_prompt_sharing_less_than_a_block_is_new_not_changed() -> None
     unrelated = reason([*range(5), *range(900, 960)], 0, None, recent)
     assert unrelated.kind is MissKind.NEW_TOKENS and "changed" not in unrelated.text
     assert "no earlier request shares a whole block" in unrelated.text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3000), st.integers(0, 3000), st.integers(0, 3000))
+def test_common_prefix_finds_the_first_difference_at_any_distance(length: int, other: int, cut: int) -> None:
+    a = np.arange(length)
+    b = np.arange(other)
+    if cut < min(length, other):
+        b[cut] = -1
+    expected = next((i for i in range(min(length, other)) if a[i] != b[i]), min(length, other))
+    assert _common_prefix(a, b) == expected
+
+
+def test_a_hundred_concurrent_sessions_in_one_namespace_are_all_remembered() -> None:
+    recent = RecentPrompts()
+    system = list(range(1000))
+    for session in range(100):
+        recent.remember("", [*system, 5000 + session, *range(6000, 6100)])
+    nearest = recent.nearest("", [*system, 5000, *range(6000, 6100), 7])  # the oldest session's next turn
+    assert nearest.common == 1101

@@ -54,3 +54,17 @@ def test_message_boundaries_are_token_boundaries() -> None:
     ends = [s.end for s in second.spans]
     assert ends == sorted(ends) and ends[-1] < len(second.token_ids)
     assert TOKENIZER.decode(second.token_ids[: ends[0]]).endswith("You plan.<|im_end|>\n")
+
+
+def test_a_hundred_sessions_sharing_a_namespace_keep_their_turns() -> None:
+    turns = TurnMemory(capacity=300)
+    system = "You are a helpful agent. " * 40
+    for session in range(100):  # a prompt, the prompt + reply, the predicted next history: 3 turns each
+        for turn in range(3):
+            text = f"{system}session {session} turn {turn}"
+            turns.remember("", text, [session, turn])
+    found = turns.longest_prefix_of("", f"{system}session 0 turn 2 and then more")
+    assert found == (f"{system}session 0 turn 2", [0, 2])  # the oldest session's turns are still there
+    turns.remember("", "another", [1])  # past the capacity: the least recently used turn goes
+    assert turns.longest_prefix_of("", f"{system}session 0 turn 0") is None
+    assert turns.longest_prefix_of("", f"{system}session 0 turn 2") is not None

@@ -80,9 +80,11 @@ class RecentPrompts:
     them (why it missed) and chained from them (its leading blocks' keys are not hashed again).
 
     A sequence that is a prefix of another shares no longer prefix with any prompt than the other does, so
-    only the longer is kept: a conversation growing turn by turn costs one entry, not one per turn."""
+    only the longer is kept: a conversation growing turn by turn costs one entry, not one per turn. Many
+    sessions share a namespace (every client without a tenant shares ""), so it keeps a few hundred; a
+    comparison costs about the prefix two sequences share, not their length."""
 
-    def __init__(self, per_namespace: int = 64, namespaces: int = 1024) -> None:
+    def __init__(self, per_namespace: int = 256, namespaces: int = 1024) -> None:
         self._by_namespace: OrderedDict[str, list[_Remembered]] = OrderedDict()
         self._per_namespace, self._namespaces = per_namespace, namespaces
 
@@ -92,11 +94,12 @@ class RecentPrompts:
         entries = self._by_namespace.setdefault(namespace, [])
         self._by_namespace.move_to_end(namespace)
         for entry in list(entries):
-            if _starts_with(entry.token_ids, new.token_ids):  # already covered: refresh it
+            common = _common_prefix(entry.token_ids, new.token_ids)
+            if common == len(new.token_ids):  # already covered: refresh it
                 entries.remove(entry)
                 new = entry if len(entry.keys) >= len(new.keys) else _Remembered(entry.token_ids, new.keys)
                 break
-            if _starts_with(new.token_ids, entry.token_ids):  # the new one covers it
+            if common == len(entry.token_ids):  # the new one covers it
                 entries.remove(entry)
                 if len(entry.keys) > len(new.keys):
                     new.keys = entry.keys
@@ -105,34 +108,42 @@ class RecentPrompts:
         while len(self._by_namespace) > self._namespaces:
             self._by_namespace.popitem(last=False)
 
-    def nearest(self, namespace: str, token_ids: list[int]) -> tuple[list[int], int]:
+    def nearest(self, namespace: str, token_ids: list[int]) -> Nearest:
         """The remembered sequence sharing the longest prefix with token_ids, and that prefix's length."""
-        entry, common = self._nearest(namespace, token_ids)
-        return (entry.token_ids.tolist() if entry else []), common
-
-    def known_keys(self, namespace: str, token_ids: list[int], block_size: int) -> list[bytes]:
-        """Keys of token_ids' leading whole blocks that a remembered sequence shares and was keyed for."""
-        entry, common = self._nearest(namespace, token_ids)
-        return entry.keys[: common // block_size] if entry else []
-
-    def _nearest(self, namespace: str, token_ids: list[int]) -> tuple[_Remembered | None, int]:
         query = np.asarray(token_ids, dtype=np.int64)
         best, best_common = None, 0
         for entry in reversed(self._by_namespace.get(namespace, ())):
             common = _common_prefix(entry.token_ids, query)
             if common > best_common:
                 best, best_common = entry, common
-        return best, best_common
+        return Nearest(best, best_common)
+
+
+@dataclass(slots=True, frozen=True)
+class Nearest:
+    """A prompt's nearest remembered sequence (None: none shares a token) and the prefix they share."""
+
+    entry: _Remembered | None
+    common: int
+
+    def known_keys(self, block_size: int) -> list[bytes]:
+        """Keys of the prompt's leading whole blocks that the remembered sequence shares and was keyed for."""
+        return self.entry.keys[: self.common // block_size] if self.entry else []
+
+    def token_ids(self) -> list[int]:
+        return self.entry.token_ids.tolist() if self.entry else []
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    length = min(len(a), len(b))
-    differ = np.flatnonzero(a[:length] != b[:length])
-    return int(differ[0]) if len(differ) else length
-
-
-def _starts_with(sequence: np.ndarray, prefix: np.ndarray) -> bool:
-    return len(prefix) <= len(sequence) and _common_prefix(sequence, prefix) == len(prefix)
+    """Length of the prefix a and b share, compared in growing chunks: the cost follows that length."""
+    length, start, chunk = min(len(a), len(b)), 0, 256
+    while start < length:
+        end = min(start + chunk, length)
+        differ = np.flatnonzero(a[start:end] != b[start:end])
+        if len(differ):
+            return start + int(differ[0])
+        start, chunk = end, chunk * 4
+    return length
 
 
 def explain_miss(
@@ -140,13 +151,13 @@ def explain_miss(
     cached_tokens: int,
     stop: LookupStop | None,
     stop_text: str | None,
-    nearest: tuple[list[int], int],
+    nearest: Nearest,
     spans: Sequence[Span],
     tokenizer: Any,
     block_size: int,
 ) -> MissReason:
     """stop / stop_text: why the lookup ended early, if it did, and that said for people."""
-    entry, common = nearest
+    entry, common = nearest.entry, nearest.common
     # the most an ideal block cache could have served: whole blocks, and never the last prompt token
     reusable = min(common, len(prompt_ids) - 1) // block_size * block_size
     span = _message_at(spans, cached_tokens)
@@ -156,9 +167,9 @@ def explain_miss(
         # the cache served more than any prompt remembered since start-up shares: it is older (a restart)
         text = f"new tokens after the {cached_tokens} served from the cache"
         return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
-    if entry and common < min(len(entry), len(prompt_ids)):  # the two prompts part ways
+    if entry and common < min(len(entry.token_ids), len(prompt_ids)):  # the two prompts part ways
         if common >= block_size:  # they shared whole blocks: an earlier prompt, edited
-            return _changed(prompt_ids, entry, common, cached_tokens, spans, tokenizer)
+            return _changed(prompt_ids, nearest.token_ids(), common, cached_tokens, spans, tokenizer)
         text = "new tokens: no earlier request shares a whole block with this prompt's start"
         return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
     if common > cached_tokens:

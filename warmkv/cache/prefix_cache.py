@@ -19,7 +19,7 @@ from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
 from warmkv.cache.hit_policy import HitEmulation
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts, calibrated_load_costs
-from warmkv.cache.miss_reasons import LookupStop, RecentPrompts
+from warmkv.cache.miss_reasons import LookupStop, Nearest, RecentPrompts
 from warmkv.cache.partial_blocks import PartialBlocks
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import Tier, TierName, TierStats
@@ -43,10 +43,7 @@ class PrefixHit:
     stop_tier: TierName | None = None  # the tier it was reading when it stopped
     load_bytes: int = 0
     load_seconds: float = 0.0
-    nearest: tuple[list[int], int] = (
-        [],
-        0,
-    )  # the remembered prompt closest to this one, and the shared length
+    nearest: Nearest = field(default_factory=lambda: Nearest(None, 0))  # the closest remembered prompt
 
     def truncate(self, blocks: int, pool: KVPool) -> None:
         """Give back the blocks past the first `blocks`, taking them off the tiers they came from last."""
@@ -151,7 +148,10 @@ class PrefixCache:
         as pool blocks with a reference for the caller: whole blocks from any tier, then a remembered
         partial tail. With `explain`, the remembered prompt nearest to this one rides along for miss
         reasons."""
-        hit = self.lookup(self.chain(namespace, token_ids[: len(token_ids) - 1]))
+        prompt = token_ids[: len(token_ids) - 1]
+        nearest = self.recent.nearest(namespace, token_ids)  # once: it chains the keys and explains misses
+        known = nearest.known_keys(self.pool.block_size)[: len(prompt) // self.pool.block_size]
+        hit = self.lookup(self.index.chain(namespace, prompt, known))
         hit.num_tokens = len(hit.blocks) * self.pool.block_size
         try:
             tail = self.continue_hit(namespace, hit, token_ids[hit.num_tokens : len(token_ids) - 1])
@@ -162,7 +162,7 @@ class PrefixCache:
             hit.blocks.append(tail[0])
             hit.num_tokens += tail[1]
         if explain:
-            hit.nearest = self.recent.nearest(namespace, token_ids)
+            hit.nearest = nearest
         return hit
 
     def commit(
@@ -218,7 +218,7 @@ class PrefixCache:
         """Keys of every full block of token_ids. Leading blocks' keys come from `known`, or else from the
         recent prompt of the namespace that shares them: a new turn hashes only what it adds."""
         if known is None:
-            known = self.recent.known_keys(namespace, token_ids, self.pool.block_size)
+            known = self.recent.nearest(namespace, token_ids).known_keys(self.pool.block_size)
         return self.index.chain(namespace, token_ids, known)
 
     def lookup(self, keys: list[bytes]) -> PrefixHit:

@@ -9,25 +9,41 @@ or a prompt whose last token would merge with the next message, still matches th
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, deque
+from array import array
+from collections import OrderedDict
 
 
 class TurnMemory:
-    def __init__(self, per_namespace: int = 32, namespaces: int = 1024) -> None:
-        self._turns: OrderedDict[str, deque[tuple[str, list[int]]]] = OrderedDict()
-        self._per_namespace, self._namespaces = per_namespace, namespaces
+    """The most recent turns of every namespace, least recently used dropped first. The capacity is shared:
+    many sessions in one namespace (clients without a tenant all share "") each keep their last turns, where
+    a per-namespace count would let fifty concurrent sessions push each other's turns out."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._order: OrderedDict[tuple[str, str], None] = OrderedDict()  # every turn, oldest first
+        self._turns: dict[str, dict[str, array]] = {}  # namespace -> text -> ids (4 bytes a token)
         self._lock = threading.Lock()  # requests render in worker threads
 
     def remember(self, namespace: str, text: str, token_ids: list[int]) -> None:
+        if not text:
+            return
         with self._lock:
-            turns = self._turns.setdefault(namespace, deque(maxlen=self._per_namespace))
-            self._turns.move_to_end(namespace)
-            turns.append((text, list(token_ids)))
-            while len(self._turns) > self._namespaces:
-                self._turns.popitem(last=False)
+            self._turns.setdefault(namespace, {})[text] = array("i", token_ids)
+            self._order[(namespace, text)] = None
+            self._order.move_to_end((namespace, text))
+            while len(self._order) > self._capacity:
+                old_namespace, old_text = self._order.popitem(last=False)[0]
+                turns = self._turns[old_namespace]
+                del turns[old_text]
+                if not turns:
+                    del self._turns[old_namespace]
 
     def longest_prefix_of(self, namespace: str, text: str) -> tuple[str, list[int]] | None:
         with self._lock:
-            turns = list(self._turns.get(namespace, ()))
-        matches = [turn for turn in turns if turn[0] and text.startswith(turn[0])]
-        return max(matches, key=lambda turn: len(turn[0]), default=None)
+            turns = self._turns.get(namespace, {})
+            # startswith fails at the first differing character: other sessions cost their shared prefix
+            best = max((t for t in turns if text.startswith(t)), key=len, default=None)
+            if best is None:
+                return None
+            self._order.move_to_end((namespace, best))
+            return best, turns[best].tolist()

@@ -344,10 +344,11 @@ class LLMEngine:
         can be had above the watermark; the first that cannot be admitted holds the rest back."""
         admitted = []
         share = self._prefill_share(sum(1 for seq in self.running if seq.num_uncomputed > 1))
+        held = self._held_blocks()  # kept up to date below: built once per step, not per candidate
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             chunk = min(len(seq.token_ids), share, budget)
-            if self._spare_blocks() < self._watermark() + -(-chunk // self.pool.block_size):
+            if self.pool.num_blocks - len(held) < self._watermark() + -(-chunk // self.pool.block_size):
                 break  # before any cache work: even a prompt with nothing cached would not fit
             try:
                 hit = self._acquire_prefix(seq)
@@ -357,10 +358,12 @@ class LLMEngine:
                 continue
             count = min(seq.num_uncomputed, share, budget)
             needed = self._blocks_for(seq, count) - len(seq.block_ids)
-            if self._spare_blocks(seq) - needed < self._watermark() or not self._grow(seq, count):
+            spare = self.pool.num_blocks - len(held) - len(set(seq.block_ids).difference(held))
+            if spare - needed < self._watermark() or not self._grow(seq, count):
                 self._release(seq)  # not admitted: hold nothing while waiting (its prefix stays cached)
                 break
             self.waiting.popleft()
+            held.update(seq.block_ids)
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             self._note_admission(seq, hit)
             admitted.append((seq, count))
@@ -382,11 +385,9 @@ class LLMEngine:
     def _watermark(self) -> int:
         return max(self.watermark_blocks, len(self.running)) if self.running else 0
 
-    def _spare_blocks(self, joining: Sequence | None = None) -> int:
-        """Blocks no running sequence holds (free, or cached and reclaimable)."""
-        held = {block for seq in self.running for block in seq.block_ids}
-        held.update(joining.block_ids if joining is not None else ())
-        return self.pool.num_blocks - len(held)
+    def _held_blocks(self) -> set[int]:
+        """Blocks running sequences hold; the others are free, or cached and reclaimable."""
+        return {block for seq in self.running for block in seq.block_ids}
 
     def _blocks_for(self, seq: Sequence, count: int) -> int:
         return -(-(seq.num_computed + count) // self.pool.block_size)

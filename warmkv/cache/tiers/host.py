@@ -1,8 +1,8 @@
 """Host RAM tier: one preallocated slab of blocks (pinned on CUDA, so copies both ways are asynchronous).
 
-A block demoted from the GPU is copied in the device's stream order, not waited for: a later load of it
-(on the same stream) is ordered after that copy, and only a reader on the CPU (eviction to the tier
-below) waits for copies still in flight.
+A block demoted from the GPU is copied on a stream of the tier's own, so the copy runs beside the next
+forward pass instead of in front of it; nothing waits for it unless a reader comes for a block whose copy
+has not landed yet (rare: it was demoted moments ago), which then waits on the CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class HostTier:
         self.stats = TierStats()
         self._in_flight: set[int] = set()  # slots whose copy from the device may not have landed yet
         self._copied = torch.cuda.Event() if pin else None  # recorded after the latest such copy
+        self._stream: torch.cuda.Stream | None = None  # the copies' own stream, made on first use
 
     def contains(self, key: bytes) -> bool:
         return key in self._slots
@@ -39,30 +40,36 @@ class HostTier:
             return None
         self._slots.move_to_end(key)
         self.stats.hits += 1
+        self._landed(slot)
         return self._slab[slot]
 
     def put(self, key: bytes, kv: torch.Tensor) -> None:
         self.put_many([key], kv[None])
 
     def put_many(self, keys: list[bytes], kv: torch.Tensor) -> None:
-        """Store blocks kv [n, ...] while slots are free (the caller demotes what `evict` returns first);
-        from the device, the copies are queued on its stream, not waited for."""
-        from_device = kv.is_cuda and self._copied is not None
-        stored = False
-        for key, block_kv in zip(keys, kv, strict=True):
+        """Store blocks kv [n, ...] while slots are free (the caller demotes what `evict` returns first).
+        From the device, the copies are queued on the tier's stream, not waited for."""
+        new = [(key, block_kv) for key, block_kv in zip(keys, kv, strict=True) if key not in self._slots]
+        for key in keys:
             if key in self._slots:
                 self._slots.move_to_end(key)
-                continue
-            if not self._free:
-                break
-            slot = self._free.pop()
-            self._slab[slot].copy_(block_kv, non_blocking=from_device)
-            if from_device:
-                self._in_flight.add(slot)
+        stored = [(key, self._free.pop(), block_kv) for key, block_kv in new[: len(self._free)]]
+        if kv.is_cuda and self._copied is not None and stored:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(kv.device)
+            # after what the device has queued so far: the gather of kv, and any earlier read of these slots
+            self._stream.wait_stream(torch.cuda.current_stream(kv.device))
+            with torch.cuda.stream(self._stream):
+                for _, slot, block_kv in stored:
+                    self._slab[slot].copy_(block_kv, non_blocking=True)
+            kv.record_stream(self._stream)  # not reused before the copies have read it
+            self._copied.record(self._stream)
+            self._in_flight.update(slot for _, slot, _ in stored)
+        else:
+            for _, slot, block_kv in stored:
+                self._slab[slot].copy_(block_kv)
+        for key, slot, _ in stored:
             self._slots[key] = slot
-            stored = True
-        if stored and from_device:
-            self._copied.record()  # type: ignore[union-attr]
         self._update_size()
 
     @property
@@ -83,13 +90,17 @@ class HostTier:
         if not self._slots:
             return None
         key, slot = self._slots.popitem(last=False)
-        if slot in self._in_flight:  # the oldest slot is rarely still in flight: then wait for all
-            self._copied.synchronize()  # type: ignore[union-attr]
-            self._in_flight.clear()
+        self._landed(slot)
         self._free.append(slot)
         self.stats.evictions += 1
         self._update_size()
         return key, self._slab[slot]
+
+    def _landed(self, slot: int) -> None:
+        """Wait until the slot's copy from the device has landed (it usually has: then at no cost)."""
+        if slot in self._in_flight:
+            self._copied.synchronize()  # type: ignore[union-attr]
+            self._in_flight.clear()
 
     def _update_size(self) -> None:
         self.stats.blocks = len(self._slots)
