@@ -97,3 +97,16 @@ def test_a_hundred_concurrent_sessions_in_one_namespace_are_all_remembered() -> 
         recent.remember("", [*system, 5000 + session, *range(6000, 6100)])
     nearest = recent.nearest("", [*system, 5000, *range(6000, 6100), 7])  # the oldest session's next turn
     assert nearest.common == 1101
+
+
+tokens = st.lists(st.integers(0, 3), max_size=14)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(tokens, max_size=12), tokens)
+def test_nearest_is_the_longest_prefix_shared_with_any(remembered: list[list[int]], query: list[int]) -> None:
+    recent = RecentPrompts()
+    for earlier in remembered:
+        recent.remember("", earlier)
+    shared = [_common_prefix(np.array(earlier), np.array(query)) for earlier in remembered]
+    assert recent.nearest("", query).common == max(shared, default=0)

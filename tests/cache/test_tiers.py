@@ -350,3 +350,16 @@ def test_write_through_gather_does_not_wait_for_the_device() -> None:
     kv = pool.read_blocks([1, 3])
     assert not torch.cuda.current_stream().query()
     assert torch.all(kv[0, 0] == 5.0) and torch.all(kv[1] == 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_block_lists_reach_the_device_intact_through_reused_pinned_buffers() -> None:
+    pool = KVPool(1, 64, 16, 1, 8, torch.float32, torch.device("cuda"))
+    for block in range(64):
+        pool.k[:, block * 16 : (block + 1) * 16] = float(block)
+    torch.cuda._sleep(100_000_000)  # the device lags: buffers are refilled while copies are still queued
+    lists = [[n, (n * 7) % 64, 63 - n] for n in range(40)]
+    gathers = [(blocks, pool.read_blocks(blocks)) for blocks in lists]
+    for blocks, kv in gathers:
+        assert kv[:, 0, 0, 0, 0, 0].tolist() == [float(b) for b in blocks]

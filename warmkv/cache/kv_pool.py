@@ -33,6 +33,7 @@ class KVPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._uploads = _PinnedUploads(num_blocks, device) if device.type == "cuda" else None
         # asked to free `count` blocks when too few are free; returns how many it freed (0: nothing left)
         self.reclaim: Callable[[int], int] = lambda count: 0
 
@@ -105,11 +106,9 @@ class KVPool:
             target[:, slots] = rows.to(self.k.device, non_blocking=True)
 
     def _block_slots(self, blocks: list[int]) -> torch.Tensor:
-        """Flat slot indices of whole blocks, on the pool's device. The host does not wait for the device:
-        a copy from pageable memory would wait for every step queued before it."""
+        """Flat slot indices of whole blocks, on the pool's device."""
         device = self.k.device
-        ids = torch.tensor(blocks, dtype=torch.long, pin_memory=device.type == "cuda")
-        ids = ids.to(device, non_blocking=True)
+        ids = self._uploads.upload(blocks) if self._uploads else torch.tensor(blocks, dtype=torch.long)
         return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
 
     @property
@@ -121,3 +120,31 @@ class KVPool:
         return (
             self.k.element_size() * 2 * self.k.shape[0] * self.block_size * self.k.shape[2] * self.k.shape[3]
         )
+
+
+class _PinnedUploads:
+    """Block lists copied to the device without waiting for it (a copy from pageable memory waits for every
+    step queued before it) and without a pinned allocation per copy (costly on every step): a few pinned
+    buffers taken in turn, each refilled only once the copy out of it has run."""
+
+    BUFFERS = 8
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        self._device = device
+        self._buffers = [
+            torch.empty(capacity, dtype=torch.long, pin_memory=True) for _ in range(self.BUFFERS)
+        ]
+        self._copied: list[torch.cuda.Event | None] = [None] * self.BUFFERS
+        self._turn = 0
+
+    def upload(self, values: list[int]) -> torch.Tensor:
+        turn, self._turn = self._turn, (self._turn + 1) % self.BUFFERS
+        copied = self._copied[turn]
+        if copied is not None:
+            copied.synchronize()  # queued BUFFERS uploads ago: long done, unless the device lags far behind
+        staged = self._buffers[turn][: len(values)]
+        staged.numpy()[:] = values
+        ids = staged.to(self._device, non_blocking=True)
+        self._copied[turn] = event = torch.cuda.Event()
+        event.record()
+        return ids

@@ -94,12 +94,11 @@ class RecentPrompts:
         entries = self._by_namespace.setdefault(namespace, [])
         self._by_namespace.move_to_end(namespace)
         for entry in list(entries):
-            common = _common_prefix(entry.token_ids, new.token_ids)
-            if common == len(new.token_ids):  # already covered: refresh it
+            if _starts_with(entry.token_ids, new.token_ids):  # already covered: refresh it
                 entries.remove(entry)
                 new = entry if len(entry.keys) >= len(new.keys) else _Remembered(entry.token_ids, new.keys)
                 break
-            if common == len(entry.token_ids):  # the new one covers it
+            if _starts_with(new.token_ids, entry.token_ids):  # the new one covers it
                 entries.remove(entry)
                 if len(entry.keys) > len(new.keys):
                     new.keys = entry.keys
@@ -111,8 +110,14 @@ class RecentPrompts:
     def nearest(self, namespace: str, token_ids: list[int]) -> Nearest:
         """The remembered sequence sharing the longest prefix with token_ids, and that prefix's length."""
         query = np.asarray(token_ids, dtype=np.int64)
+        entries = self._by_namespace.get(namespace, ())
+        # usually the prompt goes on from one of them: no entry is a prefix of another, so that one is
+        # the nearest, found at the cost of one token per entry
+        for entry in reversed(entries):
+            if len(entry.token_ids) and _starts_with(query, entry.token_ids):
+                return Nearest(entry, len(entry.token_ids))
         best, best_common = None, 0
-        for entry in reversed(self._by_namespace.get(namespace, ())):
+        for entry in reversed(entries):
             common = _common_prefix(entry.token_ids, query)
             if common > best_common:
                 best, best_common = entry, common
@@ -132,6 +137,14 @@ class Nearest:
 
     def token_ids(self) -> list[int]:
         return self.entry.token_ids.tolist() if self.entry else []
+
+
+def _starts_with(sequence: np.ndarray, prefix: np.ndarray) -> bool:
+    """Whether `sequence` begins with `prefix`; a differing last token (the usual answer) costs one lookup."""
+    n = len(prefix)
+    if n > len(sequence) or (n and sequence[n - 1] != prefix[n - 1]):
+        return False
+    return _common_prefix(sequence, prefix) == n
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
