@@ -101,7 +101,9 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
 
 def _markable(message: dict[str, Any]) -> bool:
     content = message.get("content")
-    return isinstance(content, str) and bool(content) and _MARKS.search(content) is None
+    if not isinstance(content, str) or not content:
+        return False
+    return content.isascii() or _MARKS.search(content) is None  # ASCII holds no marker: no scan
 
 
 def _text_spans(with_marks: str) -> tuple[list[int], list[int], list[int]]:
