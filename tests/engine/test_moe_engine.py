@@ -1,5 +1,5 @@
-"""Mixture-of-experts models (tiny random Qwen3-MoE; gpt-oss with sinks and alternating sliding windows)
-on the paged, cached engine: reuse is exact."""
+"""Mixture-of-experts models (tiny random Qwen3-MoE; gpt-oss with sinks and alternating sliding windows;
+DeepSeek-V3 with latent attention) on the paged, cached engine: reuse is exact."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..conftest import save_tiny_model
 PROMPT = list(range(1000, 1050))  # three full blocks of 16 and a partial one
 
 
-@pytest.fixture(scope="module", params=["qwen3moe", "gptoss"])
+@pytest.fixture(scope="module", params=["qwen3moe", "gptoss", "deepseekv3"])
 def moe_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
 

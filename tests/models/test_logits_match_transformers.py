@@ -23,11 +23,11 @@ BLOCK = 8
 PROMPT_LEN = 45  # not a multiple of the block size; past the Mistral sliding window
 
 
-def _runner(folder: Path, device: torch.device) -> ModelRunner:
+def _runner(folder: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> ModelRunner:
     config = ModelConfig.from_hf(_read_json(folder / "config.json"))
-    module = build_module(config, _read_weights(folder, device, torch.float32), device, torch.float32)
-    pool = KVPool(config.num_layers, 64, BLOCK, config.num_kv_heads, config.head_dim, torch.float32, device)
-    return ModelRunner(module, pool)
+    module = build_module(config, _read_weights(folder, device, dtype), device, dtype)
+    heads, head_dim, sides = config.kv_cache_layout
+    return ModelRunner(module, KVPool(config.num_layers, 64, BLOCK, heads, head_dim, dtype, device, sides))
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -112,11 +112,8 @@ def test_half_precision_matches_transformers_in_the_same_dtype(
     Tolerance: relative norm of the difference below 8e-3 (bf16) or 1.5e-3 (fp16), about three times what
     rounding in a different op order gives here (measured 2.4e-3 to 4.0e-3 and 3.6e-4 to 5.0e-4).
     """
-    cpu = torch.device("cpu")
-    config = ModelConfig.from_hf(_read_json(tiny_folder / "config.json"))
-    module = build_module(config, _read_weights(tiny_folder, cpu, dtype), cpu, dtype)
-    pool = KVPool(config.num_layers, 64, BLOCK, config.num_kv_heads, config.head_dim, dtype, cpu)
-    runner = ModelRunner(module, pool)
+    runner = _runner(tiny_folder, torch.device("cpu"), dtype)
+    pool = runner.pool
     torch.manual_seed(2)
     prompt = torch.randint(0, 49152, (PROMPT_LEN,)).tolist()
     with torch.no_grad():

@@ -80,16 +80,16 @@ def paged_attention(
     if batch.paged is not None:
         return kernel.paged_attention(q, k_cache, v_cache, batch.paged, scale, sliding_window, sinks)
     if len(batch.sequences) == 1 and batch.sequences[0].is_whole:
-        return _attend(q, k, v, batch.sequences[0], scale, sliding_window, sinks)
+        return attend(q, k, v, batch.sequences[0], scale, sliding_window, sinks)
     out = torch.empty_like(q)
     for seq in batch.sequences:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         context = k_cache[seq.context_slots], v_cache[seq.context_slots]
-        out[rows] = _attend(q[rows], *context, seq, scale, sliding_window, sinks)
+        out[rows] = attend(q[rows], *context, seq, scale, sliding_window, sinks)
     return out
 
 
-def _attend(
+def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -98,6 +98,7 @@ def _attend(
     sliding_window: int | None,
     sinks: torch.Tensor | None,
 ) -> torch.Tensor:
+    """One sequence's queries over its context's K and V, [queries, heads, v_head_dim]."""
     mask = seq.mask(sliding_window)
     if sinks is not None:
         return _attend_with_sinks(q, k, v, mask, seq.query_len, scale, sinks)
