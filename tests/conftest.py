@@ -95,8 +95,10 @@ TINY_CONFIGS = {
             "rope_theta": 10000.0,
         },
     ),
-    # DeepSeek-V3's way: q through its own latent (q_lora_rank) and norm; plain rotary; every layer routed
+    # DeepSeek-V3's way: q through its own latent (q_lora_rank) and norm; plain rotary with its pairs
+    # stored rotate-half (rope_interleave false); every layer routed, weights not renormalised
     "deepseekv3-qlora": dict(
+        rope_interleave=False,
         num_key_value_heads=4,
         q_lora_rank=24,
         kv_lora_rank=32,

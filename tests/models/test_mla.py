@@ -1,0 +1,150 @@
+"""DeepSeek-V3's multi-head latent attention: the pool keeps the compressed latent, and both ways of
+attending over it (K/V expanded per head, or the absorbed weights scoring the latents) give transformers'
+logits.
+
+Tolerance: float32, |ours - theirs| <= 1e-4 + 1e-4 * |theirs| per logit, as for the other architectures
+(measured: about 2e-7).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from warmkv.engine.model_runner import ForwardItem
+from warmkv.errors import ModelLoadError
+from warmkv.models.mla import MlaAttention
+
+from ..conftest import make_tiny_hf_model, save_tiny_model
+from .test_logits_match_transformers import BLOCK, PROMPT_LEN, TOL, _runner
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", params=["deepseekv3", "deepseekv3-qlora"])
+def arch(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def folder(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(arch, tmp_path_factory.mktemp(arch))
+
+
+@pytest.fixture(scope="module")
+def prompt_and_reference(arch: str):
+    """A prompt, transformers' logits for it and its latent cache (per layer: c_kv and the rotated k_pe)."""
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 49152, (PROMPT_LEN,)).tolist()
+    with torch.no_grad():
+        out = make_tiny_hf_model(arch)(torch.tensor([prompt]), use_cache=True)
+    latents = [
+        torch.cat((layer.keys[0, 0], layer.values[0, 0]), dim=-1) for layer in out.past_key_values.layers
+    ]
+    return prompt, out.logits[0], latents
+
+
+def test_pool_and_blocks_hold_the_latent_transformers_caches(folder: Path, prompt_and_reference) -> None:
+    """One vector of kv_lora_rank + rope values per token and layer (normalised c_kv, then the rotated
+    k_pe): transformers' own latent cache, under a third of what expanded K and V of these 4 heads take."""
+    prompt, _, latents = prompt_and_reference
+    runner = _runner(folder, CPU)
+    pool, config = runner.pool, runner.module.config
+    blocks = pool.allocate(-(-PROMPT_LEN // BLOCK))
+    runner.forward([ForwardItem(prompt, 0, blocks)])
+    slots = pool.slots(blocks, 0, PROMPT_LEN)
+    for layer, latent in enumerate(latents):
+        torch.testing.assert_close(pool.k[layer, slots, 0], latent, atol=1e-5, rtol=1e-5)
+    assert pool.v.numel() == 0
+    latent_dim = 32 + 8  # kv_lora_rank + qk_rope_head_dim
+    assert pool.block_shape == (1, config.num_layers, BLOCK, 1, latent_dim)
+    assert pool.read_blocks(blocks[:2]).shape == (2, *pool.block_shape)
+    expanded = config.num_layers * config.num_heads * (16 + 8 + config.mla.v_head_dim) * 4
+    assert pool.block_bytes == BLOCK * config.num_layers * latent_dim * 4 < BLOCK * expanded / 3
+
+
+@pytest.mark.parametrize("absorbed", [True, False], ids=["absorbed", "expanded"])
+def test_both_ways_of_attending_match_transformers(
+    folder: Path, prompt_and_reference, absorbed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunked prefill over the pool, then decode, with every step forced through one of the two paths."""
+    prompt, reference, _ = prompt_and_reference
+    monkeypatch.setattr(MlaAttention, "absorbed", absorbed)
+    runner = _runner(folder, CPU)
+    blocks = runner.pool.allocate(-(-PROMPT_LEN // BLOCK))
+    decode_from = PROMPT_LEN - 4
+    chunks = [
+        runner.forward(
+            [ForwardItem(prompt[start : min(start + 9, decode_from)], start, blocks, all_logits=True)]
+        )[0]
+        for start in range(0, decode_from, 9)
+    ]
+    torch.testing.assert_close(torch.cat(chunks), reference[:decode_from], **TOL)
+    for position in range(decode_from, PROMPT_LEN):
+        (logits,) = runner.forward([ForwardItem([prompt[position]], position, blocks)])
+        torch.testing.assert_close(logits[0], reference[position], **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_absorbed_decode_on_cuda_matches_the_expanded_path(
+    folder: Path, prompt_and_reference, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of decode steps on CUDA: the absorbed weights (what decode runs) give the expanded path's
+    logits, and in float32 transformers' (tolerance as above; bf16: relative norm below 1e-2)."""
+    prompt, reference, _ = prompt_and_reference
+    cuda = torch.device("cuda")
+    results = {}
+    for absorbed in (True, False):
+        monkeypatch.setattr(MlaAttention, "absorbed", absorbed)
+        runner = _runner(folder, cuda, dtype)
+        first, second = (runner.pool.allocate(-(-PROMPT_LEN // BLOCK)) for _ in range(2))
+        runner.forward([ForwardItem(prompt[:-3], 0, first), ForwardItem(prompt[:-2], 0, second)])
+        steps = [runner.forward([ForwardItem([prompt[-3]], PROMPT_LEN - 3, first),
+                                 ForwardItem([prompt[-2]], PROMPT_LEN - 2, second)])]  # fmt: skip
+        results[absorbed] = torch.cat([torch.cat(step) for step in steps]).cpu()
+    want = reference[[PROMPT_LEN - 3, PROMPT_LEN - 2]]
+    if dtype == torch.float32:
+        torch.testing.assert_close(results[True], want, **TOL)
+        torch.testing.assert_close(results[False], want, **TOL)
+    else:
+        difference = (results[True] - results[False]).norm() / results[False].norm()
+        assert difference.item() < 1e-2
+
+
+def test_fp8_checkpoint_is_refused_with_its_reason(tmp_path: Path) -> None:
+    """DeepSeek's published FP8 weights carry block scales: cast without them they would give garbage."""
+    from warmkv.models.loader import load_model
+
+    folder = save_tiny_model("deepseekv3", tmp_path / "fp8")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="FP8 block-quantised DeepSeek weights"):
+        load_model(str(folder), CPU, torch.float32)
+
+
+def test_checkpoint_without_the_routing_bias_is_refused(tmp_path: Path) -> None:
+    from warmkv.models.loader import load_model
+
+    folder = save_tiny_model("deepseekv3", tmp_path / "no-bias")
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["model.layers.1.mlp.gate.e_score_correction_bias"]
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="e_score_correction_bias"):
+        load_model(str(folder), CPU, torch.float32)
+
+
+def test_groups_that_do_not_divide_the_experts_are_refused(tmp_path: Path) -> None:
+    from warmkv.models.loader import load_model
+
+    folder = save_tiny_model("deepseekv3", tmp_path / "groups")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"n_group": 3}))
+    with pytest.raises(ModelLoadError, match="n_group 3"):
+        load_model(str(folder), CPU, torch.float32)
