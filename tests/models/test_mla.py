@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from warmkv.cache.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem
 from warmkv.errors import ModelLoadError
 from warmkv.models.mla import MlaAttention
@@ -148,3 +149,37 @@ def test_groups_that_do_not_divide_the_experts_are_refused(tmp_path: Path) -> No
     (folder / "config.json").write_text(json.dumps(config | {"n_group": 3}))
     with pytest.raises(ModelLoadError, match="n_group 3"):
         load_model(str(folder), CPU, torch.float32)
+
+
+def test_v2_lite_shape_keeps_31104_bytes_per_token_against_qwen_7b_57344() -> None:
+    """The benchmark shape's KV per token in bf16: 27 layers x 576 latent values, against Qwen2.5-7B's
+    28 layers x K and V of 4 heads x 128 (and 276480 bytes were the latent expanded to 16 heads' K/V)."""
+    from warmkv.models.config import ModelConfig
+    from warmkv.models.random_init import SHAPES
+
+    def per_token(shape: str) -> int:
+        config = ModelConfig.from_hf(SHAPES[shape])
+        return KVPool.bytes_per_token(config.num_layers, *config.kv_cache_layout[:2], torch.bfloat16,
+                                      config.kv_cache_layout[2])  # fmt: skip
+
+    assert per_token("deepseek-v2-lite") == 27 * 576 * 2 == 31104
+    assert per_token("qwen2.5-7b") == 57344
+
+
+def test_random_shape_matches_transformers_on_the_same_tensors() -> None:
+    """The benchmarks' random weights go straight from transformers' module (experts already stacked)."""
+    from warmkv.engine.model_runner import ModelRunner
+    from warmkv.models.random_init import random_pair
+
+    from ..conftest import smollm2_tokenizer
+
+    torch.manual_seed(0)
+    ours, theirs = random_pair("deepseek-mla-tiny", smollm2_tokenizer(), CPU, torch.float32)
+    heads, head_dim, sides = ours.config.kv_cache_layout
+    pool = KVPool(ours.config.num_layers, 16, BLOCK, heads, head_dim, torch.float32, CPU, sides)
+    prompt = torch.randint(0, 49152, (20,)).tolist()
+    (logits,) = ModelRunner(ours.module, pool).forward(
+        [ForwardItem(prompt, 0, pool.allocate(3), all_logits=True)]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(logits, theirs(torch.tensor([prompt])).logits[0], **TOL)
