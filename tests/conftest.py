@@ -68,10 +68,11 @@ TINY_CONFIGS = {
         shared_expert_intermediate_size=48,
     ),
     # multi-head latent attention with q straight from the hidden state (DeepSeek-V2-Lite's way), YaRN
-    # with different mscale and mscale_all_dim (both the rotary's factor and the softmax scale move);
-    # layer 0 dense (first_k_dense_replace), layer 1 routed among the best 2 of 4 groups plus a shared
-    # expert
+    # with different mscale and mscale_all_dim (both the rotary's factor and the softmax scale move), the
+    # rotary pairs stored rotate-half (rope_interleave false); layer 0 dense (first_k_dense_replace),
+    # layer 1 routed among the best 2 of 4 groups plus two shared experts
     "deepseekv3": dict(
+        rope_interleave=False,
         num_key_value_heads=4,  # MLA: K and V per query head, expanded from the latent
         q_lora_rank=None,
         kv_lora_rank=32,
@@ -95,10 +96,17 @@ TINY_CONFIGS = {
             "rope_theta": 10000.0,
         },
     ),
-    # DeepSeek-V3's way: q through its own latent (q_lora_rank) and norm; plain rotary with its pairs
-    # stored rotate-half (rope_interleave false); every layer routed, weights not renormalised
+    # DeepSeek-V3's way: q through its own latent (q_lora_rank) and norm; interleaved rotary pairs, YaRN
+    # with mscale = mscale_all_dim; every layer routed, weights not renormalised
     "deepseekv3-qlora": dict(
-        rope_interleave=False,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "rope_theta": 10000.0,
+        },
         num_key_value_heads=4,
         q_lora_rank=24,
         kv_lora_rank=32,

@@ -110,7 +110,10 @@ def test_half_precision_matches_transformers_in_the_same_dtype(
     """bf16 / fp16: prefill, then decode on top of it, against transformers run in the same dtype.
 
     Tolerance: relative norm of the difference below 8e-3 (bf16) or 1.5e-3 (fp16), about three times what
-    rounding in a different op order gives here (measured 2.4e-3 to 4.0e-3 and 3.6e-4 to 5.0e-4).
+    rounding in a different op order gives here (measured 2.4e-3 to 4.0e-3 and 3.6e-4 to 5.0e-4). DeepSeek-V3
+    rounds more times in a row (the q and kv latents, their norms, the expansion per head): 1.6e-2 and 3e-3
+    there (measured up to 9.2e-3 in bf16, while transformers' own bf16 is 0.7% to 1.7% off its float32 and
+    ours no farther).
     """
     runner = _runner(tiny_folder, torch.device("cpu"), dtype)
     pool = runner.pool
@@ -123,4 +126,6 @@ def test_half_precision_matches_transformers_in_the_same_dtype(
     (decode,) = runner.forward([ForwardItem(prompt[-1:], PROMPT_LEN - 1, blocks)])
     ours = torch.cat([prefill, decode])
     tolerance = 8e-3 if dtype is torch.bfloat16 else 1.5e-3
+    if tiny_arch.startswith("deepseek"):
+        tolerance *= 2
     assert ((ours - reference).norm() / reference.norm()).item() < tolerance
