@@ -183,3 +183,142 @@ def test_random_shape_matches_transformers_on_the_same_tensors() -> None:
     )
     with torch.no_grad():
         torch.testing.assert_close(logits, theirs(torch.tensor([prompt])).logits[0], **TOL)
+
+
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",
+    "self_attn.q_b_proj": "attn_q_b",
+    "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+    "self_attn.kv_b_proj": "attn_kv_b", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp", "mlp.shared_experts.up_proj": "ffn_up_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+}  # fmt: skip
+
+
+def _deepseek2_tensors(hf: torch.nn.Module, split_kv_b: bool) -> dict[str, torch.Tensor]:
+    """llama.cpp's names and layouts for deepseek2: stacked experts, the routing bias `exp_probs_b`, and
+    in newer files kv_b_proj split into k_b (transposed) and v_b."""
+    cfg = hf.config
+    tensors = {"token_embd.weight": hf.model.embed_tokens.weight, "output_norm.weight": hf.model.norm.weight,
+               "output.weight": hf.lm_head.weight}  # fmt: skip
+    for index, layer in enumerate(hf.model.layers):
+        for name, tensor in layer.state_dict().items():
+            module, kind = name.rsplit(".", 1)
+            if module == "mlp.experts":
+                inner = cfg.moe_intermediate_size
+                if kind == "gate_up_proj":
+                    tensors[f"blk.{index}.ffn_gate_exps.weight"] = tensor[:, :inner]
+                    tensors[f"blk.{index}.ffn_up_exps.weight"] = tensor[:, inner:]
+                else:
+                    tensors[f"blk.{index}.ffn_down_exps.weight"] = tensor
+            elif kind == "e_score_correction_bias":
+                tensors[f"blk.{index}.exp_probs_b.bias"] = tensor
+            elif module == "self_attn.kv_b_proj" and split_kv_b:
+                kv_b = tensor.view(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+                tensors[f"blk.{index}.attn_k_b.weight"] = kv_b[:, : cfg.qk_nope_head_dim].transpose(1, 2)
+                tensors[f"blk.{index}.attn_v_b.weight"] = kv_b[:, cfg.qk_nope_head_dim :]
+            else:
+                tensors[f"blk.{index}.{_GGUF_NAMES[module]}.{kind}"] = tensor
+    return tensors
+
+
+def _write_deepseek2_gguf(hf: torch.nn.Module, path: Path, split_kv_b: bool) -> None:
+    """A float32 deepseek2 GGUF as llama.cpp's converter writes one: MLA as one KV head over the latent in
+    newer files (key/value_length the latent's, *_mla the heads'), the heads' lengths in older ones."""
+    import gguf
+
+    from warmkv.models.loader import default_gguf_path
+
+    from .test_loading import add_smollm2_tokenizer
+
+    cfg, rope = hf.config, hf.config.rope_parameters
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(rope["factor"])
+    writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    writer.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+    writer.add_q_lora_rank(cfg.q_lora_rank)
+    writer.add_kv_lora_rank(cfg.kv_lora_rank)
+    qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if split_kv_b:
+        writer.add_head_count_kv(1)
+        writer.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        writer.add_value_length(cfg.kv_lora_rank)
+        writer.add_key_length_mla(qk_dim)
+        writer.add_value_length_mla(cfg.v_head_dim)
+    else:
+        writer.add_head_count_kv(cfg.num_attention_heads)
+        writer.add_key_length(qk_dim)
+        writer.add_value_length(cfg.v_head_dim)
+    writer.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    writer.add_expert_count(cfg.n_routed_experts)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_shared_count(cfg.n_shared_experts)
+    writer.add_expert_weights_scale(cfg.routed_scaling_factor)
+    writer.add_expert_weights_norm(cfg.norm_topk_prob)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_group_count(cfg.n_group)
+    writer.add_expert_group_used_count(cfg.topk_group)
+    add_smollm2_tokenizer(writer, gguf.GGUFReader(default_gguf_path()))
+    for name, tensor in _deepseek2_tensors(hf, split_kv_b).items():
+        writer.add_tensor(name, tensor.detach().contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("split_kv_b", [True, False], ids=["k_b-v_b", "kv_b"])
+def test_deepseek2_gguf_loads_with_matching_logits(split_kv_b: bool, tmp_path: Path) -> None:
+    """DeepSeek-V3 as a llama.cpp deepseek2 file (q latent, interleaved rotary, YaRN, grouped sigmoid
+    router with its bias, a shared expert) gives transformers' logits for a prefill and a decode step."""
+    from warmkv.engine.model_runner import ModelRunner
+    from warmkv.models.loader import load_model
+
+    hf = make_tiny_hf_model("deepseekv3-qlora")
+    _write_deepseek2_gguf(hf, tmp_path / "tiny-deepseek.gguf", split_kv_b)
+    model = load_model(str(tmp_path / "tiny-deepseek.gguf"), CPU, torch.float32)
+    assert model.config.mla is not None and model.config.moe.sigmoid_groups == (2, 1)
+    heads, head_dim, sides = model.config.kv_cache_layout
+    pool = KVPool(model.config.num_layers, 16, BLOCK, heads, head_dim, torch.float32, CPU, sides)
+    prompt = model.tokenizer("The rivers of France flow west to the sea", add_special_tokens=False)[
+        "input_ids"
+    ]
+    runner, blocks = ModelRunner(model.module, pool), pool.allocate(3)
+    (prefill,) = runner.forward([ForwardItem(prompt[:-1], 0, blocks, all_logits=True)])
+    (decode,) = runner.forward([ForwardItem(prompt[-1:], len(prompt) - 1, blocks)])
+    with torch.no_grad():
+        reference = hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(torch.cat([prefill, decode]), reference, **TOL)
+
+
+def test_deepseek2_gguf_with_a_softmax_router_is_refused(tmp_path: Path) -> None:
+    import gguf
+
+    from warmkv.errors import UnsupportedArchitecture
+    from warmkv.models.gguf_convert import gguf_hf_config
+
+    writer = gguf.GGUFWriter(str(tmp_path / "v2.gguf"), "deepseek2")
+    writer.add_block_count(1)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(96)
+    writer.add_head_count(4)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    writer.add_tensor("token_embd.weight", torch.zeros(10, 64).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UnsupportedArchitecture, match="softmax router"):
+        gguf_hf_config(gguf.GGUFReader(tmp_path / "v2.gguf"))
