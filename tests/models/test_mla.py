@@ -322,3 +322,14 @@ def test_deepseek2_gguf_with_a_softmax_router_is_refused(tmp_path: Path) -> None
     writer.close()
     with pytest.raises(UnsupportedArchitecture, match="softmax router"):
         gguf_hf_config(gguf.GGUFReader(tmp_path / "v2.gguf"))
+
+
+def test_bf16_model_keeps_the_routing_bias_in_float32(folder: Path) -> None:
+    """As transformers keeps it: rounded to bf16, the bias would move tokens between close experts."""
+    from warmkv.models.loader import load_model
+
+    saved = load_file(str(folder / "model.safetensors"))["model.layers.1.mlp.gate.e_score_correction_bias"]
+    model = load_model(str(folder), CPU, torch.bfloat16)
+    bias = model.module.model.layers[1].mlp.gate.e_score_correction_bias
+    assert model.dtype == torch.bfloat16 and bias.dtype == torch.float32
+    assert torch.equal(bias, saved)

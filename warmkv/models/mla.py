@@ -1,20 +1,21 @@
 """DeepSeek's multi-head latent attention (MLA) over the paged pool, which keeps the compressed latent.
 
 Per token and layer the pool holds kv_lora_rank normalised latent values c_kv, then the rotated key part
-k_pe shared by all heads (576 values for DeepSeek-V2/V3 shapes, against 2 x heads x head_dim for K and V):
-that is what every cache tier stores too. Attention reads it in one of two equivalent ways:
+k_pe shared by all heads: 576 values for DeepSeek-V2/V3 shapes, against heads x (qk + v) for K and V
+expanded (5120 for V2-Lite's 16 heads, 40960 for V3's 128). Every cache tier stores the same.
+Attention reads it in one of two equivalent ways:
 
 - expanded (prefill): K and V of every head are projected out of the context's latents by kv_b_proj,
   and the heads attend as in multi-head attention (transformers' computation);
-- absorbed (decode and other short steps): W_UK, the key half of kv_b_proj, is folded into each head's
-  query, so queries score the latents directly, one shared "head" of the latent width for all query
-  heads; the attended latent goes out through W_UV, the value half. A decode step then reads only the
-  cached latents, not a projection of them per head.
+- absorbed (decode, and other steps of few tokens): W_UK, the key half of kv_b_proj, is folded into
+  each head's query, so queries score the latents directly, one shared "head" of the latent width for
+  all query heads; the attended latent goes out through W_UV, the value half. A decode step then reads
+  only the cached latents, not a projection of them per head.
 
-Checkpoints lay the rotary pairs out interleaved, (x0, x1), (x2, x3), ...; `deinterleave_rope_weights`
+Checkpoints lay the rotary pairs out interleaved, (x0, x1), (x2, x3), ...; `convert_deepseek_weights`
 permutes the rows of the projections that produce them on load, so the rotate-half rotary of
-`layers.rotate` gives transformers' numbers (the order within q_pe and k_pe is the same permutation for
-both, so their dot products are unchanged).
+`layers.rotate` gives transformers' numbers (q_pe and k_pe are permuted alike, so their dot products are
+unchanged).
 """
 
 from __future__ import annotations
@@ -29,16 +30,12 @@ from warmkv.models.config import MlaConfig, ModelConfig
 from warmkv.models.layers import RMSNorm, rotate
 from warmkv.models.rope import yarn_mscale
 
-# a step of at most this many tokens of one sequence attends through the absorbed weights: per query-key
-# pair it costs (2 * kv_lora_rank + rope) multiply-adds against (qk + v) expanded, but it spares projecting
-# the whole context out of its latents; decode (1 token) is where that matters
-ABSORBED_MAX_QUERY = 16
 LATENT_NORM_EPS = 1e-6  # the q and kv latent norms use RMSNorm's default, not the config's rms_norm_eps
 
 
 class MlaAttention(nn.Module):
-    # None: the absorbed path for steps of at most ABSORBED_MAX_QUERY tokens; True / False: for every step
-    # (tests compare the two ways)
+    # None: the cheaper path for each sequence's step (`absorbed_below`); True / False: that path for every
+    # step (tests compare the two ways)
     absorbed: bool | None = None
 
     def __init__(self, config: ModelConfig) -> None:
@@ -61,6 +58,11 @@ class MlaAttention(nn.Module):
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * kv_dims, bias=False)
         self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=config.o_bias)
         self.scale = softmax_scale(config)
+        # per query, key and head the absorbed path costs 2 * kv_lora_rank + rope multiply-adds against
+        # qk + v expanded, but it spares expanding every context token (kv_lora_rank * (nope + v) per
+        # head): it is the cheaper one for steps of fewer queries than this (170 for DeepSeek-V2/V3 sizes)
+        extra_per_query = 2 * mla.kv_lora_rank + mla.qk_rope_head_dim - qk_dim - mla.v_head_dim
+        self.absorbed_below = mla.kv_lora_rank * kv_dims / max(extra_per_query, 1)
 
     def forward(
         self,
@@ -82,7 +84,7 @@ class MlaAttention(nn.Module):
         for seq in batch.sequences:
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             context = latent[rows] if seq.is_whole else kv[0][seq.context_slots, 0]
-            use_absorbed = self.absorbed if self.absorbed is not None else seq.query_len <= ABSORBED_MAX_QUERY
+            use_absorbed = self.absorbed if self.absorbed is not None else seq.query_len < self.absorbed_below
             attend_latents = self._absorbed if use_absorbed else self._expanded
             out[rows] = attend_latents(q_nope[rows], q_pe[rows], context, seq)
         return self.o_proj(out.flatten(1))

@@ -93,6 +93,11 @@ def route(
     return weights.to(logits.dtype), expert_ids
 
 
+# kept in float32 whatever the model's dtype, as transformers keeps it: rounded to bf16, the load-balancing
+# bias would change which of two close experts a token goes to
+FLOAT32_TENSORS = ("e_score_correction_bias",)
+
+
 class SoftmaxRouter(nn.Module):
     """Qwen-MoE's and gpt-oss's router: a linear layer (named as nn.Linear's), then `route`."""
 
