@@ -90,6 +90,24 @@ def test_both_ways_of_attending_match_transformers(
         torch.testing.assert_close(logits[0], reference[position], **TOL)
 
 
+def test_decode_steps_of_a_batch_attend_together_exactly(folder: Path, prompt_and_reference) -> None:
+    """Three sequences of different lengths decode in one step (one attention over padded contexts)
+    beside another's prefill chunk; each gets transformers' logits for its position."""
+    prompt, reference, _ = prompt_and_reference
+    runner = _runner(folder, CPU)
+    lengths = (9, 30, PROMPT_LEN - 1)
+    tables = [runner.pool.allocate(-(-PROMPT_LEN // BLOCK)) for _ in range(len(lengths) + 1)]
+    runner.forward([ForwardItem(prompt[:n], 0, table) for n, table in zip(lengths, tables, strict=False)])
+    runner.forward([ForwardItem(prompt[:20], 0, tables[-1])])
+    *decoded, chunk = runner.forward(
+        [ForwardItem([prompt[n]], n, table) for n, table in zip(lengths, tables, strict=False)]
+        + [ForwardItem(prompt[20:40], 20, tables[-1], all_logits=True)]
+    )
+    for n, logits in zip(lengths, decoded, strict=True):
+        torch.testing.assert_close(logits[0], reference[n], **TOL)
+    torch.testing.assert_close(chunk, reference[20:40], **TOL)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,6 +8,7 @@ context gathered out of the pool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [tokens]: where each new token's K/V is stored
     sequences: list[SequenceSlice]  # the PyTorch path's view of the batch
     paged: PagedBatch | None = None  # the kernel's view; set on CUDA unless the batch is one fresh prompt
+    per_step: dict[str, Any] = field(default_factory=dict)  # what the first layer builds for all of them
 
 
 def build_mask(

@@ -81,13 +81,30 @@ class MlaAttention(nn.Module):
         kv[0][batch.slot_mapping] = latent[:, None]
         assert batch.paged is None, "MLA attends over its latents in PyTorch: the runner plans no kernel"
         out = q.new_empty(tokens, self.num_heads, mla.v_head_dim)
+        decoding = [seq for seq in batch.sequences if seq.query_len == 1 and self._takes_absorbed(seq)]
+        batched = {id(seq) for seq in decoding} if len(decoding) > 1 else set()
+        if batched:  # the batch's decode steps in one attention, over their padded contexts
+            rows, slots, key_ok = batch.per_step.get("latent_decode") or _decode_table(decoding, x.device)
+            batch.per_step["latent_decode"] = rows, slots, key_ok  # the same for every layer
+            latents = kv[0][slots, 0]
+            out[rows] = self._absorbed(q_nope[rows, None], q_pe[rows, None], latents, key_ok[:, None])[:, 0]
         for seq in batch.sequences:
+            if id(seq) in batched:
+                continue
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             context = latent[rows] if seq.is_whole else kv[0][seq.context_slots, 0]
-            use_absorbed = self.absorbed if self.absorbed is not None else seq.query_len < self.absorbed_below
-            attend_latents = self._absorbed if use_absorbed else self._expanded
-            out[rows] = attend_latents(q_nope[rows], q_pe[rows], context, seq)
+            if not self._takes_absorbed(seq):
+                out[rows] = self._expanded(q_nope[rows], q_pe[rows], context, seq)
+                continue
+            visible = seq.mask(None)
+            if visible is None and seq.query_len > 1:
+                visible = build_mask(seq.query_len, context.shape[0], None, x.device)
+            visible = None if visible is None else visible[None]
+            out[rows] = self._absorbed(q_nope[None, rows], q_pe[None, rows], context[None], visible)[0]
         return self.o_proj(out.flatten(1))
+
+    def _takes_absorbed(self, seq: SequenceSlice) -> bool:
+        return self.absorbed if self.absorbed is not None else seq.query_len < self.absorbed_below
 
     def _expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, seq: SequenceSlice
@@ -101,27 +118,41 @@ class MlaAttention(nn.Module):
         return attend(torch.cat((q_nope, q_pe), dim=-1), k, v, seq, self.scale, None, None)
 
     def _absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, context: torch.Tensor, seq: SequenceSlice
+        self,
+        q_nope: torch.Tensor,  # [seqs, queries, heads, nope]
+        q_pe: torch.Tensor,  # [seqs, queries, heads, rope]
+        latents: torch.Tensor,  # [seqs, keys, latent_dim]
+        visible: torch.Tensor | None,  # [seqs, queries or 1, keys] bool; None: every key
     ) -> torch.Tensor:
-        """[queries, heads, v_head_dim]: the queries, with W_UK folded in, score the latents themselves."""
-        mla, queries = self.mla, q_nope.shape[0]
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, -1, mla.kv_lora_rank)
+        """[seqs, queries, heads, v_head_dim]: the queries, with W_UK folded in, score the latents."""
+        mla, (seqs, queries, heads, _) = self.mla, q_nope.shape
+        w_kv = self.kv_b_proj.weight.view(heads, -1, mla.kv_lora_rank)
         w_uk, w_uv = w_kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)
-        q = torch.cat((torch.einsum("qhn,hnr->qhr", q_nope, w_uk), q_pe), dim=-1)
-        # every head attends to the same keys: the heads become rows of one single-head attention
-        mask = seq.mask(None)
-        if mask is None and queries > 1:
-            mask = build_mask(queries, context.shape[0], None, q.device)
-        if mask is not None:
-            mask = mask.repeat_interleave(self.num_heads, dim=0)
+        q = torch.cat((torch.einsum("sqhn,hnc->sqhc", q_nope, w_uk), q_pe), dim=-1)
+        # every head attends to the same keys: one single-head attention whose rows are queries x heads
         latent_out = F.scaled_dot_product_attention(
-            q.reshape(1, 1, queries * self.num_heads, -1),
-            context[None, None],
-            context[None, None, :, : mla.kv_lora_rank],
-            attn_mask=mask,
+            q.view(seqs, 1, queries * heads, -1),
+            latents[:, None],
+            latents[:, None, :, : mla.kv_lora_rank],
+            attn_mask=None if visible is None else visible.repeat_interleave(heads, dim=1)[:, None],
             scale=self.scale,
         )
-        return torch.einsum("qhr,hvr->qhv", latent_out.view(queries, self.num_heads, -1), w_uv)
+        return torch.einsum("sqhc,hvc->sqhv", latent_out.view(seqs, queries, heads, -1), w_uv)
+
+
+def _decode_table(
+    decoding: list[SequenceSlice], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of these one-token steps in the batch, their context slots padded to the longest [seqs, keys],
+    and which of those are real keys."""
+    width = max(seq.context_slots.shape[0] for seq in decoding)
+    slots = torch.zeros(len(decoding), width, dtype=torch.long, device=device)
+    key_ok = torch.zeros(len(decoding), width, dtype=torch.bool, device=device)
+    for row, seq in enumerate(decoding):
+        slots[row, : seq.context_slots.shape[0]] = seq.context_slots
+        key_ok[row, : seq.context_slots.shape[0]] = True
+    rows = torch.tensor([seq.query_start for seq in decoding], device=device)
+    return rows, slots, key_ok
 
 
 def softmax_scale(config: ModelConfig) -> float:
