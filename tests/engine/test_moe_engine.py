@@ -14,6 +14,7 @@ from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import load_model
 
 from ..conftest import save_tiny_model
+from .test_scheduler import PROMPTS, REPLY, run_all, small_pool
 
 PROMPT = list(range(1000, 1050))  # three full blocks of 16 and a partial one
 
@@ -43,6 +44,18 @@ def test_moe_model_reuses_cached_prefix_with_identical_output(moe_model) -> None
     assert again.output_ids == _generate(cold, follow_up, 8).output_ids
     chunked = LLMEngine(moe_model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False, max_batch_tokens=7))
     assert _generate(chunked, follow_up, 8).output_ids == again.output_ids
+
+
+def test_moe_sessions_oversubscribing_the_pool_get_their_solo_outputs(moe_model) -> None:
+    """Six sessions decode together (DeepSeek-V3: one latent attention for all of them) in a pool of a
+    quarter of their KV: sequences are preempted, swapped to the host tier and back, and each still gets
+    the tokens it gets alone."""
+    roomy = LLMEngine(moe_model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False))
+    alone = [_generate(roomy, p, REPLY).output_ids for p in PROMPTS]
+    engine = small_pool(moe_model)
+    seqs, _ = run_all(engine, PROMPTS)
+    assert [s.output_ids for s in seqs] == alone
+    assert engine.stats.preemptions > 0 and engine.stats.swapped_in_bytes > 0
 
 
 @pytest.mark.gpu
