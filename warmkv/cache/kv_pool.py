@@ -7,7 +7,6 @@ sequences is never overwritten while one of them still reads it.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 
@@ -130,4 +129,11 @@ class KVPool:
 
     @property
     def block_bytes(self) -> int:
-        return self.k.element_size() * math.prod(self.block_shape)
+        return (
+            self.k.element_size()
+            * self.sides
+            * self.k.shape[0]
+            * self.block_size
+            * self.k.shape[2]
+            * self.k.shape[3]
+        )
