@@ -95,7 +95,7 @@ def prefill_flops(model: LoadedModel, new_tokens: int, cached_tokens: int) -> fl
     lm_heads = 1 if model.config.tie_word_embeddings else 2  # the embedding, and an untied head
     linear_params = sum(p.numel() for p in model.module.parameters()) - lm_heads * _embedding_params(model)
     keys_per_query = cached_tokens + new_tokens / 2
-    attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * new_tokens * keys_per_query
+    attention = cfg.attention_flops_per_key * new_tokens * keys_per_query
     return 2 * linear_params * new_tokens + attention
 
 

@@ -91,6 +91,15 @@ class ModelConfig:
     mla: MlaConfig | None = None  # DeepSeek-V3: multi-head latent attention (head_dim: its rotary part)
 
     @property
+    def attention_flops_per_key(self) -> int:
+        """FLOPs of one query token on one key, all layers and heads: QK^T and PV as prefill computes them
+        (MLA: over K and V expanded)."""
+        qk, v = self.head_dim, self.head_dim
+        if self.mla is not None:
+            qk, v = self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim, self.mla.v_head_dim
+        return 2 * self.num_layers * self.num_heads * (qk + v)
+
+    @property
     def kv_cache_layout(self) -> tuple[int, int, int]:
         """(heads, head_dim, sides) of what one token of one layer keeps in the KV pool: K and V of each
         KV head (sides 2), or with MLA the compressed latent alone, as one head (sides 1)."""
