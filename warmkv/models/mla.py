@@ -137,7 +137,7 @@ class MlaAttention(nn.Module):
             attn_mask=None if visible is None else visible.repeat_interleave(heads, dim=1)[:, None],
             scale=self.scale,
         )
-        return torch.einsum("sqhc,hvc->sqhv", latent_out.view(seqs, queries, heads, -1), w_uv)
+        return torch.einsum("sqhc,hvc->sqhv", latent_out.reshape(seqs, queries, heads, -1), w_uv)
 
 
 def _decode_table(
