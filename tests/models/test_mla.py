@@ -114,16 +114,17 @@ def test_decode_steps_of_a_batch_attend_together_exactly(folder: Path, prompt_an
 def test_absorbed_decode_on_cuda_matches_the_expanded_path(
     folder: Path, prompt_and_reference, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch of decode steps on CUDA: the absorbed weights (what decode runs) give the expanded path's
-    logits, and in float32 transformers' (tolerance as above; bf16: relative norm below 1e-2)."""
+    """A batch of decode steps on CUDA over the same prefilled pool: the absorbed weights (what decode
+    runs) give the expanded path's logits, and in float32 transformers' (tolerance as above; bf16:
+    relative norm of the difference below 1e-2)."""
     prompt, reference, _ = prompt_and_reference
     cuda = torch.device("cuda")
     results = {}
     for absorbed in (True, False):
-        monkeypatch.setattr(MlaAttention, "absorbed", absorbed)
         runner = _runner(folder, cuda, dtype)
         first, second = (runner.pool.allocate(-(-PROMPT_LEN // BLOCK)) for _ in range(2))
         runner.forward([ForwardItem(prompt[:-3], 0, first), ForwardItem(prompt[:-2], 0, second)])
+        monkeypatch.setattr(MlaAttention, "absorbed", absorbed)  # the decode step alone differs
         steps = [runner.forward([ForwardItem([prompt[-3]], PROMPT_LEN - 3, first),
                                  ForwardItem([prompt[-2]], PROMPT_LEN - 2, second)])]  # fmt: skip
         results[absorbed] = torch.cat([torch.cat(step) for step in steps]).cpu()
