@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from warmkv.cache.kv_pool import KVPool
 from warmkv.models.loader import LoadedModel
 
 RESULTS = Path(__file__).parent / "results"
@@ -71,8 +72,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def kv_bytes_per_token(model: LoadedModel) -> int:
-    cfg = model.config
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.module.lm_head.weight.element_size()
+    """What the KV pool and every cache tier keep per token (MLA: the compressed latent)."""
+    heads, head_dim, sides = model.config.kv_cache_layout
+    return KVPool.bytes_per_token(model.config.num_layers, heads, head_dim, model.dtype, sides)
 
 
 def _embedding_params(model: LoadedModel) -> int:
@@ -93,7 +95,7 @@ def prefill_flops(model: LoadedModel, new_tokens: int, cached_tokens: int) -> fl
     lm_heads = 1 if model.config.tie_word_embeddings else 2  # the embedding, and an untied head
     linear_params = sum(p.numel() for p in model.module.parameters()) - lm_heads * _embedding_params(model)
     keys_per_query = cached_tokens + new_tokens / 2
-    attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * new_tokens * keys_per_query
+    attention = cfg.attention_flops_per_key * new_tokens * keys_per_query
     return 2 * linear_params * new_tokens + attention
 
 

@@ -164,7 +164,7 @@ def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argpa
             words = row["phase"].split()
             n, cached = int(words[1]), int(words[3]) if "cached" in words else 0
             # QK^T and PV over the cached keys and, causally, half the new ones
-            attention = cfg.num_layers * 2 * 2 * cfg.num_heads * cfg.head_dim * n * (cached + n / 2)
+            attention = cfg.attention_flops_per_key * n * (cached + n / 2)
             flops = 2 * linear_params * n + attention
             name = f"prefill_{n // 1024}k" + (f"_over_{cached // 1024}k_cached" if cached else "")
             out[f"{name}_fraction_of_matmul_rate"] = flops * row["warmkv tok/s"] / n / matmul

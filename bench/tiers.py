@@ -2,6 +2,7 @@
 
     python -m bench.tiers                                       # the default model on this machine
     python -m bench.tiers --shape qwen2.5-7b --tokenizer DIR --prompt-tokens 8192   # on a GPU
+    python -m bench.tiers --shape deepseek-v2-lite --tokenizer DIR --prompt-tokens 32768   # MLA's latent KV
 
 The prompt is --prompt-tokens long; the request adds --new-tokens after it. "live" is a hit in the KV
 pool, "host" after the pool was emptied into host RAM, "disk" after a restart (a new engine on the same
@@ -19,9 +20,15 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_name, median_seconds, print_table, synchronize, write_result
+from bench.common import (
+    device_name,
+    kv_bytes_per_token,
+    median_seconds,
+    print_table,
+    synchronize,
+    write_result,
+)
 from warmkv.cache.config import CacheConfig, LoadPolicy
-from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
@@ -73,9 +80,11 @@ def main() -> None:
     for row in rows:
         row["speedup"] = baseline / row["ttft_ms"]
     print_table(rows)
+    print(f"KV bytes per token (pool and every tier): {kv_bytes_per_token(model)}")
     name = model.name
     result = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "kv_bytes_per_token": kv_bytes_per_token(model), "rows": rows,
               "command": "python -m bench.tiers " + " ".join(__import__("sys").argv[1:])}  # fmt: skip
     if device.type == "cuda":
         result |= _host_limit(model, args.prompt_tokens, rows, device)
@@ -87,9 +96,7 @@ def main() -> None:
 def _host_limit(model: LoadedModel, prompt_tokens: int, rows: list[dict], device: torch.device) -> dict:
     """The physical limit of a host-tier hit: the prefix's KV bytes over the measured pinned host-to-GPU
     bandwidth, plus computing the new tokens on top of it (the live hit's TTFT)."""
-    cfg = model.config
-    per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype)
-    kv_bytes = prompt_tokens * per_token
+    kv_bytes = prompt_tokens * kv_bytes_per_token(model)
     pinned = torch.empty(2**30, dtype=torch.uint8).pin_memory()
     target = torch.empty_like(pinned, device=device)
     seconds = median_seconds(lambda: target.copy_(pinned, non_blocking=True), device, 5)

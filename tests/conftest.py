@@ -67,6 +67,60 @@ TINY_CONFIGS = {
         moe_intermediate_size=32,
         shared_expert_intermediate_size=48,
     ),
+    # multi-head latent attention with q straight from the hidden state (DeepSeek-V2-Lite's way), YaRN
+    # with different mscale and mscale_all_dim (both the rotary's factor and the softmax scale move), the
+    # rotary pairs stored rotate-half (rope_interleave false); layer 0 dense (first_k_dense_replace),
+    # layer 1 routed among the best 2 of 4 groups plus two shared experts
+    "deepseekv3": dict(
+        rope_interleave=False,
+        num_key_value_heads=4,  # MLA: K and V per query head, expanded from the latent
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=32,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.8,
+            "rope_theta": 10000.0,
+        },
+    ),
+    # DeepSeek-V3's way: q through its own latent (q_lora_rank) and norm; interleaved rotary pairs, YaRN
+    # with mscale = mscale_all_dim; every layer routed, weights not renormalised
+    "deepseekv3-qlora": dict(
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "rope_theta": 10000.0,
+        },
+        num_key_value_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=2,
+        topk_group=1,
+        moe_intermediate_size=32,
+        first_k_dense_replace=0,
+        norm_topk_prob=False,
+    ),
 }
 
 
@@ -98,8 +152,9 @@ def _hf_class_and_config(name: str):
         "qwen3moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "qwen2moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
         "gptoss": (tf.GptOssConfig, tf.GptOssForCausalLM),
+        "deepseekv3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
     }[family]
-    config = config_cls(
+    shared = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
         intermediate_size=96,
@@ -110,8 +165,8 @@ def _hf_class_and_config(name: str):
         rms_norm_eps=1e-6,
         bos_token_id=1,
         eos_token_id=2,
-        **TINY_CONFIGS[name],
     )
+    config = config_cls(**(shared | TINY_CONFIGS[name]))
     config._attn_implementation = "eager"
     return model_cls, config
 
@@ -129,8 +184,12 @@ def make_tiny_hf_model(name: str, seed: int = 0):
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             router = param_name.endswith(("mlp.gate.weight", "mlp.router.weight"))
-            sharp = "q_proj" in param_name or "k_proj" in param_name or router
+            attention = ("q_proj", "k_proj", "q_a_", "q_b_", "kv_a_", "kv_b_")  # MLA's q, latent and norms
+            sharp = any(part in param_name for part in attention) or router
             param.normal_(0.0, 0.5 if sharp else 0.08)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):  # DeepSeek's load-balancing bias
+                buffer.normal_(0.0, 0.5)
     return model
 
 

@@ -1,5 +1,5 @@
-"""Mixture-of-experts models (tiny random Qwen3-MoE; gpt-oss with sinks and alternating sliding windows)
-on the paged, cached engine: reuse is exact."""
+"""Mixture-of-experts models (tiny random Qwen3-MoE; gpt-oss with sinks and alternating sliding windows;
+DeepSeek-V3 with latent attention) on the paged, cached engine: reuse is exact."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import load_model
 
 from ..conftest import save_tiny_model
+from .test_scheduler import PROMPTS, REPLY, run_all, small_pool
 
 PROMPT = list(range(1000, 1050))  # three full blocks of 16 and a partial one
 
 
-@pytest.fixture(scope="module", params=["qwen3moe", "gptoss"])
+@pytest.fixture(scope="module", params=["qwen3moe", "gptoss", "deepseekv3"])
 def moe_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(request.param, tmp_path_factory.mktemp(f"tiny-{request.param}"))
 
@@ -45,6 +46,18 @@ def test_moe_model_reuses_cached_prefix_with_identical_output(moe_model) -> None
     assert _generate(chunked, follow_up, 8).output_ids == again.output_ids
 
 
+def test_moe_sessions_oversubscribing_the_pool_get_their_solo_outputs(moe_model) -> None:
+    """Six sessions decode together (DeepSeek-V3: one latent attention for all of them) in a pool of a
+    quarter of their KV: sequences are preempted, swapped to the host tier and back, and each still gets
+    the tokens it gets alone."""
+    roomy = LLMEngine(moe_model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False))
+    alone = [_generate(roomy, p, REPLY).output_ids for p in PROMPTS]
+    engine = small_pool(moe_model)
+    seqs, _ = run_all(engine, PROMPTS)
+    assert [s.output_ids for s in seqs] == alone
+    assert engine.stats.preemptions > 0 and engine.stats.swapped_in_bytes > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_moe_decode_with_fused_experts_and_graphs_matches_the_cpu_reference(
@@ -62,5 +75,5 @@ def test_moe_decode_with_fused_experts_and_graphs_matches_the_cpu_reference(
         while gpu.has_work:
             gpu.step()
         assert [s.output_ids for s in sequences] == want
-        if graphs:
+        if graphs and model.config.mla is None:  # latent attention runs in PyTorch ops, without graphs
             assert gpu.runner.decode_graphs is not None and gpu.runner.decode_graphs._graphs

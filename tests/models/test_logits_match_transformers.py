@@ -23,11 +23,11 @@ BLOCK = 8
 PROMPT_LEN = 45  # not a multiple of the block size; past the Mistral sliding window
 
 
-def _runner(folder: Path, device: torch.device) -> ModelRunner:
+def _runner(folder: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> ModelRunner:
     config = ModelConfig.from_hf(_read_json(folder / "config.json"))
-    module = build_module(config, _read_weights(folder, device, torch.float32), device, torch.float32)
-    pool = KVPool(config.num_layers, 64, BLOCK, config.num_kv_heads, config.head_dim, torch.float32, device)
-    return ModelRunner(module, pool)
+    module = build_module(config, _read_weights(folder, device, dtype), device, dtype)
+    heads, head_dim, sides = config.kv_cache_layout
+    return ModelRunner(module, KVPool(config.num_layers, 64, BLOCK, heads, head_dim, dtype, device, sides))
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -110,13 +110,13 @@ def test_half_precision_matches_transformers_in_the_same_dtype(
     """bf16 / fp16: prefill, then decode on top of it, against transformers run in the same dtype.
 
     Tolerance: relative norm of the difference below 8e-3 (bf16) or 1.5e-3 (fp16), about three times what
-    rounding in a different op order gives here (measured 2.4e-3 to 4.0e-3 and 3.6e-4 to 5.0e-4).
+    rounding in a different op order gives here (measured 2.4e-3 to 4.0e-3 and 3.6e-4 to 5.0e-4). DeepSeek-V3
+    rounds more times in a row (the q and kv latents, their norms, the expansion per head): 1.6e-2 and 3e-3
+    there (measured up to 9.2e-3 in bf16, while transformers' own bf16 is 0.7% to 1.7% off its float32 and
+    ours no farther).
     """
-    cpu = torch.device("cpu")
-    config = ModelConfig.from_hf(_read_json(tiny_folder / "config.json"))
-    module = build_module(config, _read_weights(tiny_folder, cpu, dtype), cpu, dtype)
-    pool = KVPool(config.num_layers, 64, BLOCK, config.num_kv_heads, config.head_dim, dtype, cpu)
-    runner = ModelRunner(module, pool)
+    runner = _runner(tiny_folder, torch.device("cpu"), dtype)
+    pool = runner.pool
     torch.manual_seed(2)
     prompt = torch.randint(0, 49152, (PROMPT_LEN,)).tolist()
     with torch.no_grad():
@@ -126,4 +126,6 @@ def test_half_precision_matches_transformers_in_the_same_dtype(
     (decode,) = runner.forward([ForwardItem(prompt[-1:], PROMPT_LEN - 1, blocks)])
     ours = torch.cat([prefill, decode])
     tolerance = 8e-3 if dtype is torch.bfloat16 else 1.5e-3
+    if tiny_arch.startswith("deepseek"):
+        tolerance *= 2
     assert ((ours - reference).norm() / reference.norm()).item() < tolerance

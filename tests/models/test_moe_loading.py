@@ -123,10 +123,11 @@ def test_mxfp4_gpt_oss_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
         load_model(str(folder), CPU, torch.float32)
 
 
-def test_deepseek_v3_is_refused_as_unsupported(tmp_path: Path) -> None:
-    """Multi-head latent attention is not implemented: the user hears so before any weight is read."""
+def test_deepseek_v2_is_refused_as_unsupported(tmp_path: Path) -> None:
+    """DeepSeek-V2's softmax router is not implemented (V3's is): the user hears so, and which
+    architectures run, before any weight is read."""
     (tmp_path / "config.json").write_text(
-        json.dumps({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"})
+        json.dumps({"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2"})
     )
-    with pytest.raises(UnsupportedArchitecture, match=r"DeepseekV3ForCausalLM is not supported.*Qwen3Moe"):
+    with pytest.raises(UnsupportedArchitecture, match=r"DeepseekV2ForCausalLM is not supported.*DeepseekV3"):
         load_model(str(tmp_path), CPU, torch.float32)

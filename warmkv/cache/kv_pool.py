@@ -25,10 +25,14 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        sides: int = 2,
     ) -> None:
+        """sides 2: K and V per token; 1: one vector per token in k alone (MLA's compressed latent), and v
+        an empty tensor of the same rank."""
         shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros((*shape[:3], head_dim if sides == 2 else 0), dtype=dtype, device=device)
+        self.sides = sides
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
@@ -38,8 +42,10 @@ class KVPool:
         self.reclaim: Callable[[int], int] = lambda count: 0
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    def bytes_per_token(
+        num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, sides: int = 2
+    ) -> int:
+        return sides * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
     @property
     def num_free(self) -> int:
@@ -77,31 +83,36 @@ class KVPool:
         self.k = self.v = torch.empty(0, dtype=self.k.dtype, device=self.k.device)
         self.num_blocks, self.ref_counts, self._free = 0, [], deque()
 
+    @property
+    def _stored(self) -> tuple[torch.Tensor, ...]:
+        """What a block holds, in its order: K and V, or k alone."""
+        return (self.k, self.v) if self.sides == 2 else (self.k,)
+
     def copy_block(self, source: int, target: int) -> None:
         size = self.block_size
-        for side in (self.k, self.v):
+        for side in self._stored:
             side[:, target * size : (target + 1) * size] = side[:, source * size : (source + 1) * size]
 
     def read_block(self, block: int) -> torch.Tensor:
-        """A copy of one block's K and V: [2, layers, block_size, kv_heads, head_dim]."""
+        """A copy of one block's K and V: [sides, layers, block_size, kv_heads, head_dim]."""
         rows = slice(block * self.block_size, (block + 1) * self.block_size)
-        return torch.stack((self.k[:, rows], self.v[:, rows]))
+        return torch.stack([side[:, rows] for side in self._stored])
 
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
-        """A copy of several blocks, gathered in one pass: [n, 2, layers, block_size, kv_heads, head_dim]."""
+        """A copy of several blocks, gathered in one pass: [n, sides, layers, block_size, heads, head_dim]."""
         size = self.block_size
         slots = self._block_slots(blocks)
-        kv = torch.stack((self.k[:, slots], self.v[:, slots]))  # [2, layers, n * size, heads, dim]
-        kv = kv.unflatten(2, (len(blocks), size))  # [2, layers, n, size, heads, dim]
+        kv = torch.stack([side[:, slots] for side in self._stored])  # [sides, layers, n * size, heads, dim]
+        kv = kv.unflatten(2, (len(blocks), size))  # [sides, layers, n, size, heads, dim]
         return kv.permute(2, 0, 1, 3, 4, 5).contiguous()
 
     def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
-        """Fill blocks from kv [n, 2, layers, block_size, kv_heads, head_dim], on any device, with one copy
-        each for K and V rather than a small strided copy per block."""
+        """Fill blocks from kv [n, sides, layers, block_size, kv_heads, head_dim], on any device, with one
+        copy each for K and V rather than a small strided copy per block."""
         size = self.block_size
         slots = self._block_slots(blocks)
         layers = kv.shape[2]
-        for side, target in ((0, self.k), (1, self.v)):
+        for side, target in enumerate(self._stored):
             rows = kv[:, side].transpose(0, 1).reshape(layers, len(blocks) * size, *kv.shape[-2:])
             target[:, slots] = rows.to(self.k.device, non_blocking=True)
 
@@ -113,12 +124,17 @@ class KVPool:
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        return (2, self.k.shape[0], self.block_size, *self.k.shape[2:])
+        return (self.sides, self.k.shape[0], self.block_size, *self.k.shape[2:])
 
     @property
     def block_bytes(self) -> int:
         return (
-            self.k.element_size() * 2 * self.k.shape[0] * self.block_size * self.k.shape[2] * self.k.shape[3]
+            self.k.element_size()
+            * self.sides
+            * self.k.shape[0]
+            * self.block_size
+            * self.k.shape[2]
+            * self.k.shape[3]
         )
 
 

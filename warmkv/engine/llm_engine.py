@@ -69,7 +69,8 @@ class LLMEngine:
         self.model = model
         self.config = config
         cfg = model.config
-        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype)
+        kv_heads, kv_dim, kv_sides = cfg.kv_cache_layout
+        per_token = KVPool.bytes_per_token(cfg.num_layers, kv_heads, kv_dim, model.dtype, kv_sides)
         pool_bytes = config.pool_bytes(model.device)
         pool_tokens = config.kv_pool_tokens or pool_bytes // per_token
         num_blocks = pool_tokens // config.block_size
@@ -79,10 +80,11 @@ class LLMEngine:
             cfg.num_layers,
             num_blocks,
             config.block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
+            kv_heads,
+            kv_dim,
             model.dtype,
             model.device,
+            kv_sides,
         )
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size

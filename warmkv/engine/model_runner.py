@@ -41,7 +41,9 @@ class ModelRunner:
         self.module = module
         self.pool = pool
         self.device = module.lm_head.weight.device
-        self.kernels = has_kernels(self.device)
+        # the paged Triton attention kernel and the decode graphs built on it; MLA attends over its latents
+        # in PyTorch ops (warmkv.models.mla)
+        self.kernels = has_kernels(self.device) and module.config.mla is None
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graphs and self.kernels:
             from warmkv.engine.cuda_graphs import DecodeGraphs  # Triton is there: kernels are

@@ -8,6 +8,7 @@ context gathered out of the pool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [tokens]: where each new token's K/V is stored
     sequences: list[SequenceSlice]  # the PyTorch path's view of the batch
     paged: PagedBatch | None = None  # the kernel's view; set on CUDA unless the batch is one fresh prompt
+    per_step: dict[str, Any] = field(default_factory=dict)  # what the first layer builds for all of them
 
 
 def build_mask(
@@ -80,16 +82,16 @@ def paged_attention(
     if batch.paged is not None:
         return kernel.paged_attention(q, k_cache, v_cache, batch.paged, scale, sliding_window, sinks)
     if len(batch.sequences) == 1 and batch.sequences[0].is_whole:
-        return _attend(q, k, v, batch.sequences[0], scale, sliding_window, sinks)
+        return attend(q, k, v, batch.sequences[0], scale, sliding_window, sinks)
     out = torch.empty_like(q)
     for seq in batch.sequences:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         context = k_cache[seq.context_slots], v_cache[seq.context_slots]
-        out[rows] = _attend(q[rows], *context, seq, scale, sliding_window, sinks)
+        out[rows] = attend(q[rows], *context, seq, scale, sliding_window, sinks)
     return out
 
 
-def _attend(
+def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -98,6 +100,7 @@ def _attend(
     sliding_window: int | None,
     sinks: torch.Tensor | None,
 ) -> torch.Tensor:
+    """One sequence's queries over its context's K and V, [queries, heads, v_head_dim]."""
     mask = seq.mask(sliding_window)
     if sinks is not None:
         return _attend_with_sinks(q, k, v, mask, seq.query_len, scale, sinks)

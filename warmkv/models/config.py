@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "GptOssForCausalLM": "gpt_oss",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 _ARCHITECTURE_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
 
@@ -34,10 +35,34 @@ class MoeConfig:
     # SwiGLU (alpha, limit) in place of silu(gate) * up
     biases: bool = False
     clamped_swiglu: tuple[float, float] | None = None
+    # DeepSeek-V3: sigmoid scores; experts chosen by score + a learned bias among the best `topk_group` of
+    # `n_group` groups, (n_group, topk_group); the chosen scores scaled by routed_scaling_factor; the
+    # shared expert ungated
+    sigmoid_groups: tuple[int, int] | None = None
+    routed_scaling_factor: float = 1.0
+    shared_expert_gate: bool = True  # Qwen2-MoE scales its shared expert by sigmoid(shared_expert_gate(x))
 
     def __post_init__(self) -> None:
         if not 0 < self.top_k <= self.num_experts:
             raise ModelLoadError(f"num_experts_per_tok {self.top_k} is not within 1..{self.num_experts}")
+
+
+@dataclass(slots=True, frozen=True)
+class MlaConfig:
+    """DeepSeek's multi-head latent attention: K and V of every head are projected out of one small
+    latent per token (kv_lora_rank values, normalised) plus one rotated key part shared by the heads."""
+
+    q_lora_rank: int | None  # None: q is one projection of the hidden state, not two through a norm
+    kv_lora_rank: int
+    qk_nope_head_dim: int  # per head, the part of q and k without rotary embedding
+    qk_rope_head_dim: int  # the rotated part: k's is the one shared by every head
+    v_head_dim: int
+    interleaved_rope: bool  # checkpoints' rotary pairs are (x0, x1), (x2, x3), ... (permuted on load)
+
+    @property
+    def latent_dim(self) -> int:
+        """Values the KV pool keeps per token and layer: the latent, then the rotated key part."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,6 +88,24 @@ class ModelConfig:
     moe: MoeConfig | None = None  # mixture-of-experts feed-forward, on the layers it names
     window_layers: frozenset[int] | None = None  # the layers sliding_window applies to; None: all
     attention_sinks: bool = False  # gpt-oss: a learned logit per head in each softmax's denominator
+    mla: MlaConfig | None = None  # DeepSeek-V3: multi-head latent attention (head_dim: its rotary part)
+
+    @property
+    def attention_flops_per_key(self) -> int:
+        """FLOPs of one query token on one key, all layers and heads: QK^T and PV as prefill computes them
+        (MLA: over K and V expanded)."""
+        qk, v = self.head_dim, self.head_dim
+        if self.mla is not None:
+            qk, v = self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim, self.mla.v_head_dim
+        return 2 * self.num_layers * self.num_heads * (qk + v)
+
+    @property
+    def kv_cache_layout(self) -> tuple[int, int, int]:
+        """(heads, head_dim, sides) of what one token of one layer keeps in the KV pool: K and V of each
+        KV head (sides 2), or with MLA the compressed latent alone, as one head (sides 1)."""
+        if self.mla is not None:
+            return 1, self.mla.latent_dim, 1
+        return self.num_kv_heads, self.head_dim, 2
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer in self.moe.layers
@@ -87,7 +130,7 @@ class ModelConfig:
                 num_layers=hf["num_hidden_layers"],
                 num_heads=num_heads,
                 num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-                head_dim=hf.get("head_dim") or hidden_size // num_heads,
+                head_dim=_head_dim_of(hf, hidden_size // num_heads),
                 rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -101,6 +144,7 @@ class ModelConfig:
                 moe=_moe_of(hf),
                 window_layers=_window_layers_of(hf),
                 attention_sinks=architecture == "GptOssForCausalLM",
+                mla=_mla_of(hf),
             )
         except KeyError as missing:
             raise ModelLoadError(f"config.json lacks the field {missing}") from None
@@ -133,7 +177,28 @@ def _window_layers_of(hf: dict[str, Any]) -> frozenset[int] | None:
     return frozenset(i for i, kind in enumerate(types) if kind == "sliding_attention")
 
 
+def _head_dim_of(hf: dict[str, Any], default: int) -> int:
+    if hf.get("model_type") == "deepseek_v3":  # the rotary embedding's width, as transformers has it
+        return hf["qk_rope_head_dim"]
+    return hf.get("head_dim") or default
+
+
+def _mla_of(hf: dict[str, Any]) -> MlaConfig | None:
+    if hf.get("model_type") != "deepseek_v3":
+        return None
+    return MlaConfig(
+        q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+        interleaved_rope=hf.get("rope_interleave", True),
+    )
+
+
 def _moe_of(hf: dict[str, Any]) -> MoeConfig | None:
+    if hf.get("model_type") == "deepseek_v3":
+        return _deepseek_moe_of(hf)
     # transformers >= 5 writes num_local_experts; the published checkpoints have num_experts
     experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
     if not experts:
@@ -150,6 +215,27 @@ def _moe_of(hf: dict[str, Any]) -> MoeConfig | None:
         shared_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
         biases=gpt_oss,
         clamped_swiglu=(hf.get("swiglu_alpha", 1.702), hf.get("swiglu_limit", 7.0)) if gpt_oss else None,
+    )
+
+
+def _deepseek_moe_of(hf: dict[str, Any]) -> MoeConfig:
+    # defaults: DeepSeek-V3's, as transformers' DeepseekV3Config has them
+    dense_layers, every = hf.get("first_k_dense_replace", 3), hf.get("moe_layer_freq", 1)
+    inner = hf["moe_intermediate_size"]
+    groups = (hf.get("n_group") or 1, hf.get("topk_group") or 1)
+    experts = hf.get("n_routed_experts", 256)
+    if experts % groups[0] or experts // groups[0] < 2 or not 0 < groups[1] <= groups[0]:
+        raise ModelLoadError(f"n_group {groups[0]} / topk_group {groups[1]} do not fit the experts")
+    return MoeConfig(
+        num_experts=experts,
+        top_k=hf.get("num_experts_per_tok", 8),
+        intermediate_size=inner,
+        normalize_top_k=bool(hf.get("norm_topk_prob", True)),
+        layers=frozenset(i for i in range(hf["num_hidden_layers"]) if i >= dense_layers and i % every == 0),
+        shared_intermediate_size=inner * hf.get("n_shared_experts", 1),
+        sigmoid_groups=groups,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5)),
+        shared_expert_gate=False,
     )
 
 

@@ -24,6 +24,7 @@ GGUF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "deepseek2": "DeepseekV3ForCausalLM",  # with the sigmoid router (DeepSeek-V3); V2's softmax is refused
 }
 # llama.cpp renormalises the top-k router weights of these (its norm_w), unless the file says otherwise
 _NORMALIZED_TOP_K = {"qwen3moe"}
@@ -53,7 +54,16 @@ _LAYER_NAMES = {
     "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_k_b": "self_attn.k_b_proj",  # newer files split kv_b_proj: k_b [heads, kv_lora_rank, nope] ...
+    "attn_v_b": "self_attn.v_b_proj",  # ... and v_b [heads, v_head_dim, kv_lora_rank]
 }
+_WHOLE_TENSORS = {"exp_probs_b.bias": "mlp.gate.e_score_correction_bias"}  # not a module's weight or bias
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -120,7 +130,9 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id", None),
         "torch_dtype": "float32",
     }
-    if _field(reader, f"{arch}.expert_count", 0):
+    if arch == "deepseek2":
+        config.update(_deepseek_config(reader, arch, heads))
+    elif _field(reader, f"{arch}.expert_count", 0):
         config.update(_moe_config(reader, arch, tensor_names, config["num_hidden_layers"]))
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling in ("linear", "yarn"):
@@ -130,6 +142,9 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         config["rope_scaling"]["original_max_position_embeddings"] = _field(
             reader, f"{arch}.rope.scaling.original_context_length"
         )
+    if scaling == "yarn" and arch == "deepseek2":  # llama.cpp keeps 0.1 * mscale_all_dim (= mscale)
+        mscale = round(_field(reader, f"{arch}.rope.scaling.yarn_log_multiplier", 0.0) / 0.1, 6)
+        config["rope_scaling"] |= {"mscale": mscale, "mscale_all_dim": mscale}
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedArchitecture("GGUF with a rope_freqs tensor (llama3 rope scaling) is not supported")
     return config
@@ -144,6 +159,36 @@ def _moe_config(reader: Any, arch: str, tensor_names: set[str], layers: int) -> 
         "moe_intermediate_size": _field(reader, f"{arch}.expert_feed_forward_length"),
         "shared_expert_intermediate_size": _field(reader, f"{arch}.expert_shared_feed_forward_length", 0),
         "norm_topk_prob": bool(_field(reader, f"{arch}.expert_weights_norm", arch in _NORMALIZED_TOP_K)),
+    }
+
+
+def _deepseek_config(reader: Any, arch: str, heads: int) -> dict[str, Any]:
+    if _field(reader, f"{arch}.expert_gating_func", 1) != 2:  # llama.cpp: 1 softmax (its default), 2 sigmoid
+        raise UnsupportedArchitecture(
+            "GGUF deepseek2 with a softmax router (DeepSeek-V2) is not supported; DeepSeek-V3's sigmoid is"
+        )
+    rope = _field(reader, f"{arch}.rope.dimension_count")
+    # llama.cpp writes MLA as one KV head over the latent: key/value_length are then the latent's, and
+    # *_mla the heads' (files without *_mla have the heads' in key/value_length)
+    key, value = f"{arch}.attention.key_length", f"{arch}.attention.value_length"
+    qk = _field(reader, f"{key}_mla", None) or _field(reader, key)
+    v = _field(reader, f"{value}_mla", None) or _field(reader, value)
+    return {
+        "num_key_value_heads": heads,
+        "q_lora_rank": _field(reader, f"{arch}.attention.q_lora_rank", 0) or None,
+        "kv_lora_rank": _field(reader, f"{arch}.attention.kv_lora_rank"),
+        "qk_nope_head_dim": qk - rope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": v,
+        "n_routed_experts": _field(reader, f"{arch}.expert_count"),
+        "num_experts_per_tok": _field(reader, f"{arch}.expert_used_count"),
+        "moe_intermediate_size": _field(reader, f"{arch}.expert_feed_forward_length"),
+        "n_shared_experts": _field(reader, f"{arch}.expert_shared_count", 0),
+        "first_k_dense_replace": _field(reader, f"{arch}.leading_dense_block_count", 0),
+        "routed_scaling_factor": _field(reader, f"{arch}.expert_weights_scale", 1.0),
+        "norm_topk_prob": bool(_field(reader, f"{arch}.expert_weights_norm", False)),
+        "n_group": _field(reader, f"{arch}.expert_group_count", 1),  # absent: no group limit, as llama.cpp
+        "topk_group": _field(reader, f"{arch}.expert_group_used_count", 1),
     }
 
 
@@ -167,13 +212,25 @@ def _hf_tensors(reader: Any, config: dict[str, Any], gguf: Any) -> dict[str, np.
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             weights = _unpermute(weights, config["num_key_value_heads"])
         tensors[name] = np.ascontiguousarray(weights)
+    _join_kv_b(tensors)
     return tensors
+
+
+def _join_kv_b(tensors: dict[str, np.ndarray]) -> None:
+    """kv_b_proj [heads * (nope + v), kv_lora_rank] again, from the halves newer deepseek2 files hold."""
+    for k_name in [n for n in tensors if n.endswith("self_attn.k_b_proj.weight")]:
+        k_b = tensors.pop(k_name).swapaxes(1, 2)  # [heads, nope, kv_lora_rank]
+        v_b = tensors.pop(k_name.replace("k_b_proj", "v_b_proj"))
+        joined = np.concatenate((k_b, v_b), axis=1).reshape(-1, k_b.shape[-1])
+        tensors[k_name.replace("k_b_proj", "kv_b_proj")] = np.ascontiguousarray(joined)
 
 
 def _hf_name(gguf_name: str) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_TENSOR.fullmatch(gguf_name)
+    if match and f"{match.group(2)}.{match.group(3)}" in _WHOLE_TENSORS:
+        return f"model.layers.{match.group(1)}.{_WHOLE_TENSORS[f'{match.group(2)}.{match.group(3)}']}"
     if not match or match.group(2) not in _LAYER_NAMES:
         raise UnsupportedArchitecture(f"GGUF tensor {gguf_name!r} has no place in the Llama-family model")
     layer, part, kind = match.groups()
@@ -186,12 +243,18 @@ def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    where = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(**where)
     except Exception as err:
-        raise ModelLoadError(f"the tokenizer in {gguf_path} could not be converted: {err}") from err
+        # transformers' GGUF loader refuses architectures it cannot load (deepseek2) before it reads the
+        # tokenizer; the generic fast tokenizer reads the same tokenizer fields without asking
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(**where)
+        except Exception:
+            raise ModelLoadError(f"the tokenizer in {gguf_path} could not be converted: {err}") from err
     tokenizer.save_pretrained(str(out_dir))
 
 

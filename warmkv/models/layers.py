@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:
     from warmkv.kernels import fused
@@ -35,6 +36,20 @@ def rms_norm(
     return weight * x32.to(x.dtype), stream
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)[0]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm of x + residual, x + residual) in one pass."""
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if has_kernels(gate_up.device):
         return fused.silu_and_mul(gate_up)
@@ -56,13 +71,14 @@ def rotary_and_store(
     if has_kernels(q.device):
         fused.rotary_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
         return q, k
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache[slot_mapping] = k
     v_cache[slot_mapping] = v
     return q, k
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the rotate-half layout: x [tokens, heads, dim], cos and sin [tokens, dim]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]

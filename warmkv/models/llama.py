@@ -1,10 +1,12 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, gpt-oss) as one plain module.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek-V3) as one
+plain module.
 
 Parameter names mirror Hugging Face checkpoints, except that q/k/v and gate/up are each one matmul
 (`fuse_checkpoint_weights` concatenates them on load) and experts are stacked per layer. The variants
 differ only in flags of ModelConfig: Qwen2's q/k/v bias, Qwen3's per-head q/k RMSNorm, Mistral's sliding
 window, the MoE models' expert block in place of the MLP on the layers ModelConfig.moe names, and
-gpt-oss's attention sinks and sliding window on every other layer.
+gpt-oss's attention sinks and sliding window on every other layer, DeepSeek-V3's latent attention
+(warmkv.models.mla) with its router and shared expert.
 """
 
 from __future__ import annotations
@@ -14,23 +16,10 @@ from torch import nn
 
 from warmkv.models.attention import AttentionBatch, paged_attention
 from warmkv.models.config import ModelConfig
-from warmkv.models.layers import rms_norm, rotary_and_store, silu_and_mul
+from warmkv.models.layers import RMSNorm, rotary_and_store, silu_and_mul
+from warmkv.models.mla import MlaAttention, convert_deepseek_weights
 from warmkv.models.moe import SparseMoeBlock, convert_gpt_oss_experts, stack_expert_weights
 from warmkv.models.rope import RotaryEmbedding
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)[0]
-
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm of x + residual, x + residual) in one pass."""
-        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -93,7 +82,7 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, index)
+        self.self_attn = MlaAttention(config) if config.mla else Attention(config, index)
         self.mlp = SparseMoeBlock(config) if config.is_moe_layer(index) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -140,6 +129,7 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [tokens], the new tokens of every sequence in the batch, flattened
         positions: torch.Tensor,  # [tokens]
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # pool K and V: [layers, slots, kv_heads, head_dim]
+        # (MLA: K holds the latents, V is empty)
         batch: AttentionBatch,
     ) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
@@ -159,12 +149,14 @@ def fuse_checkpoint_weights(weights: dict[str, torch.Tensor], config: ModelConfi
     each (one matmul instead of three and two), per-expert weights one stacked tensor per layer."""
     if config.architecture == "GptOssForCausalLM":
         convert_gpt_oss_experts(weights)
+    if config.mla is not None:
+        convert_deepseek_weights(weights, config.mla, config.num_heads)
     stack_expert_weights(weights)
     groups = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
               "mlp.shared_expert.gate_up_proj": ("mlp.shared_expert.gate_proj",
                                                  "mlp.shared_expert.up_proj")}  # fmt: skip
-    suffix = ".self_attn.q_proj.weight"
+    suffix = ".input_layernorm.weight"
     for layer in [name.removesuffix(suffix) for name in weights if name.endswith(suffix)]:
         for fused, parts in groups.items():
             for kind in ("weight", "bias"):

@@ -17,6 +17,7 @@ from warmkv.errors import ModelLoadError
 from warmkv.models.config import ModelConfig
 from warmkv.models.gguf_convert import convert_gguf
 from warmkv.models.llama import LlamaForCausalLM, fuse_checkpoint_weights
+from warmkv.models.moe import FLOAT32_TENSORS
 from warmkv.models.rope import inverse_frequencies
 from warmkv.paths import cache_home
 
@@ -119,7 +120,11 @@ def build_module(
     if config.tie_word_embeddings:
         module.lm_head.weight = module.model.embed_tokens.weight
     module.model.rotary_emb.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(device)
-    return module.to(device=device, dtype=dtype).eval()
+    module = module.to(device=device, dtype=dtype).eval()
+    for name in [n for n in expected if n.endswith(FLOAT32_TENSORS)]:
+        owner, leaf = name.rsplit(".", 1)
+        setattr(module.get_submodule(owner), leaf, weights[name].to(device=device, dtype=torch.float32))
+    return module
 
 
 def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -131,7 +136,8 @@ def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dic
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    weights[name] = f.get_tensor(name).to(dtype)
+                    kept = torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype
+                    weights[name] = f.get_tensor(name).to(kept)
         except Exception as err:
             raise ModelLoadError(f"{file} could not be read: {err}") from err
     return weights

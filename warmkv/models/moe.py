@@ -1,5 +1,5 @@
-"""The mixture-of-experts feed-forward block (Qwen2-MoE, Qwen3-MoE, gpt-oss): a router picks top-k
-experts per token, each a SwiGLU MLP; their outputs are summed, weighted by the router's probabilities.
+"""The mixture-of-experts feed-forward block (Qwen2-MoE, Qwen3-MoE, gpt-oss, DeepSeek-V3): a router picks
+top-k experts per token, each a SwiGLU MLP; their outputs are summed, weighted by the router's scores.
 
 Expert weights are stacked per layer as checkpoints converted by transformers hold them
 (`gate_up_proj` [experts, 2 * inner, hidden], `down_proj` [experts, hidden, inner]); per-expert
@@ -93,8 +93,55 @@ def route(
     return weights.to(logits.dtype), expert_ids
 
 
+# kept in float32 whatever the model's dtype, as transformers keeps it: rounded to bf16, the load-balancing
+# bias would change which of two close experts a token goes to
+FLOAT32_TENSORS = ("e_score_correction_bias",)
+
+
+class SoftmaxRouter(nn.Module):
+    """Qwen-MoE's and gpt-oss's router: a linear layer (named as nn.Linear's), then `route`."""
+
+    def __init__(self, hidden: int, moe: MoeConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(moe.num_experts)) if moe.biases else None
+        self.top_k, self.normalize, self.softmax_over_top_k = moe.top_k, moe.normalize_top_k, moe.biases
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return route(F.linear(x, self.weight, self.bias), self.top_k, self.normalize, self.softmax_over_top_k)
+
+
+class SigmoidGroupRouter(nn.Module):
+    """DeepSeek-V3's router, in float32 as transformers runs it: sigmoid scores; the experts are chosen by
+    score + e_score_correction_bias (the load-balancing bias), only within the `topk_group` groups whose
+    two best experts sum highest; the chosen experts' scores (without the bias) are the weights,
+    renormalised if the model says so, times routed_scaling_factor."""
+
+    def __init__(self, hidden: int, moe: MoeConfig) -> None:
+        super().__init__()
+        assert moe.sigmoid_groups is not None
+        self.weight = nn.Parameter(torch.empty(moe.num_experts, hidden))
+        self.register_buffer("e_score_correction_bias", torch.zeros(moe.num_experts))
+        self.groups, self.top_groups = moe.sigmoid_groups
+        self.top_k, self.normalize, self.scaling = moe.top_k, moe.normalize_top_k, moe.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        by_group = choice.view(x.shape[0], self.groups, -1)
+        best_groups = by_group.topk(2, dim=-1)[0].sum(dim=-1).topk(self.top_groups, dim=-1)[1]
+        in_best = torch.zeros_like(by_group[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+        choice = by_group.masked_fill(~in_best[..., None], float("-inf")).flatten(1)
+        expert_ids = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, expert_ids)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.scaling).to(x.dtype), expert_ids
+
+
 class SharedExpert(nn.Module):
-    """Qwen2-MoE's expert that sees every token, scaled per token by sigmoid(shared_expert_gate(x))."""
+    """The expert that sees every token: DeepSeek's as it is, Qwen2-MoE's scaled per token by
+    sigmoid(shared_expert_gate(x))."""
 
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
@@ -110,20 +157,25 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         moe = config.moe
         assert moe is not None
-        self.top_k, self.normalize, self.softmax_over_top_k = moe.top_k, moe.normalize_top_k, moe.biases
-        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=moe.biases)  # the router
+        router = SigmoidGroupRouter if moe.sigmoid_groups else SoftmaxRouter
+        self.gate = router(config.hidden_size, moe)
         self.experts = Experts(config.hidden_size, moe)
         self.shared_expert: SharedExpert | None = None
+        self.shared_expert_gate: nn.Linear | None = None
         if moe.shared_intermediate_size:
             self.shared_expert = SharedExpert(config.hidden_size, moe.shared_intermediate_size)
+        if moe.shared_intermediate_size and moe.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = route(self.gate(x), self.top_k, self.normalize, self.softmax_over_top_k)
+        weights, expert_ids = self.gate(x)
         out = self.experts(x, weights, expert_ids)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        if self.shared_expert is None:
+            return out
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return out + shared
 
 
 _EXPERT_TENSOR = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")

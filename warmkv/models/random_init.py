@@ -38,12 +38,35 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                          "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
     ),
-    # the same architecture small enough for a CPU run: proves the benchmark's code paths work
+    # DeepSeek-V2-Lite's sizes (15.7B parameters, 2.4B active: 64 experts, 6 active, 2 shared; MLA with
+    # kv_lora_rank 512, q without a latent) in the DeepSeek-V3 architecture (sigmoid router, one group):
+    # its pool and tiers keep 576 values per token and layer, 27 x 576 x 2 = 31104 bytes per token in bf16
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=102400,
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0, first_k_dense_replace=1, num_hidden_layers=27, num_attention_heads=16,
+        num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                         "rope_theta": 10000.0},
+    ),
+    # the same architectures small enough for a CPU run: prove the benchmarks' code paths work
     "qwen3-moe-tiny": dict(
         architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=49152, hidden_size=128,
         intermediate_size=256, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4,
         norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    "deepseek-mla-tiny": dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=49152, hidden_size=128,
+        intermediate_size=256, moe_intermediate_size=64, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     ),
 }  # fmt: skip
