@@ -12,8 +12,9 @@ sampling); then the same requests go through the HTTP server (streamed, `max_tok
 client. What the end-to-end time holds beyond the stages is HTTP, the queues between event loop and
 engine thread, and the first byte out.
 
-Trace (--trace, JSON lines of chat requests): replayed through the HTTP server with every tier on and with
-the GPU tier alone, the pool holding every prompt (so the lower tiers bring nothing and may only cost).
+Trace (--trace, JSON lines of chat requests): replayed once to compile every kernel shape it needs, then
+through the HTTP server with every tier on and with the GPU tier alone, the pool holding every prompt (so
+the lower tiers bring nothing and may only cost).
 Each request's limit is the same one pass over its own cached and new tokens.
 
 Steps (--step-streams): decoding streams with a prefill arriving every few steps, pool small enough to
@@ -267,6 +268,9 @@ def trace_replay(model: LoadedModel, args: argparse.Namespace, requests: list[Tr
                for r in requests]  # fmt: skip
     unique = sum(len(p) for p in prompts) - sum(oracle_hits(prompts))
     pool_tokens = -(-(unique + max(len(p) for p in prompts) + 1024) // 16) * 16  # holds every prompt
+    # a first pass compiles the kernels for every shape the trace needs: otherwise the first configuration
+    # replayed pays for it (seconds on a GPU) and the second does not
+    _replay(model, args, requests, "warm-up", pool_tokens)
     runs = {name: _replay(model, args, requests, name, pool_tokens) for name in ("tiers", "gpu_only")}
     rows, out = [], {"requests": len(requests), "pool_tokens": pool_tokens}
     for name, turns in runs.items():
