@@ -69,3 +69,14 @@ def http_error(err: BaseException) -> tuple[int, str, str | None]:
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     """An OpenAI-style error body."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# HTTP status -> Anthropic's error type
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}  # fmt: skip
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    """An Anthropic-style error body."""
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}

@@ -127,3 +127,50 @@ def test_router_answers_bad_bodies_and_dead_replicas_clearly(body: str) -> None:
             )
     finally:
         router.stop()
+
+
+def plain_replica(model: LoadedModel) -> EmbeddedServer:
+    cache = CacheConfig(disk=False, host_tokens=0)
+    return start_server(model, EngineConfig(kv_pool_tokens=4096, cache=cache))
+
+
+def test_router_keeps_anthropic_and_responses_sessions_with_their_state(default_model: LoadedModel) -> None:
+    import httpx
+
+    a, b = plain_replica(default_model), plain_replica(default_model)
+    router = serve_in_thread(create_router_app(Router([a.url, b.url])))
+    try:
+        # an Anthropic Messages session (Claude Code's API): its turns stay on one replica, cached
+        headers = {"x-api-key": "unused", "anthropic-version": "2023-06-01"}
+        messages = [{"role": "user", "content": "Do step 1."}]
+        homes, cached = [], []
+        for n in range(3):
+            body = {"model": MODEL, "system": SYSTEM["content"], "messages": messages, "max_tokens": 2}
+            answer = httpx.post(f"{router.url}/v1/messages", headers=headers, timeout=60, json=body)
+            assert answer.status_code == 200, answer.text
+            homes.append(answer.headers["x-warmkv-replica"])
+            cached.append(answer.json()["usage"]["cache_read_input_tokens"])
+            messages += [{"role": "assistant", "content": f"Step {n + 1} done."},
+                         {"role": "user", "content": f"Now do step {n + 2}."}]  # fmt: skip
+        assert len(set(homes)) == 1 and cached[1] > 100 and cached[2] > cached[1]
+        # Responses conversations that send only their new input: each goes on where its stored response is
+        for session in range(6):
+            first = httpx.post(f"{router.url}/v1/responses", timeout=60, json={
+                "model": MODEL, "instructions": f"Session {session}.", "input": "Start.",
+                "max_output_tokens": 2,
+            })  # fmt: skip
+            assert first.status_code == 200, first.text
+            follow = httpx.post(f"{router.url}/v1/responses", timeout=60, json={
+                "model": MODEL, "previous_response_id": first.json()["id"], "input": "Go on.",
+                "max_output_tokens": 2,
+            })  # fmt: skip
+            assert follow.status_code == 200, follow.text  # a stored response found: the same replica
+            assert follow.headers["x-warmkv-replica"] == first.headers["x-warmkv-replica"]
+        # the router's own errors in the style of the endpoint asked
+        bad = httpx.post(f"{router.url}/v1/messages", content="{not json", headers=headers)
+        assert bad.status_code == 400 and bad.json()["type"] == "error"
+        assert bad.json()["error"]["type"] == "invalid_request_error"
+    finally:
+        router.stop()
+        a.stop()
+        b.stop()

@@ -1,11 +1,12 @@
 """Prefix affinity: which replica most likely holds a request's longest cached prefix.
 
-A request is summarised by its anchor chain: a hash of model + tools + the first message, then one more per
-message (for /v1/completions, per 1024 characters of the prompt). The router remembers which replica served
-each anchor; a new request goes to the replica of its deepest known anchor, unless that replica is busier
-than the least-loaded one by more than `slack` requests, or down. Unknown prefixes go to the least-loaded
-replica, ties broken by a rendezvous hash of the first anchor, so sessions sharing a system prompt meet on
-one replica.
+A request is summarised by its anchor chain: a hash of model + tools + system prompt + the first message,
+then one more per message (Anthropic messages, Responses input items; for /v1/completions, per 1024
+characters of the prompt; a Responses request naming a previous response starts from that response). The
+router remembers which replica served each anchor; a new request goes to the replica of its deepest known
+anchor, unless that replica is busier than the least-loaded one by more than `slack` requests, or down.
+Unknown prefixes go to the least-loaded replica, ties broken by a rendezvous hash of the first anchor, so
+sessions sharing a system prompt meet on one replica.
 """
 
 from __future__ import annotations
@@ -26,18 +27,31 @@ def _digest(*parts: Any) -> str:
 
 
 def anchor_chain(body: dict[str, Any]) -> list[str]:
-    head = _digest(body.get("model"), body.get("tools"))
+    """The request's anchors: one per message (chat completions, Anthropic messages), input item (Responses)
+    or prompt chunk (completions), each chained on everything before it. A Responses request that goes on
+    from a stored response starts with that response's anchor: the history lives where it was made."""
+    head = _digest(body.get("model"), body.get("tools"), body.get("system"), body.get("instructions"))
     if "messages" in body:
         pieces: list[Any] = list(body["messages"])
+    elif "input" in body:
+        items = body["input"]
+        pieces = list(items) if isinstance(items, list) else [items]
     else:
         prompt = body.get("prompt")
         text = prompt if isinstance(prompt, str) else json.dumps(prompt)
         pieces = [text[i : i + COMPLETION_CHUNK] for i in range(0, len(text), COMPLETION_CHUNK)]
-    chain = []
+    previous = body.get("previous_response_id")
+    chain = [response_anchor(previous)] if isinstance(previous, str) else []
+    head = chain[0] if chain else head
     for piece in pieces:
         head = _digest(head, piece)
         chain.append(head)
     return chain
+
+
+def response_anchor(response_id: str) -> str:
+    """The anchor of a stored response (Responses API): its replica holds the conversation it ends."""
+    return _digest("response", response_id)
 
 
 @dataclass(slots=True)
@@ -77,13 +91,17 @@ class Router:
         return 0, None
 
     def served(self, chain: list[str], replica: Replica) -> None:
+        self.remember(chain, replica)
+        replica.served += 1
+
+    def remember(self, chain: list[str], replica: Replica) -> None:
+        """These anchors' KV (or stored response) is on `replica` now."""
         index = self.replicas.index(replica)
         for anchor in chain:
             self._owner[anchor] = index
             self._owner.move_to_end(anchor)
         while len(self._owner) > self.capacity:
             self._owner.popitem(last=False)
-        replica.served += 1
 
     def failed(self, replica: Replica) -> None:
         replica.failures += 1

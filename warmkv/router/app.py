@@ -1,11 +1,13 @@
-"""The router's HTTP front: forwards OpenAI-style requests (streamed or not) to the chosen replica."""
+"""The router's HTTP front: forwards OpenAI- and Anthropic-style requests (streamed or not) to the chosen
+replica; errors of its own are in the style of the endpoint asked."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -13,11 +15,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from warmkv.errors import error_body
-from warmkv.router.affinity import Replica, Router, anchor_chain
+from warmkv.errors import anthropic_error_body, error_body
+from warmkv.router.affinity import Replica, Router, anchor_chain, response_anchor
 
 log = logging.getLogger("warmkv.router")
-FORWARDED_HEADERS = ("authorization", "content-type", "openai-organization", "openai-project")
+FORWARDED_HEADERS = ("authorization", "content-type", "openai-organization", "openai-project", "x-api-key",
+                     "anthropic-version", "anthropic-beta")  # fmt: skip
+# a Responses answer names its id near its start (the body, or the stream's response.created event)
+RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[0-9A-Za-z_-]+)"')
+RESPONSE_ID_WINDOW = 8192  # bytes of the answer searched for it
 # failures before any byte of the answer: the same request is safe to send to another replica
 FAILOVER_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 
@@ -37,7 +43,7 @@ def create_router_app(router: Router, timeout_s: float = 600.0) -> FastAPI:
         try:
             body = json.loads(raw)
         except json.JSONDecodeError as err:
-            return JSONResponse(error_body(f"invalid JSON body: {err}", "invalid_request_error"), 400)
+            return _error(path, 400, f"invalid JSON body: {err}", "invalid_request_error")
         chain = anchor_chain(body) if isinstance(body, dict) else []
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
         candidates, depth = router.candidates(chain)
@@ -64,22 +70,20 @@ def create_router_app(router: Router, timeout_s: float = 600.0) -> FastAPI:
             log.info("%s -> %s (status %d, %d of %d anchors known there, %d in flight) %.0f ms to headers",
                      path, replica.url, upstream.status_code, depth if replica is candidates[0] else 0,
                      len(chain), replica.in_flight, (time.perf_counter() - started) * 1000)  # fmt: skip
+            answer = upstream.aiter_raw()
+            if path == "/v1/responses" and upstream.status_code < 400:
+                answer = _noting_response_id(answer, router, replica)
             return StreamingResponse(
-                upstream.aiter_raw(),
+                answer,
                 status_code=upstream.status_code,
                 media_type=upstream.headers.get("content-type"),
                 headers={"x-warmkv-replica": replica.url},
                 background=BackgroundTask(_finish, upstream, replica),
             )
-        return JSONResponse(error_body("no replica is reachable", "service_unavailable"), 503)
+        return _error(path, 503, "no replica is reachable", "service_unavailable")
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await forward(request, "/v1/chat/completions")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await forward(request, "/v1/completions")
+    for path in FORWARDED_PATHS:
+        app.add_api_route(path, _forwarding(forward, path), methods=["POST"], name=path)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -99,6 +103,39 @@ def create_router_app(router: Router, timeout_s: float = 600.0) -> FastAPI:
                               "failures": r.failures} for r in router.replicas]}  # fmt: skip
 
     return app
+
+
+FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+                   "/v1/responses")  # fmt: skip
+
+
+def _forwarding(forward: Callable[[Request, str], Awaitable[Response]], path: str
+                ) -> Callable[[Request], Awaitable[Response]]:  # fmt: skip
+    async def endpoint(request: Request) -> Response:
+        return await forward(request, path)
+
+    return endpoint
+
+
+def _error(path: str, status: int, message: str, kind: str) -> JSONResponse:
+    anthropic = path.startswith("/v1/messages")
+    body = anthropic_error_body(status, message) if anthropic else error_body(message, kind)
+    return JSONResponse(body, status)
+
+
+async def _noting_response_id(answer: AsyncIterator[bytes], router: Router, replica: Replica
+                              ) -> AsyncIterator[bytes]:  # fmt: skip
+    """Pass the answer through, remembering which replica made the response it names (a later request's
+    previous_response_id goes there: that replica stores the conversation)."""
+    head = b""
+    async for chunk in answer:
+        if len(head) < RESPONSE_ID_WINDOW:
+            head += chunk
+            found = RESPONSE_ID.search(head)
+            if found:
+                router.remember([response_anchor(found.group(1).decode())], replica)
+                head = b"x" * RESPONSE_ID_WINDOW  # found: stop looking
+        yield chunk
 
 
 async def _finish(upstream: httpx.Response, replica: Replica) -> None:

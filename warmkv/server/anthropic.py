@@ -10,7 +10,7 @@ from typing import Any
 from warmkv.chat.tool_calls import ToolCall
 from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
-from warmkv.errors import InvalidRequest, WarmkvError
+from warmkv.errors import InvalidRequest, WarmkvError, anthropic_error_body
 from warmkv.server.anthropic_protocol import (
     CountTokensRequest,
     MessagesRequest,
@@ -22,16 +22,11 @@ from warmkv.server.chat_pipeline import ChatReply, ChatRequest, ReplyEnd, ReplyP
 from warmkv.server.request_log import RequestRecord
 from warmkv.server.respond import ReplyFormat, sse
 
-# HTTP status -> Anthropic's error type
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                529: "overloaded_error"}  # fmt: skip
-
 
 def anthropic_error(
     status: int, kind: str, message: str, code: str | None, param: str | None
 ) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
+    return anthropic_error_body(status, message)
 
 
 def to_chat(body: CountTokensRequest, namespace: str) -> ChatRequest:
