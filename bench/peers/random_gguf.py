@@ -6,9 +6,9 @@ GGUF of that size can travel (the GPU machines). The values do not matter for sp
 
 The shape is one of warmkv.models.random_init.SHAPES (dense Llama or Qwen2 ones), except the vocabulary:
 llama.cpp sizes the embedding by the tokenizer's token list, so the embedding has SmolLM2's 49,152 rows.
-Float16, written tensor by tensor (a 7B file never sits whole in memory); random values come from the GPU
-where there is one. `--tokenizer-from` defaults to the default model's GGUF; `python -m bench.peers --pack`
-writes a tokenizer-only GGUF for machines where that file is absent.
+Float16 matrices, written tensor by tensor (a 7B file never sits whole in memory); random values come from
+the GPU where there is one. `--tokenizer-from` defaults to the default model's GGUF; `python -m bench.peers
+--pack` writes a tokenizer-only GGUF for machines where that file is absent.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def write_random_gguf(config: dict[str, Any], out: Path, tokenizer_from: Path, s
     vocab = copy_tokenizer(writer, tokenizer_from)
     shapes = tensor_shapes(config, vocab)
     for name, shape in shapes.items():
-        writer.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2)
+        dtype = _dtype(shape)
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -114,13 +115,19 @@ def write_random_gguf(config: dict[str, Any], out: Path, tokenizer_from: Path, s
     return out
 
 
+def _dtype(shape: tuple[int, ...]) -> np.dtype:
+    # as llama.cpp's converter writes them: matrices in float16, norms and biases in float32 (its CPU
+    # kernels add and multiply only float32 vectors)
+    return np.dtype(np.float16 if len(shape) > 1 else np.float32)
+
+
 def _values(name: str, shape: tuple[int, ...], generator: torch.Generator,
             device: torch.device) -> np.ndarray:  # fmt: skip
     if name.endswith("norm.weight"):
-        return np.ones(shape, dtype=np.float16)  # a random norm scale would blow activations up
+        return np.ones(shape, dtype=_dtype(shape))  # a random norm scale would blow activations up
     # 0.02: the initialiser's scale, so activations stay finite through every layer
     values = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.02
-    return values.to(torch.float16).cpu().numpy()
+    return values.cpu().numpy().astype(_dtype(shape))
 
 
 def main() -> None:

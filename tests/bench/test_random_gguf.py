@@ -19,6 +19,9 @@ TINY_QWEN2 = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)  # fmt: skip
 
+# read at import: the session fixtures then point warmkv's cache (and peers_home) at a temporary folder
+BUILT_LLAMA_SERVER = llama_server_binary()
+
 
 @pytest.fixture(scope="module")
 def random_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -53,10 +56,11 @@ def test_random_gguf_refuses_moe_shapes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not llama_server_binary().is_file(),
+@pytest.mark.skipif(not BUILT_LLAMA_SERVER.is_file(),
                     reason="llama-server is not built: run `python -m bench.peers llama.cpp`")  # fmt: skip
 def test_llama_server_serves_the_random_gguf(random_gguf: Path) -> None:
-    with LlamaServer(name="llama.cpp", model="random", gguf=random_gguf, ready_timeout_s=120) as peer:
+    with LlamaServer(name="llama.cpp", model="random", gguf=random_gguf, binary=BUILT_LLAMA_SERVER,
+                     ready_timeout_s=120) as peer:
         from openai import OpenAI
 
         client = OpenAI(base_url=peer.url, api_key="unused", max_retries=0)
