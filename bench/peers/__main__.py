@@ -1,4 +1,4 @@
-"""Build or install the peers that `warmkv bench replay --peer` runs beside warmkv, outside the repository.
+"""Build or install the peers that `warmkv bench replay/load --peer` run beside warmkv, outside the repo.
 
     nice -n 19 python -m bench.peers llama.cpp              # llama-server, CPU (about 20 min on 2 cores)
     nice -n 19 python -m bench.peers llama.cpp --cuda       # on a GPU machine: CUDA for Hopper (sm_90)
