@@ -6,14 +6,15 @@
 # Here, once (needs the registry):  python -m bench.peers --pack .peers-kit     # 12 MB; git-ignored:
 #                                   echo /.peers-kit/ >> .git/info/exclude
 # There, with .peers-kit carried and warmkv's dependencies importable by python3 (the wheels):
-#   bash bench/peers/gpu.sh build    # llama-server from the carried source: a few minutes on 16 cores
-#   bash bench/peers/gpu.sh model    # the random GGUF (~14 GB) and warmkv's conversion of it
-#   bash bench/peers/gpu.sh load     # bench load --peer llama.cpp
-#   bash bench/peers/gpu.sh replay   # bench replay --peer llama.cpp (restarts through slot save/restore)
-#   bash bench/peers/gpu.sh all      # the four in order
-# Each step skips what is already there (the build resumes where it stopped), so a step cut off by a
-# time limit is run again on the same machine. Results: JSON and PNG in $RESULTS (default $OUT, else
-# bench/results). Sizes: SHAPE, CONTEXT_LOAD, COPIES, CONTEXT_REPLAY below, overridable.
+#   bash bench/peers/gpu.sh build    # llama-server from the carried source (-j nproc)
+#   bash bench/peers/gpu.sh model    # + the random GGUF (~14 GB) and warmkv's conversion of it
+#   bash bench/peers/gpu.sh load     # + bench load --peer llama.cpp
+#   bash bench/peers/gpu.sh replay   # + bench replay --peer llama.cpp (restarts: slot save/restore)
+#   bash bench/peers/gpu.sh all      # build, model, load and replay
+# Each step first does the ones before it, skipping what is already there (the build resumes where it
+# stopped; the GGUF and its conversion are kept), so a step cut off by a time limit is run again on the
+# same machine. Results: JSON and PNG in $RESULTS (default $OUT, else bench/results). Sizes: SHAPE,
+# CONTEXT_LOAD, COPIES, CONTEXT_REPLAY below, overridable.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -29,19 +30,25 @@ MODEL=$PEERS_HOME/random-$SHAPE.gguf
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')
 
 build() {
+    # CMake finds CUDA through nvcc; the image has it, not always on PATH
+    export CUDACXX=${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
     python3 -m bench.peers llama.cpp --cuda --source "$KIT/llama.cpp-0.3.36-src.tar.gz" --jobs "$(nproc)"
 }
 
 model() {
-    [ -f "$MODEL" ] || python3 -m bench.peers.random_gguf "$SHAPE" "$MODEL" --tokenizer-from "$KIT/tokenizer-smollm2.gguf"
-    # warmkv converts a GGUF once into a Hugging Face folder under its cache; done here, not inside a timed run
+    if [ ! -f "$MODEL" ]; then  # written aside and renamed: a write cut short is never taken for the model
+        python3 -m bench.peers.random_gguf "$SHAPE" "$MODEL.partial.gguf" \
+            --tokenizer-from "$KIT/tokenizer-smollm2.gguf"
+        mv "$MODEL.partial.gguf" "$MODEL"
+    fi
+    # warmkv converts a GGUF once into a Hugging Face folder under its cache: here, not in a timed run
     python3 -c "from warmkv.models.loader import resolve_model_folder; print(resolve_model_folder('$MODEL'))"
 }
 
 load() {
-    python3 -m warmkv bench load --synthetic all --context "$CONTEXT_LOAD" --copies "$COPIES" --model "$MODEL" \
-        --device cuda --dtype bfloat16 --policies warmkv --peer llama.cpp --tool-time 1 --reply-tokens 64 \
-        --out "$RESULTS" --name "load-$GPU-random-$SHAPE-llama.cpp"
+    python3 -m warmkv bench load --synthetic all --context "$CONTEXT_LOAD" --copies "$COPIES" \
+        --model "$MODEL" --device cuda --dtype bfloat16 --policies warmkv --peer llama.cpp --tool-time 1 \
+        --reply-tokens 64 --out "$RESULTS" --name "load-$GPU-random-$SHAPE-llama.cpp"
 }
 
 replay() {
@@ -52,9 +59,9 @@ replay() {
 
 case "${1:-all}" in
     build) build ;;
-    model) model ;;
-    load) load ;;
-    replay) replay ;;
+    model) build && model ;;
+    load) build && model && load ;;
+    replay) build && model && replay ;;
     all) build && model && load && replay ;;
     *) echo "usage: bash bench/peers/gpu.sh [build|model|load|replay|all]" >&2; exit 2 ;;
 esac

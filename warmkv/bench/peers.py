@@ -277,12 +277,16 @@ class UrlPeer(Peer):
         pass
 
 
-def peer_names(spec: str | None) -> list[str]:
-    """`--peer llama.cpp,vllm` checked: the names in order."""
+def peer_names(spec: str | None, url: str | None = None, shape: str | None = None) -> list[str]:
+    """`--peer llama.cpp,vllm` checked, with the benchmark's --url and --shape: the names in order."""
     names = spec.split(",") if spec else []
     unknown = [n for n in names if n not in PEER_NAMES]
     if unknown:
         raise PeerError(f"--peer: unknown {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    if names and url:
+        raise PeerError("--peer runs beside warmkv's own rows: it cannot be combined with --url")
+    if names and shape:
+        raise PeerError("--peer serves real weights: it cannot be combined with --shape")
     return names
 
 

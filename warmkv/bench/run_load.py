@@ -22,7 +22,7 @@ from warmkv.bench.load import LoadShape, by_session, multiply_sessions, run_load
 from warmkv.bench.oracle import oracle_hits, peer_oracle
 from warmkv.bench.peers import gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, policies
-from warmkv.bench.replay import embedded_warmkv
+from warmkv.bench.replay import embedded_warmkv, free_gpu_for_peer
 from warmkv.bench.results import write_json
 from warmkv.bench.run_replay import BLOCK, first_model, model_and_tokenizer, prompt_ids, requests_from, slug
 from warmkv.bench.trace import TraceRequest
@@ -109,12 +109,7 @@ def _check(args: argparse.Namespace) -> list[str]:
     missing = [path for path in args.traces if not Path(path).is_file()]
     if missing:
         raise WarmkvError(f"trace not found: {', '.join(missing)}")
-    peers = peer_names(args.peer)
-    if peers and args.url:
-        raise WarmkvError("--peer runs beside warmkv's own rows: it cannot be combined with --url")
-    if peers and args.shape:
-        raise WarmkvError("--peer serves real weights: it cannot be combined with --shape")
-    return peers
+    return peer_names(args.peer, args.url, args.shape)
 
 
 def _working_set(requests: list[TraceRequest], prompts: list[list[int]], reply_tokens: int) -> int:
@@ -169,6 +164,7 @@ def _run_peer(name: str, args: argparse.Namespace, model: Any, requests: list[Tr
     """The peer's row: the same sessions through the same client, judged against an oracle of the peer's
     own prompt tokens (read before the run: tokenising touches no cache)."""
     options = _peer_options(name, min(sessions, args.max_num_seqs), working_set)
+    free_gpu_for_peer()
     with make_peer(name, model.name, gguf_of(args.model), model.folder, **options) as peer:
         with peer.http() as http:
             oracle = peer_oracle(peer.tokenizer(http), requests)
