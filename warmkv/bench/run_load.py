@@ -1,5 +1,6 @@
 """The `warmkv bench load` command: trace sessions run concurrently against warmkv policies (embedded, on
-one loaded model) or any `--url`; errors, TTFT, latency and throughput per policy; table + JSON + plot."""
+one loaded model), real peer servers beside them (`--peer`, on the same weights, same sessions and client),
+or any `--url`; errors, TTFT, latency and throughput per row; table + JSON + plot."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from openai import OpenAI
 from tqdm import tqdm
 
 from warmkv.bench.load import LoadShape, by_session, multiply_sessions, run_load, summarize_load
-from warmkv.bench.oracle import oracle_hits
+from warmkv.bench.oracle import oracle_hits, peer_oracle
+from warmkv.bench.peers import gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, policies
-from warmkv.bench.replay import embedded_warmkv
+from warmkv.bench.replay import embedded_warmkv, free_gpu_for_peer
 from warmkv.bench.results import write_json
 from warmkv.bench.run_replay import BLOCK, first_model, model_and_tokenizer, prompt_ids, requests_from, slug
 from warmkv.bench.trace import TraceRequest
@@ -29,7 +32,7 @@ SCHEDULER_METRICS = ("preemptions", "swapped_out_bytes", "swapped_in_bytes", "re
 
 
 def run(args: argparse.Namespace) -> None:
-    _check(args)
+    peers = _check(args)
     requests = multiply_sessions(requests_from(args), args.copies)
     tokenizer, template, model, device_label = model_and_tokenizer(args)
     prompts = [prompt_ids(tokenizer, template, r) for r in requests]
@@ -84,6 +87,9 @@ def run(args: argparse.Namespace) -> None:
             rows[name] = {"description": policy.description, "flags": flags}
             rows[name] |= _run_embedded(model, flags, requests, oracle, shape, name)
             write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
+        for name in peers:
+            rows[name] = _run_peer(name, args, model, requests, shape, sessions, working_set)
+            write_json(result, json_path)
     print(
         f"{sessions} sessions, {len(requests)} requests; working set {working_set} tokens on a "
         f"{caps.pool_tokens}-token pool ({result['oversubscription']:.1f}x oversubscribed)"
@@ -93,7 +99,8 @@ def run(args: argparse.Namespace) -> None:
     print("wrote", json_path, *([picture] if picture else ["(no plot: install matplotlib)"]))
 
 
-def _check(args: argparse.Namespace) -> None:
+def _check(args: argparse.Namespace) -> list[str]:
+    """The flags checked before a model loads; the --peer names."""
     for flag in ("copies", "reply_tokens", "max_num_seqs"):
         if getattr(args, flag) < 1:
             raise WarmkvError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -102,6 +109,7 @@ def _check(args: argparse.Namespace) -> None:
     missing = [path for path in args.traces if not Path(path).is_file()]
     if missing:
         raise WarmkvError(f"trace not found: {', '.join(missing)}")
+    return peer_names(args.peer, args.url, args.shape)
 
 
 def _working_set(requests: list[TraceRequest], prompts: list[list[int]], reply_tokens: int) -> int:
@@ -151,6 +159,36 @@ def _run_embedded(
         shutil.rmtree(kv_dir, ignore_errors=True)
 
 
+def _run_peer(name: str, args: argparse.Namespace, model: Any, requests: list[TraceRequest], shape: LoadShape,
+              sessions: int, working_set: int) -> dict[str, Any]:  # fmt: skip
+    """The peer's row: the same sessions through the same client, judged against an oracle of the peer's
+    own prompt tokens (read before the run: tokenising touches no cache)."""
+    options = _peer_options(name, min(sessions, args.max_num_seqs), working_set)
+    free_gpu_for_peer()
+    with make_peer(name, model.name, gguf_of(args.model), model.folder, **options) as peer:
+        with peer.http() as http:
+            oracle = peer_oracle(peer.tokenizer(http), requests)
+        client = OpenAI(base_url=peer.url, api_key=peer.api_key, max_retries=0, timeout=3600)
+        with tqdm(total=len(requests), desc=f"load {name}", unit="req", leave=False) as bar:
+            results, wall = run_load(client, peer.model, requests, shape, bar.update)
+        flags = peer.command()[1:]
+    return {
+        "description": f"{name} (real server) with its best prompt-caching flags",
+        "flags": flags,
+        "oracle_source": f"{name}'s own prompt tokens ({oracle.dialect})",
+        "prompt_length_mismatches": oracle.mismatches(results),
+    } | summarize_load(results, oracle.clipped(results), wall)
+
+
+def _peer_options(name: str, concurrent: int, working_set: int) -> dict[str, Any]:
+    """llama-server runs a slot per concurrent session over one unified KV buffer as large as the working
+    set: more than warmkv's pool, because it has no lower tier to preempt into (a full buffer fails every
+    running request). vLLM sizes its own KV (VLLM_CPU_KVCACHE_SPACE) and preempts by recomputation."""
+    if name != "llama.cpp":
+        return {}
+    return {"slots": concurrent, "context_tokens": -(-working_set // 256) * 256}
+
+
 def _measure(
     client: Any, model: str, requests: list[TraceRequest], oracle: list[int], shape: LoadShape, label: str
 ) -> dict[str, Any]:
@@ -160,8 +198,6 @@ def _measure(
 
 
 def _url_client(args: argparse.Namespace) -> Any:
-    from openai import OpenAI
-
     return OpenAI(base_url=args.url, api_key=args.api_key, max_retries=0, timeout=3600)
 
 

@@ -17,7 +17,7 @@ from warmkv.bench.oracle import oracle_hits, peer_oracle
 from warmkv.bench.peers import Peer, UrlPeer, gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, Policy, policies
 from warmkv.bench.redis_process import RedisProcess
-from warmkv.bench.replay import Cluster, replay_embedded, replay_on_peer
+from warmkv.bench.replay import Cluster, free_gpu_for_peer, replay_embedded, replay_on_peer
 from warmkv.bench.results import oracle_row, plot, plots_available, shape_table, summarize, table, write_json
 from warmkv.bench.synthetic import SHAPES, synthetic_trace
 from warmkv.bench.trace import TraceRequest, load_trace
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
     if not args.no_plots and not plots_available():  # known before a replay of minutes, not after
         raise WarmkvError("the plots need matplotlib: pip install 'warmkv[bench]', or pass --no-plots")
     requests = requests_from(args)
-    peer_names = _peer_names(args)
+    peers = peer_names(args.peer, args.url, args.shape)
     rows: dict[str, dict[str, Any]] = {}
     caps, model, device_label = None, None, "url"
     if not args.url:  # warmkv's rows: the oracle over warmkv's own rendering
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         assert caps is not None and model is not None
         _run_embedded(args, model, caps, requests, oracle, add_row)
-        for name in peer_names:
+        for name in peers:
+            free_gpu_for_peer()
             with make_peer(name, model.name, gguf_of(args.model), model.folder) as peer:
                 _run_peer(peer, requests, args.max_gap, rows, add_row)
     print("\n".join(table(rows)))
@@ -183,15 +184,6 @@ def _cluster_runs(args: argparse.Namespace, caps: Capacities, redis_url: str) ->
 
             runs.append((name, Policy(name, description, warmkv.flags), cluster))
     return runs
-
-
-def _peer_names(args: argparse.Namespace) -> list[str]:
-    names = peer_names(args.peer)
-    if names and args.url:
-        raise WarmkvError("--peer runs beside warmkv's own rows: it cannot be combined with --url")
-    if names and args.shape:
-        raise WarmkvError("--peer serves real weights: it cannot be combined with --shape")
-    return names
 
 
 def first_model(args: argparse.Namespace) -> str:
