@@ -149,19 +149,6 @@ def test_host_overflow_writes_blocks_the_disk_lacks(tiny: LoadedModel, tmp_path:
     assert seq.output_ids == cold_tokens(tiny, PROMPT)
 
 
-def test_decoded_blocks_are_written_through_in_one_batch_when_idle(tiny: LoadedModel, tmp_path: Path) -> None:
-    engine = make_engine(tiny, tmp_path)
-    submitted: list[int] = []
-    write_through = engine.prefix_cache.write_through
-    real = write_through.submit
-    write_through.submit = lambda keys, blocks: (submitted.append(len(keys)), real(keys, blocks))
-    expected = generate(engine, PROMPT, max_tokens=80).output_ids  # 136 tokens: 8 whole blocks
-    assert submitted == [8]  # not one gather per decoding step that completed a block
-    engine.close()
-    seq = generate(make_engine(tiny, tmp_path), [*PROMPT, *expected[:72]], max_tokens=8)  # 129 tokens
-    assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 128 and seq.output_ids == expected[72:]
-
-
 @pytest.mark.parametrize("damage", ["truncate", "flip", "shape"])
 def test_damaged_disk_block_is_detected_deleted_and_not_served(
     tiny: LoadedModel, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture

@@ -32,8 +32,6 @@ from warmkv.errors import PoolExhausted
 
 log = logging.getLogger("warmkv.cache")
 
-WRITE_BATCH_BLOCKS = 64  # completed blocks handed to the write-through together (at most)
-
 
 @dataclass(slots=True)
 class PrefixHit:
@@ -114,11 +112,6 @@ class PrefixCache:
             self.remote = RedisTier(config.redis_url, fingerprint, layout, config.redis_ttl_s,
                                     config.redis_timeout_s, config.redis_cluster)  # fmt: skip
         self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
-        # blocks completed but not yet handed to the write-through: decoding completes a few blocks a step,
-        # and one gather per step for them costs the step more than the blocks are worth. Held back until
-        # a batch is full or a block is about to leave the pool (an indexed block changes only after that)
-        self._unwritten: list[tuple[bytes, int]] = []
-        self._write_batch = max(1, min(WRITE_BATCH_BLOCKS, pool.num_blocks // 16))
         self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
@@ -370,30 +363,20 @@ class PrefixCache:
     def insert(self, keys: list[bytes], blocks: list[int]) -> None:
         """Blocks just completed: index them live, and write the new ones through to disk and the shared
         tier in the background."""
-        self._unwritten += [(key, block) for key, block in zip(keys, blocks, strict=True)
-                            if self.index.insert(key, block)]  # fmt: skip
-        if len(self._unwritten) >= self._write_batch:
-            self.write_unwritten()
-
-    def write_unwritten(self) -> None:
-        """Hand the blocks held back to the write-through now (before any leaves the pool, when idle)."""
-        if self._unwritten:
-            keys, blocks = zip(*self._unwritten, strict=True)
-            self._unwritten = []
-            self.write_through.submit(list(keys), list(blocks))
+        new = [(key, block) for key, block in zip(keys, blocks, strict=True) if self.index.insert(key, block)]
+        if new:
+            self.write_through.submit([key for key, _ in new], [block for _, block in new])
 
     def touch(self, keys: list[bytes]) -> None:
         self.index.touch(keys)
 
     def flush(self) -> None:
-        self.write_unwritten()
         self.write_through.flush()
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.flush()
 
     def close(self) -> None:
-        self.write_unwritten()
         self.write_through.close()
         for tier in (self.disk, self.remote):
             if tier is not None:
@@ -409,7 +392,6 @@ class PrefixCache:
 
     def _demote(self, victims: list[tuple[bytes, int]]) -> None:
         """Live blocks about to be reused: keep their KV one tier down, gathered off the pool in one pass."""
-        self.write_unwritten()  # while every held-back block still holds its KV
         if self.host is None:
             # usually written through already; copy only what the write-through skipped
             if self.disk is not None and self.disk.enabled:

@@ -230,8 +230,6 @@ class LLMEngine:
         outputs = [
             self._advance(seq, *tokens.get(seq, (None, None))) for seq, _ in done if seq.finish_reason is None
         ]
-        if not self.has_work and self.prefix_cache is not None:
-            self.prefix_cache.write_unwritten()  # idle now: nothing held back waits for the next request
         return failed + outputs
 
     def _forward(self, plan: list[tuple[Sequence, int]], failed: list[StepOutput]
