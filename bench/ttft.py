@@ -86,13 +86,14 @@ def main() -> None:
         "tiers_over_gpu_only_ttft": result["synthetic"]["tiers_over_gpu_only_ttft"],
     }
     trace = Path(args.trace) if args.trace else None
-    if trace is not None and trace.exists():
-        result["trace"] = trace_replay(model, args, load_trace(trace)[: args.trace_requests], limits)
+    requests = load_trace(trace)[: args.trace_requests] if trace is not None and trace.exists() else []
+    if requests:
+        result["trace"] = trace_replay(model, args, requests, limits)
         result["tiers_over_gpu_only_ttft"] = result["trace"]["tiers_over_gpu_only_ttft"]
         result["trace_median_ttft_ms"] = result["trace"]["median_ttft_ms"]
         result["trace_median_ttft_over_limit"] = result["trace"]["median_ttft_over_limit"]
     elif trace is not None:
-        print(f"skipping the trace replay: {trace} does not exist")
+        print(f"skipping the trace replay: {trace} does not exist or holds no chat request")
     if args.step_streams:
         result["steps"] = step_times(model, args)
         result["tiers_over_gpu_only_step"] = result["steps"]["tiers_over_gpu_only_step"]
