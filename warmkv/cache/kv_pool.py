@@ -73,10 +73,11 @@ class KVPool:
             self._free.append(block)
 
     def slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        """Flat slot indices of token positions [start, end) of a sequence with these blocks."""
+        """Flat slot indices of token positions [start, end) of a sequence with these blocks, on the host:
+        a step moves all its sequences' slots to the device in one copy."""
         positions = torch.arange(start, end)
         blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
-        return (blocks * self.block_size + positions % self.block_size).to(self.k.device)
+        return blocks * self.block_size + positions % self.block_size
 
     def release(self) -> None:
         """Give the KV memory back now, even while something still references the pool; it serves no more."""

@@ -93,7 +93,7 @@ class ModelRunner:
     def _batch(self, items: list[ForwardItem]) -> AttentionBatch:
         slot_mapping = torch.cat(
             [self.pool.slots(i.block_ids, i.start, i.start + len(i.token_ids)) for i in items]
-        )
+        ).to(self.device)
         fresh_prompt = len(items) == 1 and items[0].start == 0
         if self.kernels and not fresh_prompt:
             from warmkv.kernels.paged_attention import plan  # Triton is there: kernels are
@@ -113,7 +113,7 @@ class ModelRunner:
                 SequenceSlice(
                     query_start=offset,
                     query_len=len(item.token_ids),
-                    context_slots=self.pool.slots(item.block_ids, 0, context_len),
+                    context_slots=self.pool.slots(item.block_ids, 0, context_len).to(self.device),
                     is_whole=item.start == 0,
                 )
             )

@@ -83,8 +83,11 @@ def plan(
     query_starts = torch.tensor([0, *query_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     as_int = [torch.tensor(values, dtype=torch.int32) for values in (context_lens, tile_seqs, tile_starts)]
     host = (table, as_int[0], query_starts, as_int[1], as_int[2])
+    # one copy to the device for all five (each copy from pageable memory holds the host up)
+    flat = torch.cat([t.flatten() for t in host]).to(device, non_blocking=True)
+    parts = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in host]), host, strict=True)]
     splits = num_splits(len(tile_seqs), num_kv_heads, max(context_lens), device)
-    return PagedBatch(*(t.to(device, non_blocking=True) for t in host), block_size, per_tile, splits)
+    return PagedBatch(*parts, block_size, per_tile, splits)
 
 
 def paged_attention(
