@@ -3,6 +3,7 @@ compared with (measured in the same run), tables, JSON results."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -15,8 +16,18 @@ import torch
 
 from warmkv.cache.kv_pool import KVPool
 from warmkv.models.loader import LoadedModel
+from warmkv.models.random_init import SHAPES
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model a benchmark runs (`warmkv.models.random_init.model_or_shape` reads them) and where."""
+    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
+    parser.add_argument("--shape", choices=SHAPES, help="random weights in this model's shape instead")
+    parser.add_argument("--tokenizer", help="tokenizer folder for --shape")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
 
 
 def synchronize(device: torch.device) -> None:

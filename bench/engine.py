@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import (
+    add_model_flags,
     copy_bandwidth,
     device_name,
     matmul_rate,
@@ -37,18 +38,14 @@ from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.model_runner import ForwardItem
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel, load_model
-from warmkv.models.random_init import SHAPES, random_pair
+from warmkv.models.random_init import random_pair
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
-    parser.add_argument("--shape", choices=SHAPES, help="random weights in this model's shape instead")
-    parser.add_argument("--tokenizer", help="tokenizer folder for --shape (used only to detokenise)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_model_flags(parser)
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, device_name, print_table, synchronize, write_result
+from bench.common import RESULTS, add_model_flags, device_name, print_table, synchronize, write_result
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.grammar import Grammar, GrammarCompiler, json_schema_grammar
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
-from warmkv.models.loader import LoadedModel, load_model
-from warmkv.models.random_init import SHAPES, random_pair
+from warmkv.models.random_init import model_or_shape
 
 SCHEMA = {
     "type": "object",
@@ -54,11 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
-    parser.add_argument("--shape", choices=SHAPES, help="random weights in this model's shape instead")
-    parser.add_argument("--tokenizer", help="tokenizer folder for --shape")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_model_flags(parser)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--tokens", type=int, default=48, help="tokens decoded per sequence")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
@@ -67,7 +62,7 @@ def main() -> None:
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, prefix_cache=False,
                           max_num_seqs=max(args.batches))  # fmt: skip
     device = config.torch_device()
-    model = _model(args, device, config.torch_dtype(device))
+    model = model_or_shape(args.model, args.shape, args.tokenizer, device, config.torch_dtype(device))
     config.kv_pool_tokens = max(args.batches) * (256 + args.tokens + 16)
     engine = LLMEngine(model, config)
     prompt = model.tokenizer.apply_chat_template(
@@ -90,12 +85,6 @@ def main() -> None:
     }
     name = f"structured-{device_name(device).lower().replace(' ', '-')}-{model.name.lower()}"
     print("wrote", write_result(name, result, args.out))
-
-
-def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    if args.shape:
-        return random_pair(args.shape, args.tokenizer, device, dtype)[0]
-    return load_model(args.model, device, dtype)
 
 
 def _row(engine: LLMEngine, prompt: list[int], batch: int, tokens: int, grammar: Grammar) -> dict:

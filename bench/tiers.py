@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (
+    add_model_flags,
     device_name,
     kv_bytes_per_token,
     median_seconds,
@@ -34,18 +35,14 @@ from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel
-from warmkv.models.random_init import SHAPES, model_or_shape
+from warmkv.models.random_init import model_or_shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model")
-    parser.add_argument("--shape", choices=SHAPES)
-    parser.add_argument("--tokenizer")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_model_flags(parser)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

@@ -43,7 +43,15 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, HardwareLimits, device_name, print_table, synchronize, write_result
+from bench.common import (
+    RESULTS,
+    HardwareLimits,
+    add_model_flags,
+    device_name,
+    print_table,
+    synchronize,
+    write_result,
+)
 from warmkv.bench.oracle import oracle_hits
 from warmkv.bench.replay import TurnResult, replay_embedded
 from warmkv.bench.trace import TraceRequest, load_trace
@@ -57,7 +65,7 @@ from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams, sample_batch
 from warmkv.models.loader import LoadedModel
-from warmkv.models.random_init import SHAPES, model_or_shape
+from warmkv.models.random_init import model_or_shape
 from warmkv.server.protocol import ChatCompletionRequest
 
 STAGES = ("parse", "render", "offsets + tokenise", "hash", "lookup", "tier loads", "prefill + step", "sample")
@@ -107,11 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", help="model folder or .gguf (default: the default model)")
-    parser.add_argument("--shape", choices=SHAPES, help="random weights in this model's shape instead")
-    parser.add_argument("--tokenizer", help="tokenizer folder for --shape")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    add_model_flags(parser)
     parser.add_argument("--cached-tokens", type=int, default=2048, help="the synthetic hit's cached prefix")
     parser.add_argument("--new-tokens", type=int, default=64, help="the synthetic hit's new user message")
     parser.add_argument("--repeats", type=int, default=5, help="synthetic hits measured (medians reported)")

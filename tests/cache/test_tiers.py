@@ -281,7 +281,7 @@ def test_host_tier_stays_consistent_with_what_was_stored(operations: list[tuple[
     stored: dict[bytes, float] = {}
     for op, n in operations:
         key = bytes([n]) * 16
-        if op == "put" and not host.full:
+        if op == "put" and host.free_blocks:
             host.put(key, torch.full((2, 1, 2, 1, 2), float(n)))
             stored[key] = float(n)
         elif op == "get":

@@ -73,10 +73,6 @@ class HostTier:
         self._update_size()
 
     @property
-    def full(self) -> bool:
-        return not self._free
-
-    @property
     def capacity(self) -> int:
         return len(self._slab)
 
