@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from warmkv.kernels import fused_moe
 from warmkv.kernels.fused_moe import align_by_expert, fused_experts
 from warmkv.models.moe import experts_reference, route
 
@@ -30,7 +31,8 @@ def _routed(tokens: int, num_experts: int, top_k: int, hidden: int, dtype: torch
     return x, weights, expert_ids
 
 
-def test_alignment_puts_each_expert_in_whole_tiles_of_its_own() -> None:
+def test_alignment_puts_each_expert_in_whole_tiles_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused_moe, "PAIR_TILES_MAX", 0)  # these few pairs would get a tile each
     expert_ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]], device=DEVICE)
     alignment = align_by_expert(expert_ids, num_experts=5, tile_rows=2)
     pairs = alignment.sorted_pairs.view(-1, 2).cpu()
@@ -44,7 +46,14 @@ def test_alignment_puts_each_expert_in_whole_tiles_of_its_own() -> None:
         assert (flat[real.long()] == expert).all()
 
 
-@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 3), (40, 2)])  # decode, small and larger tiles
+def test_few_pairs_get_a_tile_each_without_sorting() -> None:
+    expert_ids = torch.tensor([[3, 0], [3, 1]], device=DEVICE)
+    alignment = align_by_expert(expert_ids, num_experts=5, tile_rows=16)
+    assert alignment.sorted_pairs is None and alignment.tile_experts.tolist() == [3, 0, 3, 1]
+
+
+# a tile per pair (decode), then sorted into tiles of 32 and of 64 rows
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 3), (40, 2), (600, 2)])
 def test_fused_experts_match_the_expert_loop_in_float32(tokens: int, top_k: int) -> None:
     torch.manual_seed(tokens)
     gate_up, down = _experts(8, 64, 32, torch.float32)
@@ -76,7 +85,7 @@ def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("tokens", [1, 7, 300, 3000])
+@pytest.mark.parametrize("tokens", [1, 2, 7, 300, 3000])
 def test_fused_experts_match_the_expert_loop_in_bfloat16(tokens: int) -> None:
     """Qwen3-30B-A3B's expert shape; bf16 sums the k experts in another order than the loop, so the
     tolerance is a few bf16 ulps of the output."""
@@ -90,18 +99,19 @@ def test_fused_experts_match_the_expert_loop_in_bfloat16(tokens: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_fused_experts_replay_in_a_cuda_graph_with_new_routing() -> None:
+@pytest.mark.parametrize("tokens", [1, 4, 20])  # a tile per pair, then sorted
+def test_fused_experts_replay_in_a_cuda_graph_with_new_routing(tokens: int) -> None:
     """Decode graphs capture the sorting and both GEMMs once; a replay with other experts chosen gives
     the eager result for those experts."""
     torch.manual_seed(0)
     gate_up, down = _experts(16, 256, 128, torch.float32)
-    x, weights, expert_ids = _routed(4, 16, 4, 256, torch.float32)
+    x, weights, expert_ids = _routed(tokens, 16, 4, 256, torch.float32)
     static = [x.clone(), weights.clone(), expert_ids.clone()]
     fused_experts(*static[:1], gate_up, down, *static[1:])  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fused_experts(static[0], gate_up, down, static[1], static[2])
-    x2, weights2, expert_ids2 = _routed(4, 16, 4, 256, torch.float32)
+    x2, weights2, expert_ids2 = _routed(tokens, 16, 4, 256, torch.float32)
     for target, value in zip(static, (x2, weights2, expert_ids2), strict=True):
         target.copy_(value)
     graph.replay()

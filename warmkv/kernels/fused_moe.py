@@ -10,6 +10,10 @@ multiplies by the router weight on the way out; the k pairs of a token are then 
 Every shape depends only on the number of tokens (the padding is sized for the worst case, tiles past
 the real ones exit at once), and the sorting is done with device-side ops that never wait for the host,
 so CUDA graphs capture a decode step through it.
+
+Decode has few pairs, mostly of distinct experts (a token's k are always distinct): there the sort is
+skipped and each pair is a tile of its own. Sorting costs a dozen small kernels per layer, which at batch
+1 take longer than reading the experts' weights.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ import triton.language as tl
 
 from warmkv.kernels.fused import silu_and_mul
 
+# up to this many pairs, each pair is a tile of its own instead of being sorted by expert. On an H100 at
+# Qwen3-30B-A3B's shape (`python -m bench.moe --sweep`), 8 tokens (64 pairs) took 178 us this way against
+# 241 us sorted, although experts chosen twice are read twice
+PAIR_TILES_MAX = 64
+
 
 @dataclass(slots=True, frozen=True)
 class Tiles:
@@ -30,6 +39,7 @@ class Tiles:
     cols: int  # output columns per program
     depth: int  # reduction step
     num_warps: int
+    num_stages: int = 3
 
 
 def tiles_for(pairs: int) -> Tiles:
@@ -44,16 +54,20 @@ def tiles_for(pairs: int) -> Tiles:
 
 @dataclass(slots=True)
 class ExpertAlignment:
-    """Pairs sorted by expert, each expert's run padded to a whole tile."""
+    """Pairs sorted by expert, each expert's run padded to a whole tile; or one pair per tile."""
 
-    sorted_pairs: torch.Tensor  # [padded] int32: pair index (token * top_k + k); `pairs` marks padding
-    tile_experts: torch.Tensor  # [tiles] int32: the expert of each tile; -1 for tiles past the last run
+    # [padded] int32: pair index (token * top_k + k), `pairs` marking padding; None: tile t is pair t alone
+    sorted_pairs: torch.Tensor | None
+    tile_experts: torch.Tensor  # [tiles]: the expert of each tile; -1 for tiles past the last run
 
 
 def align_by_expert(expert_ids: torch.Tensor, num_experts: int, tile_rows: int) -> ExpertAlignment:
-    """Sort the pairs of expert_ids [tokens, top_k] by expert, without a host sync (graph-capturable)."""
+    """Sort the pairs of expert_ids [tokens, top_k] by expert, without a host sync (graph-capturable);
+    up to PAIR_TILES_MAX pairs, give each pair a tile instead (no kernel at all)."""
     flat = expert_ids.flatten()
     pairs = flat.numel()
+    if pairs <= PAIR_TILES_MAX:
+        return ExpertAlignment(None, flat)
     # worst case: every expert's run ends one row into a tile
     padded = pairs + num_experts * (tile_rows - 1)
     num_tiles = -(-padded // tile_rows)
@@ -111,13 +125,16 @@ def grouped_gemm(
     _, cols, depth = b.shape
     out = torch.empty(pairs, cols, dtype=a.dtype, device=a.device)
     grid = (alignment.tile_experts.numel(), triton.cdiv(cols, tiles.cols))
+    sorted_pairs = alignment.sorted_pairs
     _grouped_gemm_kernel[grid](
         a, b, out, bias if bias is not None else a, pair_weights if pair_weights is not None else a,
-        alignment.sorted_pairs, alignment.tile_experts, pairs, cols, depth,
+        sorted_pairs if sorted_pairs is not None else alignment.tile_experts, alignment.tile_experts,
+        pairs, cols, depth,
         a.stride(0), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         PAIRS_PER_ROW=pairs_per_row, BIAS=bias is not None, WEIGHTED=pair_weights is not None,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32 models stay exact
+        PAIR_TILES=sorted_pairs is None, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         ROWS=tiles.rows, COLS=tiles.cols, DEPTH=tiles.depth, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
 
@@ -126,14 +143,18 @@ def grouped_gemm(
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, out_ptr, bias_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs, cols, depth,
     stride_a, stride_b_expert, stride_b_col, stride_bias, stride_out,
-    PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
+    PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr, PAIR_TILES: tl.constexpr,
+    PRECISION: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
     if expert < 0:  # past the last expert's run: padding of the worst case
         return
-    pair = tl.load(sorted_pairs_ptr + tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    if PAIR_TILES:  # the tile's first row is its pair; the others are padding (tl.dot needs 16 rows)
+        rows = tl.arange(0, ROWS)
+        pair = tl.where(rows == 0, tile, pairs).to(tl.int64)
+    else:
+        pair = tl.load(sorted_pairs_ptr + tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     real = pair < pairs
     a_rows = a_ptr + (pair // PAIRS_PER_ROW)[:, None] * stride_a
     col = tl.program_id(1) * COLS + tl.arange(0, COLS)

@@ -1,0 +1,100 @@
+"""The fused mixture-of-experts kernels alone (router, expert sort, both grouped GEMMs), CUDA only.
+
+    python -m bench.moe            # the chosen tiles, at Qwen3-30B-A3B's and gpt-oss-20b's expert shapes
+    python -m bench.moe --sweep    # every tile / warps / stages choice, and sorting against a tile per pair
+
+Each case is timed as a replayed CUDA graph, as decode runs it, so the launch of every small kernel counts.
+Rate: bytes of the experts the tokens chose (each read once) per second, as a fraction of the copy
+bandwidth (bytes read + written) measured in the same run, the limit bench.engine uses for decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from bench.common import copy_bandwidth, device_name, print_table, write_result
+from warmkv.kernels import fused_moe
+from warmkv.models.moe import route
+
+# hidden, expert inner size, experts, top-k, normalised top-k
+SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "gpt-oss-20b": (2880, 2880, 32, 4, False)}
+TOKENS = (1, 2, 4, 8, 16, 32, 256, 2048)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sweep", action="store_true", help="time every launch setting, not only the chosen")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)  # bytes read + written: what HBM moves per second
+    rows = [row for name in args.shapes for row in _shape_rows(name, args.tokens, args.sweep, bandwidth)]
+    print_table(rows)
+    result = {"device": device_name(device), "copy_bytes_per_s": bandwidth, "rows": rows,
+              "command": "python -m bench.moe" + (" --sweep" if args.sweep else "")}  # fmt: skip
+    print("wrote", write_result("moe-" + device_name(device).lower().replace(" ", "-"), result))
+
+
+def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: float) -> list[dict]:
+    hidden, inner, experts, top_k, normalize = SHAPES[name]
+    device = torch.device("cuda")
+    gate_up = torch.randn(experts, 2 * inner, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
+    down = torch.randn(experts, hidden, inner, device=device, dtype=torch.bfloat16) / inner**0.5
+    router = torch.randn(experts, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
+    expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    chosen_tiles, chosen_max = fused_moe.tiles_for, fused_moe.PAIR_TILES_MAX
+    rows = []
+    for tokens in token_counts:
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+
+        def routed(x: torch.Tensor = x) -> tuple[torch.Tensor, torch.Tensor]:
+            return route(F.linear(x, router), top_k, normalize)
+
+        weights, expert_ids = routed()
+        read = expert_ids.unique().numel() * expert_bytes
+        for tiles, pair_tiles_max in _settings(
+            sweep, tokens * top_k, chosen_tiles(tokens * top_k), chosen_max
+        ):
+            fused_moe.tiles_for = lambda pairs, tiles=tiles: tiles
+            fused_moe.PAIR_TILES_MAX = pair_tiles_max
+            args = (x, gate_up, down, weights, expert_ids)
+            experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args))
+            block_us = _graph_us(lambda x=x: fused_moe.fused_experts(x, gate_up, down, *routed(x)))
+            rows.append({
+                "shape": name, "tokens": tokens, "sorted": tokens * top_k > pair_tiles_max,
+                "cols": tiles.cols, "depth": tiles.depth, "warps": tiles.num_warps,
+                "stages": tiles.num_stages, "experts us": experts_us, "router+experts us": block_us,
+                "experts read MB": read / 1e6,
+                "fraction of bandwidth": read / experts_us / 1e-6 / bandwidth,
+            })  # fmt: skip
+        fused_moe.tiles_for, fused_moe.PAIR_TILES_MAX = chosen_tiles, chosen_max
+    return rows
+
+
+def _settings(
+    sweep: bool, pairs: int, chosen: fused_moe.Tiles, pair_tiles_max: int
+) -> list[tuple[fused_moe.Tiles, int]]:
+    if not sweep:
+        return [(chosen, pair_tiles_max)]
+    ways = (0, 1 << 30) if pairs <= 64 else (pair_tiles_max,)  # sorted, or a tile per pair
+    grid = itertools.product((32, 64, 128), (64, 128, 256), (2, 4), (2, 4), ways)
+    return [(replace(chosen, cols=c, depth=d, num_warps=w, num_stages=s), way) for c, d, w, s, way in grid]
+
+
+def _graph_us(run: Callable[[], object]) -> float:
+    run()  # compile outside the capture
+    return 1000 * triton.testing.do_bench_cudagraph(run)
+
+
+if __name__ == "__main__":
+    main()
