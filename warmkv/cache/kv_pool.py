@@ -72,6 +72,21 @@ class KVPool:
         if self.ref_counts[block] == 0:
             self._free.append(block)
 
+    def incref_many(self, blocks: list[int]) -> None:
+        """incref of each block, in one loop: a long conversation's thousands of blocks cost per call."""
+        counts = self.ref_counts
+        for block in blocks:
+            assert counts[block] > 0, "only a held block can gain holders"
+            counts[block] += 1
+
+    def decref_many(self, blocks: list[int]) -> None:
+        counts, free = self.ref_counts, self._free
+        for block in blocks:
+            counts[block] -= 1
+            assert counts[block] >= 0
+            if not counts[block]:
+                free.append(block)
+
     def slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         """Flat slot indices of token positions [start, end) of a sequence with these blocks, on the host:
         a step moves all its sequences' slots to the device in one copy."""
@@ -100,12 +115,17 @@ class KVPool:
         return torch.stack([side[:, rows] for side in self._stored])
 
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
-        """A copy of several blocks, gathered in one pass: [n, sides, layers, block_size, heads, head_dim]."""
-        size = self.block_size
-        slots = self._block_slots(blocks)
-        kv = torch.stack([side[:, slots] for side in self._stored])  # [sides, layers, n * size, heads, dim]
-        kv = kv.unflatten(2, (len(blocks), size))  # [sides, layers, n, size, heads, dim]
-        return kv.permute(2, 0, 1, 3, 4, 5).contiguous()
+        """A copy of several blocks, gathered in one pass: [n, sides, layers, block_size, heads, head_dim].
+        Few operations: the write-through runs this on the engine's thread for every step's new blocks."""
+        ids = self._block_ids(blocks)
+        first = self._stored[0]
+        layers, size = first.shape[0], self.block_size
+        kv = torch.empty((len(blocks), len(self._stored), layers, size, *first.shape[2:]), dtype=first.dtype,
+                         device=first.device)  # fmt: skip
+        for side, stored in enumerate(self._stored):
+            picked = stored.view(layers, -1, size, *stored.shape[2:]).index_select(1, ids)
+            kv[:, side].copy_(picked.transpose(0, 1))
+        return kv
 
     def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
         """Fill blocks from kv [n, sides, layers, block_size, kv_heads, head_dim], on any device, with one
@@ -117,11 +137,14 @@ class KVPool:
             rows = kv[:, side].transpose(0, 1).reshape(layers, len(blocks) * size, *kv.shape[-2:])
             target[:, slots] = rows.to(self.k.device, non_blocking=True)
 
+    def _block_ids(self, blocks: list[int]) -> torch.Tensor:
+        """The block ids as a tensor on the pool's device."""
+        return self._uploads.upload(blocks) if self._uploads else torch.tensor(blocks, dtype=torch.long)
+
     def _block_slots(self, blocks: list[int]) -> torch.Tensor:
         """Flat slot indices of whole blocks, on the pool's device."""
-        device = self.k.device
-        ids = self._uploads.upload(blocks) if self._uploads else torch.tensor(blocks, dtype=torch.long)
-        return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
+        offsets = torch.arange(self.block_size, device=self.k.device)
+        return (self._block_ids(blocks)[:, None] * self.block_size + offsets).flatten()
 
     @property
     def block_shape(self) -> tuple[int, ...]:

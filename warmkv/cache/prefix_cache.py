@@ -48,8 +48,7 @@ class PrefixHit:
     def truncate(self, blocks: int, pool: KVPool) -> None:
         """Give back the blocks past the first `blocks`, taking them off the tiers they came from last."""
         surplus = (len(self.blocks) - blocks) * pool.block_size
-        for block in self.blocks[blocks:]:
-            pool.decref(block)
+        pool.decref_many(self.blocks[blocks:])
         del self.blocks[blocks:], self.keys[blocks:]
         for tier in reversed(list(self.tokens_by_tier)):
             taken = min(surplus, self.tokens_by_tier[tier])
@@ -156,7 +155,7 @@ class PrefixCache:
         try:
             tail = self.continue_hit(namespace, hit, token_ids[hit.num_tokens : len(token_ids) - 1])
         except BaseException:
-            self._give_back(hit.blocks)
+            self.pool.decref_many(hit.blocks)
             raise
         if tail is not None:
             hit.blocks.append(tail[0])
@@ -182,7 +181,7 @@ class PrefixCache:
         """A sequence gives its blocks back (finished or preempted). What it computed stays cached: whole
         blocks in the index, and the partial block at each anchor (token offset within `token_ids`)."""
         self.remember_tails(namespace, keys, token_ids, blocks, anchors)
-        self._give_back(blocks)
+        self.pool.decref_many(blocks)
         self.touch(keys)
 
     def finish(self, namespace: str, token_ids: list[int], keys: list[bytes], prompt_tokens: int,
@@ -209,10 +208,6 @@ class PrefixCache:
             return 0
         self._keep_on_host([k for k, _ in alone], self.pool.read_blocks([b for _, b in alone]))
         return len(alone) * self.pool.block_bytes
-
-    def _give_back(self, blocks: list[int]) -> None:
-        for block in blocks:
-            self.pool.decref(block)
 
     def chain(self, namespace: str, token_ids: list[int], known: list[bytes] | None = None) -> list[bytes]:
         """Keys of every full block of token_ids. Leading blocks' keys come from `known`, or else from the
@@ -292,7 +287,7 @@ class PrefixCache:
             )
             loaded = self._read_plan(plan, staging, hit)
         except BaseException:  # the failure is the caller's request's: the pool keeps its blocks
-            self._give_back(targets + hit.blocks)
+            self.pool.decref_many(targets + hit.blocks)
             raise
         for unused in targets[loaded:]:
             self.pool.decref(unused)

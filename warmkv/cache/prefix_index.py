@@ -63,15 +63,16 @@ class PrefixIndex:
 
     def match(self, keys: list[bytes]) -> list[int]:
         """Blocks of the longest run of leading keys present; each gains a reference for the caller."""
-        blocks = []
+        blocks, get = [], self._blocks.get
         for key in keys:
-            block = self._blocks.get(key)
+            block = get(key)
             if block is None:
                 break
-            self._pool.incref(block)
             blocks.append(block)
-        self._shared.update(keys[: len(blocks)])
-        self.touch(keys[: len(blocks)])
+        self._pool.incref_many(blocks)
+        found = keys[: len(blocks)]
+        self._shared.update(found)
+        self._to_most_recent(found)
         return blocks
 
     def insert(self, key: bytes, block: int) -> bool:
@@ -87,10 +88,15 @@ class PrefixIndex:
         self._shared.update(key for key in keys if key in self._blocks)
 
     def touch(self, keys: list[bytes]) -> None:
-        # tail first, so a chain's later blocks are evicted before the prefix they depend on
+        indexed = self._blocks
+        self._to_most_recent([key for key in keys if key in indexed])
+
+    def _to_most_recent(self, keys: list[bytes]) -> None:
+        """Keys that are all indexed become the most recently used: tail first, so a chain's later blocks
+        are evicted before the prefix they depend on."""
+        move = self._blocks.move_to_end
         for key in reversed(keys):
-            if key in self._blocks:
-                self._blocks.move_to_end(key)
+            move(key)
 
     def evict(self, count: int) -> int:
         """Evict up to `count` least recently used blocks that no sequence holds, sessions' own tails before

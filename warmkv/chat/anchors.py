@@ -12,16 +12,14 @@ rendering in any way, every prefix is rendered, as the definition says.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from warmkv.chat.template import encode, render_chat
 
-# private-use characters: no template writes them, and a message holding one is simply left unmarked. A
+# private-use characters: no template writes them, and a message holding OPEN or CLOSE is left unmarked. A
 # message's text is wrapped as OPEN, its number (one character of a private-use plane), text, CLOSE
 _OPEN, _CLOSE, _NUMBER_BASE = "\ue000", "\ue001", 0xF0000
-_MARKS = re.compile("[\ue000\ue001\U000f0000-\U000ffffd]")
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,13 +71,14 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     probe = [{**m, "content": f"{_OPEN}{chr(_NUMBER_BASE + i)}{m['content']}{_CLOSE}"} if _markable(m) else m
              for i, m in enumerate(messages)]  # fmt: skip
     with_marks = render.render(probe)
-    if _MARKS.sub("", with_marks) != full:
-        return None  # the template treats marked text differently: no shortcut
     # the texts the template wrote, in order (a template may leave some out, as it may rewrite old turns)
-    marked, starts, stops = _text_spans(with_marks)
-    if not marked or marked != sorted(set(marked)) or not len(starts) == len(stops) == len(marked):
+    located = _text_spans(with_marks)
+    if located is None:
+        return None  # the template treats marked text differently: no shortcut
+    marked, starts, stops, unmarked = located
+    if unmarked != full or not marked or marked != sorted(set(marked)):
         return None
-    if any(a > b for a, b in zip(starts, stops, strict=True)):
+    if not len(starts) == len(stops) == len(marked) or any(a > b for a, b in zip(starts, stops, strict=True)):
         return None
     # stretch k runs from the end of located text k-1 (or the start) to the start of text k (or the end)
     bounds = [0, *stops], [*starts, len(full)]
@@ -103,22 +102,33 @@ def _markable(message: dict[str, Any]) -> bool:
     content = message.get("content")
     if not isinstance(content, str) or not content:
         return False
-    return content.isascii() or _MARKS.search(content) is None  # ASCII holds no marker: no scan
+    # only these two are read as markers: a number character is only read right after an opening one
+    return _OPEN not in content and _CLOSE not in content
 
 
-def _text_spans(with_marks: str) -> tuple[list[int], list[int], list[int]]:
-    """Which message texts the marked render holds, and the offsets in the unmarked render where each
-    starts and stops."""
-    numbers, starts, stops = [], [], []
-    for removed, match in enumerate(_MARKS.finditer(with_marks)):  # each mark found moves the rest back
-        char, position = match.group(), match.start() - removed
-        if char == _OPEN:
-            starts.append(position)
-        elif char == _CLOSE:
-            stops.append(position)
-        else:
-            numbers.append(ord(char) - _NUMBER_BASE)
-    return numbers, starts, stops
+def _text_spans(with_marks: str) -> tuple[list[int], list[int], list[int], str] | None:
+    """Which message texts the marked render holds, the offsets in the unmarked render where each starts
+    and stops, and the unmarked render; None if a marker is not where the marking put one."""
+    numbers, starts, stops, pieces = [], [], [], []
+    at, removed = 0, 0  # next character to read; marker characters removed so far
+    next_open, next_close = with_marks.find(_OPEN), with_marks.find(_CLOSE)
+    while next_open >= 0 or next_close >= 0:
+        mark = next_close if next_open < 0 or 0 <= next_close < next_open else next_open
+        pieces.append(with_marks[at:mark])
+        if mark == next_close:
+            stops.append(mark - removed)
+            at, removed = mark + 1, removed + 1
+            next_close = with_marks.find(_CLOSE, at)
+            continue
+        number = ord(with_marks[mark + 1]) - _NUMBER_BASE if mark + 1 < len(with_marks) else -1
+        if not 0 <= number <= 0xFFFFD - _NUMBER_BASE:
+            return None
+        numbers.append(number)
+        starts.append(mark - removed)
+        at, removed = mark + 2, removed + 2
+        next_open = with_marks.find(_OPEN, at)
+    pieces.append(with_marks[at:])
+    return numbers, starts, stops, "".join(pieces)
 
 
 def _common_prefix(a: str, b: str) -> int:

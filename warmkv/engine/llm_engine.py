@@ -125,8 +125,7 @@ class LLMEngine:
         try:
             self.runner.forward([ForwardItem(tokens, 0, blocks)])
         finally:
-            for block in blocks:
-                self.pool.decref(block)
+            self.pool.decref_many(blocks)
 
     def close(self) -> None:
         """Finish the disk writer's queue, so what was computed survives the restart, then release the KV
@@ -501,6 +500,5 @@ class LLMEngine:
             computed = seq.token_ids[: seq.num_computed]
             self.prefix_cache.release(seq.cache_namespace, computed, seq.block_hashes, seq.block_ids, anchors)
         else:
-            for block in seq.block_ids:
-                self.pool.decref(block)
+            self.pool.decref_many(seq.block_ids)
         seq.block_ids, seq.block_hashes, seq.num_computed = [], [], 0
