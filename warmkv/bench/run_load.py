@@ -10,7 +10,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from warmkv.bench.trace import TraceRequest
 from warmkv.errors import WarmkvError
 
 SCHEDULER_METRICS = ("preemptions", "swapped_out_bytes", "swapped_in_bytes", "recomputed_tokens")
+WARM_UP_TURNS = 2  # of each session, run once on a GPU before the measured runs
 
 
 def run(args: argparse.Namespace) -> None:
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         rows["url"] |= _scrape_scheduler(args.url)
         write_json(result, json_path)
     else:
-        for name, policy in _load_policies(args, caps).items():
+        for index, (name, policy) in enumerate(_load_policies(args, caps).items()):
             flags = [
                 *policy.flags,
                 "--kv-pool-tokens",
@@ -84,6 +85,8 @@ def run(args: argparse.Namespace) -> None:
             ]
             if args.max_batch_tokens:
                 flags += ["--max-batch-tokens", str(args.max_batch_tokens)]
+            if index == 0 and model.device.type == "cuda":
+                _warm_up(model, flags, requests, shape)
             rows[name] = {"description": policy.description, "flags": flags}
             rows[name] |= _run_embedded(model, flags, requests, oracle, shape, name)
             write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
@@ -157,6 +160,20 @@ def _run_embedded(
         server.stop()
         gc.collect()  # the app's reference cycles hold the engine: pinned host tier, GPU pool
         shutil.rmtree(kv_dir, ignore_errors=True)
+
+
+def _warm_up(model: Any, flags: list[str], requests: list[TraceRequest], shape: LoadShape) -> None:
+    """A throwaway server runs the first turns of every session at once before anything is measured: the
+    Triton kernels compile for the shapes the load takes (seconds each), which would otherwise be paid by
+    whichever policy runs first. The turns' first message is marked, so nothing cached here is reused."""
+    turns = []
+    for name, session in by_session(requests).items():
+        for request in session[:WARM_UP_TURNS]:
+            messages = [dict(m) for m in request.messages]
+            if messages and isinstance(messages[0].get("content"), str):
+                messages[0]["content"] = f"[warm-up] {messages[0]['content']}"
+                turns.append(replace(request, session=f"warm-up {name}", messages=messages))
+    _run_embedded(model, flags, turns, [0] * len(turns), replace(shape, tool_time_s=0.0), "warm-up")
 
 
 def _run_peer(name: str, args: argparse.Namespace, model: Any, requests: list[TraceRequest], shape: LoadShape,

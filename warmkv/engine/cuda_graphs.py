@@ -42,6 +42,13 @@ class DecodeGraphs:
         self._graphs: dict[int, _Captured] = {}
         self._memory = torch.cuda.graph_pool_handle()
 
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now: captured on first use, each would stall the step that needs it
+        (on a 7B model, a fraction of a second each, and more for the first kernels it compiles)."""
+        for bucket in self.buckets:
+            if bucket not in self._graphs:
+                self._capture(bucket)
+
     def serves(self, items: list) -> bool:
         return len(items) <= self.buckets[-1] and all(
             len(i.token_ids) == 1 and not i.all_logits for i in items

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,11 +52,12 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(module, pool, max_batch, max_context)
 
     def warm_up(self) -> None:
-        """Compile the Triton kernels and capture the batch-1 decode graph now, so that the first requests
-        do not wait for them: a fresh prompt, a chunk on top of its blocks, then decode steps."""
+        """Compile the Triton kernels and capture the decode graphs now, so that the first requests do not
+        wait for them: a fresh prompt, a chunk on top of its blocks, decode steps, then every batch size's
+        graph."""
         if self.pool.num_free < 2:
             return
-        log.info("warming up: compiling the kernels and capturing the first decode graph ...")
+        log.info("warming up: compiling the kernels and capturing the decode graphs ...")
         blocks = self.pool.allocate(2)
         try:
             tokens = list(range(self.pool.block_size + 4))
@@ -65,8 +67,12 @@ class ModelRunner:
             for position in (len(tokens), len(tokens) + 1):
                 self.forward([ForwardItem([1], position, blocks)])
         finally:
-            for block in blocks:
-                self.pool.decref(block)
+            self.pool.decref_many(blocks)
+        if self.decode_graphs is not None:
+            started = time.perf_counter()
+            self.decode_graphs.capture_all()
+            seconds, buckets = time.perf_counter() - started, ", ".join(map(str, self.decode_graphs.buckets))
+            log.info("captured decode graphs for batches of %s in %.1f s", buckets, seconds)
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
