@@ -90,9 +90,11 @@ class KVPool:
     def slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
         """Flat slot indices of token positions [start, end) of a sequence with these blocks, on the host:
         a step moves all its sequences' slots to the device in one copy."""
+        size, first = self.block_size, start // self.block_size
         positions = torch.arange(start, end)
-        blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+        # only the blocks the positions fall in: a short chunk after a long prefix converts a few ids
+        blocks = torch.tensor(block_ids[first : -(-end // size)], dtype=torch.long)
+        return blocks[positions // size - first] * size + positions % size
 
     def release(self) -> None:
         """Give the KV memory back now, even while something still references the pool; it serves no more."""

@@ -187,7 +187,7 @@ def explain_miss(
         return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
     if entry and common < min(len(entry.token_ids), len(prompt_ids)):  # the two prompts part ways
         if common >= block_size:  # they shared whole blocks: an earlier prompt, edited
-            return _changed(prompt_ids, nearest.token_ids(), common, cached_tokens, spans, tokenizer)
+            return _changed(prompt_ids, entry.token_ids, common, cached_tokens, spans, tokenizer)
         text = "new tokens: no earlier request shares a whole block with this prompt's start"
         return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
     if common > cached_tokens:
@@ -216,7 +216,7 @@ def _not_served(
 
 def _changed(
     prompt_ids: list[int],
-    entry: list[int],
+    entry: Sequence[int],
     common: int,
     cached: int,
     spans: Sequence[Span],
@@ -244,5 +244,6 @@ def _where(span: Span | None) -> str:
     return f"{span.role} message #{span.index}: " if span else ""
 
 
-def _excerpt(tokenizer: Any, token_ids: list[int], at: int) -> str:
-    return "..." + tokenizer.decode(token_ids[max(0, at - EXCERPT_TOKENS) : at + EXCERPT_TOKENS])
+def _excerpt(tokenizer: Any, token_ids: Sequence[int], at: int) -> str:
+    window = token_ids[max(0, at - EXCERPT_TOKENS) : at + EXCERPT_TOKENS]  # before any conversion
+    return "..." + tokenizer.decode([int(token) for token in window])

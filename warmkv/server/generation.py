@@ -74,10 +74,11 @@ class Generation:
 
     async def _tracked(self, choice: int, outputs: AsyncIterator[StepOutput]) -> AsyncIterator[StepOutput]:
         async for output in outputs:
-            if self._first_at is None:
+            first = self._first_at is None
+            if first:
                 self._first_at = time.perf_counter()
                 self.record.ttft_ms = (self._first_at - self._started) * 1000
-                self.record.note_cache(output.sequence, self._explain(output.sequence))
+                self.record.note_cache(output.sequence)
             self._completion_tokens[choice] = len(output.sequence.output_ids)
             self.record.completion_tokens = sum(self._completion_tokens)
             if output.finished:
@@ -87,7 +88,11 @@ class Generation:
                 decoded = self._completion_tokens[0] - 1
                 elapsed = time.perf_counter() - self._first_at
                 self.record.decode_tok_s = decoded / elapsed if decoded > 0 and elapsed > 0 else None
-            yield output
+            try:
+                yield output
+            finally:  # after the first token is out: explaining a miss reads the prompt (milliseconds)
+                if first:
+                    self.record.note_miss(self._explain(output.sequence))
 
     @staticmethod
     def _miss(

@@ -33,7 +33,7 @@ class RequestRecord:
     swapped_bytes: int = 0  # of its KV, copied to the host tier and back
     recomputed_tokens: int = 0  # tokens computed again after a preemption
 
-    def note_cache(self, sequence: Sequence, miss: MissReason | None) -> None:
+    def note_cache(self, sequence: Sequence) -> None:
         hit = sequence.cache_hit
         self.cached_tokens = sequence.num_cached
         if hit is None:
@@ -44,8 +44,13 @@ class RequestRecord:
             "stopped_by": hit.stopped_by,
             "load_bytes": hit.load_bytes,
             "load_seconds": round(hit.load_seconds, 6),
-            "miss": miss.to_json() if miss else None,
+            "miss": None,
         }
+
+    def note_miss(self, miss: MissReason | None) -> None:
+        """Why the rest of the prompt was computed, once known (worked out after the first token is out)."""
+        if self.cache and miss is not None:  # empty: no lookup was made
+            self.cache["miss"] = miss.to_json()
 
     def note_scheduling(self, sequence: Sequence) -> None:
         self.preemptions = sequence.preemptions
