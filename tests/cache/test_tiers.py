@@ -238,23 +238,6 @@ def test_full_writer_queue_skips_and_counts(tmp_path: Path, monkeypatch) -> None
     disk.close()
 
 
-def test_disk_writes_go_on_after_their_folders_are_removed(tmp_path: Path) -> None:
-    """`warmkv cache clear` beside a running server: the next writes make their folders again."""
-    import shutil
-
-    layout = BlockLayout((2, 1, 4, 1, 2), torch.float32)
-    disk = DiskTier(tmp_path, "ab" * 16, layout, capacity_bytes=1 << 30)
-    kv = torch.arange(16, dtype=torch.float32).view(2, 1, 4, 1, 2)
-    disk.put(b"\x01" * 16, kv.clone())
-    disk.flush()
-    shutil.rmtree(tmp_path / ("ab" * 16))
-    disk.put(b"\x02" * 16, kv.clone())
-    disk.flush()
-    assert disk.enabled and torch.equal(disk.get(b"\x02" * 16), kv)
-    assert list((tmp_path / ("ab" * 16)).glob("*/*.kv")) == [block_path(tmp_path / ("ab" * 16), b"\x02" * 16)]
-    disk.close()
-
-
 def test_shared_system_prompt_is_stored_once_on_disk(tiny: LoadedModel, tmp_path: Path) -> None:
     engine = make_engine(tiny, tmp_path)
     system = list(range(5000, 5064))  # four full blocks shared by every session

@@ -5,10 +5,6 @@ copy safe: any later write to those pool blocks is queued behind it). A helper t
 host memory on its own stream and hands the blocks to the tiers, waiting for their writers when they are
 busy. When even the helper's short queue is full (the tiers are slower than prefill), the step's blocks
 are skipped and counted, never waited for.
-
-The helper takes all the steps queued at a time, in large copies: each operation gives the GIL up and
-takes it back, and while it waits for it, the engine's thread, which gives the GIL up around every kernel
-launch, can wait on it in turn.
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ class WriteThrough:
             else None
         )
         self._worker: BackgroundWorker[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None]] = (
-            BackgroundWorker("warmkv-write-through", self._write_steps, QUEUED_STEPS, batch=QUEUED_STEPS)
+            BackgroundWorker("warmkv-write-through", self._write_steps, QUEUED_STEPS)
         )
 
     def submit(self, keys: list[bytes], blocks: list[int]) -> None:
@@ -61,20 +57,16 @@ class WriteThrough:
         self._worker.close()
 
     def _write_steps(self, steps: list[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None]]) -> None:
-        """The blocks of every step queued so far, in one pass."""
-        keys = [key for step_keys, _, _ in steps for key in step_keys]
-        gathers = [kv for _, kv, _ in steps]
-        self._put(keys, self._to_host(gathers, steps[-1][2]))
+        for keys, kv, done in steps:
+            self._put(keys, self._to_host(kv, done))
 
-    def _to_host(self, gathers: list[torch.Tensor], done: torch.cuda.Event | None) -> torch.Tensor:
-        """The gathers, one after the other, in host memory; `done`: recorded after the last of them."""
-        if self._staging is None:  # on the CPU, the gathers are already host copies
-            return gathers[0] if len(gathers) == 1 else torch.cat(gathers)
+    def _to_host(self, kv: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
+        if self._staging is None:  # on the CPU, the gather is already a host copy
+            return kv
+        host = torch.empty(kv.shape, dtype=kv.dtype)
         with torch.cuda.stream(self._stream):  # type: ignore[arg-type]
-            self._stream.wait_event(done)  # the gathers were queued in order on the engine's stream
-            # no record_stream: the gathers are referenced until the copies below have run
-            kv = gathers[0] if len(gathers) == 1 else torch.cat(gathers)
-            host = torch.empty(kv.shape, dtype=kv.dtype)
+            self._stream.wait_event(done)
+            kv.record_stream(self._stream)
             # through the pinned buffer: a copy to pageable memory would stall the engine's stream
             for start in range(0, len(kv), STAGING_BLOCKS):
                 part = kv[start : start + STAGING_BLOCKS]

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from warmkv.cache.background import BackgroundWorker
 from warmkv.cache.tiers.base import SUFFIX, TierName, TierStats
@@ -53,14 +53,6 @@ def read_file(path: Path, buffer: bytearray | None = None) -> bytearray:
                 data = bytearray(size)
         f.readinto(data)
     return data
-
-
-def _write_all(descriptor: int, *parts: bytes | memoryview) -> None:
-    """All of `parts`, in one system call unless the kernel writes less than asked."""
-    written = os.writev(descriptor, parts)
-    rest = b"".join(parts)[written:] if written < sum(len(part) for part in parts) else b""
-    while rest:
-        rest = rest[os.write(descriptor, rest) :]
 
 
 def block_path(directory: Path, key: bytes) -> Path:
@@ -211,26 +203,17 @@ class DiskTier:
                     self._queued.discard(key)
 
     def _write(self, key: bytes, kv: torch.Tensor) -> None:
-        # few system calls: each one returns to a thread that must take the GIL back, and that wait slows
-        # the engine's thread, which gives the GIL up around every kernel launch
         header, payload = encode_parts(self.fingerprint, key, kv)
         path = block_path(self.directory, key)
-        temporary = f"{path}.tmp{threading.get_ident()}"
+        self._make_folder(path.parent)
+        temporary = path.with_name(f"{path.name}.tmp{threading.get_ident()}")
         try:
-            descriptor = self._create(temporary)
-        except FileNotFoundError:  # its folder is new, or was removed (`warmkv cache clear`)
-            self._make_folder(path.parent)
-            descriptor = self._create(temporary)
-        try:
-            try:
-                _write_all(descriptor, header, payload)
-            finally:
-                os.close(descriptor)
-            os.replace(temporary, path)  # atomic: readers see the whole file or none
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+            with self._create(temporary) as f:
+                f.write(header)
+                f.write(payload)
+            temporary.replace(path)  # atomic: readers see the whole file or none
+        finally:
+            temporary.unlink(missing_ok=True)
         size = len(header) + len(payload)
         with self._lock:
             self._files[key] = size
@@ -238,15 +221,14 @@ class DiskTier:
         while self.stats.bytes > self.capacity_bytes and self._files:
             self.evict()
 
-    def _create(self, path: Path | str) -> int:
-        """A new file's descriptor, with exactly the tier's mode whatever the umask."""
+    def _create(self, path: Path) -> BinaryIO:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.file_mode)
         try:
-            os.fchmod(descriptor, self.file_mode)
+            os.fchmod(descriptor, self.file_mode)  # exactly the mode asked for, whatever the umask
         except OSError:
             os.close(descriptor)
             raise
-        return descriptor
+        return os.fdopen(descriptor, "wb")
 
     def _make_folder(self, folder: Path) -> None:
         if folder.is_dir():  # the usual case: one stat per write
@@ -266,11 +248,8 @@ class DiskTier:
         try:
             self._make_folder(self.directory)
             probe = self.directory / f".probe{threading.get_ident()}"
-            descriptor = self._create(probe)
-            try:
-                _write_all(descriptor, b"warmkv")
-            finally:
-                os.close(descriptor)
+            with self._create(probe) as f:
+                f.write(b"warmkv")
             probe.unlink()
             files, size = self._scan()
         except OSError as err:
