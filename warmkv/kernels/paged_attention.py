@@ -22,7 +22,7 @@ BLOCK_KEYS = 64  # keys per inner step, gathered slot by slot: any pool block si
 ROWS_PER_TILE = 128  # query rows (tokens x heads of a group) per program in prefill
 MIN_ROWS = 16  # tl.dot's smallest M
 PROGRAMS_PER_SM = 2  # key splits aim at this many attention programs per SM
-MAX_SPLITS = 256
+MAX_SPLITS = 256  # a power of two
 PREFILL_LAUNCH = {"num_warps": 4, "num_stages": 2}
 DECODE_LAUNCH = {"num_warps": 4, "num_stages": 2}
 
@@ -132,12 +132,14 @@ def paged_attention(
             partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=triton.next_power_of_2(splits), CHUNK=16,
+            SPLITS_PAD=MAX_SPLITS, CHUNK=16,  # one compiled merge for every split count
         )  # fmt: skip
     return out
 
 
-@triton.jit
+# Triton compiles a kernel again for each new combination of its integer arguments' divisibility by 16:
+# these change from step to step (table width, token count), and each compile stalls a step for a second
+@triton.jit(do_not_specialize=["stride_table", "stride_out_split", "stride_lse_split"])
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, sinks_ptr,
     block_table_ptr, context_lens_ptr, query_starts_ptr, tile_seqs_ptr, tile_starts_ptr,
@@ -221,7 +223,7 @@ def _attention_kernel(
         tl.store(out_ptr + out_offsets + dims[None, :], result.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_p_split", "stride_lse_split"])
 def _merge_kernel(
     partial_ptr, lse_ptr, out_ptr, num_splits,
     stride_p_split, stride_p_token, stride_p_head, stride_lse_split, stride_lse_token,
