@@ -63,14 +63,10 @@ class KVPool:
         return blocks
 
     def incref(self, block: int) -> None:
-        assert self.ref_counts[block] > 0, "only a held block can gain holders"
-        self.ref_counts[block] += 1
+        self.incref_many([block])
 
     def decref(self, block: int) -> None:
-        self.ref_counts[block] -= 1
-        assert self.ref_counts[block] >= 0
-        if self.ref_counts[block] == 0:
-            self._free.append(block)
+        self.decref_many([block])
 
     def incref_many(self, blocks: list[int]) -> None:
         """incref of each block, in one loop: a long conversation's thousands of blocks cost per call."""
@@ -117,17 +113,12 @@ class KVPool:
         return torch.stack([side[:, rows] for side in self._stored])
 
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
-        """A copy of several blocks, gathered in one pass: [n, sides, layers, block_size, heads, head_dim].
-        Few operations: the write-through runs this on the engine's thread for every step's new blocks."""
-        ids = self._block_ids(blocks)
-        first = self._stored[0]
-        layers, size = first.shape[0], self.block_size
-        kv = torch.empty((len(blocks), len(self._stored), layers, size, *first.shape[2:]), dtype=first.dtype,
-                         device=first.device)  # fmt: skip
-        for side, stored in enumerate(self._stored):
-            picked = stored.view(layers, -1, size, *stored.shape[2:]).index_select(1, ids)
-            kv[:, side].copy_(picked.transpose(0, 1))
-        return kv
+        """A copy of several blocks, gathered in one pass: [n, sides, layers, block_size, heads, head_dim]."""
+        size = self.block_size
+        slots = self._block_slots(blocks)
+        kv = torch.stack([side[:, slots] for side in self._stored])  # [sides, layers, n * size, heads, dim]
+        kv = kv.unflatten(2, (len(blocks), size))  # [sides, layers, n, size, heads, dim]
+        return kv.permute(2, 0, 1, 3, 4, 5).contiguous()
 
     def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
         """Fill blocks from kv [n, sides, layers, block_size, kv_heads, head_dim], on any device, with one
@@ -139,14 +130,11 @@ class KVPool:
             rows = kv[:, side].transpose(0, 1).reshape(layers, len(blocks) * size, *kv.shape[-2:])
             target[:, slots] = rows.to(self.k.device, non_blocking=True)
 
-    def _block_ids(self, blocks: list[int]) -> torch.Tensor:
-        """The block ids as a tensor on the pool's device."""
-        return self._uploads.upload(blocks) if self._uploads else torch.tensor(blocks, dtype=torch.long)
-
     def _block_slots(self, blocks: list[int]) -> torch.Tensor:
         """Flat slot indices of whole blocks, on the pool's device."""
-        offsets = torch.arange(self.block_size, device=self.k.device)
-        return (self._block_ids(blocks)[:, None] * self.block_size + offsets).flatten()
+        device = self.k.device
+        ids = self._uploads.upload(blocks) if self._uploads else torch.tensor(blocks, dtype=torch.long)
+        return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
 
     @property
     def block_shape(self) -> tuple[int, ...]:
