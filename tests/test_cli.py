@@ -66,6 +66,14 @@ def test_readme_names_the_load_policy_flag_that_exists() -> None:
     assert build_parser().parse_args(["serve", "--kv-load", "always"]).kv_load == "always"
 
 
+def test_disk_write_policy_flag() -> None:
+    assert engine_config_from(build_parser().parse_args(["serve"])).cache.disk_write.value == "through"
+    args = build_parser().parse_args(["serve", "--kv-disk-write", "back"])
+    assert engine_config_from(args).cache.disk_write.value == "back"
+    with pytest.raises(SystemExit):  # argparse names the flag and its choices
+        build_parser().parse_args(["serve", "--kv-disk-write", "sometimes"])
+
+
 def test_serve_with_block_size_128_is_accepted() -> None:
     config = engine_config_from(build_parser().parse_args(["serve", "--block-size", "128"]))
     assert config.block_size == 128

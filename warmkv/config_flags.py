@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.config import CacheConfig, DiskWrite, LoadPolicy
 from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
 from warmkv.engine.config import EngineConfig
 from warmkv.errors import WarmkvError
@@ -96,6 +96,14 @@ def _add_tier_flags(parser: argparse.ArgumentParser, defaults: CacheConfig) -> N
         help="mode of KV files, octal (600: the owner only; 640 or 660 for a shared group); folders get "
         "the matching search bits",
     )
+    tiers.add_argument(
+        "--kv-disk-write",
+        choices=[w.value for w in DiskWrite],
+        default=defaults.disk_write.value,
+        help="through: every block reaches the disk as it is computed (survives a crash); back: a block is "
+        "written when it leaves GPU and host memory, and every cached block at shutdown (nothing is "
+        "written while memory holds the working set)",
+    )
     disk = tiers.add_mutually_exclusive_group()
     disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")
     disk.add_argument("--disk-cache-tokens", type=int, help="disk tier size in tokens")
@@ -162,6 +170,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
             kv_file_mode=args.kv_dir_mode,
             disk_gib=args.disk_cache_gib,
             disk_tokens=args.disk_cache_tokens,
+            disk_write=DiskWrite(args.kv_disk_write),
             load_policy=LoadPolicy(args.kv_load),
             recalibrate=args.recalibrate,
             redis_url=args.redis_url,

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmkv.cache import admin
-from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.config import CacheConfig, DiskWrite, LoadPolicy
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts
 from warmkv.cache.prefix_index import PrefixIndex
@@ -97,6 +97,37 @@ def test_hit_from_disk_after_restart_is_exact(tiny: LoadedModel, tmp_path: Path)
     assert seq.cache_hit.tokens_by_tier == {TierName.LIVE: 0, TierName.DISK: 48}
     assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
     assert_hit_logits_exact(make_engine(tiny, tmp_path), tiny, FOLLOW_UP, TierName.DISK)
+
+
+def kv_files(kv_dir: Path) -> list[Path]:
+    return sorted(kv_dir.glob("*/*/*.kv"))
+
+
+def test_write_back_writes_nothing_while_memory_holds_the_blocks_and_all_of_them_at_shutdown(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK)
+    generate(engine, PROMPT)
+    engine.prefix_cache.flush()
+    assert kv_files(tmp_path) == []  # the pool holds them: no disk write on the request path
+    engine.close()
+    assert len(kv_files(tmp_path)) == 3
+    restarted = make_engine(tiny, tmp_path)
+    seq = generate(restarted, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier == {TierName.LIVE: 0, TierName.DISK: 48}
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
+def test_write_back_writes_blocks_as_they_leave_memory(tiny: LoadedModel, tmp_path: Path) -> None:
+    """No host tier: a block evicted from the pool goes to disk then, not at shutdown."""
+    engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK, host_tokens=0)
+    generate(engine, PROMPT)
+    evict_everything_live(engine)
+    engine.prefix_cache.flush()
+    assert len(kv_files(tmp_path)) == 3
+    seq = generate(engine, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 48
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
 
 
 def test_eviction_demotes_least_recently_used_first(tiny: LoadedModel) -> None:

@@ -16,6 +16,11 @@ class LoadPolicy(str, enum.Enum):
     ALWAYS = "always"  # always load
 
 
+class DiskWrite(str, enum.Enum):
+    THROUGH = "through"  # every block is written as it is completed: the disk survives a crash
+    BACK = "back"  # a block is written when it leaves the memory tiers, and every cached block at shutdown
+
+
 def default_kv_dir() -> Path:
     """WARMKV_KV_DIR, else `kv/` in the user cache directory."""
     return Path(os.environ.get("WARMKV_KV_DIR") or cache_home() / "kv")
@@ -32,6 +37,7 @@ class CacheConfig:
     disk_gib: float | None = None  # disk tier size in GiB ...
     disk_tokens: int | None = None  # ... or in tokens; neither: 20 GiB
     writer_queue: int = 1024  # blocks waiting for the disk writer before writes are skipped
+    disk_write: DiskWrite = DiskWrite.THROUGH
     load_policy: LoadPolicy = LoadPolicy.AUTO
     recalibrate: bool = False  # measure load-or-recompute costs again instead of reading the saved ones
     redis_url: str | None = None  # the shared tier: redis://, rediss:// or unix:// (Redis or Valkey)

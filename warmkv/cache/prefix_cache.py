@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from warmkv.cache.config import CacheConfig, LoadPolicy, default_kv_dir
+from warmkv.cache.config import CacheConfig, DiskWrite, LoadPolicy, default_kv_dir
 from warmkv.cache.hit_policy import HitEmulation
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts, calibrated_load_costs
@@ -31,6 +31,8 @@ from warmkv.cache.write_through import WriteThrough
 from warmkv.errors import PoolExhausted
 
 log = logging.getLogger("warmkv.cache")
+
+WRITE_BACK_BATCH = 256  # live blocks gathered and copied to the host at a time when written back
 
 
 @dataclass(slots=True)
@@ -110,7 +112,10 @@ class PrefixCache:
         if config.redis_url:
             self.remote = RedisTier(config.redis_url, fingerprint, layout, config.redis_ttl_s,
                                     config.redis_timeout_s, config.redis_cluster)  # fmt: skip
-        self.write_through = WriteThrough(pool, [t for t in (self.disk, self.remote) if t is not None])
+        # the shared tier is written through whatever the disk's policy: other replicas read it now
+        written = (self.disk if config.disk_write is DiskWrite.THROUGH else None, self.remote)
+        self.write_through = WriteThrough(pool, [t for t in written if t is not None])
+        self.disk_write = config.disk_write
         self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
@@ -373,10 +378,34 @@ class PrefixCache:
 
     def close(self) -> None:
         self.write_through.close()
+        if self.disk_write is DiskWrite.BACK:
+            self._write_back()
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.close()
         self.host = None  # its slab (pinned RAM on CUDA) goes back now
+
+    def _write_back(self) -> None:
+        """At shutdown with --kv-disk-write back: every block the memory tiers hold and the disk lacks goes
+        to disk (the host tier's first: they are the older), so a restart finds them."""
+        if self.disk is None or not self.disk.enabled:
+            return
+        started = time.perf_counter()
+        host = [(k, kv) for k, kv in (self.host.items() if self.host else []) if self.disk.wants(k)]
+        live = [(k, b) for k, b in self.index.items() if self.disk.wants(k)]
+        count = len(host) + len(live)
+        if count:
+            log.info("writing %d cached blocks to disk before exit ...", count)
+        for key, kv in host:
+            self.disk.put(key, kv, wait=True)  # a view: nothing writes the slab any more, flushed below
+        for start in range(0, len(live), WRITE_BACK_BATCH):
+            batch = live[start : start + WRITE_BACK_BATCH]
+            kv = self.pool.read_blocks([block for _, block in batch]).to("cpu")
+            for (key, _), block_kv in zip(batch, kv, strict=True):
+                self.disk.put(key, block_kv, wait=True)
+        self.disk.flush()
+        if count:
+            log.info("wrote %d blocks to disk in %.1f s", count, time.perf_counter() - started)
 
     # -- policy -----------------------------------------------------------------------------------
 

@@ -39,6 +39,10 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def items(self) -> list[tuple[bytes, int]]:
+        """Every (key, block) indexed, least recently used first."""
+        return list(self._blocks.items())
+
     def root(self, namespace: str) -> bytes:
         """Parent of a chain's first block: keys differ between models and between namespaces."""
         # surrogatepass: any str is a namespace (encoded one-to-one), so no tenant's name can fail the step

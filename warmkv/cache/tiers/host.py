@@ -72,6 +72,12 @@ class HostTier:
             self._slots[key] = slot
         self._update_size()
 
+    def items(self) -> list[tuple[bytes, torch.Tensor]]:
+        """Every block held, least recently used first: its key and a view of its slot."""
+        for slot in list(self._in_flight)[:1]:  # one wait lands them all
+            self._landed(slot)
+        return [(key, self._slab[slot]) for key, slot in self._slots.items()]
+
     @property
     def capacity(self) -> int:
         return len(self._slab)
