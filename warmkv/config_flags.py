@@ -102,7 +102,7 @@ def _add_tier_flags(parser: argparse.ArgumentParser, defaults: CacheConfig) -> N
         default=defaults.disk_write.value,
         help="through: every block reaches the disk as it is computed (survives a crash); back: a block is "
         "written when it leaves GPU and host memory, and every cached block at shutdown (nothing is "
-        "written while memory holds the working set)",
+        "written while memory holds the working set); either way a full writer queue skips a write",
     )
     disk = tiers.add_mutually_exclusive_group()
     disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")

@@ -43,7 +43,6 @@ def test_copies_are_distinct_conversations_sharing_the_system_prompt() -> None:
     assert first.messages[1]["content"] == "hi"  # the original is left alone
 
 
-@pytest.mark.slow
 def test_warm_up_runs_the_first_turns_of_each_session_on_text_the_measured_runs_never_share(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -58,6 +57,7 @@ def test_warm_up_runs_the_first_turns_of_each_session_on_text_the_measured_runs_
     assert requests[0].messages[0]["content"] == SYSTEM["content"]  # the measured requests are untouched
 
 
+@pytest.mark.slow
 def test_load_runs_sessions_concurrently_without_errors(
     tiny_llama_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -106,16 +106,20 @@ def kv_files(kv_dir: Path) -> list[Path]:
 def test_write_back_writes_nothing_while_memory_holds_the_blocks_and_all_of_them_at_shutdown(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
+    other = list(range(3000, 3057))
     engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK)
     generate(engine, PROMPT)
+    evict_everything_live(engine)  # PROMPT's blocks now in host RAM ...
+    generate(engine, other)  # ... and other's in the pool
     engine.prefix_cache.flush()
-    assert kv_files(tmp_path) == []  # the pool holds them: no disk write on the request path
+    assert kv_files(tmp_path) == []  # memory holds them: no disk write on the request path
     engine.close()
-    assert len(kv_files(tmp_path)) == 3
+    assert len(kv_files(tmp_path)) == 6  # both tiers' blocks, at shutdown
     restarted = make_engine(tiny, tmp_path)
-    seq = generate(restarted, FOLLOW_UP)
-    assert seq.cache_hit.tokens_by_tier == {TierName.LIVE: 0, TierName.DISK: 48}
-    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    for prompt in (FOLLOW_UP, [*other, *range(2000, 2012)]):
+        seq = generate(restarted, prompt)
+        assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 48
+        assert seq.output_ids == cold_tokens(tiny, prompt)
 
 
 def test_write_back_writes_blocks_as_they_leave_memory(tiny: LoadedModel, tmp_path: Path) -> None:

@@ -22,14 +22,18 @@ def test_trace_names_the_message_that_changed_and_explain_reports_it(
     trace = tmp_path / "trace.jsonl"
     server = start_server(default_model, EngineConfig(kv_pool_tokens=4096), trace=trace)
 
-    def ask(system: str, user: str) -> None:
+    def ask(system: str, user: str, stream: bool = False, max_tokens: int = 2) -> None:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        server.client().chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=2)
+        reply = server.client().chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=max_tokens, stream=stream
+        )
+        if stream:  # the miss is explained after the first token is out: streams must carry it too
+            list(reply)
 
     try:
         ask(SYSTEM, "Fix the bug.")
-        ask(SYSTEM.replace("src/b.py", "src/c.py"), "Fix the bug.")  # an early block rewritten
-        ask(SYSTEM, "Fix the bug, then add tests.")  # same system prompt, another question
+        ask(SYSTEM.replace("src/b.py", "src/c.py"), "Fix the bug.", stream=True, max_tokens=1)  # early block
+        ask(SYSTEM, "Fix the bug, then add tests.", stream=True)  # same system prompt, another question
         ask(SYSTEM, "Fix the bug, then add tests.")  # the same request again
     finally:
         server.stop()

@@ -165,7 +165,8 @@ def _run_embedded(
 def _warm_up(model: Any, flags: list[str], requests: list[TraceRequest], shape: LoadShape) -> None:
     """A throwaway server runs the first turns of every session at once before anything is measured: the
     Triton kernels compile for the shapes the load takes (seconds each), which would otherwise be paid by
-    whichever policy runs first. The turns' first message is marked, so nothing cached here is reused."""
+    whichever policy runs first. Its server and KV folder are its own; the turns' first message is marked
+    as well, so the kernels see the lengths of the load, not its text."""
     turns = []
     for name, session in by_session(requests).items():
         for request in session[:WARM_UP_TURNS]:

@@ -135,9 +135,6 @@ class Nearest:
         """Keys of the prompt's leading whole blocks that the remembered sequence shares and was keyed for."""
         return self.entry.keys[: self.common // block_size] if self.entry else []
 
-    def token_ids(self) -> list[int]:
-        return self.entry.token_ids.tolist() if self.entry else []
-
 
 def _as_array(token_ids: list[int]) -> np.ndarray:
     # int32 from an iterator: the fastest conversion of a long list (a 32k prompt: 0.6 ms, not 0.9)

@@ -1,9 +1,11 @@
 """The tiered prefix cache: live pool -> host RAM -> local disk, one token-keyed chain of block hashes.
 
 A block leaves the live pool only when no sequence holds it; it is demoted to host RAM, and from there to
-disk. Every block is also written through to disk in the background as soon as it is complete, so a
-restart (or a crash) loses at most what the writer had not reached. A lookup walks the chain through the
-tiers and copies lower-tier blocks back into the pool, unless recomputing them would be faster.
+disk. By default every block is also written through to disk in the background as soon as it is
+complete, so a restart (or a crash) loses at most what the writer had not reached; with write-back
+(`--kv-disk-write back`) a block reaches the disk as it leaves memory, and the rest at shutdown. A lookup
+walks the chain through the tiers and copies lower-tier blocks back into the pool, unless recomputing them
+would be faster.
 """
 
 from __future__ import annotations
@@ -115,7 +117,6 @@ class PrefixCache:
         # the shared tier is written through whatever the disk's policy: other replicas read it now
         written = (self.disk if config.disk_write is DiskWrite.THROUGH else None, self.remote)
         self.write_through = WriteThrough(pool, [t for t in written if t is not None])
-        self.disk_write = config.disk_write
         self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
@@ -378,12 +379,14 @@ class PrefixCache:
 
     def close(self) -> None:
         self.write_through.close()
-        if self.disk_write is DiskWrite.BACK:
-            self._write_back()
-        for tier in (self.disk, self.remote):
-            if tier is not None:
-                tier.close()
-        self.host = None  # its slab (pinned RAM on CUDA) goes back now
+        try:
+            if self.config.disk_write is DiskWrite.BACK:
+                self._write_back()
+        finally:
+            for tier in (self.disk, self.remote):
+                if tier is not None:
+                    tier.close()
+            self.host = None  # its slab (pinned RAM on CUDA) goes back now
 
     def _write_back(self) -> None:
         """At shutdown with --kv-disk-write back: every block the memory tiers hold and the disk lacks goes
@@ -417,7 +420,7 @@ class PrefixCache:
     def _demote(self, victims: list[tuple[bytes, int]]) -> None:
         """Live blocks about to be reused: keep their KV one tier down, gathered off the pool in one pass."""
         if self.host is None:
-            # usually written through already; copy only what the write-through skipped
+            # written through, the disk usually has them; written back, this is how they get there
             if self.disk is not None and self.disk.enabled:
                 missing = [(key, block) for key, block in victims if not self.disk.contains(key)]
                 self._put_on_disk(missing)
@@ -435,7 +438,8 @@ class PrefixCache:
 
     def _keep_on_host(self, keys: list[bytes], kv: torch.Tensor) -> None:
         """Blocks `kv` [n, ...] (on any device) onto the host tier, its least recently used blocks going
-        down to the disk first where the disk lacks them (written through, it usually has them)."""
+        down to the disk first where the disk lacks them (written through, it usually has them; written
+        back, this is how they get there)."""
         assert self.host is not None
         beyond = max(0, len(keys) - self.host.capacity)  # more than the whole tier: the oldest go below
         if beyond and self.disk is not None:

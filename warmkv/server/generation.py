@@ -49,6 +49,7 @@ class Generation:
         self._completion_tokens = [0] * n
         self._started = time.perf_counter()
         self._first_at: float | None = None
+        self._unexplained: Sequence | None = None  # the first output's, until its miss is explained
         self._outputs: AsyncIterator[StepOutput] | None = None
 
     def __aiter__(self) -> AsyncIterator[StepOutput]:
@@ -79,6 +80,7 @@ class Generation:
                 self._first_at = time.perf_counter()
                 self.record.ttft_ms = (self._first_at - self._started) * 1000
                 self.record.note_cache(output.sequence)
+                self._unexplained = output.sequence
             self._completion_tokens[choice] = len(output.sequence.output_ids)
             self.record.completion_tokens = sum(self._completion_tokens)
             if output.finished:
@@ -91,8 +93,14 @@ class Generation:
             try:
                 yield output
             finally:  # after the first token is out: explaining a miss reads the prompt (milliseconds)
-                if first:
-                    self.record.note_miss(self._explain(output.sequence))
+                self.note_miss()
+
+    def note_miss(self) -> None:
+        """Explain the miss in the record, once: after the first token is out, at the latest when the
+        request is accounted (a client gone before the stream went on)."""
+        if self._unexplained is not None:
+            sequence, self._unexplained = self._unexplained, None
+            self.record.note_miss(self._explain(sequence))
 
     @staticmethod
     def _miss(

@@ -74,6 +74,7 @@ async def respond(
         record.status = 499
         raise
     finally:
+        generation.note_miss()
         account(record, state.metrics, state.request_log)
     body = fmt.whole(outputs, record)
     if on_finish is not None:
@@ -107,6 +108,7 @@ async def _stream(
         for event in fmt.failure(err):
             yield event
     finally:
+        generation.note_miss()
         account(record, state.metrics, state.request_log)
 
 

@@ -74,8 +74,9 @@ class HostTier:
 
     def items(self) -> list[tuple[bytes, torch.Tensor]]:
         """Every block held, least recently used first: its key and a view of its slot."""
-        for slot in list(self._in_flight)[:1]:  # one wait lands them all
-            self._landed(slot)
+        in_flight = next(iter(self._in_flight), None)
+        if in_flight is not None:
+            self._landed(in_flight)  # one wait lands them all
         return [(key, self._slab[slot]) for key, slot in self._slots.items()]
 
     @property
