@@ -185,25 +185,6 @@ def test_v2_lite_shape_keeps_31104_bytes_per_token_against_qwen_7b_57344() -> No
     assert per_token("qwen2.5-7b") == 57344
 
 
-def test_random_shape_matches_transformers_on_the_same_tensors() -> None:
-    """The benchmarks' random weights go straight from transformers' module (experts already stacked)."""
-    from warmkv.engine.model_runner import ModelRunner
-    from warmkv.models.random_init import random_pair
-
-    from ..conftest import smollm2_tokenizer
-
-    torch.manual_seed(0)
-    ours, theirs = random_pair("deepseek-mla-tiny", smollm2_tokenizer(), CPU, torch.float32)
-    heads, head_dim, sides = ours.config.kv_cache_layout
-    pool = KVPool(ours.config.num_layers, 16, BLOCK, heads, head_dim, torch.float32, CPU, sides)
-    prompt = torch.randint(0, 49152, (20,)).tolist()
-    (logits,) = ModelRunner(ours.module, pool).forward(
-        [ForwardItem(prompt, 0, pool.allocate(3), all_logits=True)]
-    )
-    with torch.no_grad():
-        torch.testing.assert_close(logits, theirs(torch.tensor([prompt])).logits[0], **TOL)
-
-
 _GGUF_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.q_a_proj": "attn_q_a", "self_attn.q_a_layernorm": "attn_q_a_norm",

@@ -54,6 +54,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                          "rope_theta": 10000.0},
     ),
     # the same architectures small enough for a CPU run: prove the benchmarks' code paths work
+    # a long window on a model this small: the per-request work around a 32k hit (bench.ttft) on a CPU, where
+    # the forward pass takes milliseconds, not the seconds of a real model's
+    "llama-tiny-64k": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=65536, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    ),
     "qwen3-moe-tiny": dict(
         architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=49152, hidden_size=128,
         intermediate_size=256, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4,
