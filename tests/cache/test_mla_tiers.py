@@ -18,8 +18,8 @@ from .test_tiers import (
     FOLLOW_UP,
     PROMPT,
     assert_hit_logits_exact,
+    assert_host_hit_exact,
     cold_tokens,
-    evict_everything_live,
     generate,
     make_engine,
 )
@@ -32,14 +32,7 @@ def deepseek(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 
 def test_host_hit_of_latents_is_exact(deepseek: LoadedModel) -> None:
-    engine = make_engine(deepseek, kv_dir=None)
-    generate(engine, PROMPT)
-    evict_everything_live(engine)
-    seq = generate(engine, FOLLOW_UP)
-    assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48 and seq.num_cached == 57
-    assert seq.output_ids == cold_tokens(deepseek, FOLLOW_UP)
-    evict_everything_live(engine)
-    assert_hit_logits_exact(engine, deepseek, FOLLOW_UP, TierName.HOST)
+    assert_host_hit_exact(deepseek)
 
 
 def test_disk_keeps_the_latent_and_a_restart_reuses_it_exactly(deepseek: LoadedModel, tmp_path: Path) -> None:

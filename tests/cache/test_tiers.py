@@ -75,17 +75,22 @@ def evict_everything_live(engine: LLMEngine) -> None:
     engine.prefix_cache.index.evict(len(engine.prefix_cache.index))
 
 
-def test_hit_from_host_tier_is_exact(tiny: LoadedModel) -> None:
-    engine = make_engine(tiny, kv_dir=None)
+def assert_host_hit_exact(model: LoadedModel) -> None:
+    """A prompt's blocks demoted to host RAM come back for its follow-up: tokens and logits as if cold."""
+    engine = make_engine(model, kv_dir=None)
     generate(engine, PROMPT)
     evict_everything_live(engine)  # demoted to host RAM
     assert engine.prefix_cache.host.stats.blocks >= 3
     seq = generate(engine, FOLLOW_UP)
     # the whole blocks from host RAM, then the prompt frontier's partial block, still live
     assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48 and seq.num_cached == 57
-    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    assert seq.output_ids == cold_tokens(model, FOLLOW_UP)
     evict_everything_live(engine)
-    assert_hit_logits_exact(engine, tiny, FOLLOW_UP, TierName.HOST)
+    assert_hit_logits_exact(engine, model, FOLLOW_UP, TierName.HOST)
+
+
+def test_hit_from_host_tier_is_exact(tiny: LoadedModel) -> None:
+    assert_host_hit_exact(tiny)
 
 
 def test_hit_from_disk_after_restart_is_exact(tiny: LoadedModel, tmp_path: Path) -> None:
