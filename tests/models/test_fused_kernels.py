@@ -46,7 +46,8 @@ def test_silu_and_mul(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_rotates_q_and_k_and_stores_k_and_v_in_their_slots(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("qk_norm", [False, True])  # Qwen3 normalises each head of q and k first
+def test_rotary_rotates_q_and_k_and_stores_k_and_v_in_their_slots(dtype: torch.dtype, qk_norm: bool) -> None:
     tokens, heads, kv_heads, head_dim = 4, 6, 2, 32
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
     sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
@@ -56,10 +57,18 @@ def test_rotary_rotates_q_and_k_and_stores_k_and_v_in_their_slots(dtype: torch.d
     slots = torch.tensor([7, 2, 9, 0], device=DEVICE)
     caches = [torch.zeros(12, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2)]
     want_caches = [torch.zeros(12, kv_heads, head_dim, dtype=dtype) for _ in range(2)]
+    norms = None
+    if qk_norm:
+        norms = (layers.RMSNorm(head_dim, 1e-6).to(dtype), layers.RMSNorm(head_dim, 1e-6).to(dtype))
+        with torch.no_grad():
+            for norm in norms:
+                norm.weight.uniform_(0.5, 2.0)
     want_q, want_k = reference(
-        layers.rotary_and_store, q.clone(), k.clone(), v, cos, sin, *want_caches, slots
+        layers.rotary_and_store, q.clone() * 3, k.clone() * 3, v, cos, sin, *want_caches, slots, norms
     )
-    fused.rotary_and_store(q, k, v, cos, sin, *caches, slots)
+    q.mul_(3), k.mul_(3)  # the norm must undo the scale
+    weights = (norms[0].weight.to(DEVICE), norms[1].weight.to(DEVICE), 1e-6) if norms else None
+    fused.rotary_and_store(q, k, v, cos, sin, *caches, slots, weights)
     # within one rounding of the dtype: the GPU may fuse a multiply-add the reference rounds twice
     exact = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2**-5, "rtol": 2**-7}
     torch.testing.assert_close(q.cpu(), want_q, **exact)

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from warmkv.kernels import fused_moe
-from warmkv.kernels.fused_moe import align_by_expert, fused_experts
+from warmkv.kernels.fused_moe import align_by_expert, fused_experts, route_top_k
 from warmkv.models.moe import experts_reference, route
 
 CUDA = torch.cuda.is_available()
@@ -81,6 +81,39 @@ def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop() -> None:
     with torch.no_grad():
         got, want = fused_experts(x, *tensors), experts_reference(x, *tensors)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+# Qwen3-MoE (renormalised), Qwen2-MoE (not), gpt-oss (softmax over the top-k logits)
+ROUTINGS = [(True, False), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize(("normalize", "softmax_over_top_k"), ROUTINGS)
+def test_router_kernel_matches_the_pytorch_steps(normalize: bool, softmax_over_top_k: bool) -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(5, 12, device=DEVICE) * 3  # 12 experts, top 3: both padded to a power of two
+    weights, expert_ids = route_top_k(logits, 3, renormalize=normalize or softmax_over_top_k)
+    want_weights, want_ids = route(logits.cpu(), 3, normalize, softmax_over_top_k)
+    assert expert_ids.dtype == torch.int64 and expert_ids.cpu().tolist() == want_ids.tolist()
+    torch.testing.assert_close(weights.cpu(), want_weights, atol=1e-6, rtol=1e-6)
+
+
+def test_router_kernel_gives_ties_to_the_lower_expert() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]], device=DEVICE)
+    weights, expert_ids = route_top_k(logits, 2, renormalize=True)
+    assert expert_ids.cpu().tolist() == [[1, 2]]
+    assert weights.cpu().tolist() == [[0.5, 0.5]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("normalize", "softmax_over_top_k"), ROUTINGS)
+def test_router_kernel_in_bfloat16_at_qwen3_moe_shape(normalize: bool, softmax_over_top_k: bool) -> None:
+    """128 experts, top 8, bf16 logits (distinct: bf16 ties would leave the order to each top-k)."""
+    logits = torch.stack([torch.randperm(128) for _ in range(33)]).to(DEVICE, torch.bfloat16) / 16
+    weights, expert_ids = route(logits, 8, normalize, softmax_over_top_k)  # the kernel, on CUDA
+    want_weights, want_ids = route(logits.cpu(), 8, normalize, softmax_over_top_k)
+    assert expert_ids.cpu().tolist() == want_ids.tolist()
+    torch.testing.assert_close(weights.cpu(), want_weights, atol=0, rtol=2**-7)  # one bf16 rounding
 
 
 @pytest.mark.gpu

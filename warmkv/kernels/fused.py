@@ -81,24 +81,28 @@ def rotary_and_store(
     k_cache: torch.Tensor,  # [slots, kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [tokens]
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,  # q's and k's RMSNorm weights, eps
 ) -> None:
-    """Rotate q and k (rotate-half layout) and store k and v in their pool slots, in one launch."""
+    """Rotate q and k (rotate-half layout) and store k and v in their pool slots, in one launch; with
+    qk_norm (Qwen3), each head of q and k is RMS-normalised first."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, k, 0.0)
     _rotary_kernel[(tokens, heads + kv_heads)](
-        q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
+        q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_weight, k_weight, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1),
         HEADS=heads, HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2),
+        QK_NORM=qk_norm is not None,
     )  # fmt: skip
 
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, eps,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cos, stride_cache_slot, stride_cache_head,
-    HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -111,10 +115,18 @@ def _rotary_kernel(
     sin_hi = tl.load(sin_ptr + token * stride_cos + HALF + dims, mask=ok).to(tl.float32)
     if head < HEADS:
         base = q_ptr + token * stride_q_token + head * stride_q_head
+        norm_weight = q_norm_ptr
     else:
         base = k_ptr + token * stride_k_token + (head - HEADS) * stride_k_head
-    lo = tl.load(base + dims, mask=ok).to(tl.float32)
-    hi = tl.load(base + HALF + dims, mask=ok).to(tl.float32)
+        norm_weight = k_norm_ptr
+    lo = tl.load(base + dims, mask=ok, other=0.0).to(tl.float32)
+    hi = tl.load(base + HALF + dims, mask=ok, other=0.0).to(tl.float32)
+    if QK_NORM:  # RMSNorm of the head, rounded as the rms_norm kernel rounds
+        scale = tl.rsqrt((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / (2 * HALF) + eps)
+        weight_lo = tl.load(norm_weight + dims, mask=ok).to(tl.float32)
+        weight_hi = tl.load(norm_weight + HALF + dims, mask=ok).to(tl.float32)
+        lo = ((lo * scale).to(dtype).to(tl.float32) * weight_lo).to(dtype).to(tl.float32)
+        hi = ((hi * scale).to(dtype).to(tl.float32) * weight_hi).to(dtype).to(tl.float32)
     # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model dtype
     new_lo = ((lo * cos_lo).to(dtype).to(tl.float32) + (-hi * sin_lo).to(dtype).to(tl.float32)).to(dtype)
     new_hi = ((hi * cos_hi).to(dtype).to(tl.float32) + (lo * sin_hi).to(dtype).to(tl.float32)).to(dtype)

@@ -5,7 +5,8 @@ is padded to a whole tile of rows (`align_by_expert`), so every tile of the grou
 one expert by that expert's weight: a weight is read once per tile however many tokens chose it, and an
 expert no token chose is never read. The first GEMM gathers token rows of x straight from the
 unsorted input and writes gate|up per pair; silu(gate) * up is the existing fused kernel; the second GEMM
-multiplies by the router weight on the way out; the k pairs of a token are then summed.
+multiplies by the router weight on the way out; the k pairs of a token are then summed. The router's
+softmax, top-k and renormalisation are one kernel too (`route_top_k`): in PyTorch they are half a dozen.
 
 Every shape depends only on the number of tokens (the padding is sized for the worst case, tiles past
 the real ones exit at once), and the sorting is done with device-side ops that never wait for the host,
@@ -176,3 +177,46 @@ def _grouped_gemm_kernel(
         acc = acc.to(dtype).to(tl.float32) * weight[:, None]
     out = out_ptr + pair[:, None] * stride_out + col[None, :]
     tl.store(out, acc.to(dtype), mask=real[:, None] & col_ok[None, :])
+
+
+def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights in the logits' dtype, int64 expert ids), each [tokens, top_k], in one launch: the k largest
+    logits, weighted by their softmax over all experts, or over the chosen k when `renormalize` (which
+    is also gpt-oss's softmax over the top-k logits). Ties go to the lower expert id."""
+    tokens, experts = logits.shape
+    weights = torch.empty(tokens, top_k, dtype=logits.dtype, device=logits.device)
+    expert_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    _route_kernel[(tokens,)](
+        logits, weights, expert_ids, logits.stride(0), experts,
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK=triton.next_power_of_2(experts),
+        RENORMALIZE=renormalize,
+    )  # fmt: skip
+    return weights, expert_ids
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, weights_ptr, ids_ptr, stride_logits, experts,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr, RENORMALIZE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + row * stride_logits + cols, mask=cols < experts, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    biggest = tl.max(logits, 0)
+    total = tl.sum(tl.exp(logits - biggest), 0)
+    slots = tl.arange(0, K_PAD)
+    top = tl.full((K_PAD,), float("-inf"), tl.float32)
+    ids = tl.zeros((K_PAD,), tl.int64)
+    left = logits
+    for k in tl.static_range(TOP_K):  # k rounds of arg-max: k is small, the experts fit one block
+        best = tl.max(left, 0)
+        best_id = tl.min(tl.where(left == best, cols, BLOCK), 0)
+        top = tl.where(slots == k, best, top)
+        ids = tl.where(slots == k, best_id.to(tl.int64), ids)
+        left = tl.where(cols == best_id, float("-inf"), left)
+    scores = tl.exp(top - biggest)  # 0 in the padding slots
+    weights = scores / (tl.sum(scores, 0) if RENORMALIZE else total)
+    chosen = slots < TOP_K
+    tl.store(weights_ptr + row * TOP_K + slots, weights.to(weights_ptr.dtype.element_ty), mask=chosen)
+    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=chosen)

@@ -66,11 +66,15 @@ def rotary_and_store(
     k_cache: torch.Tensor,  # [slots, kv_heads, head_dim] of one layer
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [tokens]
+    qk_norm: tuple[RMSNorm, RMSNorm] | None = None,  # per-head norms of q and k (Qwen3), before rotating
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated q and k; the rotated k and v are stored in their pool slots."""
     if has_kernels(q.device):
-        fused.rotary_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        norms = (qk_norm[0].weight, qk_norm[1].weight, qk_norm[0].eps) if qk_norm else None
+        fused.rotary_and_store(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, norms)
         return q, k
+    if qk_norm is not None:
+        q, k = qk_norm[0](q), qk_norm[1](k)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k_cache[slot_mapping] = k
     v_cache[slot_mapping] = v

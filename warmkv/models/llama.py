@@ -60,10 +60,8 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        q, k = rotary_and_store(q, k, v, *rotary, kv[0], kv[1], batch.slot_mapping)
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else None
+        q, k = rotary_and_store(q, k, v, *rotary, kv[0], kv[1], batch.slot_mapping, norms)
         out = paged_attention(q, k, v, kv[0], kv[1], batch, self.scale, self.sliding_window, self.sinks)
         return self.o_proj(out.reshape(tokens, -1))
 

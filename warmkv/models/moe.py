@@ -22,7 +22,7 @@ from warmkv.models.config import ModelConfig, MoeConfig
 from warmkv.models.layers import TRITON, has_kernels, silu_and_mul
 
 if TRITON:
-    from warmkv.kernels.fused_moe import fused_experts
+    from warmkv.kernels.fused_moe import fused_experts, route_top_k
 
 
 class Experts(nn.Module):
@@ -82,7 +82,10 @@ def route(
     logits: torch.Tensor, top_k: int, normalize: bool, softmax_over_top_k: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights in the logits' dtype, expert ids), each [tokens, top_k]: softmax in float32, top-k,
-    optionally renormalised over the chosen k; or (gpt-oss) top-k logits, softmax over those."""
+    optionally renormalised over the chosen k; or (gpt-oss) top-k logits, softmax over those. On CUDA one
+    kernel; the PyTorch steps are the reference."""
+    if has_kernels(logits.device) and logits.dim() == 2:
+        return route_top_k(logits, top_k, renormalize=normalize or softmax_over_top_k)
     if softmax_over_top_k:
         top, expert_ids = torch.topk(logits, top_k, dim=-1)
         return torch.softmax(top, dim=-1), expert_ids
