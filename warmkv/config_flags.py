@@ -54,7 +54,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="sequences per batch")
     group.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     group.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt in full")
-    group.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+    group.add_argument("--no-cuda-graphs", action="store_true", help="run forward passes eagerly on CUDA")
     _add_tier_flags(parser, defaults.cache)
     rules = parser.add_argument_group("other caches' reuse rules, for side-by-side benchmarks")
     hit = HitPolicyConfig(HitPolicyName.BLOCKS)  # for its default sizes

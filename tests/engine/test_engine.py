@@ -139,6 +139,13 @@ def test_prompt_past_context_window_is_refused(tiny_model) -> None:
         SamplingParams(top_p=0)
 
 
+def graphs_replayed(engine: LLMEngine) -> list:
+    """The shapes of the graphs the engine replays from now on, in order."""
+    served, replay = [], engine.runner.graphs.forward
+    engine.runner.graphs.forward = lambda items, shape: served.append(shape) or replay(items, shape)
+    return served
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_concurrent_decode_on_gpu_kernels_and_graphs_matches_the_cpu_reference(
@@ -159,13 +166,17 @@ def test_concurrent_decode_on_gpu_kernels_and_graphs_matches_the_cpu_reference(
         while gpu.has_work:
             gpu.step()
         assert [s.output_ids for s in sequences] == want
-        if graphs:  # every batch size's graph was captured before the first request
-            assert sorted(gpu.runner.decode_graphs._graphs) == gpu.runner.decode_graphs.buckets
+        served = []
+        if graphs:  # every bucket's graph was captured before the first request
+            assert set(gpu.runner.graphs._graphs) == set(gpu.runner.graphs.shapes)
+            served = graphs_replayed(gpu)
         # the longest prompt again: its prefix comes from the cache, the rest is a chunk over cached blocks
         again = gpu.add_request(prompts[3] + want[3][:10] + [7, 8, 9], SamplingParams(max_tokens=6))
         while gpu.has_work:
             gpu.step()
         assert again.num_cached > 300
+        if graphs:  # the chunk was one sequence's prefill graph, its decode steps the batch-1 graph
+            assert [s.decode_only for s in served] == [False] + [True] * 5
         alone = run(cpu, prompts[3] + want[3][:10] + [7, 8, 9], max_tokens=6)[0]
         assert again.output_ids == alone
 

@@ -76,4 +76,4 @@ def test_moe_decode_with_fused_experts_and_graphs_matches_the_cpu_reference(
             gpu.step()
         assert [s.output_ids for s in sequences] == want
         if graphs and model.config.mla is None:  # latent attention runs in PyTorch ops, without graphs
-            assert gpu.runner.decode_graphs is not None and gpu.runner.decode_graphs._graphs
+            assert gpu.runner.graphs is not None and gpu.runner.graphs._graphs

@@ -32,7 +32,9 @@ class EngineConfig:
     max_model_len: int | None = None  # context window; default: the model's
     prefix_cache: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)  # tiers below the pool
-    cuda_graphs: bool = True  # replay decode steps of 1..max_num_seqs sequences as CUDA graphs (CUDA only)
+    # replay decode steps of 1..max_num_seqs sequences, and up to 512 new tokens of one sequence, as CUDA
+    # graphs (CUDA only)
+    cuda_graphs: bool = True
     # another cache's reuse rules, emulated for `bench replay` (or `--hit-policy`); None when serving
     hit_emulation: HitPolicyConfig | None = None
 

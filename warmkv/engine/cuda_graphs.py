@@ -1,10 +1,12 @@
-"""CUDA-graph replay of decode steps for batches of 1 to max_num_seqs sequences.
+"""CUDA-graph replay of forward passes: decode steps of 1 to max_num_seqs sequences, and the new tokens of
+one sequence (a turn on top of its cached prefix, a short prompt).
 
-Eager decode of a large model spends most of each step launching kernels from Python; a captured graph
-replays the whole forward pass in one launch. Shapes must be static, so a graph is captured per batch
-size bucket (a batch is padded up to its bucket with rows that write a scratch slot) and reads block
-tables as wide as the context window. The paged-attention kernel reads each row's context length at run
-time, so one graph serves every context length.
+Launched eagerly, a forward pass of a large model spends most of its time launching kernels from Python:
+about 10 ms for a 7B model's 28 layers, more than the GPU work of a 64-token turn over a cached 32k
+prefix. A captured graph replays the whole pass in one launch. Shapes must be static, so a graph is
+captured per size bucket: the batch is padded with sequences that write a scratch block, and block tables
+are as wide as the context window. The paged-attention kernel reads every length, query tile and block
+table at run time, so one graph serves every context length.
 """
 
 from __future__ import annotations
@@ -15,102 +17,193 @@ import numpy as np
 import torch
 
 from warmkv.cache.kv_pool import KVPool
+from warmkv.engine.model_runner import ForwardItem
 from warmkv.kernels.paged_attention import PagedBatch, group_size, num_splits, tokens_per_tile
 from warmkv.models.attention import AttentionBatch
 from warmkv.models.llama import LlamaForCausalLM
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# new tokens of one sequence; past 512 a 7B model's GPU work (about 10 ms) outweighs launching it, and
+# buckets cost a graph each at start-up
+PREFILL_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphShape:
+    """The static sizes of one captured graph."""
+
+    seqs: int  # sequence rows: the step's sequences first, then padding sequences
+    tokens: int  # token rows
+    outputs: int  # the most real sequences it serves: logits of each one's last token
+    tokens_per_tile: int  # query tokens per attention tile
+    tiles: int  # enough for any split of `tokens` over `seqs` into tiles
+
+    @property
+    def decode_only(self) -> bool:
+        """A token per sequence row: the graph serves decode steps alone."""
+        return self.seqs == self.tokens
+
+    @classmethod
+    def decode(cls, batch: int, group: int) -> GraphShape:
+        return cls(batch, batch, batch, tokens_per_tile(1, group), batch)
+
+    @classmethod
+    def prefill(cls, tokens: int, group: int) -> GraphShape:
+        """One sequence's tokens, and one padding sequence for the rows it leaves."""
+        per_tile = tokens_per_tile(tokens, group)
+        return cls(2, tokens, 1, per_tile, -(-tokens // per_tile) + 1)
+
+    def sections(self, max_blocks: int) -> dict[str, int]:
+        """The int32 inputs of a step, in their order in one buffer, and their sizes."""
+        tokens, seqs = self.tokens, self.seqs
+        return {
+            "token_ids": tokens, "positions": tokens, "slots": tokens, "context_lens": seqs,
+            "query_starts": seqs + 1, "tile_seqs": self.tiles, "tile_starts": self.tiles,
+            "last_rows": self.outputs, "block_table": seqs * max_blocks,
+        }  # fmt: skip
+
+
+def split_inputs(buffer: torch.Tensor, shape: GraphShape, max_blocks: int) -> dict[str, torch.Tensor]:
+    sections = shape.sections(max_blocks)
+    parts = dict(zip(sections, buffer.split(list(sections.values())), strict=True))
+    parts["block_table"] = parts["block_table"].view(shape.seqs, max_blocks)
+    return parts
+
+
+def fill_inputs(
+    inputs: dict[str, np.ndarray], shape: GraphShape, items: list[ForwardItem], block_size: int,
+    scratch_block: int,
+) -> None:  # fmt: skip
+    """Write one step's items into a graph's host inputs. Padding sequences take the token rows the items
+    leave (the first of them all but one each of the others), write their K/V into the scratch block and
+    attend only to it; their table rows are the scratch block's, set at capture, or stale entries of an
+    earlier step's sequence, which a padding row of one token reads one block of: harmless."""
+    lengths = [len(item.token_ids) for item in items]
+    real = sum(lengths)  # token rows of the items; the rest are padding
+    pads = shape.seqs - len(items)
+    lengths += [shape.tokens - real - pads + 1] + [1] * (pads - 1) if pads else []
+    counts = np.asarray(lengths)
+    starts = np.asarray([item.start for item in items] + [0] * pads)
+    table = inputs["block_table"]
+    for row, item in enumerate(items):
+        table[row, : len(item.block_ids)] = item.block_ids
+    query_starts = inputs["query_starts"]
+    query_starts[0] = 0
+    np.cumsum(counts, out=query_starts[1:])
+    rows = np.repeat(np.arange(shape.seqs), counts)
+    positions = np.arange(shape.tokens) + np.repeat(starts - query_starts[:-1], counts)
+    inputs["positions"][:] = positions
+    inputs["context_lens"][:] = starts + counts
+    inputs["token_ids"][:real] = [token for item in items for token in item.token_ids]
+    slots, size = inputs["slots"], block_size
+    slots[:real] = table[rows[:real], positions[:real] // size] * size + positions[:real] % size
+    slots[real:] = scratch_block * size + positions[real:] % size
+    # each sequence's rows in tiles of tokens_per_tile; tiles to spare start past the last sequence's rows
+    # (no query of their own, over that padding sequence's few keys)
+    per_seq = -(-counts // shape.tokens_per_tile)
+    used = int(per_seq.sum())
+    inputs["tile_seqs"][:used] = np.repeat(np.arange(shape.seqs), per_seq)
+    inputs["tile_seqs"][used:] = shape.seqs - 1
+    first_tiles = np.repeat(np.cumsum(per_seq) - per_seq, per_seq)
+    inputs["tile_starts"][:used] = (np.arange(used) - first_tiles) * shape.tokens_per_tile
+    inputs["tile_starts"][used:] = lengths[-1]
+    inputs["last_rows"][: len(items)] = query_starts[1 : len(items) + 1] - 1
+    inputs["last_rows"][len(items) :] = 0
 
 
 @dataclass(slots=True)
 class _Captured:
     graph: torch.cuda.CUDAGraph
+    shape: GraphShape
     staging: torch.Tensor  # pinned host copy of `inputs`, filled by the CPU each step
-    inputs: torch.Tensor  # [token ids | positions | slots | context lengths | block table rows], int32
-    logits: torch.Tensor  # [batch, vocab], written by each replay
+    host: dict[str, np.ndarray]  # the staging buffer's sections
+    inputs: torch.Tensor  # on the device: the graph reads its step from here
+    logits: torch.Tensor  # [outputs, vocab], written by each replay
 
 
-class DecodeGraphs:
-    def __init__(self, module: LlamaForCausalLM, pool: KVPool, max_batch: int, max_context: int) -> None:
+class StepGraphs:
+    def __init__(self, module: LlamaForCausalLM, pool: KVPool, max_batch: int, max_context: int,
+                 max_prefill: int) -> None:  # fmt: skip
         self.module = module
         self.pool = pool
         self.device = module.lm_head.weight.device
         self.max_blocks = -(-max_context // pool.block_size)
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        cfg = module.config
+        group = group_size(cfg.num_heads, cfg.num_kv_heads)
+        decode = [b for b in DECODE_BUCKETS if b < max_batch] + [max_batch]
+        self.shapes = [GraphShape.decode(b, group) for b in decode]
+        self.shapes += [GraphShape.prefill(t, group) for t in PREFILL_BUCKETS if t <= max_prefill]
         # never handed to a sequence: padding rows write here, and warm-up runs too
         self.scratch_block = pool.allocate(1)[0]
-        self._graphs: dict[int, _Captured] = {}
+        self._graphs: dict[GraphShape, _Captured] = {}
         self._memory = torch.cuda.graph_pool_handle()
 
     def capture_all(self) -> None:
         """Capture every bucket's graph now: captured on first use, each would stall the step that needs it
         (on a 7B model, a fraction of a second each, and more for the first kernels it compiles)."""
-        for bucket in self.buckets:
-            if bucket not in self._graphs:
-                self._capture(bucket)
+        for shape in self.shapes:
+            if shape not in self._graphs:
+                self._capture(shape)
 
-    def serves(self, items: list) -> bool:
-        return len(items) <= self.buckets[-1] and all(
-            len(i.token_ids) == 1 and not i.all_logits for i in items
-        )
+    def shape_for(self, items: list[ForwardItem]) -> GraphShape | None:
+        """The smallest captured shape that serves these items, if any: all decoding, or one sequence."""
+        if any(item.all_logits for item in items):
+            return None
+        tokens = sum(len(item.token_ids) for item in items)
+        decode = tokens == len(items)
+        for shape in self.shapes:
+            fits = len(items) <= shape.outputs and tokens <= shape.tokens
+            if fits and shape.decode_only == decode:
+                return shape
+        return None
 
-    def forward(
-        self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]
-    ) -> torch.Tensor:
-        """Logits [batch, vocab] of one decode step; each sequence's KV is stored at its position."""
-        count = len(token_ids)
-        bucket = next(b for b in self.buckets if b >= count)
-        captured = self._graphs.get(bucket) or self._capture(bucket)
-        host = captured.staging.numpy()
-        size = self.pool.block_size
-        host[:count] = token_ids
-        host[bucket : bucket + count] = positions
-        slots = host[2 * bucket : 3 * bucket]
-        host[3 * bucket : 3 * bucket + count] = np.asarray(positions) + 1
-        table = host[4 * bucket :].reshape(bucket, self.max_blocks)
-        for row, (position, blocks) in enumerate(zip(positions, block_tables, strict=True)):
-            # entries past a row's context are never read: only the used part is written
-            table[row, : len(blocks)] = blocks
-            slots[row] = blocks[position // size] * size + position % size
+    def forward(self, items: list[ForwardItem], shape: GraphShape) -> torch.Tensor:
+        """Logits [items, vocab] of each item's last token; the new tokens' KV is stored in their slots."""
+        captured = self._graphs.get(shape) or self._capture(shape)
+        fill_inputs(captured.host, shape, items, self.pool.block_size, self.scratch_block)
         captured.inputs.copy_(captured.staging, non_blocking=True)
         captured.graph.replay()
-        return captured.logits[:count]
+        return captured.logits[: len(items)]
 
-    def _capture(self, bucket: int) -> _Captured:
-        staging = torch.zeros(4 * bucket + bucket * self.max_blocks, dtype=torch.int32).pin_memory()
-        scratch_slot = self.scratch_block * self.pool.block_size
-        staging[2 * bucket : 3 * bucket] = scratch_slot  # padding rows: write the scratch slot ...
-        staging[3 * bucket : 4 * bucket] = 1  # ... and attend to one token ...
-        staging[4 * bucket :: self.max_blocks] = self.scratch_block  # ... of the scratch block
+    def _capture(self, shape: GraphShape) -> _Captured:
+        staging = torch.zeros(sum(shape.sections(self.max_blocks).values()), dtype=torch.int32).pin_memory()
+        host = {name: part.numpy() for name, part in split_inputs(staging, shape, self.max_blocks).items()}
+        host["block_table"][:] = self.scratch_block
+        # a step of padding alone: what warm-up and capture run
+        fill_inputs(host, shape, [], self.pool.block_size, self.scratch_block)
         inputs = staging.to(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
-                self._step(inputs, bucket)
+                self._step(inputs, shape)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._memory), torch.inference_mode():
-            logits = self._step(inputs, bucket)
-        self._graphs[bucket] = captured = _Captured(graph, staging, inputs, logits)
+            logits = self._step(inputs, shape)
+        self._graphs[shape] = captured = _Captured(graph, shape, staging, host, inputs, logits)
         return captured
 
-    def _step(self, inputs: torch.Tensor, bucket: int) -> torch.Tensor:
-        cfg = self.module.config
-        token_ids, positions, slots, context_lens = inputs[: 4 * bucket].view(4, bucket)
-        rows = torch.arange(bucket, dtype=torch.int32, device=self.device)
-        paged = PagedBatch(
-            block_table=inputs[4 * bucket :].view(bucket, self.max_blocks),
-            context_lens=context_lens,
-            query_starts=torch.arange(bucket + 1, dtype=torch.int32, device=self.device),
-            tile_seqs=rows,
-            tile_starts=torch.zeros_like(rows),
-            block_size=self.pool.block_size,
-            tokens_per_tile=tokens_per_tile(1, group_size(cfg.num_heads, cfg.num_kv_heads)),
-            num_splits=num_splits(
-                bucket, cfg.num_kv_heads, self.max_blocks * self.pool.block_size, self.device
-            ),
-        )
-        batch = AttentionBatch(slot_mapping=slots, sequences=[], paged=paged)
-        hidden = self.module(token_ids, positions, (self.pool.k, self.pool.v), batch)
-        return self.module.logits(hidden)
+    def _step(self, inputs: torch.Tensor, shape: GraphShape) -> torch.Tensor:
+        return step(self.module, self.pool, split_inputs(inputs, shape, self.max_blocks), shape)
+
+
+def step(
+    module: LlamaForCausalLM, pool: KVPool, inputs: dict[str, torch.Tensor], shape: GraphShape
+) -> torch.Tensor:
+    """The forward pass a graph captures, from its inputs: logits [outputs, vocab]."""
+    cfg = module.config
+    max_context = inputs["block_table"].shape[1] * pool.block_size
+    paged = PagedBatch(
+        block_table=inputs["block_table"],
+        context_lens=inputs["context_lens"],
+        query_starts=inputs["query_starts"],
+        tile_seqs=inputs["tile_seqs"],
+        tile_starts=inputs["tile_starts"],
+        block_size=pool.block_size,
+        tokens_per_tile=shape.tokens_per_tile,
+        num_splits=num_splits(shape.tiles, cfg.num_kv_heads, max_context, inputs["slots"].device),
+    )
+    batch = AttentionBatch(slot_mapping=inputs["slots"], sequences=[], paged=paged)
+    hidden = module(inputs["token_ids"], inputs["positions"], (pool.k, pool.v), batch)
+    return module.logits(hidden.index_select(0, inputs["last_rows"]))

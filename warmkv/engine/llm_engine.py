@@ -89,9 +89,9 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
         )
-        self.runner = ModelRunner(
-            model.module, self.pool, config.cuda_graphs, config.max_num_seqs, self.max_model_len
-        )
+        self.max_batch_tokens = config.batch_tokens(model.device)
+        self.runner = ModelRunner(model.module, self.pool, config.cuda_graphs, config.max_num_seqs,
+                                  self.max_model_len, self.max_batch_tokens)  # fmt: skip
         if self.runner.kernels:
             self.runner.warm_up()
         self.prefix_cache = self._build_prefix_cache() if config.prefix_cache else None
@@ -99,7 +99,6 @@ class LLMEngine:
         self.eos_token_ids = set(cfg.eos_token_ids) | (
             {tokenizer_eos} if tokenizer_eos is not None else set()
         )
-        self.max_batch_tokens = config.batch_tokens(model.device)
         # while several prefills contend, none takes more than this per step (leftovers are shared after)
         self.prefill_share = max(config.block_size, self.max_batch_tokens // 4)
         # blocks kept free at admission: each running sequence's next block, or 1% of the pool (as vLLM)
@@ -132,7 +131,7 @@ class LLMEngine:
         memory (pool, captured graphs, host tier): the engine serves no more requests."""
         if self.prefix_cache is not None:
             self.prefix_cache.close()
-        self.runner.decode_graphs = None
+        self.runner.graphs = None
         self.pool.release()
 
     @classmethod

@@ -15,7 +15,7 @@ from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
-    from warmkv.engine.cuda_graphs import DecodeGraphs
+    from warmkv.engine.cuda_graphs import StepGraphs
 
 log = logging.getLogger("warmkv.engine")
 
@@ -38,50 +38,54 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_batch: int = 1,
         max_context: int = 1,
+        max_prefill: int = 1,
     ) -> None:
+        """max_batch: sequences decoding together; max_prefill: the most new tokens of one step."""
         self.module = module
         self.pool = pool
         self.device = module.lm_head.weight.device
-        # the paged Triton attention kernel and the decode graphs built on it; MLA attends over its latents
-        # in PyTorch ops (warmkv.models.mla)
+        # the paged Triton attention kernel and the graphs built on it; MLA attends over its latents in
+        # PyTorch ops (warmkv.models.mla)
         self.kernels = has_kernels(self.device) and module.config.mla is None
-        self.decode_graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         if cuda_graphs and self.kernels:
-            from warmkv.engine.cuda_graphs import DecodeGraphs  # Triton is there: kernels are
+            from warmkv.engine.cuda_graphs import StepGraphs  # Triton is there: kernels are
 
-            self.decode_graphs = DecodeGraphs(module, pool, max_batch, max_context)
+            self.graphs = StepGraphs(module, pool, max_batch, max_context, min(max_prefill, max_context))
 
     def warm_up(self) -> None:
-        """Compile the Triton kernels and capture the decode graphs now, so that the first requests do not
-        wait for them: a fresh prompt, a chunk on top of its blocks, decode steps, then every batch size's
-        graph."""
+        """Compile the Triton kernels and capture the graphs now, so that the first requests do not wait
+        for them: a fresh prompt, a chunk on top of its blocks, decode steps, then every graph."""
         if self.pool.num_free < 2:
             return
-        log.info("warming up: compiling the kernels and capturing the decode graphs ...")
+        log.info("warming up: compiling the kernels and capturing the CUDA graphs ...")
         blocks = self.pool.allocate(2)
         try:
             tokens = list(range(self.pool.block_size + 4))
             split = self.pool.block_size + 1
-            self.forward([ForwardItem(tokens[:split], 0, blocks)])
-            self.forward([ForwardItem(tokens[split:], split, blocks)])
+            self.forward([ForwardItem(tokens[:split], 0, blocks)], graphs=False)
+            self.forward([ForwardItem(tokens[split:], split, blocks)], graphs=False)
             for position in (len(tokens), len(tokens) + 1):
-                self.forward([ForwardItem([1], position, blocks)])
+                self.forward([ForwardItem([1], position, blocks)], graphs=False)
         finally:
             self.pool.decref_many(blocks)
-        if self.decode_graphs is not None:
+        if self.graphs is not None:
             started = time.perf_counter()
-            self.decode_graphs.capture_all()
-            seconds, buckets = time.perf_counter() - started, ", ".join(map(str, self.decode_graphs.buckets))
-            log.info("captured decode graphs for batches of %s in %.1f s", buckets, seconds)
+            self.graphs.capture_all()
+            shapes = self.graphs.shapes
+            decode = ", ".join(str(s.seqs) for s in shapes if s.decode_only)
+            prefill = ", ".join(str(s.tokens) for s in shapes if not s.decode_only)
+            seconds = time.perf_counter() - started
+            log.info("captured CUDA graphs in %.1f s: decode batches of %s, one sequence's %s new tokens",
+                     seconds, decode, prefill)  # fmt: skip
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
-        """Float32 logits per item: [1, vocab], or [new tokens, vocab] with all_logits."""
-        if self.decode_graphs and self.decode_graphs.serves(items):
-            logits = self.decode_graphs.forward(
-                [i.token_ids[0] for i in items], [i.start for i in items], [i.block_ids for i in items]
-            )
-            return list(logits.split(1))
+    def forward(self, items: list[ForwardItem], graphs: bool = True) -> list[torch.Tensor]:
+        """Float32 logits per item: [1, vocab], or [new tokens, vocab] with all_logits. graphs=False: the
+        eager pass, even where a captured graph serves the items."""
+        shape = self.graphs.shape_for(items) if graphs and self.graphs else None
+        if shape is not None:
+            return list(self.graphs.forward(items, shape).split(1))  # type: ignore[union-attr]
         input_ids = torch.tensor([t for item in items for t in item.token_ids], device=self.device)
         positions = torch.cat([torch.arange(i.start, i.start + len(i.token_ids)) for i in items])
         hidden = self.module(

@@ -1,0 +1,63 @@
+"""What a captured graph computes, from the inputs a step fills in: the same logits as the eager pass, with
+padding rows that touch no block but the scratch block.
+
+Graphs need CUDA; the forward pass they capture (`step`) runs anywhere, its paged-attention kernel in
+Triton's interpreter on the CPU, so the step's inputs are checked here without a GPU. The GPU tests in
+test_engine.py replay the graphs themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.cuda_graphs import GraphShape, fill_inputs, split_inputs, step
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.engine.model_runner import ForwardItem
+from warmkv.kernels.paged_attention import group_size
+
+
+def _graph_step(engine: LLMEngine, shape: GraphShape, items: list[ForwardItem], scratch: int) -> torch.Tensor:
+    max_blocks = 64
+    buffer = torch.zeros(sum(shape.sections(max_blocks).values()), dtype=torch.int32)
+    inputs = split_inputs(buffer, shape, max_blocks)
+    inputs["block_table"][:] = scratch  # as a capture sets it
+    host = {name: part.numpy() for name, part in inputs.items()}
+    fill_inputs(host, shape, items, engine.pool.block_size, scratch)
+    with torch.inference_mode():
+        return step(engine.runner.module, engine.pool, inputs, shape)
+
+
+@pytest.mark.parametrize(
+    ("kind", "new_tokens"),
+    [("prefill", [5]), ("prefill", [16]), ("decode", [1, 1, 1]), ("decode", [1, 1, 1, 1])],
+)
+def test_graph_step_gives_the_eager_logits_and_pads_into_the_scratch_block(
+    tiny_llama, kind: str, new_tokens: list[int]
+) -> None:
+    engine = LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=1024, prefix_cache=False))
+    pool, runner = engine.pool, engine.runner
+    cfg = runner.module.config
+    group = group_size(cfg.num_heads, cfg.num_kv_heads)
+    shape = GraphShape.prefill(16, group) if kind == "prefill" else GraphShape.decode(4, group)
+    scratch = pool.allocate(1)[0]
+    items = []
+    for index, count in enumerate(new_tokens):  # cached prefixes of different lengths, then new tokens
+        prefix = list(range(300 + index, 300 + index + 20 + 7 * index))
+        blocks = pool.allocate(-(-(len(prefix) + count) // pool.block_size))
+        runner.forward([ForwardItem(prefix, 0, blocks)])
+        items.append(ForwardItem(list(range(900, 900 + count)), len(prefix), blocks))
+    want = runner.forward(items)  # eager, on the PyTorch path: it writes the same KV the graph writes
+    before = pool.k.clone()
+    got = _graph_step(engine, shape, items, scratch)
+    assert got.shape[0] == shape.outputs
+    torch.testing.assert_close(got[: len(items)].float(), torch.cat(want), atol=1e-4, rtol=1e-4)
+    size = pool.block_size
+    moved = (pool.k - before).abs().amax(dim=(0, 2, 3)) > 1e-4  # per slot
+    changed = {slot // size for slot in moved.nonzero().flatten().tolist()}
+    assert changed <= {scratch}  # real KV rewritten with the same values; padding only in the scratch block
+    if kind == "prefill" and sum(new_tokens) < shape.tokens:
+        assert scratch in changed
