@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from warmkv.engine.config import EngineConfig
-from warmkv.engine.cuda_graphs import GraphShape, fill_inputs, split_inputs, step
+from warmkv.engine.cuda_graphs import GraphShape, fill_inputs, inputs_size, split_inputs, step
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.model_runner import ForwardItem
 from warmkv.kernels.paged_attention import group_size
@@ -22,7 +22,7 @@ from warmkv.kernels.paged_attention import group_size
 
 def _graph_step(engine: LLMEngine, shape: GraphShape, items: list[ForwardItem], scratch: int) -> torch.Tensor:
     max_blocks = 64
-    buffer = torch.zeros(sum(shape.sections(max_blocks).values()), dtype=torch.int32)
+    buffer = torch.zeros(inputs_size(shape, max_blocks), dtype=torch.int32)
     inputs = split_inputs(buffer, shape, max_blocks)
     inputs["block_table"][:] = scratch  # as a capture sets it
     host = {name: part.numpy() for name, part in inputs.items()}

@@ -66,6 +66,18 @@ def run_case(
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("seqs", [1, 2, 3, 5])
+def test_plan_inputs_start_16_byte_aligned_whatever_the_batch(seqs: int) -> None:
+    """Triton compiles the kernel again for each new alignment of its pointers: a step's inputs must not
+    change it (each compile stalls a serving step for about a second)."""
+    tables = [[7] * (width + 1) for width in range(seqs)]  # table widths and counts of every residue
+    batch = kernel.plan([3] * seqs, [10] * seqs, tables, BLOCK_SIZE, 4, 2, DEVICE)
+    parts = (batch.block_table, batch.context_lens, batch.query_starts, batch.tile_seqs, batch.tile_starts)
+    assert all(part.data_ptr() % 16 == 0 for part in parts)
+    assert batch.query_starts.tolist() == [3 * i for i in range(seqs + 1)]
+    assert batch.context_lens.tolist() == [10] * seqs and batch.block_table[-1].tolist() == [7] * seqs
+
+
 def test_decode_batch_of_sequences_with_different_contexts() -> None:
     run_case([1, 1, 1], [5, 70, 33], heads=4, kv_heads=2, head_dim=16)
 

@@ -18,7 +18,7 @@ import torch
 
 from warmkv.cache.kv_pool import KVPool
 from warmkv.engine.model_runner import ForwardItem
-from warmkv.kernels.paged_attention import PagedBatch, group_size, num_splits, tokens_per_tile
+from warmkv.kernels.paged_attention import PagedBatch, aligned, group_size, num_splits, tokens_per_tile
 from warmkv.models.attention import AttentionBatch
 from warmkv.models.llama import LlamaForCausalLM
 
@@ -63,9 +63,15 @@ class GraphShape:
         }  # fmt: skip
 
 
+def inputs_size(shape: GraphShape, max_blocks: int) -> int:
+    return sum(aligned(size) for size in shape.sections(max_blocks).values())
+
+
 def split_inputs(buffer: torch.Tensor, shape: GraphShape, max_blocks: int) -> dict[str, torch.Tensor]:
+    """The sections of a graph's inputs buffer, each starting 16-byte aligned (as plan's)."""
     sections = shape.sections(max_blocks)
-    parts = dict(zip(sections, buffer.split(list(sections.values())), strict=True))
+    padded = buffer.split([aligned(size) for size in sections.values()])
+    parts = {name: part[:size] for (name, size), part in zip(sections.items(), padded, strict=True)}
     parts["block_table"] = parts["block_table"].view(shape.seqs, max_blocks)
     return parts
 
@@ -166,7 +172,7 @@ class StepGraphs:
         return captured.logits[: len(items)]
 
     def _capture(self, shape: GraphShape) -> _Captured:
-        staging = torch.zeros(sum(shape.sections(self.max_blocks).values()), dtype=torch.int32).pin_memory()
+        staging = torch.zeros(inputs_size(shape, self.max_blocks), dtype=torch.int32).pin_memory()
         host = {name: part.numpy() for name, part in split_inputs(staging, shape, self.max_blocks).items()}
         host["block_table"][:] = self.scratch_block
         # a step of padding alone: what warm-up and capture run

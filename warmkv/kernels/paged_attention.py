@@ -60,6 +60,13 @@ def num_splits(tiles: int, num_kv_heads: int, max_context: int, device: torch.de
     return max(1, min(wanted, -(-max_context // BLOCK_KEYS), MAX_SPLITS))
 
 
+def aligned(count: int) -> int:
+    """count int32s rounded up to 16 bytes. Triton compiles a kernel once per alignment of its pointer
+    arguments: int32 inputs packed at offsets that vary from step to step would cost a compile (about a
+    second of a stalled step) for each new combination."""
+    return -(-count // 4) * 4
+
+
 def plan(
     query_lens: list[int],
     context_lens: list[int],
@@ -84,8 +91,14 @@ def plan(
     as_int = [torch.tensor(values, dtype=torch.int32) for values in (context_lens, tile_seqs, tile_starts)]
     host = (table, as_int[0], query_starts, as_int[1], as_int[2])
     # one copy to the device for all five (each copy from pageable memory holds the host up)
-    flat = torch.cat([t.flatten() for t in host]).to(device, non_blocking=True)
-    parts = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in host]), host, strict=True)]
+    flat = torch.zeros(sum(aligned(t.numel()) for t in host), dtype=torch.int32)
+    parts, offset = [], 0
+    for part in host:
+        flat[offset : offset + part.numel()] = part.flatten()
+        parts.append((offset, part.shape))
+        offset += aligned(part.numel())
+    flat = flat.to(device, non_blocking=True)
+    parts = [flat[start : start + shape.numel()].view(shape) for start, shape in parts]
     splits = num_splits(len(tile_seqs), num_kv_heads, max(context_lens), device)
     return PagedBatch(*parts, block_size, per_tile, splits)
 
