@@ -107,6 +107,28 @@ def test_a_growing_conversation_is_remembered_once() -> None:
     assert len(recent._by_namespace[""]) == 2
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 2), max_size=12), min_size=1, max_size=12),
+    st.lists(st.integers(0, 2), max_size=14),
+)
+def test_nearest_shares_the_longest_prefix_of_any(remembered: list[list[int]], prompt: list[int]) -> None:
+    """Entries are kept sorted and only a prompt's two neighbours are compared: that must find what comparing
+    with every remembered sequence finds."""
+    recent = RecentPrompts()
+    for tokens in remembered:
+        recent.remember("", tokens)
+
+    def shared(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+    nearest = recent.nearest("", prompt)
+    assert nearest.common == max(shared(tokens, prompt) for tokens in remembered)
+    assert nearest.entry is None or shared(nearest.entry.token_ids.tolist(), prompt) == nearest.common
+    kept = [entry.token_ids.tolist() for entry in recent._by_namespace[""].entries]
+    assert not any(a != b and b[: len(a)] == a for a in kept for b in kept)  # none a prefix of another
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
