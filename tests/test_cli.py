@@ -67,9 +67,9 @@ def test_readme_names_the_load_policy_flag_that_exists() -> None:
 
 
 def test_disk_write_policy_flag() -> None:
-    assert engine_config_from(build_parser().parse_args(["serve"])).cache.disk_write.value == "through"
-    args = build_parser().parse_args(["serve", "--kv-disk-write", "back"])
-    assert engine_config_from(args).cache.disk_write.value == "back"
+    assert engine_config_from(build_parser().parse_args(["serve"])).cache.disk_write.value == "back"
+    args = build_parser().parse_args(["serve", "--kv-disk-write", "through"])
+    assert engine_config_from(args).cache.disk_write.value == "through"
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         build_parser().parse_args(["serve", "--kv-disk-write", "sometimes"])
 

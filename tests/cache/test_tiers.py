@@ -127,6 +127,22 @@ def test_write_back_writes_nothing_while_memory_holds_the_blocks_and_all_of_them
         assert seq.output_ids == cold_tokens(tiny, prompt)
 
 
+def test_write_back_writes_the_pool_in_idle_time_for_a_crash(tiny: LoadedModel, tmp_path: Path) -> None:
+    engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK)
+    generate(engine, PROMPT)
+    assert kv_files(tmp_path) == []  # nothing while the request ran
+    waits = []
+    while (wait := engine.write_idle()) is not None:  # what the engine thread does while idle
+        waits.append(wait)
+    engine.prefix_cache.flush()
+    assert len(kv_files(tmp_path)) == 3 and waits == []  # 3 blocks: one batch, nothing left after it
+    assert engine.write_idle() is None
+    crashed_and_restarted = make_engine(tiny, tmp_path)  # the first engine never closed
+    seq = generate(crashed_and_restarted, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 48
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
 def test_write_back_writes_blocks_as_they_leave_memory(tiny: LoadedModel, tmp_path: Path) -> None:
     """No host tier: a block evicted from the pool goes to disk then, not at shutdown."""
     engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK, host_tokens=0)
@@ -255,7 +271,7 @@ def test_full_disk_degrades_with_one_warning(tiny: LoadedModel, tmp_path: Path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(DiskTier, "_write", disk_full)
-    engine = make_engine(tiny, tmp_path)
+    engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.THROUGH)  # writes while requests run
     with caplog.at_level(logging.WARNING, logger="warmkv.cache"):
         for offset in range(3):
             assert generate(engine, [t + offset for t in PROMPT]).output_ids
@@ -292,7 +308,7 @@ def test_shared_system_prompt_is_stored_once_on_disk(tiny: LoadedModel, tmp_path
 
 
 def test_slow_tier_is_recomputed_instead_of_loaded(tiny: LoadedModel, tmp_path: Path) -> None:
-    generate(make_engine(tiny, tmp_path), PROMPT)
+    generate(make_engine(tiny, tmp_path, disk_write=DiskWrite.THROUGH), PROMPT)
     engine = make_engine(tiny, tmp_path)
     engine.prefix_cache.disk.flush()
     engine.prefix_cache.config.load_policy = LoadPolicy.AUTO

@@ -121,3 +121,21 @@ def test_read_only_kv_dir_serves_from_memory_and_shows_the_tier_down(
     assert 'warmkv_cache_tier_up{tier="disk"} 0.0' in metrics
     assert 'warmkv_cache_tier_up{tier="live"} 1.0' in metrics
     assert sum("disk KV tier disabled" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_idle_server_writes_its_cache_to_disk_without_stopping(default_model, tmp_path: Path) -> None:
+    """Written back (the default), nothing reaches the disk while requests run; once the server is idle
+    (an agent's tool time) it writes what it computed, so a crash then loses none of it."""
+    config = EngineConfig(kv_pool_tokens=4096, cache=CacheConfig(kv_dir=tmp_path))
+    server = start_server(default_model, config)
+    try:
+        question = "Name the planets of the solar system, in order. " * 6
+        body = chat_body([{"role": "user", "content": question}])
+        usage = post_chat(server.url, body).json()["usage"]
+        whole_blocks = (usage["prompt_tokens"] + usage["completion_tokens"] - 1) // 16  # the last is computed
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("*/*/*.kv"))) < whole_blocks and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(tmp_path.glob("*/*/*.kv"))) >= whole_blocks > 3
+    finally:
+        server.stop()

@@ -28,7 +28,7 @@ def policies(caps: Capacities) -> dict[str, Policy]:
     checkpoints = ("--hit-policy", "checkpoints", "--checkpoint-align", str(caps.checkpoint_align),
                    "--checkpoint-interval", str(caps.checkpoint_interval))  # fmt: skip
     units = ("--hit-policy", "units")
-    write_back = ("--kv-disk-write", "back")
+    write_through = ("--kv-disk-write", "through")
     rows = [
         Policy("no_cache", "every prompt computed in full", ("--no-prefix-cache",)),
         Policy("gpu_lru", "GPU-only LRU of token blocks (vLLM prefix caching)", (*gpu_only, *text_keyed)),
@@ -37,7 +37,7 @@ def policies(caps: Capacities) -> dict[str, Policy]:
         Policy("warmkv", "warmkv: every tier and feature", host),
         Policy("warmkv_no_host", "warmkv without the host RAM tier", ("--host-cache-tokens", "0")),
         Policy("warmkv_no_disk", "warmkv without the disk tier", (*host, "--no-disk-cache")),
-        Policy("warmkv_write_back", "warmkv writing the disk at eviction and exit", (*host, *write_back)),
+        Policy("warmkv_write_through", "warmkv writing each block to disk at once", (*host, *write_through)),
         Policy("warmkv_no_stable_tokens", "warmkv tokenising whole texts", (*host, "--no-stable-tokens")),
         Policy("warmkv_gpu_only", "warmkv with the GPU tier alone", gpu_only),
     ]

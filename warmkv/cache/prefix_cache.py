@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ from warmkv.errors import PoolExhausted
 log = logging.getLogger("warmkv.cache")
 
 WRITE_BACK_BATCH = 256  # live blocks gathered and copied to the host at a time when written back
+IDLE_WRITE_BATCH = 64  # live blocks written back per call while the engine is idle: a few ms of work
+IDLE_WRITE_RETRY_S = 0.05  # the wait for a request while the writers are busy, before trying again
 
 
 @dataclass(slots=True)
@@ -117,6 +120,11 @@ class PrefixCache:
         # the shared tier is written through whatever the disk's policy: other replicas read it now
         written = (self.disk if config.disk_write is DiskWrite.THROUGH else None, self.remote)
         self.write_through = WriteThrough(pool, [t for t in written if t is not None])
+        # written back: the blocks computed since, which the engine writes to disk while it is idle
+        self._idle_writes: WriteThrough | None = None
+        self._unwritten: OrderedDict[bytes, None] = OrderedDict()
+        if self.disk is not None and config.disk_write is DiskWrite.BACK:
+            self._idle_writes = WriteThrough(pool, [self.disk])
         self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
@@ -367,18 +375,44 @@ class PrefixCache:
         new = [(key, block) for key, block in zip(keys, blocks, strict=True) if self.index.insert(key, block)]
         if new:
             self.write_through.submit([key for key, _ in new], [block for _, block in new])
+            if self._idle_writes is not None:
+                self._unwritten.update((key, None) for key, _ in new)
+
+    def write_idle(self) -> float | None:
+        """Written back, while the engine is idle (an agent's tool time): the next blocks computed since
+        that the disk lacks and the pool still holds go to disk, so that a crash loses little. Returns how
+        long the engine may wait for a request before calling again: 0 (more to write), a short time (the
+        writers are busy), None (nothing left)."""
+        if self._idle_writes is None or not self._unwritten:
+            return None
+        if self._idle_writes.busy() or not self.disk.enabled:  # type: ignore[union-attr]
+            return IDLE_WRITE_RETRY_S
+        keys, blocks = [], []
+        while self._unwritten and len(keys) < IDLE_WRITE_BATCH:
+            key, _ = self._unwritten.popitem(last=False)
+            block = self.index.block_of(key)
+            # gone from the pool: written as it left memory, or at exit if the host tier keeps it
+            if block is not None and self.disk.wants(key):  # type: ignore[union-attr]
+                keys.append(key)
+                blocks.append(block)
+        self._idle_writes.submit(keys, blocks)
+        return 0.0 if self._unwritten else None
 
     def touch(self, keys: list[bytes]) -> None:
         self.index.touch(keys)
 
     def flush(self) -> None:
         self.write_through.flush()
+        if self._idle_writes is not None:
+            self._idle_writes.flush()
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.flush()
 
     def close(self) -> None:
         self.write_through.close()
+        if self._idle_writes is not None:
+            self._idle_writes.close()
         try:
             if self.config.disk_write is DiskWrite.BACK:
                 self._write_back()

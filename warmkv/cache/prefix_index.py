@@ -87,6 +87,10 @@ class PrefixIndex:
         self._blocks[key] = block
         return True
 
+    def block_of(self, key: bytes) -> int | None:
+        """The pool block holding a key's KV, if indexed; its recency is left as it is."""
+        return self._blocks.get(key)
+
     def keep_longest(self, keys: list[bytes]) -> None:
         """Evict these (still indexed) blocks last, as a prefix other requests share is."""
         self._shared.update(key for key in keys if key in self._blocks)

@@ -39,7 +39,7 @@ class WriteThrough:
         writers = [t for t in self._tiers if getattr(t, "enabled", True)]
         if not keys or not writers:
             return
-        if self._worker.full():  # only this thread adds: a queue not full now has room below
+        if self.busy():  # only this thread adds: a queue not full now has room below
             for tier in writers:
                 tier.stats.skipped_writes += len(keys)
             return
@@ -49,6 +49,10 @@ class WriteThrough:
             done = torch.cuda.Event()
             done.record()
         self._worker.put((keys, kv, done))
+
+    def busy(self) -> bool:
+        """Whether a submit now would be skipped: the helper's queue is full."""
+        return self._worker.full()
 
     def flush(self) -> None:
         self._worker.flush()

@@ -145,10 +145,15 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while True:
-            wait = not self.engine.has_work  # block only when idle; a busy engine drains between steps
+            # block only when idle, and then only as long as idle-time disk writes allow; a busy engine
+            # drains the commands between steps
+            wait, timeout = not self.engine.has_work, None
+            if wait:
+                timeout = self.engine.write_idle()
+                wait = timeout != 0
             while True:
                 try:
-                    command = self._commands.get(block=wait)
+                    command = self._commands.get(block=wait, timeout=timeout)
                 except queue.Empty:
                     break
                 if command is None:

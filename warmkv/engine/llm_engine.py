@@ -126,6 +126,10 @@ class LLMEngine:
         finally:
             self.pool.decref_many(blocks)
 
+    def write_idle(self) -> float | None:
+        """Idle-time disk writes (see PrefixCache.write_idle): how long to wait before calling again."""
+        return self.prefix_cache.write_idle() if self.prefix_cache is not None else None
+
     def close(self) -> None:
         """Finish the disk writer's queue, so what was computed survives the restart, then release the KV
         memory (pool, captured graphs, host tier): the engine serves no more requests."""
