@@ -34,8 +34,8 @@ from bench.common import (
     write_result,
 )
 from warmkv.engine.config import EngineConfig
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.llm_engine import LLMEngine
-from warmkv.engine.model_runner import ForwardItem
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel, load_model
 from warmkv.models.random_init import random_pair

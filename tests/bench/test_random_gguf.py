@@ -11,8 +11,8 @@ import torch
 from bench.peers.random_gguf import write_random_gguf, write_tokenizer_gguf
 from warmkv.bench.peers import LlamaServer, llama_server_binary
 from warmkv.engine.config import EngineConfig
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.llm_engine import LLMEngine
-from warmkv.engine.model_runner import ForwardItem
 from warmkv.models.loader import default_gguf_path, load_model
 
 TINY_QWEN2 = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

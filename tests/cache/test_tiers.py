@@ -23,8 +23,8 @@ from warmkv.cache.tiers.codec import BlockLayout
 from warmkv.cache.tiers.disk import DiskTier, block_path
 from warmkv.cache.tiers.host import HostTier
 from warmkv.engine.config import EngineConfig
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.llm_engine import LLMEngine
-from warmkv.engine.model_runner import ForwardItem
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel, load_model
 

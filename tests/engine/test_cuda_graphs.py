@@ -15,8 +15,8 @@ pytest.importorskip("triton")
 
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.cuda_graphs import GraphShape, fill_inputs, inputs_size, split_inputs, step
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.llm_engine import LLMEngine
-from warmkv.engine.model_runner import ForwardItem
 from warmkv.kernels.paged_attention import group_size
 
 

@@ -11,8 +11,8 @@ import torch
 
 from warmkv.cache.config import CacheConfig, LoadPolicy
 from warmkv.engine.config import EngineConfig
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.llm_engine import LLMEngine, StepOutput
-from warmkv.engine.model_runner import ForwardItem
 from warmkv.engine.sampling import SamplingParams
 from warmkv.engine.sequence import FinishReason, Sequence
 from warmkv.errors import ContextOverflow, EngineFailure

@@ -58,7 +58,7 @@ def test_default_model_logits_match_transformers_gguf_loader() -> None:
         reference = theirs(torch.tensor([prompt])).logits[0, -1].float()
     greedy = next(iter(engine.generate(prompt, SamplingParams(max_tokens=1)))).token_ids[0]
     assert greedy == int(reference.argmax())
-    from warmkv.engine.model_runner import ForwardItem
+    from warmkv.engine.forward_item import ForwardItem
 
     blocks = engine.pool.allocate(-(-len(prompt) // engine.pool.block_size))
     (logits,) = engine.runner.forward([ForwardItem(prompt, 0, blocks)])
@@ -131,7 +131,7 @@ def test_gguf_file_loads_with_matching_logits(tmp_path: Path) -> None:
     engine = LLMEngine(model, EngineConfig(kv_pool_tokens=256))
     prompt = model.tokenizer("The rivers of France flow west", add_special_tokens=False)["input_ids"]
     blocks = engine.pool.allocate(-(-len(prompt) // engine.pool.block_size))
-    from warmkv.engine.model_runner import ForwardItem
+    from warmkv.engine.forward_item import ForwardItem
 
     (logits,) = engine.runner.forward([ForwardItem(prompt, 0, blocks, all_logits=True)])
     with torch.no_grad():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from warmkv.cache.kv_pool import KVPool
-from warmkv.engine.model_runner import ForwardItem, ModelRunner
+from warmkv.engine.forward_item import ForwardItem
+from warmkv.engine.model_runner import ModelRunner
 from warmkv.models.config import ModelConfig
 from warmkv.models.loader import _read_json, _read_weights, build_module
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from warmkv.cache.kv_pool import KVPool
-from warmkv.engine.model_runner import ForwardItem
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.errors import ModelLoadError
 from warmkv.models.mla import MlaAttention
 

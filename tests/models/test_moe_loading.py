@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from warmkv.cache.kv_pool import KVPool
-from warmkv.engine.model_runner import ForwardItem, ModelRunner
+from warmkv.engine.forward_item import ForwardItem
+from warmkv.engine.model_runner import ModelRunner
 from warmkv.errors import ModelLoadError, UnsupportedArchitecture
 from warmkv.models.loader import default_gguf_path, load_model
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from warmkv.cache.kv_pool import KVPool
-from warmkv.engine.model_runner import ForwardItem, ModelRunner
+from warmkv.engine.forward_item import ForwardItem
+from warmkv.engine.model_runner import ModelRunner
 from warmkv.models.random_init import random_pair
 
 from ..conftest import smollm2_tokenizer

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from warmkv.cache.kv_pool import KVPool
-from warmkv.engine.model_runner import ForwardItem
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.kernels.paged_attention import PagedBatch, aligned, group_size, num_splits, tokens_per_tile
 from warmkv.models.attention import AttentionBatch
 from warmkv.models.llama import LlamaForCausalLM

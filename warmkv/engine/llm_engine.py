@@ -33,8 +33,9 @@ from warmkv.cache.prefix_cache import PrefixCache, PrefixHit
 from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.detokenizer import IncrementalDetokenizer
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.logits import accept, logits_processors, process
-from warmkv.engine.model_runner import ForwardItem, ModelRunner
+from warmkv.engine.model_runner import ModelRunner
 from warmkv.engine.sampling import SamplingParams, TokenLogprobs, sample_batch, token_logprobs
 from warmkv.engine.sequence import FinishReason, Sequence
 from warmkv.errors import ContextOverflow, EngineFailure, InvalidRequest, PoolExhausted, WarmkvError

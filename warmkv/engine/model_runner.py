@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from warmkv.cache.kv_pool import KVPool
+from warmkv.engine.forward_item import ForwardItem
 from warmkv.models.attention import AttentionBatch, SequenceSlice
 from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM
@@ -18,16 +18,6 @@ if TYPE_CHECKING:
     from warmkv.engine.cuda_graphs import StepGraphs
 
 log = logging.getLogger("warmkv.engine")
-
-
-@dataclass(slots=True)
-class ForwardItem:
-    """New tokens of one sequence, placed after the `start` tokens whose KV is already in its blocks."""
-
-    token_ids: list[int]
-    start: int
-    block_ids: list[int]
-    all_logits: bool = False  # logits for every new token instead of only the last
 
 
 class ModelRunner:
