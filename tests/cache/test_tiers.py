@@ -108,18 +108,18 @@ def kv_files(kv_dir: Path) -> list[Path]:
     return sorted(kv_dir.glob("*/*/*.kv"))
 
 
-def test_write_back_writes_nothing_while_memory_holds_the_blocks_and_all_of_them_at_shutdown(
-    tiny: LoadedModel, tmp_path: Path
-) -> None:
+def test_write_back_writes_what_leaves_the_pool_the_rest_at_exit(tiny: LoadedModel, tmp_path: Path) -> None:
     other = list(range(3000, 3057))
     engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK)
     generate(engine, PROMPT)
-    evict_everything_live(engine)  # PROMPT's blocks now in host RAM ...
-    generate(engine, other)  # ... and other's in the pool
     engine.prefix_cache.flush()
-    assert kv_files(tmp_path) == []  # memory holds them: no disk write on the request path
+    assert kv_files(tmp_path) == []  # the pool holds them: no disk write on the request path
+    evict_everything_live(engine)  # PROMPT's blocks demoted to host RAM, and handed to the disk's writer
+    generate(engine, other)  # other's in the pool
+    engine.prefix_cache.flush()
+    assert len(kv_files(tmp_path)) == 3  # host-tier evictions will find them on disk: no copy then
     engine.close()
-    assert len(kv_files(tmp_path)) == 6  # both tiers' blocks, at shutdown
+    assert len(kv_files(tmp_path)) == 6  # the pool's blocks too, at shutdown
     restarted = make_engine(tiny, tmp_path)
     for prompt in (FOLLOW_UP, [*other, *range(2000, 2012)]):
         seq = generate(restarted, prompt)
@@ -188,7 +188,7 @@ def test_eviction_takes_unheld_session_tails_before_shared_prefixes() -> None:
 
 
 def test_host_overflow_writes_blocks_the_disk_lacks(tiny: LoadedModel, tmp_path: Path) -> None:
-    engine = make_engine(tiny, tmp_path, host_tokens=16)  # a host tier of one block
+    engine = make_engine(tiny, tmp_path, host_tokens=16, disk_write=DiskWrite.THROUGH)  # one host block
     engine.prefix_cache.write_through.submit = lambda keys, blocks: None  # as if its queue were full
     generate(engine, PROMPT)
     evict_everything_live(engine)  # three blocks demoted through a one-block host tier

@@ -120,11 +120,11 @@ class PrefixCache:
         # the shared tier is written through whatever the disk's policy: other replicas read it now
         written = (self.disk if config.disk_write is DiskWrite.THROUGH else None, self.remote)
         self.write_through = WriteThrough(pool, [t for t in written if t is not None])
-        # written back: the blocks computed since, which the engine writes to disk while it is idle
-        self._idle_writes: WriteThrough | None = None
-        self._unwritten: OrderedDict[bytes, None] = OrderedDict()
-        if self.disk is not None and config.disk_write is DiskWrite.BACK:
-            self._idle_writes = WriteThrough(pool, [self.disk])
+        # blocks bound for the disk alone, gathered on the engine's thread and written by a helper: those
+        # leaving the pool that the disk lacks, and (written back) those written while the engine is idle
+        self._disk_writes = WriteThrough(pool, [self.disk]) if self.disk is not None else None
+        self._writes_back = self.disk is not None and config.disk_write is DiskWrite.BACK
+        self._unwritten: OrderedDict[bytes, None] = OrderedDict()  # written back: computed since
         self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
 
@@ -375,7 +375,7 @@ class PrefixCache:
         new = [(key, block) for key, block in zip(keys, blocks, strict=True) if self.index.insert(key, block)]
         if new:
             self.write_through.submit([key for key, _ in new], [block for _, block in new])
-            if self._idle_writes is not None:
+            if self._writes_back:
                 self._unwritten.update((key, None) for key, _ in new)
 
     def write_idle(self) -> float | None:
@@ -383,19 +383,19 @@ class PrefixCache:
         that the disk lacks and the pool still holds go to disk, so that a crash loses little. Returns how
         long the engine may wait for a request before calling again: 0 (more to write), a short time (the
         writers are busy), None (nothing left)."""
-        if self._idle_writes is None or not self._unwritten:
+        if self._disk_writes is None or not self._unwritten:
             return None
-        if self._idle_writes.busy() or not self.disk.enabled:  # type: ignore[union-attr]
+        if self._disk_writes.busy() or not self.disk.enabled:  # type: ignore[union-attr]
             return IDLE_WRITE_RETRY_S
         keys, blocks = [], []
         while self._unwritten and len(keys) < IDLE_WRITE_BATCH:
             key, _ = self._unwritten.popitem(last=False)
             block = self.index.block_of(key)
-            # gone from the pool: written as it left memory, or at exit if the host tier keeps it
+            # gone from the pool: handed to the disk's writer as it left
             if block is not None and self.disk.wants(key):  # type: ignore[union-attr]
                 keys.append(key)
                 blocks.append(block)
-        self._idle_writes.submit(keys, blocks)
+        self._disk_writes.submit(keys, blocks)
         return 0.0 if self._unwritten else None
 
     def touch(self, keys: list[bytes]) -> None:
@@ -403,16 +403,16 @@ class PrefixCache:
 
     def flush(self) -> None:
         self.write_through.flush()
-        if self._idle_writes is not None:
-            self._idle_writes.flush()
+        if self._disk_writes is not None:
+            self._disk_writes.flush()
         for tier in (self.disk, self.remote):
             if tier is not None:
                 tier.flush()
 
     def close(self) -> None:
         self.write_through.close()
-        if self._idle_writes is not None:
-            self._idle_writes.close()
+        if self._disk_writes is not None:
+            self._disk_writes.close()
         try:
             if self.config.disk_write is DiskWrite.BACK:
                 self._write_back()
@@ -455,30 +455,23 @@ class PrefixCache:
         """Live blocks about to be reused: keep their KV one tier down, gathered off the pool in one pass."""
         if self.host is None:
             # written through, the disk usually has them; written back, this is how they get there
-            if self.disk is not None and self.disk.enabled:
-                missing = [(key, block) for key, block in victims if not self.disk.contains(key)]
-                self._put_on_disk(missing)
+            if self._disk_writes is not None and self.disk.enabled:  # type: ignore[union-attr]
+                missing = [(key, block) for key, block in victims if self.disk.wants(key)]  # type: ignore[union-attr]
+                self._disk_writes.submit([key for key, _ in missing], [block for _, block in missing])
             return
         missing = [(key, block) for key, block in victims if not self.host.contains(key)]  # swapped out?
         if missing:
             self._keep_on_host([key for key, _ in missing], self.pool.read_blocks([b for _, b in missing]))
 
-    def _put_on_disk(self, victims: list[tuple[bytes, int]]) -> None:
-        assert self.disk is not None
-        if victims:
-            kv = self.pool.read_blocks([block for _, block in victims]).to("cpu")
-            for (key, _), block_kv in zip(victims, kv, strict=True):
-                self.disk.put(key, block_kv)
-
     def _keep_on_host(self, keys: list[bytes], kv: torch.Tensor) -> None:
-        """Blocks `kv` [n, ...] (on any device) onto the host tier, its least recently used blocks going
-        down to the disk first where the disk lacks them (written through, it usually has them; written
-        back, this is how they get there)."""
+        """Blocks `kv` [n, ...] (a gather on the pool's device) onto the host tier. Written back, they go to
+        the disk's writer too, so that the disk has them before the host tier evicts them; what the host
+        tier evicts and the disk still lacks (a write that was skipped) is copied to the writer then."""
         assert self.host is not None
         beyond = max(0, len(keys) - self.host.capacity)  # more than the whole tier: the oldest go below
-        if beyond and self.disk is not None:
-            for key, block_kv in zip(keys[:beyond], kv[:beyond].to("cpu"), strict=True):
-                self.disk.put(key, block_kv.clone())
+        written = len(keys) if self._writes_back else beyond  # written through, the disk has the rest
+        if written:
+            self._to_disk(keys[:written], kv[:written])
         keys, kv = keys[beyond:], kv[beyond:]
         while self.host.free_blocks < len(keys):
             evicted = self.host.evict()
@@ -488,3 +481,8 @@ class PrefixCache:
             if self.disk is not None and self.disk.wants(key):
                 self.disk.put(key, view.clone())  # the slot is reused at once: the writer gets a copy
         self.host.put_many(keys, kv)
+
+    def _to_disk(self, keys: list[bytes], kv: torch.Tensor) -> None:
+        """Gathered blocks to the disk's writer, when the disk lacks any of them (it skips those it has)."""
+        if self.disk is not None and self.disk.enabled and any(self.disk.wants(key) for key in keys):
+            self._disk_writes.submit_gathered(keys, kv)  # type: ignore[union-attr]

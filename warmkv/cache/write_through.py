@@ -36,14 +36,26 @@ class WriteThrough:
         )
 
     def submit(self, keys: list[bytes], blocks: list[int]) -> None:
+        if self._room_for(keys):
+            self._queue(keys, self._pool.read_blocks(blocks))  # a copy: the blocks may be reused once queued
+
+    def submit_gathered(self, keys: list[bytes], kv: torch.Tensor) -> None:
+        """Blocks already gathered off the pool, [n, ...] on its device (a demotion's copy); kv must not
+        change afterwards."""
+        if self._room_for(keys):
+            self._queue(keys, kv)
+
+    def _room_for(self, keys: list[bytes]) -> bool:
         writers = [t for t in self._tiers if getattr(t, "enabled", True)]
         if not keys or not writers:
-            return
+            return False
         if self.busy():  # only this thread adds: a queue not full now has room below
             for tier in writers:
                 tier.stats.skipped_writes += len(keys)
-            return
-        kv = self._pool.read_blocks(blocks)  # a copy: the blocks may be reused once this is queued
+            return False
+        return True
+
+    def _queue(self, keys: list[bytes], kv: torch.Tensor) -> None:
         done = None
         if self._stream is not None:
             done = torch.cuda.Event()
