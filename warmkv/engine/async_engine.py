@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ from warmkv.engine.llm_engine import LLMEngine, StepOutput
 from warmkv.engine.sampling import SamplingParams
 from warmkv.engine.sequence import Sequence
 from warmkv.errors import EngineFailure, EngineStopped, QueueFull, WarmkvError
+
+# quiet this long before idle-time disk writes start: a client's next request right after a reply is not
+# idle time, an agent's tool call is
+IDLE_WRITE_DELAY_S = 0.5
 
 log = logging.getLogger("warmkv.engine")
 
@@ -144,12 +149,14 @@ class AsyncEngine:
         self.on_failure(self.failure)
 
     def _loop(self) -> None:
+        busy_until = time.monotonic()
         while True:
-            # block only when idle, and then only as long as idle-time disk writes allow; a busy engine
-            # drains the commands between steps
+            # block only when idle, and then only until idle-time disk writes are due; a busy engine drains
+            # the commands between steps
             wait, timeout = not self.engine.has_work, None
             if wait:
-                timeout = self.engine.write_idle()
+                due = busy_until + IDLE_WRITE_DELAY_S - time.monotonic()
+                timeout = due if due > 0 else self.engine.write_idle()
                 wait = timeout != 0
             while True:
                 try:
@@ -162,6 +169,7 @@ class AsyncEngine:
                 wait = False
             if self.engine.has_work:
                 self._step()
+                busy_until = time.monotonic()
 
     def _apply(self, command: _Submit | _Abort | _Prefill) -> None:
         if isinstance(command, _Prefill):
