@@ -115,6 +115,7 @@ def test_write_back_writes_what_leaves_the_pool_the_rest_at_exit(tiny: LoadedMod
     engine.prefix_cache.flush()
     assert kv_files(tmp_path) == []  # the pool holds them: no disk write on the request path
     evict_everything_live(engine)  # PROMPT's blocks demoted to host RAM, and handed to the disk's writer
+    assert not engine.prefix_cache._unwritten  # what idle time would write: bounded by the pool
     generate(engine, other)  # other's in the pool
     engine.prefix_cache.flush()
     assert len(kv_files(tmp_path)) == 3  # host-tier evictions will find them on disk: no copy then

@@ -2,11 +2,13 @@
 padding rows that touch no block but the scratch block.
 
 Graphs need CUDA; the forward pass they capture (`step`) runs anywhere, its paged-attention kernel in
-Triton's interpreter on the CPU, so the step's inputs are checked here without a GPU. The GPU tests in
-test_engine.py replay the graphs themselves.
+Triton's interpreter on the CPU, so the step's inputs are checked here without a GPU. The GPU tests here
+and in test_engine.py replay the graphs themselves.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from warmkv.engine.cuda_graphs import GraphShape, fill_inputs, inputs_size, spli
 from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.kernels.paged_attention import group_size
+from warmkv.models.loader import load_model
 
 
 def _graph_step(engine: LLMEngine, shape: GraphShape, items: list[ForwardItem], scratch: int) -> torch.Tensor:
@@ -61,3 +64,23 @@ def test_graph_step_gives_the_eager_logits_and_pads_into_the_scratch_block(
     assert changed <= {scratch}  # real KV rewritten with the same values; padding only in the scratch block
     if kind == "prefill" and sum(new_tokens) < shape.tokens:
         assert scratch in changed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_graph_replayed_again_before_the_device_caught_up_keeps_each_steps_inputs(
+    tiny_llama_folder: Path,
+) -> None:
+    """Prefill chunks sample nothing, so nothing waits for the device between them: the second chunk
+    through the same graph must not overwrite the first one's inputs before the device has read them."""
+    model = load_model(str(tiny_llama_folder), torch.device("cuda"), torch.float32)
+    engine = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False))
+    prompts = [list(range(100, 120)), list(range(300, 320))]  # both through the 32-token graph
+    blocks = [engine.pool.allocate(2) for _ in prompts]
+    torch.cuda._sleep(1_000_000_000)  # the device lags behind the host
+    for prompt, table in zip(prompts, blocks, strict=True):
+        engine.runner.forward([ForwardItem(prompt, 0, table)])
+    graphed = [engine.pool.read_blocks(table) for table in blocks]
+    for prompt, table in zip(prompts, blocks, strict=True):
+        engine.runner.forward([ForwardItem(prompt, 0, table)], graphs=False)
+        torch.testing.assert_close(engine.pool.read_blocks(table), graphed.pop(0), atol=1e-4, rtol=1e-4)

@@ -77,3 +77,5 @@ def test_moe_decode_with_fused_experts_and_graphs_matches_the_cpu_reference(
         assert [s.output_ids for s in sequences] == want
         if graphs and model.config.mla is None:  # latent attention runs in PyTorch ops, without graphs
             assert gpu.runner.graphs is not None and gpu.runner.graphs._graphs
+    alone = list(range(900, 1100))  # a fresh prompt on its own, in chunks: gpt-oss's sinks through the kernel
+    assert _generate(gpu, alone, 6).output_ids == _generate(cpu, alone, 6).output_ids

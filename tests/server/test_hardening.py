@@ -15,6 +15,7 @@ import pytest
 from warmkv.cache.config import CacheConfig
 from warmkv.config_flags import add_serve_flags, settings_from
 from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
 from warmkv.errors import WarmkvError
 from warmkv.server.auth import resolve_api_key
 
@@ -139,3 +140,22 @@ def test_an_idle_server_writes_its_cache_to_disk_without_stopping(default_model,
         assert len(list(tmp_path.glob("*/*/*.kv"))) >= whole_blocks > 3
     finally:
         server.stop()
+
+
+def test_failing_idle_time_disk_writes_never_stop_the_server(
+    default_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self) -> float | None:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(LLMEngine, "write_idle", broken)
+    config = EngineConfig(kv_pool_tokens=4096, cache=CacheConfig(kv_dir=tmp_path))
+    server = start_server(default_model, config)
+    try:
+        with caplog.at_level(logging.WARNING, logger="warmkv.engine"):
+            assert post_chat(server.url, chat_body(FRANCE)).status_code == 200
+            time.sleep(1.0)  # idle long enough for the writes to be tried
+            assert post_chat(server.url, chat_body(FRANCE)).status_code == 200
+    finally:
+        server.stop()
+    assert any("idle-time disk writes stopped" in r.getMessage() for r in caplog.records)

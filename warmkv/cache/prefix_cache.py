@@ -383,9 +383,9 @@ class PrefixCache:
         that the disk lacks and the pool still holds go to disk, so that a crash loses little. Returns how
         long the engine may wait for a request before calling again: 0 (more to write), a short time (the
         writers are busy), None (nothing left)."""
-        if self._disk_writes is None or not self._unwritten:
-            return None
-        if self._disk_writes.busy() or not self.disk.enabled:  # type: ignore[union-attr]
+        if self._disk_writes is None or not self._unwritten or not self.disk.enabled:  # type: ignore[union-attr]
+            return None  # (a disk that is down is probed on its own schedule; these wait for it)
+        if self._disk_writes.busy():
             return IDLE_WRITE_RETRY_S
         keys, blocks = [], []
         while self._unwritten and len(keys) < IDLE_WRITE_BATCH:
@@ -453,6 +453,8 @@ class PrefixCache:
 
     def _demote(self, victims: list[tuple[bytes, int]]) -> None:
         """Live blocks about to be reused: keep their KV one tier down, gathered off the pool in one pass."""
+        for key, _ in victims:  # handed down now: idle time has no more to write of them
+            self._unwritten.pop(key, None)
         if self.host is None:
             # written through, the disk usually has them; written back, this is how they get there
             if self._disk_writes is not None and self.disk.enabled:  # type: ignore[union-attr]

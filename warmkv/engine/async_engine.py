@@ -156,7 +156,7 @@ class AsyncEngine:
             wait, timeout = not self.engine.has_work, None
             if wait:
                 due = busy_until + IDLE_WRITE_DELAY_S - time.monotonic()
-                timeout = due if due > 0 else self.engine.write_idle()
+                timeout = due if due > 0 else self._write_idle()
                 wait = timeout != 0
             while True:
                 try:
@@ -170,6 +170,14 @@ class AsyncEngine:
             if self.engine.has_work:
                 self._step()
                 busy_until = time.monotonic()
+
+    def _write_idle(self) -> float | None:
+        """Idle-time disk writes are optional: a failure is logged, never worth the engine thread."""
+        try:
+            return self.engine.write_idle()
+        except Exception as err:
+            log.warning("idle-time disk writes stopped until the next idle time: %s", err)
+            return None
 
     def _apply(self, command: _Submit | _Abort | _Prefill) -> None:
         if isinstance(command, _Prefill):

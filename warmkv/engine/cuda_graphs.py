@@ -125,6 +125,9 @@ class _Captured:
     host: dict[str, np.ndarray]  # the staging buffer's sections
     inputs: torch.Tensor  # on the device: the graph reads its step from here
     logits: torch.Tensor  # [outputs, vocab], written by each replay
+    # recorded after the latest copy out of `staging`: a step that samples nothing (a prefill chunk) does not
+    # wait for the device, so the next step of this graph must not refill staging before that copy has run
+    copied: torch.cuda.Event | None = None
 
 
 class StepGraphs:
@@ -166,8 +169,12 @@ class StepGraphs:
     def forward(self, items: list[ForwardItem], shape: GraphShape) -> torch.Tensor:
         """Logits [items, vocab] of each item's last token; the new tokens' KV is stored in their slots."""
         captured = self._graphs.get(shape) or self._capture(shape)
+        if captured.copied is not None:
+            captured.copied.synchronize()  # usually long done: the last step of this shape has sampled
         fill_inputs(captured.host, shape, items, self.pool.block_size, self.scratch_block)
         captured.inputs.copy_(captured.staging, non_blocking=True)
+        captured.copied = torch.cuda.Event()
+        captured.copied.record()
         captured.graph.replay()
         return captured.logits[: len(items)]
 

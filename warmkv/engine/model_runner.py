@@ -94,7 +94,10 @@ class ModelRunner:
         slot_mapping = torch.cat(
             [self.pool.slots(i.block_ids, i.start, i.start + len(i.token_ids)) for i in items]
         ).to(self.device)
-        fresh_prompt = len(items) == 1 and items[0].start == 0
+        # PyTorch's fused attention takes no sinks (gpt-oss): unfused, a long prompt's scores alone would
+        # take gigabytes, so such a model's fresh prompt reads the pool through the kernel too
+        sinks = self.module.config.attention_sinks
+        fresh_prompt = len(items) == 1 and items[0].start == 0 and not sinks
         if self.kernels and not fresh_prompt:
             from warmkv.kernels.paged_attention import plan  # Triton is there: kernels are
 
