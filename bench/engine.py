@@ -58,6 +58,8 @@ def main() -> None:
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, prefix_cache=False)
     device = config.torch_device()
     dtype = config.torch_dtype(device)
+    # the limits first, while the device's memory is free: the models and the pool take most of it
+    rates = copy_bandwidth(device), matmul_rate(device, dtype)
     ours, theirs, name = _models(args, device, dtype)
     batch_tokens = max(args.batches, default=1) * (32 + args.decode_tokens + 16)
     if args.stall:
@@ -101,7 +103,7 @@ def main() -> None:
         streams, prompt_tokens, chunk = args.stall
         result["stall"] = [_stall(engine, streams, prompt_tokens, step) for step in (chunk, prompt_tokens)]
         print_table(result["stall"])
-    result |= _limits(ours, engine, rows, args, device, dtype)
+    result |= _limits(ours, engine, rows, args, rates, dtype)
     measured = [{"measure": k, "value": v} for k, v in result.items() if isinstance(v, float)]
     print_table(measured)
     decode = next(r for r in rows if r["phase"] == f"decode {args.decode_tokens}")
@@ -133,12 +135,11 @@ def _models(
 
 
 def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argparse.Namespace,
-            device: torch.device, dtype: torch.dtype) -> dict:  # fmt: skip
-    """Each result beside the limit measured in this run: HBM copy bandwidth for decode, the bf16 matmul
-    rate for prefill (on a CPU, with smaller probes). A mixture-of-experts step reads only the experts its
-    tokens chose."""
-    bandwidth = copy_bandwidth(device)
-    matmul = matmul_rate(device, dtype)
+            rates: tuple[float, float], dtype: torch.dtype) -> dict:  # fmt: skip
+    """Each result beside the limit measured in this run (`rates`): HBM copy bandwidth for decode, the bf16
+    matmul rate for prefill (on a CPU, with smaller probes). A mixture-of-experts step reads only the
+    experts its tokens chose."""
+    bandwidth, matmul = rates
     cfg = model.config
     weights = _weight_bytes(model)
     context = 32 + args.decode_tokens // 2
