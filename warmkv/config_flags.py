@@ -100,9 +100,10 @@ def _add_tier_flags(parser: argparse.ArgumentParser, defaults: CacheConfig) -> N
         "--kv-disk-write",
         choices=[w.value for w in DiskWrite],
         default=defaults.disk_write.value,
-        help="through: every block reaches the disk as it is computed (survives a crash); back: a block is "
-        "written when it leaves GPU and host memory, and every cached block at shutdown (nothing is "
-        "written while memory holds the working set); either way a full writer queue skips a write",
+        help="back: blocks are written while the engine is idle, as they leave the GPU pool, and at "
+        "shutdown (no disk work while requests run; a crash loses what was computed since the engine "
+        "was last idle); through: every block as it is computed (survives any crash, costs throughput "
+        "under load); either way a full writer queue skips a write",
     )
     disk = tiers.add_mutually_exclusive_group()
     disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")
