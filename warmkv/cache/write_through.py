@@ -1,6 +1,7 @@
-"""Write-through of completed blocks to the disk and shared tiers, off the request path.
+"""Blocks from the pool to the disk and shared tiers, off the request path: each step's completed blocks
+written through, and (written back) those leaving the pool or written in idle time.
 
-The engine thread only queues one device-side gather of the step's new blocks (stream order makes that
+The engine thread only queues one device-side gather of the blocks (stream order makes that
 copy safe: any later write to those pool blocks is queued behind it). A helper thread copies the gather to
 host memory on its own stream and hands the blocks to the tiers, waiting for their writers when they are
 busy. When even the helper's short queue is full (the tiers are slower than prefill), the step's blocks
