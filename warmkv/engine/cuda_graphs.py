@@ -18,7 +18,14 @@ import torch
 
 from warmkv.cache.kv_pool import KVPool
 from warmkv.engine.forward_item import ForwardItem
-from warmkv.kernels.paged_attention import PagedBatch, aligned, group_size, num_splits, tokens_per_tile
+from warmkv.kernels.paged_attention import (
+    PagedBatch,
+    aligned,
+    group_size,
+    num_splits,
+    split_aligned,
+    tokens_per_tile,
+)
 from warmkv.models.attention import AttentionBatch
 from warmkv.models.llama import LlamaForCausalLM
 
@@ -70,8 +77,7 @@ def inputs_size(shape: GraphShape, max_blocks: int) -> int:
 def split_inputs(buffer: torch.Tensor, shape: GraphShape, max_blocks: int) -> dict[str, torch.Tensor]:
     """The sections of a graph's inputs buffer, each starting 16-byte aligned (as plan's)."""
     sections = shape.sections(max_blocks)
-    padded = buffer.split([aligned(size) for size in sections.values()])
-    parts = {name: part[:size] for (name, size), part in zip(sections.items(), padded, strict=True)}
+    parts = dict(zip(sections, split_aligned(buffer, list(sections.values())), strict=True))
     parts["block_table"] = parts["block_table"].view(shape.seqs, max_blocks)
     return parts
 
@@ -120,7 +126,6 @@ def fill_inputs(
 @dataclass(slots=True)
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    shape: GraphShape
     staging: torch.Tensor  # pinned host copy of `inputs`, filled by the CPU each step
     host: dict[str, np.ndarray]  # the staging buffer's sections
     inputs: torch.Tensor  # on the device: the graph reads its step from here
@@ -194,7 +199,7 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._memory), torch.inference_mode():
             logits = self._step(inputs, shape)
-        self._graphs[shape] = captured = _Captured(graph, shape, staging, host, inputs, logits)
+        self._graphs[shape] = captured = _Captured(graph, staging, host, inputs, logits)
         return captured
 
     def _step(self, inputs: torch.Tensor, shape: GraphShape) -> torch.Tensor:

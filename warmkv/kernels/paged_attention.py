@@ -67,6 +67,13 @@ def aligned(count: int) -> int:
     return -(-count // 4) * 4
 
 
+def split_aligned(buffer: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Consecutive parts of an int32 buffer of these sizes, each starting 16-byte aligned: the buffer holds
+    sum(aligned(size)) values."""
+    padded = buffer.split([aligned(size) for size in sizes])
+    return [part[:size] for part, size in zip(padded, sizes, strict=True)]
+
+
 def plan(
     query_lens: list[int],
     context_lens: list[int],
@@ -91,14 +98,12 @@ def plan(
     as_int = [torch.tensor(values, dtype=torch.int32) for values in (context_lens, tile_seqs, tile_starts)]
     host = (table, as_int[0], query_starts, as_int[1], as_int[2])
     # one copy to the device for all five (each copy from pageable memory holds the host up)
-    flat = torch.zeros(sum(aligned(t.numel()) for t in host), dtype=torch.int32)
-    parts, offset = [], 0
-    for part in host:
-        flat[offset : offset + part.numel()] = part.flatten()
-        parts.append((offset, part.shape))
-        offset += aligned(part.numel())
+    sizes = [t.numel() for t in host]
+    flat = torch.zeros(sum(aligned(size) for size in sizes), dtype=torch.int32)
+    for part, values in zip(split_aligned(flat, sizes), host, strict=True):
+        part.copy_(values.flatten())
     flat = flat.to(device, non_blocking=True)
-    parts = [flat[start : start + shape.numel()].view(shape) for start, shape in parts]
+    parts = [part.view(t.shape) for part, t in zip(split_aligned(flat, sizes), host, strict=True)]
     splits = num_splits(len(tile_seqs), num_kv_heads, max(context_lens), device)
     return PagedBatch(*parts, block_size, per_tile, splits)
 
