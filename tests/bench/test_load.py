@@ -79,6 +79,9 @@ def test_load_runs_sessions_concurrently_without_errors(
         assert row["requests_per_s"] > 0 and row["generated_tokens_per_s"] > 0
         assert name in printed
     assert result["rows"]["warmkv_gpu_only"]["swapped_out_bytes"] == 0
+    tiers, gpu_only = result["rows"]["warmkv"]["tiers"], result["rows"]["warmkv_gpu_only"]["tiers"]
+    assert tiers["live"]["evictions"] > 0 and tiers["host"]["writes"] > 0  # oversubscribed: demoted
+    assert list(gpu_only) == ["live"] and gpu_only["live"]["evictions"] > 0
     assert (out / "load-ttft.png").stat().st_size > 10_000
 
 

@@ -58,6 +58,7 @@ def test_live_hits_and_misses_are_counted_in_blocks_and_tokens(tiny_server: Embe
     assert delta(before, after, "warmkv_cache_misses_total", tier="live") == 5 + (5 - cached // BLOCK)
     # what the live tier did not serve was looked for, and missed, below it too
     assert delta(before, after, "warmkv_cache_miss_tokens_total", tier="disk") == 2 * len(prompt) - cached
+    assert delta(before, after, "warmkv_cache_writes_total", tier="live") == 5  # computed once, indexed once
 
 
 def test_every_response_is_counted_by_status(

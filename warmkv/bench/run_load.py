@@ -29,6 +29,7 @@ from warmkv.bench.trace import TraceRequest
 from warmkv.errors import WarmkvError
 
 SCHEDULER_METRICS = ("preemptions", "swapped_out_bytes", "swapped_in_bytes", "recomputed_tokens")
+TIER_METRICS = ("writes", "evictions", "skipped_writes")
 WARM_UP_TURNS = 2  # of each session, run once on a GPU before the measured runs
 
 
@@ -154,8 +155,12 @@ def _run_embedded(
     server = embedded_warmkv(model, flags, kv_dir)
     try:
         row = _measure(server.client(timeout=3600), model.name, requests, oracle, shape, label)
-        stats = server.engine.engine.stats
-        return row | {name: getattr(stats, name) for name in SCHEDULER_METRICS}
+        engine = server.engine.engine
+        row |= {name: getattr(engine.stats, name) for name in SCHEDULER_METRICS}
+        if engine.prefix_cache is not None:  # whether, and where, the tiers moved blocks during the run
+            row["tiers"] = {tier.value: {name: getattr(stats, name) for name in TIER_METRICS}
+                            for tier, stats in engine.prefix_cache.stats().items()}  # fmt: skip
+        return row
     finally:
         server.stop()
         gc.collect()  # the app's reference cycles hold the engine: pinned host tier, GPU pool

@@ -32,6 +32,7 @@ class PrefixIndex:
         self._blocks: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
         self._shared: set[bytes] = set()  # keys another request has hit: shared prefixes, evicted last
         self.evictions = 0
+        self.inserts = 0
         # told of the (key, block) pairs about to be given up, so a lower tier can keep their KV
         self.on_evict: Callable[[list[tuple[bytes, int]]], None] = lambda victims: None
         pool.reclaim = self.evict
@@ -85,6 +86,7 @@ class PrefixIndex:
             return False
         self._pool.incref(block)
         self._blocks[key] = block
+        self.inserts += 1
         return True
 
     def block_of(self, key: bytes) -> int | None:

@@ -26,6 +26,7 @@ class TierStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    writes: int = 0  # blocks stored (a live block: indexed)
     skipped_writes: int = 0  # the writer's queue was full
     corrupt: int = 0  # stored units that failed verification and were deleted
     unavailable: int = 0  # times the tier was found down (the shared store: unreachable or too slow)

@@ -218,6 +218,7 @@ class DiskTier:
         with self._lock:
             self._files[key] = size
             self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes + size
+            self.stats.writes += 1
         while self.stats.bytes > self.capacity_bytes and self._files:
             self.evict()
 

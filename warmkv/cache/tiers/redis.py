@@ -157,6 +157,7 @@ class RedisTier:
                     log.warning("the shared KV store refused a write (%s); writes are skipped", result)
             else:
                 self.stats.blocks += 1
+                self.stats.writes += 1
                 self.stats.bytes += size
 
     def _went_down(self, err: Exception) -> None:
