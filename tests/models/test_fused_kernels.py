@@ -39,6 +39,21 @@ def test_rms_norm_with_and_without_residual(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_add_and_norm_sums_the_parts_of_a_mixture_of_experts_first(dtype: torch.dtype) -> None:
+    parts = torch.randn(5, 8, 200, dtype=dtype, device=DEVICE)  # a token's 8 experts' outputs
+    residual = torch.randn(5, 200, dtype=dtype, device=DEVICE)
+    weight = torch.randn(200, dtype=dtype, device=DEVICE)
+    got = fused.rms_norm(parts, weight, 1e-6, residual)
+    want = reference(layers.rms_norm, parts.sum(dim=1), weight, 1e-6, residual)  # what summing first gives
+    # the sum's order is torch's own (pairwise on the CPU): float32 ulps apart, at most one rounding of bf16
+    stream = (1e-6, 0.0) if dtype == torch.float32 else (1e-2, 2**-7)
+    torch.testing.assert_close(got[1].cpu(), want[1], atol=stream[0], rtol=stream[1])
+    torch.testing.assert_close(
+        got[0].cpu(), want[0], atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-2
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul(dtype: torch.dtype) -> None:
     gate_up = torch.randn(3, 2 * 1500, dtype=dtype, device=DEVICE) * 4
     got = fused.silu_and_mul(gate_up)

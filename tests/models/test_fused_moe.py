@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from warmkv.kernels import fused_moe
 from warmkv.kernels.fused_moe import align_by_expert, fused_experts, route_top_k
+from warmkv.models.layers import silu_and_mul
 from warmkv.models.moe import experts_reference, route
 
 CUDA = torch.cuda.is_available()
@@ -60,6 +61,20 @@ def test_fused_experts_match_the_expert_loop_in_float32(tokens: int, top_k: int)
     x, weights, expert_ids = _routed(tokens, 8, top_k, 64, torch.float32)
     got = fused_experts(x, gate_up, down, weights, expert_ids)
     want = experts_reference(x, gate_up, down, weights, expert_ids)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 40])  # a tile per pair, then sorted
+def test_swiglu_in_the_first_gemm_with_biases_unsummed_matches_the_loop(tokens: int) -> None:
+    """silu(gate) * up computed in the gate/up GEMM's epilogue, after each half's bias; each token's k
+    outputs left unsummed for the residual add."""
+    torch.manual_seed(tokens)
+    gate_up, down = _experts(8, 64, 32, torch.float32)
+    biases = (torch.randn(8, 64, device=DEVICE), torch.randn(8, 64, device=DEVICE))
+    x, weights, expert_ids = _routed(tokens, 8, 2, 64, torch.float32)
+    got = fused_experts(x, gate_up, down, weights, expert_ids, None, *biases, summed=False)
+    want = experts_reference(x, gate_up, down, weights, expert_ids, silu_and_mul, *biases, summed=False)
+    assert got.shape == (tokens, 2, 64)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

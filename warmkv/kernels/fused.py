@@ -16,14 +16,19 @@ import triton.language as tl
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normed, residual stream): the stream is x + residual (or x alone), the norm is of the stream."""
-    rows, size = x.shape
-    out = torch.empty_like(x)
-    stream = torch.empty_like(x) if residual is not None else x
+    """(normed, residual stream): the stream is x + residual (or x alone), the norm is of the stream. x is
+    [rows, size], or [rows, parts, size] with a residual: the parts are summed first (in float32, rounded
+    once, as torch's sum), so a mixture of experts' k outputs need no kernel of their own."""
+    rows, size = x.shape[0], x.shape[-1]
+    parts = x.shape[1] if x.dim() == 3 else 1
+    assert parts == 1 or residual is not None
+    out = torch.empty(rows, size, dtype=x.dtype, device=x.device)
+    stream = torch.empty_like(out) if residual is not None else x
     _rms_norm_kernel[(rows,)](
         x, residual if residual is not None else x, stream, weight, out, eps,
-        x.stride(0), x.stride(0) if residual is None else residual.stride(0), stream.stride(0), out.stride(0),
-        size, ADD=residual is not None, BLOCK=triton.next_power_of_2(size),
+        x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(0) if residual is None else residual.stride(0),
+        stream.stride(0), out.stride(0), size, ADD=residual is not None, PARTS=parts,
+        BLOCK=triton.next_power_of_2(size),
     )  # fmt: skip
     return out, stream
 
@@ -31,13 +36,19 @@ def rms_norm(
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, stream_ptr, weight_ptr, out_ptr, eps,
-    stride_x, stride_residual, stride_stream, stride_out, size,
-    ADD: tl.constexpr, BLOCK: tl.constexpr,
+    stride_x, stride_part, stride_residual, stride_stream, stride_out, size,
+    ADD: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < size
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    if PARTS > 1:  # summed in order, in float32, rounded once
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for part in tl.static_range(PARTS):
+            total += tl.load(x_ptr + row * stride_x + part * stride_part + cols, mask=ok, other=0.0)
+        x = total.to(stream_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if ADD:
         x = x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=ok, other=0.0)
         x = x.to(stream_ptr.dtype.element_ty)

@@ -4,9 +4,11 @@ A token's top-k choices are (token, expert) pairs. The pairs are sorted by exper
 is padded to a whole tile of rows (`align_by_expert`), so every tile of the grouped GEMM multiplies rows of
 one expert by that expert's weight: a weight is read once per tile however many tokens chose it, and an
 expert no token chose is never read. The first GEMM gathers token rows of x straight from the
-unsorted input and writes gate|up per pair; silu(gate) * up is the existing fused kernel; the second GEMM
-multiplies by the router weight on the way out; the k pairs of a token are then summed. The router's
-softmax, top-k and renormalisation are one kernel too (`route_top_k`): in PyTorch they are half a dozen.
+unsorted input and, for SwiGLU experts, computes each tile's gate and up columns side by side and writes
+silu(gate) * up (another activation runs on its own); the second GEMM multiplies by the router weight on
+the way out. The k outputs of a token are summed by the caller, or left to the layer's next residual add,
+which sums them in its own pass (one kernel less per layer). The router's softmax, top-k and
+renormalisation are one kernel too (`route_top_k`): in PyTorch they are half a dozen.
 
 Every shape depends only on the number of tokens (the padding is sized for the worst case, tiles past
 the real ones exit at once), and the sorting is done with device-side ops that never wait for the host,
@@ -20,13 +22,11 @@ skipped and each pair is a tile of its own. Sorting costs a dozen small kernels 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
-
-from warmkv.kernels.fused import silu_and_mul
 
 # up to this many pairs, each pair is a tile of its own instead of being sorted by expert. On an H100 at
 # Qwen3-30B-A3B's shape (`python -m bench.moe --sweep`), 8 tokens (64 pairs) took 178 us this way against
@@ -95,20 +95,25 @@ def fused_experts(
     down_proj: torch.Tensor,  # [experts, hidden, inner]
     weights: torch.Tensor,  # [tokens, top_k] router weights in the model dtype
     expert_ids: torch.Tensor,  # [tokens, top_k]
-    activation: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul,  # [n, 2 * inner] -> [n, inner]
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,  # None: silu(gate) * up, fused
     gate_up_bias: torch.Tensor | None = None,  # [experts, 2 * inner]
     down_bias: torch.Tensor | None = None,  # [experts, hidden]
+    summed: bool = True,
 ) -> torch.Tensor:
-    """sum over k of weights[t, k] * expert[expert_ids[t, k]](x[t]): [tokens, hidden]."""
+    """weights[t, k] * expert[expert_ids[t, k]](x[t]), summed over k: [tokens, hidden]; or (summed=False)
+    each of a token's k outputs, [tokens, top_k, hidden]. `activation` maps [n, 2 * inner] to [n, inner]."""
     tokens, top_k = expert_ids.shape
     pairs = tokens * top_k
     tiles = tiles_for(pairs)
     alignment = align_by_expert(expert_ids, gate_up_proj.shape[0], tiles.rows)
-    gate_up = grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k, tiles, None)
-    down = grouped_gemm(
-        activation(gate_up), down_proj, down_bias, alignment, pairs, 1, tiles, weights.reshape(-1)
-    )
-    return down.view(tokens, top_k, -1).sum(dim=1)
+    if activation is None:  # the gate and up halves of each tile: half as many output columns per program
+        hidden = grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k,
+                              replace(tiles, cols=tiles.cols // 2), None, swiglu=True)  # fmt: skip
+    else:
+        hidden = activation(grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k, tiles, None))
+    down = grouped_gemm(hidden, down_proj, down_bias, alignment, pairs, 1, tiles, weights.reshape(-1))
+    per_choice = down.view(tokens, top_k, -1)
+    return per_choice.sum(dim=1) if summed else per_choice
 
 
 def grouped_gemm(
@@ -120,20 +125,24 @@ def grouped_gemm(
     pairs_per_row: int,
     tiles: Tiles,
     pair_weights: torch.Tensor | None,  # [pairs] multiplied into each output row, or None
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """out[pair] = (a[pair // pairs_per_row] @ b[e].T + bias[e]) * pair_weights[pair], e the pair's
-    expert: [pairs, cols]."""
+    expert: [pairs, cols]. With `swiglu`, b's rows are [gate | up] and out[pair] is silu(gate) * up of
+    that product: [pairs, cols / 2]."""
     _, cols, depth = b.shape
-    out = torch.empty(pairs, cols, dtype=a.dtype, device=a.device)
-    grid = (alignment.tile_experts.numel(), triton.cdiv(cols, tiles.cols))
+    out_cols = cols // 2 if swiglu else cols
+    out = torch.empty(pairs, out_cols, dtype=a.dtype, device=a.device)
+    grid = (alignment.tile_experts.numel(), triton.cdiv(out_cols, tiles.cols))
     sorted_pairs = alignment.sorted_pairs
     _grouped_gemm_kernel[grid](
         a, b, out, bias if bias is not None else a, pair_weights if pair_weights is not None else a,
         sorted_pairs if sorted_pairs is not None else alignment.tile_experts, alignment.tile_experts,
-        pairs, cols, depth,
+        pairs, out_cols, depth,
         a.stride(0), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         PAIRS_PER_ROW=pairs_per_row, BIAS=bias is not None, WEIGHTED=pair_weights is not None,
-        PAIR_TILES=sorted_pairs is None, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        SWIGLU=swiglu, PAIR_TILES=sorted_pairs is None,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         ROWS=tiles.rows, COLS=tiles.cols, DEPTH=tiles.depth, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -144,9 +153,11 @@ def grouped_gemm(
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, out_ptr, bias_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs, cols, depth,
     stride_a, stride_b_expert, stride_b_col, stride_bias, stride_out,
-    PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr, PAIR_TILES: tl.constexpr,
-    PRECISION: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
+    PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr, SWIGLU: tl.constexpr,
+    PAIR_TILES: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    DEPTH: tl.constexpr,
 ):  # fmt: skip
+    # `cols`: the output's; with SWIGLU, b has twice as many rows (gate, then up)
     tile = tl.program_id(0)
     expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
     if expert < 0:  # past the last expert's run: padding of the worst case
@@ -161,17 +172,29 @@ def _grouped_gemm_kernel(
     col = tl.program_id(1) * COLS + tl.arange(0, COLS)
     col_ok = col < cols
     b_cols = b_ptr + expert * stride_b_expert + col[None, :].to(tl.int64) * stride_b_col
+    b_up_cols = b_cols + cols * stride_b_col  # SWIGLU: the same columns of the up half
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    acc_up = tl.zeros((ROWS, COLS), dtype=tl.float32)
     for start in range(0, depth, DEPTH):
         k = start + tl.arange(0, DEPTH)
         k_ok = k < depth
         a = tl.load(a_rows + k[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if SWIGLU:
+            b_up = tl.load(b_up_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
     dtype = out_ptr.dtype.element_ty
-    if BIAS:  # the product is rounded before the bias is added: transformers' order
-        bias = tl.load(bias_ptr + expert * stride_bias + col, mask=col_ok, other=0.0).to(tl.float32)
-        acc = acc.to(dtype).to(tl.float32) + bias[None, :]
+    # each product is rounded before a bias is added, and so on: transformers' order, step by step
+    if BIAS:
+        bias_row = bias_ptr + expert * stride_bias
+        acc = acc.to(dtype).to(tl.float32) + tl.load(bias_row + col, mask=col_ok, other=0.0).to(tl.float32)
+        if SWIGLU:
+            up_bias = tl.load(bias_row + cols + col, mask=col_ok, other=0.0).to(tl.float32)
+            acc_up = acc_up.to(dtype).to(tl.float32) + up_bias
+    if SWIGLU:  # silu(gate) * up, as silu_and_mul rounds it
+        gate = acc.to(dtype).to(tl.float32)
+        acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
     if WEIGHTED:  # round the product first, then scale by the router weight: transformers' order
         weight = tl.load(weight_ptr + pair, mask=real, other=0.0).to(tl.float32)
         acc = acc.to(dtype).to(tl.float32) * weight[:, None]

@@ -46,8 +46,11 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)[0]
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm of x + residual, x + residual) in one pass."""
-        return rms_norm(x, self.weight, self.eps, residual)
+        """(norm of x + residual, x + residual) in one pass. x may be [tokens, parts, hidden] (the k outputs
+        of a mixture of experts): its parts are summed first, in float32 rounded once as torch sums."""
+        if x.dim() == 3 and has_kernels(x.device):
+            return fused.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x.sum(dim=1) if x.dim() == 3 else x, self.weight, self.eps, residual)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ class DecoderLayer(nn.Module):
         batch: AttentionBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the caller adds them, fused with
-        the next norm."""
+        the next norm (which also sums a mixture of experts' k outputs, [tokens, top_k, hidden])."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:

@@ -38,11 +38,17 @@ class Experts(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.empty(moe.num_experts, hidden))
         self.clamped_swiglu = moe.clamped_swiglu
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """sum over k of weights[t, k] * expert[expert_ids[t, k]](x[t]), [tokens, hidden]."""
-        run = fused_experts if has_kernels(x.device) else experts_reference
-        return run(x, self.gate_up_proj, self.down_proj, weights, expert_ids, self.activation,
-                   self.gate_up_proj_bias, self.down_proj_bias)  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, summed: bool = True
+    ) -> torch.Tensor:
+        """weights[t, k] * expert[expert_ids[t, k]](x[t]), summed over k: [tokens, hidden]; or each of a
+        token's k outputs, [tokens, top_k, hidden]."""
+        tensors = (x, self.gate_up_proj, self.down_proj, weights, expert_ids)
+        biases = (self.gate_up_proj_bias, self.down_proj_bias)
+        if has_kernels(x.device):  # silu(gate) * up runs in the first GEMM; the clamped variant on its own
+            activation = None if self.clamped_swiglu is None else self.activation
+            return fused_experts(*tensors, activation, *biases, summed=summed)
+        return experts_reference(*tensors, self.activation, *biases, summed=summed)
 
     def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[tokens, 2 * inner] -> [tokens, inner]: silu(gate) * up, or gpt-oss's clamped variant."""
@@ -63,9 +69,11 @@ def experts_reference(
     activation: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul,  # [n, 2 * inner] -> [n, inner]
     gate_up_bias: torch.Tensor | None = None,  # [experts, 2 * inner]
     down_bias: torch.Tensor | None = None,  # [experts, hidden]
+    summed: bool = True,
 ) -> torch.Tensor:
     """Each expert that was chosen runs once on its tokens, rounding where transformers rounds; the k
-    outputs of a token are summed in the order of its choices, as the fused kernels sum them."""
+    outputs of a token are summed in the order of its choices, as the fused kernels sum them (or, not
+    summed, returned as [tokens, top_k, hidden])."""
     tokens, top_k = expert_ids.shape
     per_choice = torch.empty(tokens, top_k, x.shape[1], dtype=x.dtype, device=x.device)
     for expert in expert_ids.unique().tolist():
@@ -75,7 +83,7 @@ def experts_reference(
         h = F.linear(h, down_proj[expert])
         h = h if down_bias is None else h + down_bias[expert]
         per_choice[rows, choice] = h * weights[rows, choice, None]
-    return per_choice.sum(dim=1)
+    return per_choice.sum(dim=1) if summed else per_choice
 
 
 def route(
@@ -171,10 +179,12 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, hidden]; or, without a shared expert, the k experts' outputs [tokens, top_k, hidden],
+        which the residual add that follows sums (RMSNorm.add_and_norm)."""
         weights, expert_ids = self.gate(x)
-        out = self.experts(x, weights, expert_ids)
         if self.shared_expert is None:
-            return out
+            return self.experts(x, weights, expert_ids, summed=False)
+        out = self.experts(x, weights, expert_ids)
         shared = self.shared_expert(x)
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
