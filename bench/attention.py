@@ -21,7 +21,8 @@ from bench.common import device_name, print_table, write_result
 from warmkv.kernels import paged_attention as kernel
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 28, 4, 128, 16
-PREFILL = [(2048, 16384), (8192, 24576)]  # (chunk, cached)
+# (chunk, cached): a 64-token turn over a 32k cached prefix (a live hit), then chunks of a long prompt
+PREFILL = [(64, 32000), (2048, 16384), (8192, 24576)]
 DECODE = [(batch, context) for context in (4096, 32768) for batch in (1, 8, 32)]
 
 
