@@ -43,14 +43,14 @@ def test_copies_are_distinct_conversations_sharing_the_system_prompt() -> None:
     assert first.messages[1]["content"] == "hi"  # the original is left alone
 
 
-def test_warm_up_runs_the_first_turns_of_each_session_on_text_the_measured_runs_never_share(
+def test_warm_up_runs_every_session_on_text_the_measured_runs_never_share(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     requests = load_trace(small_trace(tmp_path / "trace.jsonl"))
     ran = []
     monkeypatch.setattr(run_load, "_run_embedded", lambda model, flags, turns, *rest: ran.extend(turns))
     run_load._warm_up(None, [], requests, run_load.LoadShape())
-    assert len(ran) == 4 * run_load.WARM_UP_TURNS and len({r.session for r in ran}) == 4
+    assert len(ran) == len(requests) and len({r.session for r in ran}) == 4
     measured = {r.messages[0]["content"] for r in requests}
     assert all(r.messages[0]["content"].startswith("[warm-up] ") for r in ran)
     assert not measured & {r.messages[0]["content"] for r in ran}
