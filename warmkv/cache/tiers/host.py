@@ -73,14 +73,6 @@ class HostTier:
         self.stats.writes += len(stored)
         self._update_size()
 
-    def peek(self, key: bytes) -> torch.Tensor | None:
-        """A view of the block's slot, valid until the tier evicts it; neither a hit nor a use."""
-        slot = self._slots.get(key)
-        if slot is None:
-            return None
-        self._landed(slot)
-        return self._slab[slot]
-
     def items(self) -> list[tuple[bytes, torch.Tensor]]:
         """Every block held, least recently used first: its key and a view of its slot."""
         in_flight = next(iter(self._in_flight), None)
