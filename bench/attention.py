@@ -34,10 +34,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
+    # the chosen launches, before the loops below set the module's to each setting they time
+    prefill_launch, split_launch = kernel.PREFILL_LAUNCH, kernel.SPLIT_PREFILL_LAUNCH
+    decode_launch = kernel.DECODE_LAUNCH
     for chunk, cached in PREFILL:
-        for rows_per_tile, keys, warps, stages in _settings(args.sweep, prefill=True):
-            kernel.ROWS_PER_TILE, kernel.BLOCK_KEYS = rows_per_tile, keys
-            kernel.PREFILL_LAUNCH = {"num_warps": warps, "num_stages": stages}
+        launch = split_launch if chunk < 512 else prefill_launch  # a short turn: split along the keys
+        for rows_per_tile, keys, warps, stages in _settings(args.sweep, launch, prefill=True):
+            kernel.ROWS_PER_TILE = rows_per_tile
+            kernel.PREFILL_LAUNCH = kernel.SPLIT_PREFILL_LAUNCH = kernel.Launch(keys, warps, stages)
             ms = _time([chunk], [cached + chunk], device)
             flops = 4 * HEADS * HEAD_DIM * chunk * (cached + chunk / 2)
             setting = (rows_per_tile, keys, warps, stages)
@@ -50,9 +54,8 @@ def main() -> None:
     flops = 4 * HEADS * HEAD_DIM * 8192 * 32768
     rows.append(_row("SDPA 8192 x 32768, no mask", ("-",) * 4, ms, f"{flops / ms / 1e9:.0f} TFLOP/s"))
     for batch, context in DECODE:
-        for _, keys, warps, stages in _settings(args.sweep, prefill=False):
-            kernel.BLOCK_KEYS = keys
-            kernel.DECODE_LAUNCH = {"num_warps": warps, "num_stages": stages}
+        for _, keys, warps, stages in _settings(args.sweep, decode_launch, prefill=False):
+            kernel.DECODE_LAUNCH = kernel.Launch(keys, warps, stages)
             ms = _time([1] * batch, [context] * batch, device)
             kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
             setting = ("-", keys, warps, stages)
@@ -68,11 +71,10 @@ def _row(case: str, setting: tuple, ms: float, rate: str) -> dict:
             "us": 1000 * ms, "rate": rate}  # fmt: skip
 
 
-def _settings(sweep: bool, prefill: bool) -> list[tuple[int, int, int, int]]:
-    launch = kernel.PREFILL_LAUNCH if prefill else kernel.DECODE_LAUNCH
-    chosen = [(kernel.ROWS_PER_TILE, kernel.BLOCK_KEYS, launch["num_warps"], launch["num_stages"])]
+def _settings(sweep: bool, launch: kernel.Launch, prefill: bool) -> list[tuple[int, int, int, int]]:
+    """(rows per tile, keys per step, warps, stages): the case's chosen launch, or every one."""
     if not sweep:
-        return chosen
+        return [(kernel.ROWS_PER_TILE, launch.block_keys, launch.num_warps, launch.num_stages)]
     return list(itertools.product((64, 128) if prefill else (16,), (32, 64, 128), (2, 4, 8), (1, 2, 3)))
 
 

@@ -92,8 +92,9 @@ def test_decode_split_along_keys_merges_to_the_same_result() -> None:
 def test_prefill_chunks_on_top_of_cached_blocks_and_fresh_prompts_together() -> None:
     # a chunk after 40 cached tokens, a fresh prompt longer than one tile, and a decode step
     run_case([23, 90, 1], [63, 90, 12], heads=4, kv_heads=1, head_dim=16)
-    # a short turn after a long cached prefix: few tiles, so their keys are split too
+    # a short turn after a long cached prefix: few tiles, so their keys are split too (SPLIT_PREFILL_LAUNCH)
     run_case([20, 5], [300, 60], heads=4, kv_heads=2, head_dim=16, splits=3)
+    run_case([20, 1], [300, 80], heads=4, kv_heads=2, head_dim=16, splits=3, window=24, sinks=True)
 
 
 def test_group_that_is_not_a_power_of_two_is_padded() -> None:
