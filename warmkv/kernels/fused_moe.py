@@ -11,12 +11,13 @@ which sums them in its own pass (one kernel less per layer). The router's softma
 renormalisation are one kernel too (`route_top_k`): in PyTorch they are half a dozen.
 
 Every shape depends only on the number of tokens (the padding is sized for the worst case, tiles past
-the real ones exit at once), and the sorting is done with device-side ops that never wait for the host,
-so CUDA graphs capture a decode step through it.
+the real ones exit at once), and the sorting is one kernel that never waits for the host, so CUDA graphs
+capture a decode step through it. (It was a dozen PyTorch ops with a radix sort: a 2048-token prefill of
+Qwen3-30B-A3B spent more time launching them than the GPU spent on the whole step.)
 
 Decode has few pairs, mostly of distinct experts (a token's k are always distinct): there the sort is
-skipped and each pair is a tile of its own. Sorting costs a dozen small kernels per layer, which at batch
-1 take longer than reading the experts' weights.
+skipped and each pair is a tile of its own, which at batch 1 beat sorting by more than reading the
+experts' weights takes.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import triton.language as tl
 # Qwen3-30B-A3B's shape (`python -m bench.moe --sweep`), 8 tokens (64 pairs) took 178 us this way against
 # 241 us sorted, although experts chosen twice are read twice
 PAIR_TILES_MAX = 64
+ALIGN_BLOCK = 1024  # pairs per pass of the alignment kernel
+ALIGN_TILES = 64  # tiles per pass when it finds each tile's expert
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,30 +66,62 @@ class ExpertAlignment:
 
 
 def align_by_expert(expert_ids: torch.Tensor, num_experts: int, tile_rows: int) -> ExpertAlignment:
-    """Sort the pairs of expert_ids [tokens, top_k] by expert, without a host sync (graph-capturable);
-    up to PAIR_TILES_MAX pairs, give each pair a tile instead (no kernel at all)."""
+    """Sort the pairs of expert_ids [tokens, top_k] by expert in one kernel launch, without a host sync
+    (graph-capturable); up to PAIR_TILES_MAX pairs, give each pair a tile instead (no kernel at all)."""
     flat = expert_ids.flatten()
     pairs = flat.numel()
     if pairs <= PAIR_TILES_MAX:
         return ExpertAlignment(None, flat)
     # worst case: every expert's run ends one row into a tile
-    padded = pairs + num_experts * (tile_rows - 1)
-    num_tiles = -(-padded // tile_rows)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    run_lengths = (counts + tile_rows - 1) // tile_rows * tile_rows
-    run_ends = torch.cumsum(run_lengths, 0)
-    order = torch.argsort(flat, stable=True)  # pairs of expert 0, then expert 1, ...
-    sorted_experts = flat[order]
-    first_of_expert = torch.cumsum(counts, 0) - counts  # where each expert's pairs start in `order`
-    rank = torch.arange(pairs, device=flat.device) - first_of_expert[sorted_experts]
-    destination = run_ends[sorted_experts] - run_lengths[sorted_experts] + rank
-    sorted_pairs = torch.full((num_tiles * tile_rows,), pairs, dtype=torch.int32, device=flat.device)
-    sorted_pairs[destination] = order.to(torch.int32)
-    tile_starts = torch.arange(num_tiles, device=flat.device) * tile_rows
-    tile_experts = torch.searchsorted(run_ends, tile_starts, right=True)
-    tile_experts = torch.where(tile_experts < num_experts, tile_experts, -1).to(torch.int32)
+    num_tiles = -(-(pairs + num_experts * (tile_rows - 1)) // tile_rows)
+    sorted_pairs = torch.empty(num_tiles * tile_rows, dtype=torch.int32, device=flat.device)
+    tile_experts = torch.empty(num_tiles, dtype=torch.int32, device=flat.device)
+    scratch = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
+    _align_kernel[(1,)](
+        flat, sorted_pairs, tile_experts, scratch, pairs, num_experts, num_tiles, TILE_ROWS=tile_rows,
+        EXPERTS=triton.next_power_of_2(num_experts), BLOCK=ALIGN_BLOCK, TILES=ALIGN_TILES, num_warps=8,
+    )  # fmt: skip
     return ExpertAlignment(sorted_pairs, tile_experts)
+
+
+@triton.jit(do_not_specialize=["pairs", "num_tiles"])
+def _align_kernel(
+    expert_ids_ptr, sorted_pairs_ptr, tile_experts_ptr, scratch_ptr, pairs, num_experts, num_tiles,
+    TILE_ROWS: tl.constexpr, EXPERTS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
+):  # fmt: skip
+    """One program, a few passes over the pairs: count each expert's pairs, lay the runs out padded to whole
+    tiles, then hand each pair the next free row of its expert's run (an atomic cursor per expert in
+    `scratch`: the order of pairs within a run varies, and no row's result depends on it)."""
+    experts = tl.arange(0, EXPERTS)
+    expert_ok = experts < num_experts
+    tl.store(scratch_ptr + experts, tl.zeros([EXPERTS], dtype=tl.int32), mask=expert_ok)
+    for start in range(0, num_tiles * TILE_ROWS, BLOCK):  # every row padding until a pair takes it
+        rows = start + tl.arange(0, BLOCK)
+        tl.store(
+            sorted_pairs_ptr + rows, tl.full([BLOCK], pairs, tl.int32), mask=rows < num_tiles * TILE_ROWS
+        )
+    tl.debug_barrier()
+    for start in range(0, pairs, BLOCK):
+        pair = start + tl.arange(0, BLOCK)
+        expert = tl.load(expert_ids_ptr + pair, mask=pair < pairs, other=0)
+        tl.atomic_add(scratch_ptr + expert, 1, mask=pair < pairs)
+    tl.debug_barrier()
+    counts = tl.load(scratch_ptr + experts, mask=expert_ok, other=0)
+    lengths = (counts + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
+    ends = tl.cumsum(lengths, 0)
+    tl.debug_barrier()  # every count read before the scratch becomes each run's cursor
+    tl.store(scratch_ptr + experts, ends - lengths, mask=expert_ok)
+    tl.debug_barrier()
+    for start in range(0, pairs, BLOCK):
+        pair = start + tl.arange(0, BLOCK)
+        expert = tl.load(expert_ids_ptr + pair, mask=pair < pairs, other=0)
+        row = tl.atomic_add(scratch_ptr + expert, 1, mask=pair < pairs)
+        tl.store(sorted_pairs_ptr + row, pair.to(tl.int32), mask=pair < pairs)
+    ends = tl.where(expert_ok, ends, 2**30)  # experts past the real ones end nowhere
+    for start in range(0, num_tiles, TILES):  # a tile's expert: how many runs end at or before its first row
+        tile = start + tl.arange(0, TILES)
+        expert = tl.sum((ends[None, :] <= (tile * TILE_ROWS)[:, None]).to(tl.int32), 1)
+        tl.store(tile_experts_ptr + tile, tl.where(expert < num_experts, expert, -1), mask=tile < num_tiles)
 
 
 def fused_experts(
