@@ -108,42 +108,57 @@ def kv_files(kv_dir: Path) -> list[Path]:
     return sorted(kv_dir.glob("*/*/*.kv"))
 
 
-def test_write_back_writes_what_leaves_the_pool_the_rest_at_exit(tiny: LoadedModel, tmp_path: Path) -> None:
-    other = list(range(3000, 3057))
+def test_write_back_writes_nothing_while_memory_has_room_then_idle_time_and_exit(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    other, third = list(range(3000, 3057)), list(range(4000, 4057))
     engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK)
     generate(engine, PROMPT)
-    engine.prefix_cache.flush()
-    assert kv_files(tmp_path) == []  # the pool holds them: no disk write on the request path
-    evict_everything_live(engine)  # PROMPT's blocks demoted to host RAM, and handed to the disk's writer
-    assert not engine.prefix_cache._unwritten  # what idle time would write: bounded by the pool
+    evict_everything_live(engine)  # PROMPT's blocks demoted to host RAM, which has room
     generate(engine, other)  # other's in the pool
     engine.prefix_cache.flush()
-    assert len(kv_files(tmp_path)) == 3  # host-tier evictions will find them on disk: no copy then
+    assert kv_files(tmp_path) == []  # no disk write on the request path
+    while engine.write_idle() is not None:  # what the engine thread does while idle
+        pass
+    engine.prefix_cache.flush()
+    assert len(kv_files(tmp_path)) == 6  # PROMPT's from the host tier, other's from the pool
+    assert not engine.prefix_cache._unwritten
+    generate(engine, third)
     engine.close()
-    assert len(kv_files(tmp_path)) == 6  # the pool's blocks too, at shutdown
+    assert len(kv_files(tmp_path)) == 9  # the pool's new blocks too, at shutdown
     restarted = make_engine(tiny, tmp_path)
-    for prompt in (FOLLOW_UP, [*other, *range(2000, 2012)]):
+    for prompt in (FOLLOW_UP, [*other, *range(2000, 2012)], [*third, *range(2000, 2012)]):
         seq = generate(restarted, prompt)
         assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 48
         assert seq.output_ids == cold_tokens(tiny, prompt)
 
 
-def test_write_back_host_tier_evictions_find_their_blocks_on_disk(tiny: LoadedModel, tmp_path: Path) -> None:
+def test_write_back_under_host_pressure_puts_blocks_on_disk_before_they_are_lost(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
     other = list(range(3000, 3057))
     engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK, host_tokens=64)  # 4 host blocks
     generate(engine, PROMPT)
-    evict_everything_live(engine)  # 3 of the host tier's 4 slots, and to the disk's writer
-    generate(engine, other)
-    evict_everything_live(engine)  # the host tier evicts two of PROMPT's: already on disk
+    evict_everything_live(engine)  # 3 of the host tier's 4 slots
     engine.prefix_cache.flush()
+    assert kv_files(tmp_path) == []
+    generate(engine, other)
+    evict_everything_live(engine)  # the host tier is full: other's go to disk as they enter it, and the two
+    engine.prefix_cache.flush()  # of PROMPT's it evicts go to the disk's writer from their own slots
     stats = engine.prefix_cache.stats()
-    assert stats[TierName.HOST].evictions == 2 and stats[TierName.HOST].writes == 6
-    assert stats[TierName.DISK].writes == 6 and len(kv_files(tmp_path)) == 6
-    assert stats[TierName.LIVE].writes == 6 and stats[TierName.LIVE].evictions == 6
+    # two evicted for other's three (those of other's that found their slots still being written are on
+    # disk alone); once written, every lent slot is back
+    assert stats[TierName.HOST].evictions == 2 and stats[TierName.DISK].writes == 5
+    assert len(kv_files(tmp_path)) == 5
+    assert stats[TierName.HOST].blocks + engine.prefix_cache.host.free_blocks == 4
     seq = generate(engine, FOLLOW_UP)  # the host tier evicted PROMPT's tail first: the disk serves it
     by_tier = seq.cache_hit.tokens_by_tier
     assert (by_tier[TierName.HOST], by_tier[TierName.DISK]) == (16, 32)
-    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)  # the lent slots were written before reuse
+    crashed_and_restarted = make_engine(tiny, tmp_path)  # the first engine never closed
+    seq = generate(crashed_and_restarted, [*other, *range(2000, 2012)])
+    assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 48
+    assert seq.output_ids == cold_tokens(tiny, [*other, *range(2000, 2012)])
 
 
 def test_write_back_writes_the_pool_in_idle_time_for_a_crash(tiny: LoadedModel, tmp_path: Path) -> None:
@@ -367,8 +382,26 @@ def test_host_tier_stays_consistent_with_what_was_stored(operations: list[tuple[
         elif op == "evict":
             evicted = host.evict()
             if evicted is not None:
-                assert torch.all(evicted[1] == stored.pop(evicted[0]))
+                key, kv, release = evicted
+                assert torch.all(kv == stored.pop(key))
+                release()
         assert host.stats.blocks == len(stored) <= 3
+
+
+def test_an_evicted_host_slot_is_reused_only_once_released() -> None:
+    """The host tier lends an evicted block's slot to the disk's writer: a put while it is out takes
+    another slot, or none, and never overwrites the block being written."""
+    shape = (2, 1, 2, 1, 2)
+    host = HostTier(capacity_blocks=2, block_shape=shape, dtype=torch.float32, pin=False)
+    host.put(b"a" * 16, torch.full(shape, 1.0))
+    host.put(b"b" * 16, torch.full(shape, 2.0))
+    key, kv, release = host.evict()
+    assert key == b"a" * 16 and host.free_blocks == 0
+    host.put(b"c" * 16, torch.full(shape, 3.0))  # no slot: not stored
+    assert not host.contains(b"c" * 16) and torch.all(kv == 1.0)
+    release()
+    host.put(b"c" * 16, torch.full(shape, 3.0))
+    assert host.contains(b"c" * 16) and torch.all(host.get(b"c" * 16) == 3.0)
 
 
 @pytest.mark.gpu
@@ -412,7 +445,7 @@ def test_demotion_to_pinned_host_does_not_wait_for_the_device() -> None:
     torch.cuda._sleep(500_000_000)  # the device stays busy for a while
     host.put(b"a" * 16, block)
     assert not torch.cuda.current_stream().query()  # put returned with the device still busy
-    key, kv = host.evict()  # a reader on the CPU waits for the copy
+    key, kv, _ = host.evict()  # a reader on the CPU waits for the copy
     assert key == b"a" * 16 and torch.all(kv == 3.0)
 
 

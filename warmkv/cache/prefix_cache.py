@@ -37,6 +37,7 @@ log = logging.getLogger("warmkv.cache")
 
 WRITE_BACK_BATCH = 256  # live blocks gathered and copied to the host at a time when written back
 IDLE_WRITE_BATCH = 64  # live blocks written back per call while the engine is idle: a few ms of work
+HOST_WRITE_HEADROOM = 8  # written back: blocks entering a host tier fuller than 7/8 are written to disk
 IDLE_WRITE_RETRY_S = 0.05  # the wait for a request while the writers are busy, before trying again
 
 
@@ -380,22 +381,29 @@ class PrefixCache:
 
     def write_idle(self) -> float | None:
         """Written back, while the engine is idle (an agent's tool time): the next blocks computed since
-        that the disk lacks and the pool still holds go to disk, so that a crash loses little. Returns how
-        long the engine may wait for a request before calling again: 0 (more to write), a short time (the
-        writers are busy), None (nothing left)."""
+        that the disk lacks go to its writer, from the pool or the host tier, so that a crash loses little.
+        Returns how long the engine may wait for a request before calling again: 0 (more to write), a short
+        time (the writers are busy), None (nothing left)."""
         if self._disk_writes is None or not self._unwritten or not self.disk.enabled:  # type: ignore[union-attr]
             return None  # (a disk that is down is probed on its own schedule; these wait for it)
         if self._disk_writes.busy():
             return IDLE_WRITE_RETRY_S
-        keys, blocks = [], []
-        while self._unwritten and len(keys) < IDLE_WRITE_BATCH:
+        live: list[tuple[bytes, int]] = []
+        host: list[tuple[bytes, torch.Tensor]] = []
+        while self._unwritten and len(live) + len(host) < IDLE_WRITE_BATCH:
             key, _ = self._unwritten.popitem(last=False)
+            if not self.disk.wants(key):  # type: ignore[union-attr]
+                continue
             block = self.index.block_of(key)
-            # gone from the pool: handed to the disk's writer as it left
-            if block is not None and self.disk.wants(key):  # type: ignore[union-attr]
-                keys.append(key)
-                blocks.append(block)
-        self._disk_writes.submit(keys, blocks)
+            kept = None if block is not None or self.host is None else self.host.peek(key)
+            if block is not None:
+                live.append((key, block))
+            elif kept is not None:
+                host.append((key, kept))
+            # (in neither: the host tier evicted it to the disk's writer)
+        self._disk_writes.submit([key for key, _ in live], [block for _, block in live])
+        if host:  # a copy: the host tier's slots are reused as soon as it evicts them
+            self._disk_writes.submit_gathered([key for key, _ in host], torch.stack([kv for _, kv in host]))
         return 0.0 if self._unwritten else None
 
     def touch(self, keys: list[bytes]) -> None:
@@ -453,36 +461,45 @@ class PrefixCache:
 
     def _demote(self, victims: list[tuple[bytes, int]]) -> None:
         """Live blocks about to be reused: keep their KV one tier down, gathered off the pool in one pass."""
-        for key, _ in victims:  # handed down now: idle time has no more to write of them
-            self._unwritten.pop(key, None)
         if self.host is None:
             # written through, the disk usually has them; written back, this is how they get there
             if self._disk_writes is not None and self.disk.enabled:  # type: ignore[union-attr]
                 missing = [(key, block) for key, block in victims if self.disk.wants(key)]  # type: ignore[union-attr]
                 self._disk_writes.submit([key for key, _ in missing], [block for _, block in missing])
+            for key, _ in victims:  # handed down now: idle time has no more to write of them
+                self._unwritten.pop(key, None)
             return
         missing = [(key, block) for key, block in victims if not self.host.contains(key)]  # swapped out?
         if missing:
             self._keep_on_host([key for key, _ in missing], self.pool.read_blocks([b for _, b in missing]))
 
     def _keep_on_host(self, keys: list[bytes], kv: torch.Tensor) -> None:
-        """Blocks `kv` [n, ...] (a gather on the pool's device) onto the host tier. Written back, they go to
-        the disk's writer too, so that the disk has them before the host tier evicts them; what the host
-        tier evicts and the disk still lacks (a write that was skipped) is copied to the writer then."""
+        """Blocks `kv` [n, ...] (a gather on the pool's device) onto the host tier. Written back, they also go
+        to the disk's writer once the host tier is nearly full, from this gather, so that under host
+        pressure the blocks it evicts later are already on disk; while it has room they wait for idle time.
+        What the host tier evicts and the disk still lacks goes to the disk's writer from its own slot, which
+        the host tier reuses once it is written: no copy. The oldest blocks that find no free slot (those
+        evicted are still being written) go to the disk from the gather instead."""
         assert self.host is not None
-        beyond = max(0, len(keys) - self.host.capacity)  # more than the whole tier: the oldest go below
-        written = len(keys) if self._writes_back else beyond  # written through, the disk has the rest
-        if written:
-            self._to_disk(keys[:written], kv[:written])
-        keys, kv = keys[beyond:], kv[beyond:]
-        while self.host.free_blocks < len(keys):
+        filling = self.host.free_blocks < len(keys) + self.host.capacity // HOST_WRITE_HEADROOM
+        if self._writes_back and filling:
+            self._to_disk(keys, kv)
+            for key in keys:
+                self._unwritten.pop(key, None)
+        for _ in range(len(keys) - self.host.free_blocks):  # (slots lent out come back as they are written)
             evicted = self.host.evict()
             if evicted is None:
                 break
-            key, view = evicted
-            if self.disk is not None and self.disk.wants(key):
-                self.disk.put(key, view.clone())  # the slot is reused at once: the writer gets a copy
-        self.host.put_many(keys, kv)
+            key, view, release = evicted
+            self._unwritten.pop(key, None)
+            if self.disk is not None:
+                self.disk.put(key, view, done=release)  # (the disk has it already: released at once)
+            else:
+                release()
+        unplaced = max(0, len(keys) - self.host.free_blocks)  # the oldest: their tier is the disk
+        if unplaced and not (self._writes_back and filling):  # (unless handed over above)
+            self._to_disk(keys[:unplaced], kv[:unplaced])
+        self.host.put_many(keys[unplaced:], kv[unplaced:])
 
     def _to_disk(self, keys: list[bytes], kv: torch.Tensor) -> None:
         """Gathered blocks to the disk's writer, when the disk lacks any of them (it skips those it has)."""

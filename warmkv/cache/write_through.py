@@ -41,7 +41,7 @@ class WriteThrough:
             self._queue(keys, self._pool.read_blocks(blocks))  # a copy: the blocks may be reused once queued
 
     def submit_gathered(self, keys: list[bytes], kv: torch.Tensor) -> None:
-        """Blocks already gathered off the pool, [n, ...] on its device (a demotion's copy); kv must not
+        """Blocks already gathered, [n, ...] on the pool's device (a demotion's copy) or the CPU; kv must not
         change afterwards."""
         if self._room_for(keys):
             self._queue(keys, kv)
@@ -78,7 +78,7 @@ class WriteThrough:
             self._put(keys, self._to_host(kv, done))
 
     def _to_host(self, kv: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
-        if self._staging is None:  # on the CPU, the gather is already a host copy
+        if self._staging is None or not kv.is_cuda:  # on the CPU, the gather is already a host copy
             return kv
         host = torch.empty(kv.shape, dtype=kv.dtype)
         with torch.cuda.stream(self._stream):  # type: ignore[arg-type]

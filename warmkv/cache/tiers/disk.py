@@ -32,6 +32,8 @@ from warmkv.errors import CacheCorruption
 if TYPE_CHECKING:  # names for type hints only: `warmkv cache` reads files without loading torch
     import torch
 
+    _Write = tuple[bytes, torch.Tensor, Callable[[], None] | None]  # a block, and what to call once written
+
 log = logging.getLogger("warmkv.cache")
 
 RETRY_S = 60.0  # between probes of a directory that could not be written
@@ -80,7 +82,7 @@ class DiskTier:
         self._files: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recently used first
         self._lock = threading.Lock()
         self._queued: set[bytes] = set()
-        self._writer: BackgroundWorker[tuple[bytes, torch.Tensor] | _Probe] = BackgroundWorker(
+        self._writer: BackgroundWorker[_Write | _Probe] = BackgroundWorker(
             "warmkv-disk-writer", self._write_queued, queue_size
         )
         self._probe()
@@ -155,17 +157,24 @@ class DiskTier:
         with self._lock:
             return self._up and key not in self._files and key not in self._queued
 
-    def put(self, key: bytes, kv: torch.Tensor, wait: bool = False) -> None:
-        """Queue a block for writing; `kv` must not change afterwards (pass a copy). With the queue full,
-        the write is skipped, or (wait=True, off the request path) waited for."""
+    def put(
+        self, key: bytes, kv: torch.Tensor, wait: bool = False, done: Callable[[], None] | None = None
+    ) -> None:
+        """Queue a block for writing; `kv` must not change until `done` is called (on the writer's thread,
+        once the block is written, or at once when it is not: stored already, the tier down, skipped) or,
+        without `done`, ever (pass a copy). With the queue full, the write is skipped, or (wait=True, off
+        the request path) waited for."""
         with self._lock:
-            if not self._up or key in self._files or key in self._queued:
-                return
-            self._queued.add(key)
-        if not self._writer.put((key, kv), wait):
+            queued = self._up and key not in self._files and key not in self._queued
+            if queued:
+                self._queued.add(key)
+        if queued and not self._writer.put((key, kv, done), wait):
             with self._lock:
                 self._queued.discard(key)
                 self.stats.skipped_writes += 1
+            queued = False
+        if not queued and done is not None:
+            done()
 
     def evict(self) -> tuple[bytes, torch.Tensor] | None:
         with self._lock:
@@ -187,12 +196,12 @@ class DiskTier:
 
     # -- the writer thread ------------------------------------------------------------------------
 
-    def _write_queued(self, batch: list[tuple[bytes, torch.Tensor] | _Probe]) -> None:
+    def _write_queued(self, batch: list[_Write | _Probe]) -> None:
         for item in batch:
             if isinstance(item, _Probe):
                 self._probe()
                 continue
-            key, kv = item
+            key, kv, done = item
             try:
                 if self._up:
                     self._write(key, kv)
@@ -201,6 +210,8 @@ class DiskTier:
             finally:
                 with self._lock:
                     self._queued.discard(key)
+                if done is not None:
+                    done()
 
     def _write(self, key: bytes, kv: torch.Tensor) -> None:
         header, payload = encode_parts(self.fingerprint, key, kv)

@@ -8,6 +8,8 @@ has not landed yet (rare: it was demoted moments ago), which then waits on the C
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -73,6 +75,14 @@ class HostTier:
         self.stats.writes += len(stored)
         self._update_size()
 
+    def peek(self, key: bytes) -> torch.Tensor | None:
+        """A view of the block's slot, valid until the tier evicts it; neither a hit nor a use."""
+        slot = self._slots.get(key)
+        if slot is None:
+            return None
+        self._landed(slot)
+        return self._slab[slot]
+
     def items(self) -> list[tuple[bytes, torch.Tensor]]:
         """Every block held, least recently used first: its key and a view of its slot."""
         in_flight = next(iter(self._in_flight), None)
@@ -88,17 +98,17 @@ class HostTier:
     def free_blocks(self) -> int:
         return len(self._free)
 
-    def evict(self) -> tuple[bytes, torch.Tensor] | None:
-        """The least recently used block, removed: its key and a view of its slot, valid until the next
-        put (copy it to keep it)."""
+    def evict(self) -> tuple[bytes, torch.Tensor, Callable[[], None]] | None:
+        """The least recently used block, removed: its key, a view of its slot, and the call that frees the
+        slot (from any thread). Until then the slot is not reused, so the view can be written out as it
+        is: nothing is copied."""
         if not self._slots:
             return None
         key, slot = self._slots.popitem(last=False)
         self._landed(slot)
-        self._free.append(slot)
         self.stats.evictions += 1
         self._update_size()
-        return key, self._slab[slot]
+        return key, self._slab[slot], partial(self._free.append, slot)  # list.append: one atomic step
 
     def _landed(self, slot: int) -> None:
         """Wait until the slot's copy from the device has landed (it usually has: then at no cost)."""
