@@ -43,11 +43,12 @@ def reference(q, k_cache, v_cache, tables, query_lens, context_lens, scale, wind
 
 
 def run_case(
-    query_lens, context_lens, heads, kv_heads, head_dim, window=None, splits=None, seed=0, sinks=False
-):
+    query_lens, context_lens, heads, kv_heads, head_dim, window=None, splits=None, seed=0, sinks=False,
+    dtype=None,
+):  # fmt: skip
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
     num_blocks = sum(-(-c // BLOCK_SIZE) for c in context_lens) + 3
     free = list(range(num_blocks))
     rng.shuffle(free)  # blocks scattered through the pool, as after eviction and reuse
@@ -116,3 +117,11 @@ def test_sliding_window_hides_keys_before_it() -> None:
 def test_qwen_7b_shape_long_context_on_gpu() -> None:
     run_case([1, 1, 1, 1], [4000, 31, 900, 1], heads=28, kv_heads=4, head_dim=128)
     run_case([512, 7], [4608, 300], heads=28, kv_heads=4, head_dim=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_float32_short_turn_over_a_long_prefix_on_gpu() -> None:
+    """A float32 model's short turn is split along the keys with a launch that fits in shared memory
+    (the 16-bit models' split launch does not: Triton refused it with OutOfResources)."""
+    run_case([64], [2112], heads=28, kv_heads=4, head_dim=128, dtype=torch.float32)

@@ -39,7 +39,7 @@ def _rms_norm_kernel(
     stride_x, stride_part, stride_residual, stride_stream, stride_out, size,
     ADD: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # rows x top_k x hidden passes 2**31 in a long prefill
     cols = tl.arange(0, BLOCK)
     ok = cols < size
     if PARTS > 1:  # summed in order, in float32, rounded once

@@ -32,8 +32,8 @@ MIN_ROWS = 16  # tl.dot's smallest M
 PROGRAMS_PER_SM = 2  # key splits aim at this many attention programs per SM
 MAX_SPLITS = 256  # a power of two
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
-# a short turn over a long cached prefix (few tiles, split along the keys): 64 new tokens over 32k cached
-# took 160 us a layer this way against 199 us with PREFILL_LAUNCH (77 tokens: 198 against 260 us)
+# a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 64 new tokens
+# over 32k cached took 160 us a layer this way against 199 us with PREFILL_LAUNCH (77: 198 against 260 us)
 SPLIT_PREFILL_LAUNCH = Launch(128, num_warps=8, num_stages=3)
 DECODE_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
 
@@ -141,8 +141,8 @@ def paged_attention(
         partial, lse = out, out  # lse is not written without splits
     if batch.tokens_per_tile * group < ROWS_PER_TILE:
         launch = DECODE_LAUNCH
-    else:
-        launch = SPLIT_PREFILL_LAUNCH if splits > 1 else PREFILL_LAUNCH
+    else:  # (float32 tiles of 128 keys in 3 stages need more shared memory than a GPU has)
+        launch = SPLIT_PREFILL_LAUNCH if splits > 1 and q.element_size() == 2 else PREFILL_LAUNCH
     _attention_kernel[(tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, partial, lse, sinks if sinks is not None else q,
         batch.block_table, batch.context_lens, batch.query_starts, batch.tile_seqs, batch.tile_starts,

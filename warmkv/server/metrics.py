@@ -28,7 +28,7 @@ class TierCollector(Collector):
         gauges = {"bytes": "Bytes of KV held", "blocks": "KV blocks held"}
         counters = {  # hits and misses are counted per request, by ServerMetrics.count_lookup
             "evictions": "Blocks evicted (demoted to the tier below, if any)",
-            "writes": "Blocks stored in the tier (live: blocks computed and indexed)",
+            "writes": "Blocks stored in the tier (live: indexed, computed or loaded from a tier below)",
             "skipped_writes": "Writes skipped because the writer's queue was full",
             "corrupt": "Stored blocks that failed verification and were deleted",
         }
