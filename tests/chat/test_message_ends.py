@@ -94,3 +94,33 @@ def test_a_thousand_messages_take_a_constant_number_of_renders(
     # the rewriting template hides earlier replies: their ends are no prefix, the last one's is
     hidden = set(range(2, len(messages) - 1, 2)) if name == "rewriting" else set()
     assert [span.index for span in prompt.spans] == [i for i in range(len(messages)) if i not in hidden]
+
+
+def test_the_next_turn_of_a_conversation_takes_two_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ends fall in each stretch of markup is kept across requests: once an agent's turns have shown
+    every kind of stretch, its next turn renders the conversation twice (as is and marked), and its ends
+    are still the definition's."""
+    renders = 0
+    real = anchors.render_chat
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        nonlocal renders
+        renders += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(anchors, "render_chat", counted)
+    monkeypatch.setattr(anchors, "_LEARNED", {})
+    template = TEMPLATES["tools"]
+    messages = [{"role": "system", "content": "You are terse."}]
+    counts = []
+    for turn in range(4):  # a user asks, the agent calls a tool, reads its result and answers
+        messages += [{"role": "user", "content": f"Read {turn}.py"},
+                     {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                     {"role": "tool", "content": f"print({turn})"}]  # fmt: skip
+        text = render_chat(TOKENIZER, messages, None, True, template)
+        renders = 0
+        ends = anchors.message_ends(TOKENIZER, messages, None, template, text)
+        counts.append(renders)
+        assert ends == by_definition(messages, template, text)
+        messages.append({"role": "assistant", "content": f"It prints {turn}."})
+    assert counts[0] > 2 and counts[2:] == [2, 2], counts

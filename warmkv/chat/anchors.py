@@ -21,6 +21,13 @@ from warmkv.chat.template import encode, render_chat
 # message's text is wrapped as OPEN, its number (one character of a private-use plane), text, CLOSE
 _OPEN, _CLOSE, _NUMBER_BASE = "\ue000", "\ue001", 0xF0000
 
+# where ends fall in a stretch of markup, learned by rendering prefixes, kept across requests: an agent's
+# next turn has the same stretches, and then costs two renders. Keyed by template, stretch, the roles of
+# the messages that end in it, and whether it ends the conversation; short stretches only (a system prompt
+# is one too)
+_LEARNED: dict[tuple[str, str, tuple[str, ...], bool], list[tuple[int, int]]] = {}
+_LEARNED_MAX, _LEARNED_STRETCH_MAX = 4096, 1024
+
 
 @dataclass(slots=True, frozen=True)
 class MessageSpan:
@@ -51,7 +58,7 @@ class _Prefixes:
 
     def __init__(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                  template: str, text: str) -> None:  # fmt: skip
-        self.messages, self.text = messages, text
+        self.messages, self.text, self.template = messages, text, template
         self._render = lambda some: render_chat(tokenizer, some, tools, False, template)
         self.full = self._render(messages)
 
@@ -85,17 +92,27 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
-    learned: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
+    learned: dict[tuple[str, str, tuple[str, ...], bool], list[tuple[int, int]]] = {}  # long stretches
     ends = []
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
             return None
-        key = (full[low:high], tuple(messages[i]["role"] for i in indices))
-        if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
-            found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
-            learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
-        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
+        roles = tuple(messages[i]["role"] for i in indices)
+        key = (render.template, full[low:high], roles, high == len(full))
+        kept = _LEARNED if high - low <= _LEARNED_STRETCH_MAX else learned
+        offsets = kept.get(key)  # (position among `indices`, offset within the stretch) of each end in it
+        if offsets is None:
+            offsets = _learn(render, indices, low, high)
+            if len(kept) >= _LEARNED_MAX:  # (prompts are built on several threads: no read after this)
+                kept.clear()
+            kept[key] = offsets
+        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in offsets]
     return ends
+
+
+def _learn(render: _Prefixes, indices: range, low: int, high: int) -> list[tuple[int, int]]:
+    found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
+    return [(j, end - low) for j, end in found if end is not None and low <= end <= high]
 
 
 def _markable(message: dict[str, Any]) -> bool:
