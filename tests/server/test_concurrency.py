@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from warmkv.cache.config import CacheConfig, LoadPolicy
+from warmkv.cache.tiers.base import TierName
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.server.app import ServerSettings
@@ -28,8 +29,12 @@ TURNS = 3
 REPLY = 12
 
 
-def start(model, pool: int = POOL, max_batch_tokens: int = 64, trace: Path | None = None) -> EmbeddedServer:
-    cache = CacheConfig(disk=False, host_tokens=4096, load_policy=LoadPolicy.ALWAYS)
+def start(
+    model, pool: int = POOL, max_batch_tokens: int = 64, trace: Path | None = None, host_tokens: int = 4096,
+    kv_dir: Path | None = None,
+) -> EmbeddedServer:  # fmt: skip
+    cache = CacheConfig(disk=kv_dir is not None, kv_dir=kv_dir, host_tokens=host_tokens,
+                        load_policy=LoadPolicy.ALWAYS)  # fmt: skip
     config = EngineConfig(kv_pool_tokens=pool, max_batch_tokens=max_batch_tokens, cache=cache)
     settings = ServerSettings(served_model_name=MODEL, trace=trace)
     return start_embedded_server(LLMEngine(model, config), settings)
@@ -88,6 +93,34 @@ def test_oversubscribed_sessions_complete_with_their_solo_answers(tiny_llama, tm
     preempted = [r for r in records if r["preemptions"]]  # the per-request record says who gave way
     assert preempted and all(r["status"] == 200 for r in records)
     assert any(r["swapped_bytes"] > 0 for r in preempted)
+
+
+def test_sessions_overflowing_the_host_tier_into_the_disk_keep_their_solo_answers(
+    tiny_llama, tmp_path: Path
+) -> None:
+    """The host tier holds a fraction of what the pool evicts: its evictions go to the disk's writer from
+    their own slots while new blocks keep arriving, and every reply is still as when run alone."""
+    prompts = sessions_prompts()
+    roomy = start(tiny_llama, pool=8192, max_batch_tokens=512)
+    try:
+        solo = [session(roomy.url, p) for p in prompts]
+    finally:
+        roomy.stop()
+    busy = start(tiny_llama, host_tokens=160, kv_dir=tmp_path / "kv")  # 10 blocks of 16 tokens
+    results: list[list] = [[] for _ in prompts]
+    try:
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session(busy.url, prompts[i])))
+                   for i in range(len(prompts))]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+        assert results == solo
+        stats = busy.engine.engine.prefix_cache.stats()
+        assert stats[TierName.HOST].evictions > 0 and stats[TierName.DISK].writes > 0
+        assert stats[TierName.DISK].hits > 0  # turns came back from what the host tier lent to the disk
+    finally:
+        busy.stop()
 
 
 @pytest.fixture(scope="module")
