@@ -38,7 +38,9 @@ def main() -> None:
     prefill_launch, split_launch = kernel.PREFILL_LAUNCH, kernel.SPLIT_PREFILL_LAUNCH
     decode_launch = kernel.DECODE_LAUNCH
     for chunk, cached in PREFILL:
-        launch = split_launch if chunk < 512 else prefill_launch  # a short turn: split along the keys
+        tiles = -(-chunk // kernel.tokens_per_tile(chunk, kernel.group_size(HEADS, KV_HEADS)))
+        split = kernel.num_splits(tiles, KV_HEADS, cached + chunk, device) > 1  # as the kernel will decide
+        launch = split_launch if split else prefill_launch
         for rows_per_tile, keys, warps, stages in _settings(args.sweep, launch, prefill=True):
             kernel.ROWS_PER_TILE = rows_per_tile
             kernel.PREFILL_LAUNCH = kernel.SPLIT_PREFILL_LAUNCH = kernel.Launch(keys, warps, stages)
