@@ -22,10 +22,11 @@ from warmkv.chat.template import encode, render_chat
 _OPEN, _CLOSE, _NUMBER_BASE = "\ue000", "\ue001", 0xF0000
 
 # where ends fall in a stretch of markup, learned by rendering prefixes, kept across requests: an agent's
-# next turn has the same stretches, and then costs two renders. Keyed by template, stretch, the roles of
-# the messages that end in it, and whether it ends the conversation; short stretches only (a system prompt
-# is one too)
-_LEARNED: dict[tuple[str, str, tuple[str, ...], bool], list[tuple[int, int]]] = {}
+# next turn has the same stretches, and then costs two renders. Keyed by template, stretch, the role of
+# each message that may end in it and whether its text was marked, and whether it ends the conversation;
+# short stretches only (a system prompt is one too)
+_Key = tuple[str, str, tuple[tuple[str, bool], ...], bool]
+_LEARNED: dict[_Key, list[tuple[int, int]]] = {}
 _LEARNED_MAX, _LEARNED_STRETCH_MAX = 4096, 1024
 
 
@@ -92,13 +93,14 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
-    learned: dict[tuple[str, str, tuple[str, ...], bool], list[tuple[int, int]]] = {}  # long stretches
+    learned: dict[_Key, list[tuple[int, int]]] = {}  # long stretches
     ends = []
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
             return None
-        roles = tuple(messages[i]["role"] for i in indices)
-        key = (render.template, full[low:high], roles, high == len(full))
+        # an unmarked message's text is not in the stretch: whether it is empty decides where ends fall
+        shapes = tuple((messages[i]["role"], _markable(messages[i])) for i in indices)
+        key = (render.template, full[low:high], shapes, high == len(full))
         kept = _LEARNED if high - low <= _LEARNED_STRETCH_MAX else learned
         offsets = kept.get(key)  # (position among `indices`, offset within the stretch) of each end in it
         if offsets is None:
