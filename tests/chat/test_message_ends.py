@@ -70,19 +70,24 @@ def test_ends_equal_the_definition(name: str, system: bool, messages: list[dict[
     )
 
 
+class Renders:
+    """Counts the template renders of warmkv.chat.anchors."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count, real = 0, anchors.render_chat
+
+        def counted(*args: Any, **kwargs: Any) -> str:
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(anchors, "render_chat", counted)
+
+
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_a_thousand_messages_take_a_constant_number_of_renders(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    renders = 0
-    real = anchors.render_chat
-
-    def counted(*args: Any, **kwargs: Any) -> str:
-        nonlocal renders
-        renders += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(anchors, "render_chat", counted)
+    renders = Renders(monkeypatch)
     messages = [{"role": "system", "content": "You are terse."}]
     for turn in range(500):
         messages += [{"role": "user", "content": f"Question {turn}?"},
@@ -90,7 +95,7 @@ def test_a_thousand_messages_take_a_constant_number_of_renders(
     prompt = build_chat_prompt(TOKENIZER, TEMPLATES[name], PARSERS["hermes"], messages, None, None)
     # the whole render, the marked render, and a few prefixes per distinct stretch of template markup;
     # rendering every prefix would be 1,001
-    assert renders <= 12, renders
+    assert renders.count <= 12, renders.count
     # the rewriting template hides earlier replies: their ends are no prefix, the last one's is
     hidden = set(range(2, len(messages) - 1, 2)) if name == "rewriting" else set()
     assert [span.index for span in prompt.spans] == [i for i in range(len(messages)) if i not in hidden]
@@ -100,15 +105,7 @@ def test_the_next_turn_of_a_conversation_takes_two_renders(monkeypatch: pytest.M
     """Where ends fall in each stretch of markup is kept across requests: once an agent's turns have shown
     every kind of stretch, its next turn renders the conversation twice (as is and marked), and its ends
     are still the definition's."""
-    renders = 0
-    real = anchors.render_chat
-
-    def counted(*args: Any, **kwargs: Any) -> str:
-        nonlocal renders
-        renders += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(anchors, "render_chat", counted)
+    renders = Renders(monkeypatch)
     monkeypatch.setattr(anchors, "_LEARNED", {})
     template = TEMPLATES["tools"]
     messages = [{"role": "system", "content": "You are terse."}]
@@ -118,9 +115,9 @@ def test_the_next_turn_of_a_conversation_takes_two_renders(monkeypatch: pytest.M
                      {"role": "assistant", "content": "", "tool_calls": [CALL]},
                      {"role": "tool", "content": f"print({turn})"}]  # fmt: skip
         text = render_chat(TOKENIZER, messages, None, True, template)
-        renders = 0
+        renders.count = 0
         ends = anchors.message_ends(TOKENIZER, messages, None, template, text)
-        counts.append(renders)
+        counts.append(renders.count)
         assert ends == by_definition(messages, template, text)
         messages.append({"role": "assistant", "content": f"It prints {turn}."})
     assert counts[0] > 2 and counts[2:] == [2, 2], counts

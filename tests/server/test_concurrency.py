@@ -63,24 +63,35 @@ def sessions_prompts() -> list[list[int]]:
     return [list(range(1000 * i, 1000 * i + 110)) for i in range(1, 7)]
 
 
+def solo_answers(model, prompts: list[list[int]]) -> list[list[str | int]]:
+    """Each session's replies run alone on a pool that holds them all."""
+    roomy = start(model, pool=8192, max_batch_tokens=512)
+    try:
+        return [session(roomy.url, p) for p in prompts]
+    finally:
+        roomy.stop()
+
+
+def concurrent_answers(url: str, prompts: list[list[int]]) -> list[list[str | int]]:
+    """Every session at once, a thread each."""
+    results: list[list[str | int]] = [[] for _ in prompts]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session(url, prompts[i])))
+               for i in range(len(prompts))]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    return results
+
+
 def test_oversubscribed_sessions_complete_with_their_solo_answers(tiny_llama, tmp_path: Path) -> None:
     prompts = sessions_prompts()
     assert sum(len(p) + TURNS * (6 + REPLY) for p in prompts) >= 3 * POOL
-    roomy = start(tiny_llama, pool=8192, max_batch_tokens=512)
-    try:
-        solo = [session(roomy.url, p) for p in prompts]
-    finally:
-        roomy.stop()
+    solo = solo_answers(tiny_llama, prompts)
     busy = start(tiny_llama, trace=tmp_path / "trace.jsonl")
-    results: list[list] = [[] for _ in prompts]
     try:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session(busy.url, prompts[i])))
-                   for i in range(len(prompts))]  # fmt: skip
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(600)
-        assert results == solo  # no error status among them, and every reply as when run alone
+        # no error status among them, and every reply as when run alone
+        assert concurrent_answers(busy.url, prompts) == solo
         metrics = httpx.get(f"{busy.url}/metrics").text
         preemptions = next(
             line for line in metrics.splitlines() if line.startswith("warmkv_preemptions_total")
@@ -101,21 +112,10 @@ def test_sessions_overflowing_the_host_tier_into_the_disk_keep_their_solo_answer
     """The host tier holds a fraction of what the pool evicts: its evictions go to the disk's writer from
     their own slots while new blocks keep arriving, and every reply is still as when run alone."""
     prompts = sessions_prompts()
-    roomy = start(tiny_llama, pool=8192, max_batch_tokens=512)
-    try:
-        solo = [session(roomy.url, p) for p in prompts]
-    finally:
-        roomy.stop()
+    solo = solo_answers(tiny_llama, prompts)
     busy = start(tiny_llama, host_tokens=160, kv_dir=tmp_path / "kv")  # 10 blocks of 16 tokens
-    results: list[list] = [[] for _ in prompts]
     try:
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, session(busy.url, prompts[i])))
-                   for i in range(len(prompts))]  # fmt: skip
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(600)
-        assert results == solo
+        assert concurrent_answers(busy.url, prompts) == solo
         stats = busy.engine.engine.prefix_cache.stats()
         assert stats[TierName.HOST].evictions > 0 and stats[TierName.DISK].writes > 0
         assert stats[TierName.DISK].hits > 0  # turns came back from what the host tier lent to the disk
