@@ -45,6 +45,3 @@ class Tier(Protocol):
     def put(self, key: bytes, kv: torch.Tensor) -> None:
         """Store a copy-safe block (the disk and shared tiers also take wait=True: block while their writer's
         queue is full instead of skipping)."""
-
-    def evict(self) -> tuple[bytes, torch.Tensor] | None:
-        """Remove the least recently used block and return it (for the tier below), or None when empty."""

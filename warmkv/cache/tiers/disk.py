@@ -176,15 +176,15 @@ class DiskTier:
         if not queued and done is not None:
             done()
 
-    def evict(self) -> tuple[bytes, torch.Tensor] | None:
+    def evict(self) -> None:
+        """Delete the least recently used block's file (nothing below the disk keeps it)."""
         with self._lock:
             if not self._files:
-                return None
+                return
             key, size = self._files.popitem(last=False)
             self.stats.evictions += 1
             self.stats.blocks, self.stats.bytes = len(self._files), self.stats.bytes - size
         block_path(self.directory, key).unlink(missing_ok=True)
-        return None  # nothing below the disk
 
     def flush(self) -> None:
         """Wait until every queued block is on disk."""

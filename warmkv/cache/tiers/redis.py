@@ -122,9 +122,6 @@ class RedisTier:
         if self.enabled and not self._writer.put((key, kv), wait, self._timeout_s if wait else None):
             self.stats.skipped_writes += 1
 
-    def evict(self) -> tuple[bytes, torch.Tensor] | None:
-        return None  # the store evicts by TTL and its own memory limit
-
     def flush(self) -> None:
         self._writer.flush()
 
