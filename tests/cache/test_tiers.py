@@ -17,6 +17,7 @@ from warmkv.cache import admin
 from warmkv.cache.config import CacheConfig, DiskWrite, LoadPolicy
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts
+from warmkv.cache.prefix_cache import IDLE_WRITE_RETRY_S
 from warmkv.cache.prefix_index import PrefixIndex
 from warmkv.cache.tiers.base import TierName
 from warmkv.cache.tiers.codec import BlockLayout
@@ -175,6 +176,34 @@ def test_write_back_writes_the_pool_in_idle_time_for_a_crash(tiny: LoadedModel, 
     seq = generate(crashed_and_restarted, FOLLOW_UP)
     assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 48
     assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
+def test_idle_time_writes_keep_host_blocks_the_busy_writer_cannot_take_yet(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's blocks fill the writer's queue: the host tier's wait for the next idle call, and reach
+    the disk then (they were dropped: counted as skipped, never written)."""
+    other = list(range(3000, 3057))
+    engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.BACK)
+    cache = engine.prefix_cache
+    generate(engine, PROMPT)
+    evict_everything_live(engine)  # PROMPT's blocks in the host tier, which has room: unwritten
+    generate(engine, other)  # other's in the pool: unwritten
+    writes, full = cache._disk_writes, [False]
+    real_submit = writes.submit
+
+    def submit_then_full(keys: list[bytes], blocks: list[int]) -> None:
+        real_submit(keys, blocks)
+        full[0] = True  # the writer's queue, as the pool's batch leaves it
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writes, "submit", submit_then_full)
+        patch.setattr(writes, "busy", lambda: full[0])
+        assert cache.write_idle() == IDLE_WRITE_RETRY_S
+    while cache.write_idle() is not None:  # the queue drained
+        pass
+    cache.flush()
+    assert len(kv_files(tmp_path)) == 6 and cache.disk.stats.skipped_writes == 0
 
 
 def test_write_back_writes_blocks_as_they_leave_memory(tiny: LoadedModel, tmp_path: Path) -> None:

@@ -101,23 +101,23 @@ def test_a_thousand_messages_take_a_constant_number_of_renders(
     assert [span.index for span in prompt.spans] == [i for i in range(len(messages)) if i not in hidden]
 
 
-def test_the_next_turn_of_a_conversation_takes_two_renders(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where ends fall in each stretch of markup is kept across requests: once an agent's turns have shown
-    every kind of stretch, its next turn renders the conversation twice (as is and marked), and its ends
-    are still the definition's."""
-    renders = Renders(monkeypatch)
-    monkeypatch.setattr(anchors, "_LEARNED", {})
-    template = TEMPLATES["tools"]
-    messages = [{"role": "system", "content": "You are terse."}]
-    counts = []
-    for turn in range(4):  # a user asks, the agent calls a tool, reads its result and answers
-        messages += [{"role": "user", "content": f"Read {turn}.py"},
-                     {"role": "assistant", "content": "", "tool_calls": [CALL]},
-                     {"role": "tool", "content": f"print({turn})"}]  # fmt: skip
-        text = render_chat(TOKENIZER, messages, None, True, template)
-        renders.count = 0
-        ends = anchors.message_ends(TOKENIZER, messages, None, template, text)
-        counts.append(renders.count)
-        assert ends == by_definition(messages, template, text)
-        messages.append({"role": "assistant", "content": f"It prints {turn}."})
-    assert counts[0] > 2 and counts[2:] == [2, 2], counts
+# Llama 3.x's way with tools: they go into the first user message, and a conversation without one is refused
+TOOLS_IN_FIRST_USER_TEMPLATE = (
+    "{%- if tools and not (messages | selectattr('role', 'equalto', 'user') | list) %}"
+    "{{ raise_exception('Cannot put tools in the first user message when there is none!') }}{%- endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_a_prefix_the_template_refuses_ends_nowhere() -> None:
+    """A system message alone with tools is refused by such a template: it is no end, and the request goes
+    on (it used to fail with the template's error)."""
+    tools = [{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Read a.py"}]
+    template = TOOLS_IN_FIRST_USER_TEMPLATE
+    text = render_chat(TOKENIZER, messages, tools, True, template)
+    whole = render_chat(TOKENIZER, messages, tools, False, template)
+    assert anchors.message_ends(TOKENIZER, messages, tools, template, text) == [(1, "user", len(whole))]
+    prompt = build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], messages, tools, None)
+    assert prompt.text == text

@@ -402,7 +402,12 @@ class PrefixCache:
                 host.append((key, kept))
             # (in neither: the host tier evicted it to the disk's writer)
         self._disk_writes.submit([key for key, _ in live], [block for _, block in live])
-        if host:  # a copy: the host tier's slots are reused as soon as it evicts them
+        if host and self._disk_writes.busy():  # the live blocks filled the queue: these wait their turn
+            for key, _ in reversed(host):
+                self._unwritten[key] = None
+                self._unwritten.move_to_end(key, last=False)
+            return IDLE_WRITE_RETRY_S
+        if host:  # a copy: the host tier lends out its slots as it evicts them
             self._disk_writes.submit_gathered([key for key, _ in host], torch.stack([kv for _, kv in host]))
         return 0.0 if self._unwritten else None
 

@@ -16,18 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmkv.chat.template import encode, render_chat
+from warmkv.errors import InvalidRequest
 
 # private-use characters: no template writes them, and a message holding OPEN or CLOSE is left unmarked. A
 # message's text is wrapped as OPEN, its number (one character of a private-use plane), text, CLOSE
 _OPEN, _CLOSE, _NUMBER_BASE = "\ue000", "\ue001", 0xF0000
-
-# where ends fall in a stretch of markup, learned by rendering prefixes, kept across requests: an agent's
-# next turn has the same stretches, and then costs two renders. Keyed by template, stretch, the role of
-# each message that may end in it and whether its text was marked, and whether it ends the conversation;
-# short stretches only (a system prompt is one too)
-_Key = tuple[str, str, tuple[tuple[str, bool], ...], bool]
-_LEARNED: dict[_Key, list[tuple[int, int]]] = {}
-_LEARNED_MAX, _LEARNED_STRETCH_MAX = 4096, 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,7 +52,7 @@ class _Prefixes:
 
     def __init__(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                  template: str, text: str) -> None:  # fmt: skip
-        self.messages, self.text, self.template = messages, text, template
+        self.messages, self.text = messages, text
         self._render = lambda some: render_chat(tokenizer, some, tools, False, template)
         self.full = self._render(messages)
 
@@ -67,8 +60,13 @@ class _Prefixes:
         return self._render(messages)
 
     def end_of(self, index: int) -> int | None:
-        """Where message `index` ends, if rendering up to it gives a prefix of the prompt: the definition."""
-        prefix = self._render(self.messages[: index + 1])
+        """Where message `index` ends, if rendering up to it gives a prefix of the prompt: the definition.
+        A template may refuse the shorter conversation (Llama 3 puts tools in the first user message and
+        refuses a system message alone): then it ends nowhere, as any prefix that is not the prompt's."""
+        try:
+            prefix = self._render(self.messages[: index + 1])
+        except InvalidRequest:
+            return None
         return len(prefix) if self.text.startswith(prefix) else None
 
 
@@ -93,28 +91,19 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
-    learned: dict[_Key, list[tuple[int, int]]] = {}  # long stretches
+    learned: dict[tuple[str, tuple[tuple[str, bool], ...], bool], list[tuple[int, int]]] = {}
     ends = []
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
             return None
         # an unmarked message's text is not in the stretch: whether it is empty decides where ends fall
-        shapes = tuple((messages[i]["role"], _markable(messages[i])) for i in indices)
-        key = (render.template, full[low:high], shapes, high == len(full))
-        kept = _LEARNED if high - low <= _LEARNED_STRETCH_MAX else learned
-        offsets = kept.get(key)  # (position among `indices`, offset within the stretch) of each end in it
-        if offsets is None:
-            offsets = _learn(render, indices, low, high)
-            if len(kept) >= _LEARNED_MAX:  # (prompts are built on several threads: no read after this)
-                kept.clear()
-            kept[key] = offsets
-        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in offsets]
+        key = (full[low:high], tuple((messages[i]["role"], _markable(messages[i])) for i in indices),
+               high == len(full))  # fmt: skip
+        if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
+            found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
+            learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
+        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
     return ends
-
-
-def _learn(render: _Prefixes, indices: range, low: int, high: int) -> list[tuple[int, int]]:
-    found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
-    return [(j, end - low) for j, end in found if end is not None and low <= end <= high]
 
 
 def _markable(message: dict[str, Any]) -> bool:
