@@ -100,10 +100,11 @@ def _add_tier_flags(parser: argparse.ArgumentParser, defaults: CacheConfig) -> N
         "--kv-disk-write",
         choices=[w.value for w in DiskWrite],
         default=defaults.disk_write.value,
-        help="back: blocks are written while the engine is idle, as they leave the GPU pool, and at "
-        "shutdown (no disk work while requests run; a crash loses what was computed since the engine "
-        "was last idle); through: every block as it is computed (survives any crash, costs throughput "
-        "under load); either way a full writer queue skips a write",
+        help="back: blocks are written while the engine is idle, as they enter a host tier more than 7/8 "
+        "full (or leave the GPU pool, without a host tier), as the host tier evicts them, and at shutdown "
+        "(a crash loses what was computed since the engine was last idle and is still in memory); "
+        "through: every block as it is computed (survives any crash, costs throughput under load); "
+        "either way a full writer queue skips a write",
     )
     disk = tiers.add_mutually_exclusive_group()
     disk.add_argument("--disk-cache-gib", type=float, help="disk tier size in GiB (default 20)")

@@ -18,9 +18,10 @@ class LoadPolicy(str, enum.Enum):
 
 class DiskWrite(str, enum.Enum):
     THROUGH = "through"  # every block is written as it is completed: the disk survives a crash
-    # a block is written while the engine is idle, when it leaves the memory tiers, and at shutdown: no
-    # disk work while requests run (write-through cost a tenth of the throughput of 50 agent sessions on
-    # an H100); a crash loses what was computed since the engine was last idle
+    # a block is written while the engine is idle, as it enters a nearly full host tier (or leaves the pool,
+    # without one), as it leaves the host tier, and at shutdown (write-through cost a tenth of the
+    # throughput of 50 agent sessions on an H100); a crash loses what was computed since the engine was
+    # last idle and is still in memory
     BACK = "back"
 
 

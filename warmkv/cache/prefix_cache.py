@@ -395,10 +395,9 @@ class PrefixCache:
             if not self.disk.wants(key):  # type: ignore[union-attr]
                 continue
             block = self.index.block_of(key)
-            kept = None if block is not None or self.host is None else self.host.peek(key)
             if block is not None:
                 live.append((key, block))
-            elif kept is not None:
+            elif self.host is not None and (kept := self.host.peek(key)) is not None:
                 host.append((key, kept))
             # (in neither: the host tier evicted it to the disk's writer)
         self._disk_writes.submit([key for key, _ in live], [block for _, block in live])
@@ -487,7 +486,8 @@ class PrefixCache:
         evicted are still being written) go to the disk from the gather instead."""
         assert self.host is not None
         filling = self.host.free_blocks < len(keys) + self.host.capacity // HOST_WRITE_HEADROOM
-        if self._writes_back and filling:
+        handed = self._writes_back and filling
+        if handed:
             self._to_disk(keys, kv)
             for key in keys:
                 self._unwritten.pop(key, None)
@@ -502,7 +502,7 @@ class PrefixCache:
             else:
                 release()
         unplaced = max(0, len(keys) - self.host.free_blocks)  # the oldest: their tier is the disk
-        if unplaced and not (self._writes_back and filling):  # (unless handed over above)
+        if unplaced and not handed:
             self._to_disk(keys[:unplaced], kv[:unplaced])
         self.host.put_many(keys[unplaced:], kv[unplaced:])
 

@@ -78,7 +78,7 @@ class WriteThrough:
             self._put(keys, self._to_host(kv, done))
 
     def _to_host(self, kv: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
-        if self._staging is None or not kv.is_cuda:  # on the CPU, the gather is already a host copy
+        if self._staging is None or not kv.is_cuda:  # a gather on the CPU, or host-tier blocks: host copies
             return kv
         host = torch.empty(kv.shape, dtype=kv.dtype)
         with torch.cuda.stream(self._stream):  # type: ignore[arg-type]
