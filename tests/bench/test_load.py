@@ -11,12 +11,15 @@ import pytest
 
 from tests.bench import fake_peer
 from warmkv.bench import run_load
-from warmkv.bench.load import multiply_sessions
+from warmkv.bench.load import multiply_sessions, warm_up_turns
 from warmkv.bench.oracle import oracle_hits
 from warmkv.bench.peer_tokens import Dialect
 from warmkv.bench.peers import llama_server_binary, vllm_python
+from warmkv.bench.redis_process import RedisProcess
 from warmkv.bench.trace import TraceRequest, load_trace, save_trace
 from warmkv.cli import main
+
+from ..conftest import smollm2_tokenizer
 
 SYSTEM = {"role": "system", "content": "You are a helpful agent. " * 8}
 
@@ -43,13 +46,9 @@ def test_copies_are_distinct_conversations_sharing_the_system_prompt() -> None:
     assert first.messages[1]["content"] == "hi"  # the original is left alone
 
 
-def test_warm_up_runs_every_session_on_text_the_measured_runs_never_share(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_warm_up_runs_every_session_on_text_the_measured_runs_never_share(tmp_path: Path) -> None:
     requests = load_trace(small_trace(tmp_path / "trace.jsonl"))
-    ran = []
-    monkeypatch.setattr(run_load, "_run_embedded", lambda model, flags, turns, *rest: ran.extend(turns))
-    run_load._warm_up(None, [], requests, run_load.LoadShape())
+    ran = warm_up_turns(requests)
     assert len(ran) == len(requests) and len({r.session for r in ran}) == 4
     measured = {r.messages[0]["content"] for r in requests}
     assert all(r.messages[0]["content"].startswith("[warm-up] ") for r in ran)
@@ -83,6 +82,64 @@ def test_load_runs_sessions_concurrently_without_errors(
     assert tiers["live"]["evictions"] > 0 and tiers["host"]["writes"] > 0  # oversubscribed: demoted
     assert list(gpu_only) == ["live"] and gpu_only["live"]["evictions"] > 0
     assert (out / "load-ttft.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_load_on_replicas_each_in_its_own_process_routed_and_sharing_a_tier(
+    tmp_path: Path, redis_server: RedisProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two replica processes, each making the random model itself (seeded: the same weights, so the same
+    cache fingerprint), against one replica holding both replicas' memory. Round-robin sends a session's
+    turns to either replica: only the shared tier brings the other replica's KV; the router keeps a
+    session where its KV is."""
+    trace = small_trace(tmp_path / "trace.jsonl")
+    out = tmp_path / "results"
+    main(["bench", "load", str(trace), "--shape", "llama-tiny-64k", "--tokenizer", str(smollm2_tokenizer()),
+          "--device", "cpu", "--replicas", "2", "--redis-url", redis_server.url, "--copies", "2",
+          "--tool-time", "0.05", "--reply-tokens", "4", "--max-batch-tokens", "64",
+          "--out", str(out), "--name", "replicas"])  # fmt: skip
+    printed = capsys.readouterr().out
+    result = json.loads((out / "replicas.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["1x_all_memory", "2x_round_robin", "2x_round_robin_shared", "2x_router",
+                          "2x_router_shared"]  # fmt: skip
+    assert result["replicas"]["count"] == 2 and result["replicas"]["devices"] == ["cpu: cpu", "cpu: cpu"]
+    each = result["replicas"]["per_replica_capacities"]
+    assert each["pool_tokens"] * 2 >= result["capacities"]["pool_tokens"] > (each["pool_tokens"] - 16) * 2
+    for name, row in rows.items():
+        assert row["errors"] == 0, (name, row["errors_by_status"])
+        assert row["requests"] == 24 and row["completion_tokens"] == 24 * 4
+        assert 0 < row["cached_tokens"] <= row["oracle_tokens"]
+        assert len(row["per_replica"]) == (1 if name == "1x_all_memory" else 2)
+        assert ("--redis-url" in row["flags"]) == name.endswith("_shared")
+        assert name in printed
+    for name in ("2x_router", "2x_router_shared"):  # both replicas served, every request once
+        served = rows[name]["served_per_replica"]
+        assert sum(served) == 24 and min(served) > 0
+    cached = {name: row["cached_tokens"] for name, row in rows.items()}
+    assert cached["2x_round_robin_shared"] > cached["2x_round_robin"]  # the other replica's KV, from Redis
+    assert cached["2x_router"] > cached["2x_round_robin"]
+    assert rows["2x_round_robin_shared"]["tiers"]["remote"]["writes"] > 0
+    assert "remote" not in rows["2x_round_robin"]["tiers"]
+    scaling = result["scaling"]
+    assert scaling["cached_of_oracle_2x_router_shared"] == cached["2x_router_shared"] / (
+        rows["2x_router_shared"]["oracle_tokens"]
+    )
+    assert scaling["throughput_2x_router_shared_over_1x"] > 0
+
+
+def test_load_refuses_replicas_it_cannot_place_or_measure(tmp_path: Path) -> None:
+    trace = small_trace(tmp_path / "trace.jsonl")
+    with pytest.raises(SystemExit, match="--replicas"):
+        main(["bench", "load", str(trace), "--replicas", "2", "--url", "http://127.0.0.1:9/v1"])
+    with pytest.raises(SystemExit, match="--policies"):
+        main(["bench", "load", str(trace), "--replicas", "2", "--policies", "warmkv"])
+    with pytest.raises(SystemExit, match="--redis-url"):
+        main(["bench", "load", str(trace), "--redis-url", "redis://127.0.0.1:9/0"])
+    with pytest.raises(SystemExit, match="--replicas must be at least 1"):
+        main(["bench", "load", str(trace), "--replicas", "0"])
+    with pytest.raises(SystemExit, match=r"needs 2 GPUs|--device"):
+        main(["bench", "load", str(trace), "--replicas", "2", "--device", "cuda:1"])
 
 
 def fake_peer_binaries(home: Path) -> None:

@@ -3,7 +3,7 @@ our engine (so any row can be reproduced by hand)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(slots=True, frozen=True)
@@ -12,6 +12,10 @@ class Capacities:
     host_tokens: int
     checkpoint_align: int
     checkpoint_interval: int
+
+    def times(self, n: int) -> Capacities:
+        """The memory of n servers with these capacities, on one."""
+        return replace(self, pool_tokens=self.pool_tokens * n, host_tokens=self.host_tokens * n)
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,3 +49,24 @@ def policies(caps: Capacities) -> dict[str, Policy]:
 
 
 DEFAULT_POLICIES = ("no_cache", "gpu_lru", "ds4", "deepseek_units", "warmkv")
+
+
+@dataclass(slots=True, frozen=True)
+class ClusterVariant:
+    name: str
+    description: str
+    routed: bool  # through `warmkv router`; else round-robin over the replicas
+    shared: bool  # with the shared Redis tier
+
+
+def cluster_variants(replicas: int) -> list[ClusterVariant]:
+    """The rows of warmkv on N replicas: round-robin or routed, each with and without the shared tier."""
+    variants = []
+    for routed in (False, True):
+        for shared in (False, True):
+            name = f"{replicas}x_{'router' if routed else 'round_robin'}{'_shared' if shared else ''}"
+            how = f"warmkv on {replicas} replicas, {'routed' if routed else 'round-robin'}"
+            variants.append(
+                ClusterVariant(name, how + (", shared Redis tier" if shared else ""), routed, shared)
+            )
+    return variants

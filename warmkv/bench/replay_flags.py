@@ -32,6 +32,11 @@ def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--out", default="bench/results", help="directory for JSON and PNG")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="N > 1: warmkv on N replicas (bench load: a process per "
+        "GPU), round-robin or routed, with and without the shared tier",
+    )  # fmt: skip
+    parser.add_argument("--redis-url", help="shared tier for --replicas (default: a local redis-server)")
 
 
 def add_replay_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +50,6 @@ def add_replay_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-tokens", type=int, help="host tier; default: four times the pool")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="tokens per engine step")
     parser.add_argument("--max-gap", type=float, default=0.0, help="longest idle gap to honour, in seconds")
-    parser.add_argument(
-        "--replicas", type=int, default=1, help="N > 1: warmkv on N replicas, round-robin or routed, "
-        "with and without the shared tier",
-    )  # fmt: skip
-    parser.add_argument("--redis-url", help="shared tier for --replicas (default: a local redis-server)")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots (they need matplotlib)")
     parser.add_argument("--name", help="result file name (default: replay-<device>-<model>-<context>)")
 
@@ -70,8 +70,14 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_LOAD_POLICIES),
         help="comma-separated warmkv policies of `bench replay`",
     )
-    parser.add_argument("--pool-tokens", type=int, help="GPU tier (default: a quarter of the working set)")
-    parser.add_argument("--host-tokens", type=int, help="host tier (default: the working set)")
+    parser.add_argument(
+        "--pool-tokens",
+        type=int,
+        help="GPU tier, each replica's (default: a quarter of its share of the working set)",
+    )
+    parser.add_argument(
+        "--host-tokens", type=int, help="host tier, each replica's (default: its share of the working set)"
+    )
     parser.add_argument(
         "--max-batch-tokens", type=int, help="tokens per step (default: the engine's, per device)"
     )

@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -18,97 +19,147 @@ import httpx
 from openai import OpenAI
 from tqdm import tqdm
 
-from warmkv.bench.load import LoadShape, by_session, multiply_sessions, run_load, summarize_load
+from warmkv.bench.load import (
+    SCHEDULER_METRICS,
+    LoadShape,
+    by_session,
+    engine_counters,
+    measure_load,
+    multiply_sessions,
+    run_load,
+    summarize_load,
+    warm_up_turns,
+)
 from warmkv.bench.oracle import oracle_hits, peer_oracle
 from warmkv.bench.peers import gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, policies
 from warmkv.bench.replay import embedded_warmkv, free_gpu_for_peer
+from warmkv.bench.replay_flags import DEFAULT_LOAD_POLICIES
+from warmkv.bench.replicas import Cluster, ModelSpec, ReplicaProcess, replica_gpus
 from warmkv.bench.results import write_json
 from warmkv.bench.run_replay import BLOCK, first_model, model_and_tokenizer, prompt_ids, requests_from, slug
 from warmkv.bench.trace import TraceRequest
 from warmkv.errors import WarmkvError
-
-SCHEDULER_METRICS = ("preemptions", "swapped_out_bytes", "swapped_in_bytes", "recomputed_tokens")
-TIER_METRICS = ("writes", "evictions", "skipped_writes")
+from warmkv.models.loader import load_tokenizer
 
 
 def run(args: argparse.Namespace) -> None:
     peers = _check(args)
     requests = multiply_sessions(requests_from(args), args.copies)
-    tokenizer, template, model, device_label = model_and_tokenizer(args)
-    prompts = [prompt_ids(tokenizer, template, r) for r in requests]
-    oracle = oracle_hits(prompts)
-    working_set = _working_set(requests, prompts, args.reply_tokens)
-    caps = _capacities(args, prompts, working_set)
-    sessions = len(by_session(requests))
-    model_label = model.name if model else args.url
-    stem = Path(args.out) / (args.name or slug(f"load-{device_label}-{model_label}-{sessions}-sessions"))
-    json_path = stem.with_name(f"{stem.name}.json")
-    shape = LoadShape(args.tool_time, args.reply_tokens, args.seed)
-    rows: dict[str, dict[str, Any]] = {}
-    result = {
-        "device": device_label,
-        "model": model_label,
-        "workload": {
-            "files": args.traces,
-            "synthetic": args.synthetic,
-            "context": args.context,
-            "copies": args.copies,
-            "sessions": sessions,
-            "requests": len(requests),
-            "tool_time_s": args.tool_time,
-            "reply_tokens": args.reply_tokens,
-        },
-        "working_set_tokens": working_set,
-        "capacities": asdict(caps),
-        "oversubscription": working_set / caps.pool_tokens,
-        "rows": rows,
-        "command": "warmkv bench load " + " ".join(sys.argv[3:]),
-    }
-    if args.url:
-        client = _url_client(args)
-        rows["url"] = _measure(client, args.served_model or first_model(args), requests, oracle, shape, "url")
-        rows["url"] |= _scrape_scheduler(args.url)
-        write_json(result, json_path)
-    else:
-        for index, (name, policy) in enumerate(_load_policies(args, caps).items()):
-            flags = [
-                *policy.flags,
-                "--kv-pool-tokens",
-                str(caps.pool_tokens),
-                "--device",
-                args.device,
-                "--dtype",
-                args.dtype,
-                "--max-num-seqs",
-                str(args.max_num_seqs),
-            ]
-            if args.max_batch_tokens:
-                flags += ["--max-batch-tokens", str(args.max_batch_tokens)]
-            if index == 0 and model.device.type == "cuda":
-                _warm_up(model, flags, requests, shape)
-            rows[name] = {"description": policy.description, "flags": flags}
-            rows[name] |= _run_embedded(model, flags, requests, oracle, shape, name)
-            write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
-        for name in peers:
-            rows[name] = _run_peer(name, args, model, requests, shape, sessions, working_set)
+    with ExitStack() as stack:
+        replicas = _start_replicas(args, stack) if args.replicas > 1 else []
+        if replicas:  # the weights load in the replicas; the oracle needs the tokenizer alone
+            model, info = None, replicas[0].info
+            tokenizer, model_label, device_label = (
+                load_tokenizer(Path(info.folder)),
+                info.model_name,
+                info.device_name,
+            )
+        else:
+            tokenizer, _, model, device_label = model_and_tokenizer(args)
+            model_label = model.name
+        prompts = [prompt_ids(tokenizer, tokenizer.chat_template, r) for r in requests]
+        oracle = oracle_hits(prompts)
+        working_set = _working_set(requests, prompts, args.reply_tokens)
+        each = _capacities(args, prompts, working_set, max(1, len(replicas)))
+        caps = each.times(args.replicas)  # one server's, or one replica's with all the replicas' memory
+        sessions = len(by_session(requests))
+        workload = f"{sessions}-sessions" + (f"-{len(replicas)}-replicas" if replicas else "")
+        stem = Path(args.out) / (args.name or slug(f"load-{device_label}-{model_label}-{workload}"))
+        json_path = stem.with_name(f"{stem.name}.json")
+        shape = LoadShape(args.tool_time, args.reply_tokens, args.seed)
+        rows: dict[str, dict[str, Any]] = {}
+        result: dict[str, Any] = {
+            "device": device_label,
+            "model": model_label,
+            "workload": {
+                "files": args.traces,
+                "synthetic": args.synthetic,
+                "context": args.context,
+                "copies": args.copies,
+                "sessions": sessions,
+                "requests": len(requests),
+                "tool_time_s": args.tool_time,
+                "reply_tokens": args.reply_tokens,
+            },
+            "working_set_tokens": working_set,
+            "capacities": asdict(caps),
+            "oversubscription": working_set / caps.pool_tokens,
+            "rows": rows,
+            "command": "warmkv bench load " + " ".join(sys.argv[3:]),
+        }
+        if args.url:
+            client = _url_client(args)
+            rows["url"] = measure_load(
+                [client], args.served_model or first_model(args), requests, oracle, shape, "url"
+            )
+            rows["url"] |= _scrape_scheduler(args.url)
             write_json(result, json_path)
+        elif replicas:
+            cluster = Cluster(replicas, model_label, _common_flags(args), args.redis_url)
+            result["replicas"] = cluster.describe(each)
+            for name, row in cluster.rows(requests, oracle, shape, each):
+                rows[name] = row
+                write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
+            result["scaling"] = cluster.scaling(rows)
+            write_json(result, json_path)
+        else:
+            assert model is not None
+            for index, (name, policy) in enumerate(_load_policies(args, caps).items()):
+                flags = [*policy.flags, "--kv-pool-tokens", str(caps.pool_tokens), "--device", args.device,
+                         *_common_flags(args)]  # fmt: skip
+                if index == 0 and model.device.type == "cuda":  # see warm_up_turns
+                    turns = warm_up_turns(requests)
+                    _run_embedded(
+                        model, flags, turns, [0] * len(turns), replace(shape, tool_time_s=0), "warm-up"
+                    )
+                rows[name] = {"description": policy.description, "flags": flags}
+                rows[name] |= _run_embedded(model, flags, requests, oracle, shape, name)
+                write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
+            for name in peers:
+                rows[name] = _run_peer(name, args, model, requests, shape, sessions, working_set)
+                write_json(result, json_path)
     print(
         f"{sessions} sessions, {len(requests)} requests; working set {working_set} tokens on a "
         f"{caps.pool_tokens}-token pool ({result['oversubscription']:.1f}x oversubscribed)"
     )
     print("\n".join(table(rows)))
+    if "scaling" in result:
+        print("\n".join(f"{name}: {value:.3f}" for name, value in result["scaling"].items()))
     picture = plot(rows, stem)
     print("wrote", json_path, *([picture] if picture else ["(no plot: install matplotlib)"]))
 
 
+def _common_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs)]
+    return flags + (["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else [])
+
+
+def _start_replicas(args: argparse.Namespace, stack: ExitStack) -> list[ReplicaProcess]:
+    """A process per replica, each loading the model on its GPU; all load at once."""
+    spec = ModelSpec(args.model, args.shape, args.tokenizer, args.dtype)
+    replicas = []
+    for gpu in replica_gpus(args.device, args.replicas):
+        replicas.append(ReplicaProcess(spec, gpu))
+        stack.callback(replicas[-1].close)
+    for replica in tqdm(replicas, desc="loading the replicas", unit="replica", leave=False):
+        replica.wait_loaded()
+    return replicas
+
+
 def _check(args: argparse.Namespace) -> list[str]:
     """The flags checked before a model loads; the --peer names."""
-    for flag in ("copies", "reply_tokens", "max_num_seqs"):
+    for flag in ("copies", "reply_tokens", "max_num_seqs", "replicas"):
         if getattr(args, flag) < 1:
             raise WarmkvError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.tool_time < 0:
         raise WarmkvError(f"--tool-time must not be negative, got {args.tool_time}")
+    if args.replicas > 1 and (args.url or args.peer):
+        raise WarmkvError("--replicas runs warmkv's own replicas: not with --url or --peer")
+    if args.replicas > 1 and args.policies != ",".join(DEFAULT_LOAD_POLICIES):
+        raise WarmkvError("--replicas measures the warmkv policy on 1 and N replicas: not with --policies")
+    if args.redis_url and args.replicas == 1:
+        raise WarmkvError("--redis-url is the shared tier of --replicas N (N > 1)")
     missing = [path for path in args.traces if not Path(path).is_file()]
     if missing:
         raise WarmkvError(f"trace not found: {', '.join(missing)}")
@@ -123,12 +174,14 @@ def _working_set(requests: list[TraceRequest], prompts: list[list[int]], reply_t
     return sum(longest.values())
 
 
-def _capacities(args: argparse.Namespace, prompts: list[list[int]], working_set: int) -> Capacities:
-    """A pool of a quarter of the working set (4x oversubscribed), yet room for the longest request alone;
-    a host tier that holds the whole working set."""
+def _capacities(
+    args: argparse.Namespace, prompts: list[list[int]], working_set: int, servers: int
+) -> Capacities:
+    """Each server's share: a pool of a quarter of its share of the working set (4x oversubscribed), yet
+    room for the longest request alone; a host tier that holds its share of the working set."""
     longest = max(len(p) for p in prompts) + args.reply_tokens
-    pool = args.pool_tokens or -(-max(longest + BLOCK, working_set // 4) // BLOCK) * BLOCK
-    host = args.host_tokens if args.host_tokens is not None else working_set
+    pool = args.pool_tokens or -(-max(longest + BLOCK, working_set // 4 // servers) // BLOCK) * BLOCK
+    host = args.host_tokens if args.host_tokens is not None else working_set // servers
     align = max(BLOCK, args.context // 8 // BLOCK * BLOCK)
     return Capacities(pool, host, align, 2 * align)
 
@@ -153,34 +206,12 @@ def _run_embedded(
     kv_dir = Path(tempfile.mkdtemp(prefix=f"warmkv-load-{label}-"))
     server = embedded_warmkv(model, flags, kv_dir)
     try:
-        row = _measure(server.client(timeout=3600), model.name, requests, oracle, shape, label)
-        engine = server.engine.engine
-        row |= {name: getattr(engine.stats, name) for name in SCHEDULER_METRICS}
-        if engine.prefix_cache is not None:  # whether, and where, the tiers moved blocks during the run
-            row["tiers"] = {tier.value: {name: getattr(stats, name) for name in TIER_METRICS}
-                            for tier, stats in engine.prefix_cache.stats().items()}  # fmt: skip
-        return row
+        row = measure_load([server.client(timeout=3600)], model.name, requests, oracle, shape, label)
+        return row | engine_counters(server.engine.engine)
     finally:
         server.stop()
         gc.collect()  # the app's reference cycles hold the engine: pinned host tier, GPU pool
         shutil.rmtree(kv_dir, ignore_errors=True)
-
-
-def _warm_up(model: Any, flags: list[str], requests: list[TraceRequest], shape: LoadShape) -> None:
-    """A throwaway server runs every session at once, without tool time, before anything is measured: the
-    Triton kernels compile for the shapes the load takes (seconds each), which would otherwise be paid by
-    whichever policy runs first. (With only each session's first two turns, the policy measured first still
-    paid: with ample memory warmkv measured 13% slower mean TTFT than the GPU tier alone when it ran first,
-    15% faster when it ran second.) Its server and KV folder are its own; the turns' first message is
-    marked as well, so the kernels see the lengths of the load, not its text."""
-    turns = []
-    for name, session in by_session(requests).items():
-        for request in session:
-            messages = [dict(m) for m in request.messages]
-            if messages and isinstance(messages[0].get("content"), str):
-                messages[0]["content"] = f"[warm-up] {messages[0]['content']}"
-                turns.append(replace(request, session=f"warm-up {name}", messages=messages))
-    _run_embedded(model, flags, turns, [0] * len(turns), replace(shape, tool_time_s=0.0), "warm-up")
 
 
 def _run_peer(name: str, args: argparse.Namespace, model: Any, requests: list[TraceRequest], shape: LoadShape,
@@ -194,7 +225,7 @@ def _run_peer(name: str, args: argparse.Namespace, model: Any, requests: list[Tr
             oracle = peer_oracle(peer.tokenizer(http), requests)
         client = OpenAI(base_url=peer.url, api_key=peer.api_key, max_retries=0, timeout=3600)
         with tqdm(total=len(requests), desc=f"load {name}", unit="req", leave=False) as bar:
-            results, wall = run_load(client, peer.model, requests, shape, bar.update)
+            results, wall = run_load([client], peer.model, requests, shape, bar.update)
         flags = peer.command()[1:]
     return {
         "description": f"{name} (real server) with its best prompt-caching flags",
@@ -211,14 +242,6 @@ def _peer_options(name: str, concurrent: int, working_set: int) -> dict[str, Any
     if name != "llama.cpp":
         return {}
     return {"slots": concurrent, "context_tokens": -(-working_set // 256) * 256}
-
-
-def _measure(
-    client: Any, model: str, requests: list[TraceRequest], oracle: list[int], shape: LoadShape, label: str
-) -> dict[str, Any]:
-    with tqdm(total=len(requests), desc=f"load {label}", unit="req", leave=False) as bar:
-        results, wall = run_load(client, model, requests, shape, bar.update)
-    return summarize_load(results, oracle, wall)
 
 
 def _url_client(args: argparse.Namespace) -> Any:

@@ -15,7 +15,7 @@ import torch
 
 from warmkv.bench.oracle import oracle_hits, peer_oracle
 from warmkv.bench.peers import Peer, UrlPeer, gguf_of, make_peer, peer_names
-from warmkv.bench.policies import Capacities, Policy, policies
+from warmkv.bench.policies import Capacities, ClusterVariant, Policy, cluster_variants, policies
 from warmkv.bench.redis_process import RedisProcess
 from warmkv.bench.replay import Cluster, free_gpu_for_peer, replay_embedded, replay_on_peer
 from warmkv.bench.results import oracle_row, plot, plots_available, shape_table, summarize, table, write_json
@@ -169,20 +169,16 @@ Run = tuple[str, Policy, Callable[[], Cluster]]
 
 def _cluster_runs(args: argparse.Namespace, caps: Capacities, redis_url: str) -> list[Run]:
     """warmkv on N replicas: round-robin or routed, each with and without the shared tier."""
-    warmkv, n = policies(caps)["warmkv"], args.replicas
+    warmkv = policies(caps)["warmkv"]
     runs: list[Run] = []
-    for routed in (False, True):
-        for shared in (False, True):
-            name = f"{n}x_{'router' if routed else 'round_robin'}{'_shared' if shared else ''}"
-            how = f"warmkv on {n} replicas, {'routed' if routed else 'round-robin'}"
-            description = how + (", shared Redis tier" if shared else "")
+    for variant in cluster_variants(args.replicas):
 
-            def cluster(routed: bool = routed, shared: bool = shared) -> Cluster:
-                if shared:  # every row starts from an empty shared tier
-                    redis.Redis.from_url(redis_url).flushdb()
-                return Cluster(n, routed, redis_url if shared else None)
+        def cluster(variant: ClusterVariant = variant) -> Cluster:
+            if variant.shared:  # every row starts from an empty shared tier
+                redis.Redis.from_url(redis_url).flushdb()
+            return Cluster(args.replicas, variant.routed, redis_url if variant.shared else None)
 
-            runs.append((name, Policy(name, description, warmkv.flags), cluster))
+        runs.append((variant.name, Policy(variant.name, variant.description, warmkv.flags), cluster))
     return runs
 
 

@@ -1,10 +1,11 @@
 """Random weights in a real model's shape, with a real tokenizer: for speed measurements, where values
 do not matter. transformers initialises the weights; our module takes the same tensors (q/k/v and
-gate/up concatenated)."""
+gate/up concatenated). The initialisation is seeded, so every process that makes the same shape on the
+same kind of device holds the same tensors: replicas of a random model share cached KV (their cache
+fingerprint names what made the weights)."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,10 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def random_pair(
-    shape: str, tokenizer: str | Path | None, device: torch.device, dtype: torch.dtype
+    shape: str, tokenizer: str | Path | None, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> tuple[LoadedModel, Any]:
     """Our model and transformers' model over the same random tensors."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape not in SHAPES:
@@ -90,17 +92,21 @@ def random_pair(
     if tokenizer is None:
         raise WarmkvError("--shape needs --tokenizer DIR (a tokenizer folder, e.g. from ../shared/data)")
     hf_config = AutoConfig.for_model(**SHAPES[shape])
+    devices = [device] if device.type == "cuda" else []
     torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
+    try:  # a forked generator: the caller's random state is left as it was
+        with torch.random.fork_rng(devices=devices), torch.device(device):
+            torch.manual_seed(seed)
             theirs = AutoModelForCausalLM.from_config(hf_config)
     finally:
         torch.set_default_dtype(torch.float32)
     config = ModelConfig.from_hf(SHAPES[shape])
     module = build_module(config, dict(theirs.state_dict()), device, dtype)
     folder = Path(tokenizer)
+    versions = f"torch{torch.__version__}-transformers{transformers.__version__}"
+    made_by = f"random-{shape}-{dtype}-seed{seed}-{device.type}-{versions}"
     ours = LoadedModel(
-        f"random-{shape}", folder, config, module, load_tokenizer(folder), in_memory_id=uuid.uuid4().hex
+        f"random-{shape}", folder, config, module, load_tokenizer(folder), in_memory_id=made_by
     )
     return ours, theirs.eval()
 

@@ -1,0 +1,305 @@
+"""Replicas of one model, a process per device, and the router in front of them: `warmkv bench load
+--replicas N`.
+
+Each replica process loads the model once, on its own GPU (CUDA_VISIBLE_DEVICES names one device before
+torch starts, so everything the process launches, Triton kernels and CUDA graphs included, lands there),
+then serves a fresh embedded warmkv server per measured row, as the single-process rows do over their
+one model. A process each keeps one replica's Python (scheduler, HTTP, tokeniser) from waiting on
+another's, as separate servers would. The router is the `warmkv router` command, in a process of its own.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from openai import OpenAI
+
+from warmkv.bench.load import SCHEDULER_METRICS, LoadShape, engine_counters, measure_load, warm_up_turns
+from warmkv.bench.policies import Capacities, cluster_variants, policies
+from warmkv.bench.redis_process import RedisProcess
+from warmkv.bench.trace import TraceRequest
+from warmkv.errors import WarmkvError
+from warmkv.server.embedded import free_port
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSpec:
+    """What each replica loads: the bench's --model, or --shape over --tokenizer (seeded random weights,
+    the same in every replica, so they share cached KV)."""
+
+    model: str | None
+    shape: str | None
+    tokenizer: str | None
+    dtype: str
+
+
+@dataclass(slots=True, frozen=True)
+class ReplicaInfo:
+    model_name: str
+    folder: str  # the tokenizer's folder
+    device_name: str
+
+
+class ReplicaProcess:
+    """One replica: a process holding the model on `gpu` (None: the CPU)."""
+
+    def __init__(self, spec: ModelSpec, gpu: int | None) -> None:
+        """Starts loading; `wait_loaded` waits for it (replicas load side by side)."""
+        context = multiprocessing.get_context("spawn")  # a fork would copy the parent's threads and CUDA
+        self.device = "cpu" if gpu is None else f"GPU {gpu}"
+        self._gpu = gpu
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_replica_main, args=(child, spec, gpu), name=f"warmkv replica ({self.device})", daemon=True
+        )
+        self._process.start()
+        child.close()
+
+    def wait_loaded(self, timeout_s: float = 1800) -> None:
+        self.info: ReplicaInfo = self.answer(timeout_s)
+
+    def start(self, flags: list[str], kv_dir: Path) -> None:
+        """A fresh warmkv server over the loaded model, configured by `warmkv serve` flags; `answer` gives
+        its URL (replicas start side by side)."""
+        device = "cpu" if self._gpu is None else "cuda"  # the one device the process sees
+        self._conn.send(("start", [*flags, "--device", device], str(kv_dir)))
+
+    def stop(self) -> None:
+        """Stop the server (its disk writer flushed); `answer` gives its scheduler and tier counters."""
+        self._conn.send(("stop",))
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send(("exit",))
+            self._process.join(timeout=120)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    def answer(self, timeout_s: float = 600) -> Any:
+        """The reply to the last command; the replica's error raised here."""
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(1.0):
+            if not self._process.is_alive():
+                raise WarmkvError(f"the replica on {self.device} exited (code {self._process.exitcode})")
+            if time.monotonic() > deadline:
+                raise WarmkvError(f"the replica on {self.device} did not answer in {timeout_s:.0f} s")
+        status, value = self._conn.recv()
+        if status == "error":
+            raise WarmkvError(f"the replica on {self.device}: {value}")
+        return value
+
+
+def replica_gpus(device: str, replicas: int) -> list[int | None]:
+    """Replica i on GPU i; on the CPU (--device cpu, or no GPU) all of them. Fewer GPUs than replicas
+    is an error: two replicas on one GPU would measure contention, not scaling."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return [None] * replicas
+    if device not in ("auto", "cuda"):
+        raise WarmkvError(
+            f"--replicas places replica i on cuda:i: pass --device cuda, auto or cpu, not {device}"
+        )
+    count = torch.cuda.device_count()
+    if count < replicas:
+        raise WarmkvError(f"--replicas {replicas} needs {replicas} GPUs; this machine has {count}")
+    return list(range(replicas))
+
+
+def _replica_main(conn: Connection, spec: ModelSpec, gpu: int | None) -> None:
+    if gpu is not None:  # before torch touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    from warmkv.bench.replay import embedded_warmkv
+    from warmkv.engine.config import EngineConfig
+    from warmkv.models.random_init import model_or_shape
+
+    try:
+        config = EngineConfig(device="cpu" if gpu is None else "cuda", dtype=spec.dtype)
+        device = config.torch_device()
+        model = model_or_shape(spec.model, spec.shape, spec.tokenizer, device, config.torch_dtype(device))
+        import torch
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        conn.send(("ok", ReplicaInfo(model.name, str(model.folder), name)))
+    except Exception as err:  # the parent reports it
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    server = None
+    while True:
+        command, *payload = conn.recv()
+        try:
+            if command == "start":
+                server = embedded_warmkv(model, payload[0], Path(payload[1]))
+                conn.send(("ok", server.url))
+            elif command == "stop" and server is not None:
+                counters = engine_counters(server.engine.engine)
+                server.stop()
+                server = None
+                gc.collect()  # the app's reference cycles hold the engine: pinned host tier, GPU pool
+                conn.send(("ok", counters))
+            else:
+                return
+        except Exception as err:  # the parent reports it
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class RouterProcess:
+    """`warmkv router` over the replicas' URLs, on a loopback port."""
+
+    def __init__(self, urls: list[str]) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        replicas = [arg for url in urls for arg in ("--replica", url)]
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "warmkv",
+                "router",
+                *replicas,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ]
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{self.url}/health", timeout=2).raise_for_status()
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self._process.poll() is not None:
+                    self.stop()
+                    raise WarmkvError("`warmkv router` did not start") from None
+                time.sleep(0.2)
+
+    def served(self) -> list[int]:
+        """Requests each replica got, in the order of the URLs."""
+        return [r["served"] for r in httpx.get(f"{self.url}/health", timeout=10).json()["replicas"]]
+
+    def stop(self) -> None:
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+@dataclass(slots=True)
+class Cluster:
+    """The rows of a replicated load run: one replica holding all the memory, then the N replicas each
+    holding 1/N of it, round-robin and routed, each with and without the shared tier."""
+
+    replicas: list[ReplicaProcess]
+    model: str
+    flags: list[str]  # every server's, beside the warmkv policy's and the pool's
+    redis_url: str | None  # the shared tier; None: a local redis-server for the run
+
+    def describe(self, each: Capacities) -> dict[str, Any]:
+        return {
+            "count": len(self.replicas),
+            "devices": [f"{r.device}: {r.info.device_name}" for r in self.replicas],
+            "per_replica_capacities": asdict(each),
+            "shared_tier": self.redis_url or "a local redis-server, emptied before each row",
+        }
+
+    def rows(self, requests: list[TraceRequest], oracle: list[int], shape: LoadShape,
+             each: Capacities) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+        """Each replica with `each`; the first row one replica with all of theirs."""
+        n, flags = len(self.replicas), self._flags(each)
+        store = None if self.redis_url else RedisProcess()
+        shared_url = self.redis_url or store.url  # type: ignore[union-attr]
+        try:
+            if self.replicas[0].info.device_name != "cpu":  # each replica compiles its kernels first
+                turns, no_tool_time = warm_up_turns(requests), replace(shape, tool_time_s=0.0)
+                self._row(self.replicas, flags, turns, [0] * len(turns), no_tool_time, "warm-up", False, None)
+            one = self._row(
+                self.replicas[:1], self._flags(each.times(n)), requests, oracle, shape, "1x", False, None
+            )
+            yield (
+                "1x_all_memory",
+                {"description": f"warmkv on one replica with all {n} replicas' memory"} | one,
+            )
+            for variant in cluster_variants(n):
+                if variant.shared:  # every row starts from an empty shared tier
+                    redis.Redis.from_url(shared_url).flushdb()
+                row = self._row(self.replicas, flags, requests, oracle, shape, variant.name, variant.routed,
+                                shared_url if variant.shared else None)  # fmt: skip
+                yield variant.name, {"description": variant.description} | row
+        finally:
+            if store is not None:
+                store.stop()
+
+    def scaling(self, rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+        """Each row's cached tokens over the oracle's, and each replicated row's throughput over one
+        replica's (the issue's goals: router + shared tier within 5% of one replica's cached/oracle,
+        throughput >= 1.8x on two GPUs)."""
+        one = rows["1x_all_memory"]["requests_per_s"]
+        ratios = {f"cached_of_oracle_{name}": row["cached_tokens"] / max(1, row["oracle_tokens"])
+                  for name, row in rows.items()}  # fmt: skip
+        for name, row in rows.items():
+            if name != "1x_all_memory":
+                ratios[f"throughput_{name}_over_1x"] = row["requests_per_s"] / one if one else 0.0
+        return ratios
+
+    def _flags(self, caps: Capacities) -> list[str]:
+        return [*policies(caps)["warmkv"].flags, "--kv-pool-tokens", str(caps.pool_tokens), *self.flags]
+
+    def _row(self, replicas: list[ReplicaProcess], flags: list[str], requests: list[TraceRequest],
+             oracle: list[int], shape: LoadShape, label: str, routed: bool,
+             shared: str | None) -> dict[str, Any]:  # fmt: skip
+        kv_root = Path(tempfile.mkdtemp(prefix=f"warmkv-load-{label}-"))
+        flags = [*flags, *(["--redis-url", shared] if shared else [])]
+        row: dict[str, Any] = {"flags": flags}
+        started: list[ReplicaProcess] = []
+        router = None
+        try:
+            for index, replica in enumerate(replicas):  # each replica its own disk tier
+                replica.start(flags, kv_root / f"replica-{index}")
+            urls = []
+            for replica in replicas:
+                urls.append(replica.answer())
+                started.append(replica)
+            router = RouterProcess(urls) if routed else None
+            clients = [OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
+                       for url in ([router.url] if router else urls)]  # fmt: skip
+            row |= measure_load(clients, self.model, requests, oracle, shape, label)
+            if router is not None:
+                row["served_per_replica"] = router.served()
+        finally:
+            if router is not None:
+                router.stop()
+            for replica in started:
+                replica.stop()
+            counters = [replica.answer() for replica in started]
+            shutil.rmtree(kv_root, ignore_errors=True)
+        return row | _summed(counters) | {"per_replica": counters}
+
+
+def _summed(counters: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replicas' scheduler counters added up, and per tier their blocks written and evicted."""
+    total: dict[str, Any] = {name: sum(c[name] for c in counters) for name in SCHEDULER_METRICS}
+    tiers: dict[str, dict[str, int]] = {}
+    for replica in counters:
+        for tier, stats in replica.get("tiers", {}).items():
+            for name, value in stats.items():
+                tiers.setdefault(tier, {}).setdefault(name, 0)
+                tiers[tier][name] += value
+    return total | ({"tiers": tiers} if tiers else {})
