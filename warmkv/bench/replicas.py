@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
@@ -137,7 +138,7 @@ def _replica_main(conn: Connection, spec: ModelSpec, gpu: int | None) -> None:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         conn.send(("ok", ReplicaInfo(model.name, str(model.folder), name)))
     except Exception as err:  # the parent reports it
-        conn.send(("error", f"{type(err).__name__}: {err}"))
+        conn.send(("error", _failure(err)))
         return
     server = None
     while True:
@@ -155,7 +156,13 @@ def _replica_main(conn: Connection, spec: ModelSpec, gpu: int | None) -> None:
             else:
                 return
         except Exception as err:  # the parent reports it
-            conn.send(("error", f"{type(err).__name__}: {err}"))
+            conn.send(("error", _failure(err)))
+
+
+def _failure(err: Exception) -> str:
+    """What the parent says of a replica's error: the error, and where in the replica it was raised."""
+    where = traceback.extract_tb(err.__traceback__)[-8:]
+    return f"{type(err).__name__}: {err} (at {'; '.join(f'{f.filename}:{f.lineno} {f.name}' for f in where)})"
 
 
 class RouterProcess:

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from warmkv.engine.llm_engine import LLMEngine, StepOutput
+from warmkv.engine.llm_engine import LLMEngine, StepOutput, work_on
 from warmkv.engine.sampling import SamplingParams
 from warmkv.engine.sequence import Sequence
 from warmkv.errors import EngineFailure, EngineStopped, QueueFull, WarmkvError
@@ -129,6 +129,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            work_on(self.engine.model.device)
             self._loop()
         except BaseException as err:  # whatever it is, it must not leave requests hanging
             self._die(err)

@@ -65,10 +65,19 @@ class SchedulerStats:
     failed_sequences: int = 0  # sequences failed on their own (the others went on)
 
 
+def work_on(device: torch.device) -> None:
+    """Make `device` this thread's current GPU. CUDA's current device is per host thread, and what PyTorch
+    does not place by its tensors' device (Triton launches, new streams, CUDA graph capture) goes to it:
+    without this an engine on cuda:1 would launch its kernels on GPU 0."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 class LLMEngine:
     def __init__(self, model: LoadedModel, config: EngineConfig) -> None:
         self.model = model
         self.config = config
+        work_on(model.device)  # the pool, the streams and the CUDA graphs are made on this thread
         cfg = model.config
         kv_heads, kv_dim, kv_sides = cfg.kv_cache_layout
         per_token = KVPool.bytes_per_token(cfg.num_layers, kv_heads, kv_dim, model.dtype, kv_sides)
