@@ -79,6 +79,16 @@ def test_plan_inputs_start_16_byte_aligned_whatever_the_batch(seqs: int) -> None
     assert batch.context_lens.tolist() == [10] * seqs and batch.block_table[-1].tolist() == [7] * seqs
 
 
+def test_a_plan_is_read_from_the_device_it_was_made_for() -> None:
+    """Every input the kernel reads comes from the one copy to the device. Parts left in host memory fail
+    the launch on a GPU that cannot read pageable memory ("cannot be accessed from Triton"), and are read
+    over the bus on one that can. The meta device tells them apart on a CPU."""
+    batch = kernel.plan([3, 1], [10, 20], [[0, 1], [2]], BLOCK_SIZE, 4, 2, torch.device("meta"))
+    parts = (batch.block_table, batch.context_lens, batch.query_starts, batch.tile_seqs, batch.tile_starts)
+    assert [part.device.type for part in parts] == ["meta"] * 5
+    assert [tuple(part.shape) for part in parts] == [(2, 2), (2,), (3,), (2,), (2,)]
+
+
 def test_decode_batch_of_sequences_with_different_contexts() -> None:
     run_case([1, 1, 1], [5, 70, 33], heads=4, kv_heads=2, head_dim=16)
 

@@ -111,11 +111,10 @@ def plan(
     # one copy to the device for all five (each copy from pageable memory holds the host up)
     sizes = [t.numel() for t in host]
     flat = torch.zeros(sum(aligned(size) for size in sizes), dtype=torch.int32)
-    flat_parts = split_aligned(flat, sizes)
-    for part, values in zip(flat_parts, host, strict=True):
+    for part, values in zip(split_aligned(flat, sizes), host, strict=True):
         part.copy_(values.flatten())
-    flat = flat.to(device, non_blocking=True)
-    parts = [part.view(t.shape) for part, t in zip(flat_parts, host, strict=True)]
+    on_device = split_aligned(flat.to(device, non_blocking=True), sizes)  # the kernel reads these, not `flat`
+    parts = [part.view(t.shape) for part, t in zip(on_device, host, strict=True)]
     splits = num_splits(len(tile_seqs), num_kv_heads, max(context_lens), device)
     return PagedBatch(*parts, block_size, per_tile, splits)
 
