@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,16 +49,7 @@ def run(args: argparse.Namespace) -> None:
     requests = multiply_sessions(requests_from(args), args.copies)
     with ExitStack() as stack:
         replicas = _start_replicas(args, stack) if args.replicas > 1 else []
-        if replicas:  # the weights load in the replicas; the oracle needs the tokenizer alone
-            model, info = None, replicas[0].info
-            tokenizer, model_label, device_label = (
-                load_tokenizer(Path(info.folder)),
-                info.model_name,
-                info.device_name,
-            )
-        else:
-            tokenizer, _, model, device_label = model_and_tokenizer(args)
-            model_label = model.name
+        model, tokenizer, model_label, device_label = _model(args, replicas)
         prompts = [prompt_ids(tokenizer, tokenizer.chat_template, r) for r in requests]
         oracle = oracle_hits(prompts)
         working_set = _working_set(requests, prompts, args.reply_tokens)
@@ -104,17 +96,8 @@ def run(args: argparse.Namespace) -> None:
             result["scaling"] = cluster.scaling(rows)
             write_json(result, json_path)
         else:
-            assert model is not None
-            for index, (name, policy) in enumerate(_load_policies(args, caps).items()):
-                flags = [*policy.flags, "--kv-pool-tokens", str(caps.pool_tokens), "--device", args.device,
-                         *_common_flags(args)]  # fmt: skip
-                if index == 0 and model.device.type == "cuda":  # see warm_up_turns
-                    turns = warm_up_turns(requests)
-                    _run_embedded(
-                        model, flags, turns, [0] * len(turns), replace(shape, tool_time_s=0), "warm-up"
-                    )
-                rows[name] = {"description": policy.description, "flags": flags}
-                rows[name] |= _run_embedded(model, flags, requests, oracle, shape, name)
+            for name, row in _policy_rows(args, model, caps, requests, oracle, shape):
+                rows[name] = row
                 write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
             for name in peers:
                 rows[name] = _run_peer(name, args, model, requests, shape, sessions, working_set)
@@ -128,6 +111,29 @@ def run(args: argparse.Namespace) -> None:
         print("\n".join(f"{name}: {value:.3f}" for name, value in result["scaling"].items()))
     picture = plot(rows, stem)
     print("wrote", json_path, *([picture] if picture else ["(no plot: install matplotlib)"]))
+
+
+def _model(args: argparse.Namespace, replicas: list[ReplicaProcess]) -> tuple[Any, Any, str, str]:
+    """The model loaded here (None with replicas: the weights load in them, and the oracle needs the
+    tokenizer alone), its tokenizer, its name and the device's."""
+    if replicas:
+        info = replicas[0].info
+        return None, load_tokenizer(Path(info.folder)), info.model_name, info.device_name
+    tokenizer, _, model, device_label = model_and_tokenizer(args)
+    return model, tokenizer, model.name, device_label
+
+
+def _policy_rows(args: argparse.Namespace, model: Any, caps: Capacities, requests: list[TraceRequest],
+                 oracle: list[int], shape: LoadShape) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """The --policies, each on a fresh embedded server over the model loaded here."""
+    for index, (name, policy) in enumerate(_load_policies(args, caps).items()):
+        flags = [*policy.flags, "--kv-pool-tokens", str(caps.pool_tokens), "--device", args.device,
+                 *_common_flags(args)]  # fmt: skip
+        if index == 0 and model.device.type == "cuda":  # see warm_up_turns
+            turns = warm_up_turns(requests)
+            _run_embedded(model, flags, turns, [0] * len(turns), replace(shape, tool_time_s=0), "warm-up")
+        row = _run_embedded(model, flags, requests, oracle, shape, name)
+        yield name, {"description": policy.description, "flags": flags} | row
 
 
 def _common_flags(args: argparse.Namespace) -> list[str]:
