@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from tests.bench import fake_peer
 from warmkv.bench import run_load
-from warmkv.bench.load import multiply_sessions, warm_up_turns
+from warmkv.bench.load import LoadShape, multiply_sessions, warm_up_turns
+from warmkv.bench.load import run_load as run_sessions
 from warmkv.bench.oracle import oracle_hits
 from warmkv.bench.peer_tokens import Dialect
 from warmkv.bench.peers import llama_server_binary, vllm_python
@@ -122,18 +128,63 @@ def test_load_on_replicas_each_in_its_own_process_routed_and_sharing_a_tier(
     assert rows["2x_round_robin_shared"]["tiers"]["remote"]["writes"] > 0
     assert "remote" not in rows["2x_round_robin"]["tiers"]
     scaling = result["scaling"]
-    assert scaling["cached_of_oracle_2x_router_shared"] == cached["2x_router_shared"] / (
-        rows["2x_router_shared"]["oracle_tokens"]
+    assert (
+        scaling["cached_of_oracle_2x_router_shared"]
+        == cached["2x_router_shared"] / (rows["2x_router_shared"]["oracle_tokens"])
     )
     assert scaling["throughput_2x_router_shared_over_1x"] > 0
+
+
+class TimedServer:
+    """A stand-in for an OpenAI client: each streamed request takes 20 ms, and the server notes how many
+    sessions were inside a request at any one time."""
+
+    def __init__(self) -> None:
+        self.inside: set[str] = set()
+        self.most = 0
+        self.lock = threading.Lock()
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
+
+    def create(self, messages: list[dict], **_: object) -> Iterator[ChatCompletionChunk]:
+        session = messages[1]["content"]
+        with self.lock:
+            self.inside.add(session)
+            self.most = max(self.most, len(self.inside))
+        time.sleep(0.02)
+        with self.lock:
+            self.inside.discard(session)
+        yield ChatCompletionChunk.model_validate({
+            "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+        })  # fmt: skip
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 0])
+def test_load_runs_at_most_concurrency_sessions_at_once_each_end_starting_the_next(
+    tmp_path: Path, concurrency: int
+) -> None:
+    """As users working through more conversations than there are users: a session's end frees its place
+    for the next, and every request still runs once, in its session's order."""
+    requests = multiply_sessions(load_trace(small_trace(tmp_path / "trace.jsonl")), 3)  # 12 sessions
+    server = TimedServer()
+    results, wall = run_sessions([server], "m", requests, LoadShape(tool_time_s=0, concurrency=concurrency))
+    assert server.most == (concurrency or 12)
+    assert [(r.session, r.turn) for r in results] == [
+        (request.session, turn) for request, turn in zip(requests, [0, 1, 2] * 12, strict=True)
+    ]
+    assert all(r.status == "200" for r in results)
+    assert wall >= 36 * 0.02 / (concurrency or 12)
 
 
 def test_load_refuses_replicas_it_cannot_place_or_measure(tmp_path: Path) -> None:
     trace = small_trace(tmp_path / "trace.jsonl")
     with pytest.raises(SystemExit, match="--replicas"):
         main(["bench", "load", str(trace), "--replicas", "2", "--url", "http://127.0.0.1:9/v1"])
-    with pytest.raises(SystemExit, match="--policies"):
-        main(["bench", "load", str(trace), "--replicas", "2", "--policies", "warmkv"])
+    with pytest.raises(SystemExit, match="--policies with --replicas names rows: unknown warmkv"):
+        main(["bench", "load", str(trace), "--replicas", "2", "--policies", "2x_router,warmkv"])
+    with pytest.raises(SystemExit, match="--concurrency must not be negative"):
+        main(["bench", "load", str(trace), "--concurrency", "-1"])
     with pytest.raises(SystemExit, match="--redis-url"):
         main(["bench", "load", str(trace), "--redis-url", "redis://127.0.0.1:9/0"])
     with pytest.raises(SystemExit, match="--replicas must be at least 1"):

@@ -38,6 +38,7 @@ class LoadShape:
     tool_time_s: float = 2.0  # mean of the exponential idle time before each request of a session
     reply_tokens: int = 32  # every request generates exactly this many tokens (ignore_eos)
     seed: int = 0
+    concurrency: int = 0  # sessions running at once, each one's end starting the next; 0: all of them
 
 
 @dataclass(slots=True)
@@ -77,7 +78,8 @@ def by_session(requests: list[TraceRequest]) -> dict[str, list[TraceRequest]]:
 
 def run_load(clients: list[OpenAI], model: str, requests: list[TraceRequest], shape: LoadShape,
              progress: Callable[[], None] = lambda: None) -> tuple[list[RequestResult], float]:  # fmt: skip
-    """Replay every session at once; the per-request results in trace order, and the run's wall time.
+    """Replay the sessions, all at once or `shape.concurrency` at a time (as many users, each starting the
+    next conversation when theirs ends); the per-request results in trace order, and the run's wall time.
     Requests go to the clients in turn (round-robin over several servers); one client, one server."""
     sessions = by_session(requests)
     turns_sent = itertools.count()
@@ -96,7 +98,7 @@ def run_load(clients: list[OpenAI], model: str, requests: list[TraceRequest], sh
                 progress()
         return results
 
-    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
+    with ThreadPoolExecutor(max_workers=min(shape.concurrency or len(sessions), len(sessions))) as pool:
         per_session = dict(zip(sessions, pool.map(run_session, sessions), strict=True))
     wall = time.perf_counter() - started
     turns = Counter[str]()
@@ -149,12 +151,13 @@ def measure_load(clients: list[OpenAI], model: str, requests: list[TraceRequest]
 
 
 def warm_up_turns(requests: list[TraceRequest]) -> list[TraceRequest]:
-    """Every session once more, to run on a throwaway server, without tool time, before anything is measured:
-    the Triton kernels compile for the shapes the load takes (seconds each), which would otherwise be paid by
-    whichever policy runs first. (With only each session's first two turns, the policy measured first still
-    paid: with ample memory warmkv measured 13% slower mean TTFT than the GPU tier alone when it ran first,
-    15% faster when it ran second.) Their first message is marked, so the kernels see the lengths of the
-    load, not its text, and the measured rows find none of it cached."""
+    """The trace's sessions (one copy of each) once more, to run on a throwaway server, without tool time,
+    before anything is measured: the Triton kernels compile for the shapes the load takes (seconds each),
+    which would otherwise be paid by whichever policy runs first. (With only each session's first two
+    turns, the policy measured first still paid: with ample memory warmkv measured 13% slower mean TTFT
+    than the GPU tier alone when it ran first, 15% faster when it ran second.) Their first message is
+    marked, so the kernels see the lengths of the load, not its text, and the measured rows find none of
+    it cached."""
     turns = []
     for name, session in by_session(requests).items():
         for request in session:

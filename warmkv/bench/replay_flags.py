@@ -66,9 +66,14 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--reply-tokens", type=int, default=32, help="tokens generated per request")
     parser.add_argument(
+        "--concurrency", type=int, default=0, help="sessions at once, each one's end starting the next "
+        "(users working through more conversations); default: every session at once",
+    )  # fmt: skip
+    parser.add_argument(
         "--policies",
         default=",".join(DEFAULT_LOAD_POLICIES),
-        help="comma-separated warmkv policies of `bench replay`",
+        help="comma-separated warmkv policies of `bench replay`; with --replicas N the rows, in order "
+        "(default all): 1x_all_memory, Nx_round_robin, Nx_round_robin_shared, Nx_router, Nx_router_shared",
     )
     parser.add_argument(
         "--pool-tokens",

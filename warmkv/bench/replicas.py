@@ -29,7 +29,7 @@ import httpx
 import redis
 from openai import OpenAI
 
-from warmkv.bench.load import SCHEDULER_METRICS, LoadShape, engine_counters, measure_load, warm_up_turns
+from warmkv.bench.load import SCHEDULER_METRICS, LoadShape, engine_counters, measure_load
 from warmkv.bench.policies import Capacities, cluster_variants, policies
 from warmkv.bench.redis_process import RedisProcess
 from warmkv.bench.trace import TraceRequest
@@ -209,6 +209,14 @@ class RouterProcess:
             self._process.wait()
 
 
+ONE_REPLICA = "1x_all_memory"  # the row of one replica with the memory of all of them
+
+
+def row_names(replicas: int) -> list[str]:
+    """The rows of `bench load --replicas N`, in their default order."""
+    return [ONE_REPLICA, *(variant.name for variant in cluster_variants(replicas))]
+
+
 @dataclass(slots=True)
 class Cluster:
     """The rows of a replicated load run: one replica holding all the memory, then the N replicas each
@@ -227,29 +235,32 @@ class Cluster:
             "shared_tier": self.redis_url or "a local redis-server, emptied before each row",
         }
 
-    def rows(self, requests: list[TraceRequest], oracle: list[int], shape: LoadShape,
-             each: Capacities) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
-        """Each replica with `each`; the first row one replica with all of theirs."""
+    def rows(self, names: list[str], requests: list[TraceRequest], oracle: list[int], shape: LoadShape,
+             each: Capacities,
+             warm_up: list[TraceRequest]) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+        """The rows named (see row_names), in that order: each replica with `each`, or one replica with
+        all of theirs. On GPUs the warm-up turns run first, round-robin, so that every replica compiles
+        its kernels (see warm_up_turns)."""
         n, flags = len(self.replicas), self._flags(each)
+        variants = {variant.name: variant for variant in cluster_variants(n)}
         store = None if self.redis_url else RedisProcess()
         shared_url = self.redis_url or store.url  # type: ignore[union-attr]
         try:
-            if self.replicas[0].info.device_name != "cpu":  # each replica compiles its kernels first
-                turns, no_tool_time = warm_up_turns(requests), replace(shape, tool_time_s=0.0)
-                self._row(self.replicas, flags, turns, [0] * len(turns), no_tool_time, "warm-up", False, None)
-            one = self._row(
-                self.replicas[:1], self._flags(each.times(n)), requests, oracle, shape, "1x", False, None
-            )
-            yield (
-                "1x_all_memory",
-                {"description": f"warmkv on one replica with all {n} replicas' memory"} | one,
-            )
-            for variant in cluster_variants(n):
+            if self.replicas[0].info.device_name != "cpu":
+                no_wait = replace(shape, tool_time_s=0.0, concurrency=0)
+                self._row(self.replicas, flags, warm_up, [0] * len(warm_up), no_wait, "warm-up", False, None)
+            for name in names:
+                if name == ONE_REPLICA:
+                    row = self._row(self.replicas[:1], self._flags(each.times(n)), requests, oracle, shape,
+                                    name, False, None)  # fmt: skip
+                    yield name, {"description": f"warmkv on one replica with all {n} replicas' memory"} | row
+                    continue
+                variant = variants[name]
                 if variant.shared:  # every row starts from an empty shared tier
                     redis.Redis.from_url(shared_url).flushdb()
-                row = self._row(self.replicas, flags, requests, oracle, shape, variant.name, variant.routed,
+                row = self._row(self.replicas, flags, requests, oracle, shape, name, variant.routed,
                                 shared_url if variant.shared else None)  # fmt: skip
-                yield variant.name, {"description": variant.description} | row
+                yield name, {"description": variant.description} | row
         finally:
             if store is not None:
                 store.stop()
@@ -258,12 +269,12 @@ class Cluster:
         """Each row's cached tokens over the oracle's, and each replicated row's throughput over one
         replica's (the issue's goals: router + shared tier within 5% of one replica's cached/oracle,
         throughput >= 1.8x on two GPUs)."""
-        one = rows["1x_all_memory"]["requests_per_s"]
+        one = rows[ONE_REPLICA]["requests_per_s"] if ONE_REPLICA in rows else 0.0
         ratios = {f"cached_of_oracle_{name}": row["cached_tokens"] / max(1, row["oracle_tokens"])
                   for name, row in rows.items()}  # fmt: skip
         for name, row in rows.items():
-            if name != "1x_all_memory":
-                ratios[f"throughput_{name}_over_1x"] = row["requests_per_s"] / one if one else 0.0
+            if name != ONE_REPLICA and one:
+                ratios[f"throughput_{name}_over_1x"] = row["requests_per_s"] / one
         return ratios
 
     def _flags(self, caps: Capacities) -> list[str]:

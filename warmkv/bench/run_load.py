@@ -36,30 +36,33 @@ from warmkv.bench.peers import gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, policies
 from warmkv.bench.replay import embedded_warmkv, free_gpu_for_peer
 from warmkv.bench.replay_flags import DEFAULT_LOAD_POLICIES
-from warmkv.bench.replicas import Cluster, ModelSpec, ReplicaProcess, replica_gpus
+from warmkv.bench.replicas import Cluster, ModelSpec, ReplicaProcess, replica_gpus, row_names
 from warmkv.bench.results import write_json
 from warmkv.bench.run_replay import BLOCK, first_model, model_and_tokenizer, prompt_ids, requests_from, slug
 from warmkv.bench.trace import TraceRequest
 from warmkv.errors import WarmkvError
 from warmkv.models.loader import load_tokenizer
 
+DEFAULT_POLICIES = ",".join(DEFAULT_LOAD_POLICIES)
+
 
 def run(args: argparse.Namespace) -> None:
     peers = _check(args)
-    requests = multiply_sessions(requests_from(args), args.copies)
+    base = requests_from(args)
+    requests = multiply_sessions(base, args.copies)
     with ExitStack() as stack:
         replicas = _start_replicas(args, stack) if args.replicas > 1 else []
         model, tokenizer, model_label, device_label = _model(args, replicas)
         prompts = [prompt_ids(tokenizer, tokenizer.chat_template, r) for r in requests]
         oracle = oracle_hits(prompts)
-        working_set = _working_set(requests, prompts, args.reply_tokens)
+        working_set = _working_set(requests, prompts, args.reply_tokens, args.concurrency)
         each = _capacities(args, prompts, working_set, max(1, len(replicas)))
         caps = each.times(args.replicas)  # one server's, or one replica's with all the replicas' memory
         sessions = len(by_session(requests))
         workload = f"{sessions}-sessions" + (f"-{len(replicas)}-replicas" if replicas else "")
         stem = Path(args.out) / (args.name or slug(f"load-{device_label}-{model_label}-{workload}"))
         json_path = stem.with_name(f"{stem.name}.json")
-        shape = LoadShape(args.tool_time, args.reply_tokens, args.seed)
+        shape = LoadShape(args.tool_time, args.reply_tokens, args.seed, args.concurrency or sessions)
         rows: dict[str, dict[str, Any]] = {}
         result: dict[str, Any] = {
             "device": device_label,
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> None:
                 "copies": args.copies,
                 "sessions": sessions,
                 "requests": len(requests),
+                "concurrency": args.concurrency or sessions,
                 "tool_time_s": args.tool_time,
                 "reply_tokens": args.reply_tokens,
             },
@@ -90,13 +94,16 @@ def run(args: argparse.Namespace) -> None:
         elif replicas:
             cluster = Cluster(replicas, model_label, _common_flags(args), args.redis_url)
             result["replicas"] = cluster.describe(each)
-            for name, row in cluster.rows(requests, oracle, shape, each):
+            names = (
+                row_names(args.replicas) if args.policies == DEFAULT_POLICIES else args.policies.split(",")
+            )
+            for name, row in cluster.rows(names, requests, oracle, shape, each, warm_up_turns(base)):
                 rows[name] = row
                 write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
             result["scaling"] = cluster.scaling(rows)
             write_json(result, json_path)
         else:
-            for name, row in _policy_rows(args, model, caps, requests, oracle, shape):
+            for name, row in _policy_rows(args, model, caps, requests, oracle, shape, warm_up_turns(base)):
                 rows[name] = row
                 write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
             for name in peers:
@@ -124,14 +131,16 @@ def _model(args: argparse.Namespace, replicas: list[ReplicaProcess]) -> tuple[An
 
 
 def _policy_rows(args: argparse.Namespace, model: Any, caps: Capacities, requests: list[TraceRequest],
-                 oracle: list[int], shape: LoadShape) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
-    """The --policies, each on a fresh embedded server over the model loaded here."""
+                 oracle: list[int], shape: LoadShape,
+                 warm_up: list[TraceRequest]) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+    """The --policies, each on a fresh embedded server over the model loaded here; on a GPU the warm-up
+    turns first (see warm_up_turns)."""
     for index, (name, policy) in enumerate(_load_policies(args, caps).items()):
         flags = [*policy.flags, "--kv-pool-tokens", str(caps.pool_tokens), "--device", args.device,
                  *_common_flags(args)]  # fmt: skip
-        if index == 0 and model.device.type == "cuda":  # see warm_up_turns
-            turns = warm_up_turns(requests)
-            _run_embedded(model, flags, turns, [0] * len(turns), replace(shape, tool_time_s=0), "warm-up")
+        if index == 0 and model.device.type == "cuda":
+            no_wait = replace(shape, tool_time_s=0.0, concurrency=0)
+            _run_embedded(model, flags, warm_up, [0] * len(warm_up), no_wait, "warm-up")
         row = _run_embedded(model, flags, requests, oracle, shape, name)
         yield name, {"description": policy.description, "flags": flags} | row
 
@@ -155,6 +164,8 @@ def _start_replicas(args: argparse.Namespace, stack: ExitStack) -> list[ReplicaP
 
 def _check(args: argparse.Namespace) -> list[str]:
     """The flags checked before a model loads; the --peer names."""
+    if args.concurrency < 0:
+        raise WarmkvError(f"--concurrency must not be negative, got {args.concurrency}")
     for flag in ("copies", "reply_tokens", "max_num_seqs", "replicas"):
         if getattr(args, flag) < 1:
             raise WarmkvError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -162,8 +173,11 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise WarmkvError(f"--tool-time must not be negative, got {args.tool_time}")
     if args.replicas > 1 and (args.url or args.peer):
         raise WarmkvError("--replicas runs warmkv's own replicas: not with --url or --peer")
-    if args.replicas > 1 and args.policies != ",".join(DEFAULT_LOAD_POLICIES):
-        raise WarmkvError("--replicas measures the warmkv policy on 1 and N replicas: not with --policies")
+    unknown = set(args.policies.split(",")) - set(row_names(args.replicas))
+    if args.replicas > 1 and args.policies != DEFAULT_POLICIES and unknown:
+        known = ", ".join(row_names(args.replicas))
+        raise WarmkvError(f"--policies with --replicas names rows: unknown {', '.join(sorted(unknown))}; "
+                          f"choose from {known}")  # fmt: skip
     if args.redis_url and args.replicas == 1:
         raise WarmkvError("--redis-url is the shared tier of --replicas N (N > 1)")
     missing = [path for path in args.traces if not Path(path).is_file()]
@@ -172,12 +186,14 @@ def _check(args: argparse.Namespace) -> list[str]:
     return peer_names(args.peer, args.url, args.shape)
 
 
-def _working_set(requests: list[TraceRequest], prompts: list[list[int]], reply_tokens: int) -> int:
-    """KV of every session at its longest, all held at once: what the pool would need to keep them all."""
+def _working_set(requests: list[TraceRequest], prompts: list[list[int]], reply_tokens: int,
+                 concurrency: int) -> int:  # fmt: skip
+    """KV of the sessions that can run at once (all, or the `concurrency` largest) at their longest, all
+    held at once: what the pool would need to keep them all."""
     longest: dict[str, int] = {}
     for request, prompt in zip(requests, prompts, strict=True):
         longest[request.session] = max(longest.get(request.session, 0), len(prompt) + reply_tokens)
-    return sum(longest.values())
+    return sum(sorted(longest.values(), reverse=True)[: concurrency or None])
 
 
 def _capacities(
