@@ -197,7 +197,9 @@ class StepGraphs:
                 self._step(inputs, shape)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory), torch.inference_mode():
+        # captured on a stream of this device: torch's default capture stream is one per process, made on
+        # whichever GPU was current first, and entering it would move the capture (and Triton) there
+        with torch.cuda.graph(graph, pool=self._memory, stream=side), torch.inference_mode():
             logits = self._step(inputs, shape)
         self._graphs[shape] = captured = _Captured(graph, staging, host, inputs, logits)
         return captured
