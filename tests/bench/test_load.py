@@ -7,16 +7,14 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
+import httpx
 import pytest
-from openai.types.chat import ChatCompletionChunk
 
 from tests.bench import fake_peer
 from warmkv.bench import run_load
-from warmkv.bench.load import LoadShape, multiply_sessions, warm_up_turns
+from warmkv.bench.load import Endpoint, LoadShape, multiply_sessions, warm_up_turns
 from warmkv.bench.load import run_load as run_sessions
 from warmkv.bench.oracle import oracle_hits
 from warmkv.bench.peer_tokens import Dialect
@@ -135,29 +133,28 @@ def test_load_on_replicas_each_in_its_own_process_routed_and_sharing_a_tier(
     assert scaling["throughput_2x_router_shared_over_1x"] > 0
 
 
-class TimedServer:
-    """A stand-in for an OpenAI client: each streamed request takes 20 ms, and the server notes how many
-    sessions were inside a request at any one time."""
+class TimedServer(httpx.BaseTransport):
+    """A stand-in server behind the client's transport: each streamed request takes 20 ms and answers in
+    server-sent events; it notes how many sessions were inside a request at any one time."""
 
     def __init__(self) -> None:
         self.inside: set[str] = set()
         self.most = 0
         self.lock = threading.Lock()
-        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self.create))
 
-    def create(self, messages: list[dict], **_: object) -> Iterator[ChatCompletionChunk]:
-        session = messages[1]["content"]
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        session = json.loads(request.content)["messages"][1]["content"]
         with self.lock:
             self.inside.add(session)
             self.most = max(self.most, len(self.inside))
         time.sleep(0.02)
         with self.lock:
             self.inside.discard(session)
-        yield ChatCompletionChunk.model_validate({
-            "id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
-            "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-        })  # fmt: skip
+        events = [{"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "length"}]},
+                  {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11,
+                                            "prompt_tokens_details": {"cached_tokens": 4}}}]  # fmt: skip
+        body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
 
 
 @pytest.mark.parametrize("concurrency", [1, 3, 0])
@@ -168,13 +165,32 @@ def test_load_runs_at_most_concurrency_sessions_at_once_each_end_starting_the_ne
     for the next, and every request still runs once, in its session's order."""
     requests = multiply_sessions(load_trace(small_trace(tmp_path / "trace.jsonl")), 3)  # 12 sessions
     server = TimedServer()
-    results, wall = run_sessions([server], "m", requests, LoadShape(tool_time_s=0, concurrency=concurrency))
+    shape = LoadShape(tool_time_s=0, concurrency=concurrency)
+    run = run_sessions([Endpoint("http://server/v1")], "m", requests, shape, transport=server)
     assert server.most == (concurrency or 12)
-    assert [(r.session, r.turn) for r in results] == [
+    assert [(r.session, r.turn) for r in run.results] == [
         (request.session, turn) for request, turn in zip(requests, [0, 1, 2] * 12, strict=True)
     ]
-    assert all(r.status == "200" for r in results)
-    assert wall >= 36 * 0.02 / (concurrency or 12)
+    assert all(r.status == "200" and (r.cached_tokens, r.completion_tokens) == (4, 1) for r in run.results)
+    assert all(r.ttft_s is not None for r in run.results)
+    assert run.wall_s >= 36 * 0.02 / (concurrency or 12) and run.process_cpu_s > 0
+
+
+def test_a_failed_request_is_its_rows_error_with_the_servers_message(tmp_path: Path) -> None:
+    requests = load_trace(small_trace(tmp_path / "trace.jsonl"))[:2]
+    refusing = httpx.MockTransport(
+        lambda request: httpx.Response(400, json={"error": {"message": "prompt too long", "type": "x"}})
+    )
+    run = run_sessions(
+        [Endpoint("http://server/v1")], "m", requests, LoadShape(tool_time_s=0), transport=refusing
+    )
+    assert [(r.status, r.error) for r in run.results] == [("400", "prompt too long")] * 2
+    stream_error = httpx.MockTransport(lambda request: httpx.Response(
+        200, content=b'data: {"error": {"message": "engine stopped"}}\n\n'))  # fmt: skip
+    run = run_sessions(
+        [Endpoint("http://server/v1")], "m", requests, LoadShape(tool_time_s=0), transport=stream_error
+    )
+    assert [(r.status, r.error) for r in run.results] == [("stream_error", "engine stopped")] * 2
 
 
 def test_load_refuses_replicas_it_cannot_place_or_measure(tmp_path: Path) -> None:

@@ -9,18 +9,18 @@ a copy mark), so the same trace can put any number of sessions at once on the se
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import statistics
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-import openai
-from openai import OpenAI
+import httpx
 from tqdm import tqdm
 
 from warmkv.bench.peer_tokens import cached_tokens
@@ -39,6 +39,23 @@ class LoadShape:
     reply_tokens: int = 32  # every request generates exactly this many tokens (ignore_eos)
     seed: int = 0
     concurrency: int = 0  # sessions running at once, each one's end starting the next; 0: all of them
+
+
+@dataclass(slots=True, frozen=True)
+class Endpoint:
+    """An OpenAI-compatible server the load goes to."""
+
+    base_url: str  # ending in /v1
+    api_key: str = "unused"
+
+
+@dataclass(slots=True)
+class LoadRun:
+    results: list[RequestResult]  # in trace order
+    wall_s: float
+    process_cpu_s: (
+        float  # this process's CPU time during the run: the client's, and the server's when embedded
+    )
 
 
 @dataclass(slots=True)
@@ -76,14 +93,17 @@ def by_session(requests: list[TraceRequest]) -> dict[str, list[TraceRequest]]:
     return sessions
 
 
-def run_load(clients: list[OpenAI], model: str, requests: list[TraceRequest], shape: LoadShape,
-             progress: Callable[[], None] = lambda: None) -> tuple[list[RequestResult], float]:  # fmt: skip
+def run_load(endpoints: list[Endpoint], model: str, requests: list[TraceRequest], shape: LoadShape,
+             progress: Callable[[], None] = lambda: None,
+             transport: httpx.BaseTransport | None = None) -> LoadRun:  # fmt: skip
     """Replay the sessions, all at once or `shape.concurrency` at a time (as many users, each starting the
-    next conversation when theirs ends); the per-request results in trace order, and the run's wall time.
-    Requests go to the clients in turn (round-robin over several servers); one client, one server."""
+    next conversation when theirs ends). Requests go to the endpoints in turn (round-robin over several
+    servers); one endpoint, one server."""
     sessions = by_session(requests)
     turns_sent = itertools.count()
-    started = time.perf_counter()
+    http = httpx.Client(timeout=httpx.Timeout(3600, connect=10), limits=httpx.Limits(max_connections=None),
+                        transport=transport)  # fmt: skip
+    cpu, started = time.process_time(), time.perf_counter()
     seeds = random.Random(shape.seed)
     rngs = {name: random.Random(seeds.random()) for name in sessions}
     lock = threading.Lock()
@@ -92,62 +112,89 @@ def run_load(clients: list[OpenAI], model: str, requests: list[TraceRequest], sh
         results = []
         for turn, request in enumerate(sessions[name]):
             time.sleep(rngs[name].expovariate(1 / shape.tool_time_s) if shape.tool_time_s > 0 else 0)
-            client = clients[next(turns_sent) % len(clients)]
-            results.append(_send(client, model, request, turn, shape.reply_tokens, started))
+            endpoint = endpoints[next(turns_sent) % len(endpoints)]
+            results.append(_send(http, endpoint, model, request, turn, shape.reply_tokens, started))
             with lock:
                 progress()
         return results
 
-    with ThreadPoolExecutor(max_workers=min(shape.concurrency or len(sessions), len(sessions))) as pool:
+    with http, ThreadPoolExecutor(max_workers=min(shape.concurrency or len(sessions), len(sessions))) as pool:
         per_session = dict(zip(sessions, pool.map(run_session, sessions), strict=True))
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     turns = Counter[str]()
     ordered = []
     for request in requests:  # back in trace order, to pair with the oracle
         ordered.append(per_session[request.session][turns[request.session]])
         turns[request.session] += 1
-    return ordered, wall
+    return LoadRun(ordered, wall, cpu)
 
 
-def _send(client: OpenAI, model: str, request: TraceRequest, turn: int, reply_tokens: int,
-          run_started: float) -> RequestResult:  # fmt: skip
+def _send(http: httpx.Client, endpoint: Endpoint, model: str, request: TraceRequest, turn: int,
+          reply_tokens: int, run_started: float) -> RequestResult:  # fmt: skip
+    """One streamed chat completion. Plain HTTP and JSON rather than the OpenAI SDK: the SDK's request
+    transform and typed chunks cost about 10 ms of this process's CPU per tau-bench request (on this
+    project's CPU), which a hundred sessions in one process would turn into client-side queueing."""
     result = RequestResult(request.session, turn, "200", started_s=time.perf_counter() - run_started)
-    options = {"tools": request.tools} if request.tools else {}
+    body = {"model": model, "messages": request.messages, "max_tokens": reply_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+            **({"tools": request.tools} if request.tools else {})}  # fmt: skip
+    headers = {"Authorization": f"Bearer {endpoint.api_key}", "Content-Type": "application/json"}
     began = time.perf_counter()
     try:
-        stream = client.chat.completions.create(
-            model=model, messages=request.messages, max_tokens=reply_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **options,
-        )  # fmt: skip
-        usage, extra = None, {}
-        for chunk in stream:
-            choice = chunk.choices[0] if chunk.choices else None
-            if result.ttft_s is None and choice is not None and _has_output(choice):
-                result.ttft_s = time.perf_counter() - began
-            usage = chunk.usage or usage
-            extra = chunk.model_extra or extra  # llama-server sends its timings (cache_n) beside usage
-        if usage is None:
-            result.status, result.error = "no_usage", "no usage in the stream (stream_options.include_usage)"
-        else:
-            result.prompt_tokens = usage.prompt_tokens
-            result.cached_tokens = cached_tokens(usage.model_dump(), extra)
-            result.completion_tokens = usage.completion_tokens
-    except openai.APIStatusError as err:
-        result.status, result.error = str(err.status_code), err.message
-    except openai.APIConnectionError as err:
-        result.status, result.error = "connection", str(err)
-    except openai.APIError as err:  # an error event inside a stream that had started
-        result.status, result.error = "stream_error", err.message
+        url = f"{endpoint.base_url.rstrip('/')}/chat/completions"
+        with http.stream("POST", url, content=json.dumps(body), headers=headers) as response:
+            if response.status_code != 200:
+                response.read()
+                result.status, result.error = str(response.status_code), _error_message(response.text)
+            else:
+                _read_stream(response.iter_lines(), result, began)
+    except httpx.HTTPError as err:
+        result.status, result.error = "connection", f"{type(err).__name__}: {err}"
     result.latency_s = time.perf_counter() - began
     return result
 
 
-def measure_load(clients: list[OpenAI], model: str, requests: list[TraceRequest], oracle: list[int],
+def _read_stream(lines: Iterator[str], result: RequestResult, began: float) -> None:
+    """Server-sent events of a chat completion into the result: TTFT at the first output, the usage."""
+    usage, extra = None, {}
+    for line in lines:
+        data = line.removeprefix("data:").strip() if line.startswith("data:") else ""
+        if not data or data == "[DONE]":
+            continue
+        event = json.loads(data)
+        if event.get("error"):  # an error event inside a stream that had started
+            result.status, result.error = "stream_error", _error_message(data)
+            return
+        choices = event.get("choices") or []
+        if result.ttft_s is None and choices and _has_output(choices[0]):
+            result.ttft_s = time.perf_counter() - began
+        usage = event.get("usage") or usage
+        extra = (
+            event if "timings" in event else extra
+        )  # llama-server sends its timings (cache_n) beside usage
+    if usage is None:
+        result.status, result.error = "no_usage", "no usage in the stream (stream_options.include_usage)"
+        return
+    result.prompt_tokens = usage["prompt_tokens"]
+    result.cached_tokens = cached_tokens(usage, extra)
+    result.completion_tokens = usage["completion_tokens"]
+
+
+def _error_message(text: str) -> str:
+    """The message of an OpenAI-style error body, else the body."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return text[:300]
+    return str(error.get("message", error)) if isinstance(error, dict) else str(error or text)[:300]
+
+
+def measure_load(endpoints: list[Endpoint], model: str, requests: list[TraceRequest], oracle: list[int],
                  shape: LoadShape, label: str) -> dict[str, Any]:  # fmt: skip
-    """One row: the sessions run at once against the clients, with a progress bar, summarised."""
+    """One row: the sessions run against the endpoints, with a progress bar, summarised."""
     with tqdm(total=len(requests), desc=f"load {label}", unit="req", leave=False) as bar:
-        results, wall = run_load(clients, model, requests, shape, bar.update)
-    return summarize_load(results, oracle, wall)
+        run = run_load(endpoints, model, requests, shape, bar.update)
+    return summarize_load(run, oracle)
 
 
 def warm_up_turns(requests: list[TraceRequest]) -> list[TraceRequest]:
@@ -178,12 +225,13 @@ def engine_counters(engine: LLMEngine) -> dict[str, Any]:
     return counters
 
 
-def _has_output(choice: Any) -> bool:
-    delta = choice.delta
-    return bool(delta.content or delta.tool_calls or choice.finish_reason)
+def _has_output(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta") or {}
+    return bool(delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason"))
 
 
-def summarize_load(results: list[RequestResult], oracle: list[int], wall_s: float) -> dict[str, Any]:
+def summarize_load(run: LoadRun, oracle: list[int]) -> dict[str, Any]:
+    results, wall_s = run.results, run.wall_s
     ok = [r for r in results if r.status == "200"]
     ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
     latencies = sorted(r.latency_s for r in ok)
@@ -201,6 +249,9 @@ def summarize_load(results: list[RequestResult], oracle: list[int], wall_s: floa
         "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s else 0.0,
         "generated_tokens_per_s": sum(r.completion_tokens for r in ok) / wall_s if wall_s else 0.0,
+        # the benchmark process's CPU per request: the client's alone where the server runs elsewhere
+        # (--url, --peer, --replicas); with an embedded server, its share too
+        "bench_process_cpu_ms_per_request": 1000 * run.process_cpu_s / len(results) if results else 0.0,
         "requests_detail": [_detail(r) for r in results],
     }
 

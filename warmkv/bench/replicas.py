@@ -27,9 +27,8 @@ from typing import Any
 
 import httpx
 import redis
-from openai import OpenAI
 
-from warmkv.bench.load import SCHEDULER_METRICS, LoadShape, engine_counters, measure_load
+from warmkv.bench.load import SCHEDULER_METRICS, Endpoint, LoadShape, engine_counters, measure_load
 from warmkv.bench.policies import Capacities, cluster_variants, policies
 from warmkv.bench.redis_process import RedisProcess
 from warmkv.bench.trace import TraceRequest
@@ -296,9 +295,8 @@ class Cluster:
                 urls.append(replica.answer())
                 started.append(replica)
             router = RouterProcess(urls) if routed else None
-            clients = [OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
-                       for url in ([router.url] if router else urls)]  # fmt: skip
-            row |= measure_load(clients, self.model, requests, oracle, shape, label)
+            endpoints = [Endpoint(f"{url}/v1") for url in ([router.url] if router else urls)]
+            row |= measure_load(endpoints, self.model, requests, oracle, shape, label)
             if router is not None:
                 row["served_per_replica"] = router.served()
         finally:

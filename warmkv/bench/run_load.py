@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from openai import OpenAI
 from tqdm import tqdm
 
 from warmkv.bench.load import (
     SCHEDULER_METRICS,
+    Endpoint,
     LoadShape,
     by_session,
     engine_counters,
@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> None:
             "command": "warmkv bench load " + " ".join(sys.argv[3:]),
         }
         if args.url:
-            client = _url_client(args)
+            endpoint = Endpoint(args.url, args.api_key)
             rows["url"] = measure_load(
-                [client], args.served_model or first_model(args), requests, oracle, shape, "url"
+                [endpoint], args.served_model or first_model(args), requests, oracle, shape, "url"
             )
             rows["url"] |= _scrape_scheduler(args.url)
             write_json(result, json_path)
@@ -228,7 +228,7 @@ def _run_embedded(
     kv_dir = Path(tempfile.mkdtemp(prefix=f"warmkv-load-{label}-"))
     server = embedded_warmkv(model, flags, kv_dir)
     try:
-        row = measure_load([server.client(timeout=3600)], model.name, requests, oracle, shape, label)
+        row = measure_load([Endpoint(f"{server.url}/v1")], model.name, requests, oracle, shape, label)
         return row | engine_counters(server.engine.engine)
     finally:
         server.stop()
@@ -245,16 +245,15 @@ def _run_peer(name: str, args: argparse.Namespace, model: Any, requests: list[Tr
     with make_peer(name, model.name, gguf_of(args.model), model.folder, **options) as peer:
         with peer.http() as http:
             oracle = peer_oracle(peer.tokenizer(http), requests)
-        client = OpenAI(base_url=peer.url, api_key=peer.api_key, max_retries=0, timeout=3600)
         with tqdm(total=len(requests), desc=f"load {name}", unit="req", leave=False) as bar:
-            results, wall = run_load([client], peer.model, requests, shape, bar.update)
+            run = run_load([Endpoint(peer.url, peer.api_key)], peer.model, requests, shape, bar.update)
         flags = peer.command()[1:]
     return {
         "description": f"{name} (real server) with its best prompt-caching flags",
         "flags": flags,
         "oracle_source": f"{name}'s own prompt tokens ({oracle.dialect})",
-        "prompt_length_mismatches": oracle.mismatches(results),
-    } | summarize_load(results, oracle.clipped(results), wall)
+        "prompt_length_mismatches": oracle.mismatches(run.results),
+    } | summarize_load(run, oracle.clipped(run.results))
 
 
 def _peer_options(name: str, concurrent: int, working_set: int) -> dict[str, Any]:
@@ -264,10 +263,6 @@ def _peer_options(name: str, concurrent: int, working_set: int) -> dict[str, Any
     if name != "llama.cpp":
         return {}
     return {"slots": concurrent, "context_tokens": -(-working_set // 256) * 256}
-
-
-def _url_client(args: argparse.Namespace) -> Any:
-    return OpenAI(base_url=args.url, api_key=args.api_key, max_retries=0, timeout=3600)
 
 
 def _scrape_scheduler(url: str) -> dict[str, float | None]:
