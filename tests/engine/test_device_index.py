@@ -21,19 +21,24 @@ MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow, then
 def test_an_engine_on_the_second_gpu_generates_what_one_on_the_first_does(tiny_llama_folder: Path) -> None:
     replies = []
     for index in (0, 1):
-        device = torch.device(f"cuda:{index}")
-        model = load_model(str(tiny_llama_folder), device, torch.float32)
-        engine = LLMEngine(model, EngineConfig(device=str(device), kv_pool_tokens=4096))
-        assert engine.pool.k.device == device and engine.runner.graphs is not None
-        server = start_embedded_server(engine)
-        try:
-            client = server.client()
-            for _ in range(2):  # the second time over the cached prefix
-                reply = client.chat.completions.create(
-                    model=model.name, messages=MESSAGES, max_tokens=24, temperature=0
-                )
-                replies.append((index, reply.choices[0].message.content))
-        finally:
-            server.stop()
+        with torch.cuda.device(index):  # the engine makes its GPU current: this test's thread gets it back
+            replies += [(index, text) for text in _replies(tiny_llama_folder, torch.device(f"cuda:{index}"))]
     assert [index for index, _ in replies] == [0, 0, 1, 1]
     assert len({text for _, text in replies}) == 1 and replies[0][1]
+
+
+def _replies(tiny_llama_folder: Path, device: torch.device) -> list[str]:
+    """Two greedy replies of an engine on `device`, the second over the cached prefix."""
+    model = load_model(str(tiny_llama_folder), device, torch.float32)
+    engine = LLMEngine(model, EngineConfig(device=str(device), kv_pool_tokens=4096))
+    assert engine.pool.k.device == device and engine.runner.graphs is not None
+    server = start_embedded_server(engine)
+    try:
+        client = server.client()
+        replies = [
+            client.chat.completions.create(model=model.name, messages=MESSAGES, max_tokens=24, temperature=0)
+            for _ in range(2)
+        ]
+    finally:
+        server.stop()
+    return [reply.choices[0].message.content or "" for reply in replies]

@@ -1,7 +1,8 @@
 """`warmkv bench load`: agent sessions replayed concurrently against one server, as many users would run.
 
-Every session runs on its own thread: its requests in order, each after a tool time drawn from an
-exponential distribution, each streaming a reply of a fixed number of tokens. `copies` multiplies the
+Every session runs on a thread of its own (all at once, or a given number at a time): its requests in
+order, each after a tool time drawn from an exponential distribution, each streaming a reply of a fixed
+number of tokens. `copies` multiplies the
 sessions into distinct conversations that share the system prompt and tools (the first user message gets
 a copy mark), so the same trace can put any number of sessions at once on the server.
 """
@@ -191,7 +192,7 @@ def _error_message(text: str) -> str:
 
 def measure_load(endpoints: list[Endpoint], model: str, requests: list[TraceRequest], oracle: list[int],
                  shape: LoadShape, label: str) -> dict[str, Any]:  # fmt: skip
-    """One row: the sessions run against the endpoints, with a progress bar, summarised."""
+    """One row: the sessions run against the endpoints (as `shape` says), with a progress bar, summarised."""
     with tqdm(total=len(requests), desc=f"load {label}", unit="req", leave=False) as bar:
         run = run_load(endpoints, model, requests, shape, bar.update)
     return summarize_load(run, oracle)
@@ -213,6 +214,11 @@ def warm_up_turns(requests: list[TraceRequest]) -> list[TraceRequest]:
                 messages[0]["content"] = f"[warm-up] {messages[0]['content']}"
                 turns.append(replace(request, session=f"warm-up {name}", messages=messages))
     return turns
+
+
+def no_wait(shape: LoadShape) -> LoadShape:
+    """The warm-up's shape: every session at once, no tool time."""
+    return replace(shape, tool_time_s=0.0, concurrency=0)
 
 
 def engine_counters(engine: LLMEngine) -> dict[str, Any]:

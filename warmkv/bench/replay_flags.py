@@ -36,7 +36,10 @@ def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
         "--replicas", type=int, default=1, help="N > 1: warmkv on N replicas (bench load: a process per "
         "GPU), round-robin or routed, with and without the shared tier",
     )  # fmt: skip
-    parser.add_argument("--redis-url", help="shared tier for --replicas (default: a local redis-server)")
+    parser.add_argument(
+        "--redis-url", help="shared tier for --replicas, its database emptied before each shared row "
+        "(default: a local redis-server)",
+    )  # fmt: skip
 
 
 def add_replay_flags(parser: argparse.ArgumentParser) -> None:
@@ -71,10 +74,10 @@ def add_load_flags(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--policies",
-        default=",".join(DEFAULT_LOAD_POLICIES),
-        help="comma-separated warmkv policies of `bench replay`; with --replicas N the rows, in order "
-        "(default all): 1x_all_memory, Nx_round_robin, Nx_round_robin_shared, Nx_router, Nx_router_shared",
-    )
+        help=f"comma-separated policies of `bench replay` (default {','.join(DEFAULT_LOAD_POLICIES)}); "
+        "with --replicas N the rows, in order (default all): 1x_all_memory, Nx_round_robin, "
+        "Nx_round_robin_shared, Nx_router, Nx_router_shared",
+    )  # fmt: skip
     parser.add_argument(
         "--pool-tokens",
         type=int,

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from warmkv.bench.load import (
     engine_counters,
     measure_load,
     multiply_sessions,
+    no_wait,
     run_load,
     summarize_load,
     warm_up_turns,
@@ -36,14 +37,12 @@ from warmkv.bench.peers import gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, policies
 from warmkv.bench.replay import embedded_warmkv, free_gpu_for_peer
 from warmkv.bench.replay_flags import DEFAULT_LOAD_POLICIES
-from warmkv.bench.replicas import Cluster, ModelSpec, ReplicaProcess, replica_gpus, row_names
+from warmkv.bench.replicas import Cluster, ModelSpec, ReplicaIdentity, ReplicaProcess, replica_gpus, row_names
 from warmkv.bench.results import write_json
 from warmkv.bench.run_replay import BLOCK, first_model, model_and_tokenizer, prompt_ids, requests_from, slug
 from warmkv.bench.trace import TraceRequest
 from warmkv.errors import WarmkvError
 from warmkv.models.loader import load_tokenizer
-
-DEFAULT_POLICIES = ",".join(DEFAULT_LOAD_POLICIES)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -51,8 +50,8 @@ def run(args: argparse.Namespace) -> None:
     base = requests_from(args)
     requests = multiply_sessions(base, args.copies)
     with ExitStack() as stack:
-        replicas = _start_replicas(args, stack) if args.replicas > 1 else []
-        model, tokenizer, model_label, device_label = _model(args, replicas)
+        replicas, identities = _start_replicas(args, stack) if args.replicas > 1 else ([], [])
+        model, tokenizer, model_label, device_label = _model(args, identities)
         prompts = [prompt_ids(tokenizer, tokenizer.chat_template, r) for r in requests]
         oracle = oracle_hits(prompts)
         working_set = _working_set(requests, prompts, args.reply_tokens, args.concurrency)
@@ -92,11 +91,10 @@ def run(args: argparse.Namespace) -> None:
             rows["url"] |= _scrape_scheduler(args.url)
             write_json(result, json_path)
         elif replicas:
-            cluster = Cluster(replicas, model_label, _common_flags(args), args.redis_url)
+            gpu_names = [identity.gpu_name for identity in identities]
+            cluster = Cluster(replicas, gpu_names, model_label, _common_flags(args), args.redis_url)
             result["replicas"] = cluster.describe(each)
-            names = (
-                row_names(args.replicas) if args.policies == DEFAULT_POLICIES else args.policies.split(",")
-            )
+            names = args.policies.split(",") if args.policies else row_names(args.replicas)
             for name, row in cluster.rows(names, requests, oracle, shape, each, warm_up_turns(base)):
                 rows[name] = row
                 write_json(result, json_path)  # as each row comes: a run cut short keeps what it measured
@@ -120,12 +118,12 @@ def run(args: argparse.Namespace) -> None:
     print("wrote", json_path, *([picture] if picture else ["(no plot: install matplotlib)"]))
 
 
-def _model(args: argparse.Namespace, replicas: list[ReplicaProcess]) -> tuple[Any, Any, str, str]:
+def _model(args: argparse.Namespace, identities: list[ReplicaIdentity]) -> tuple[Any, Any, str, str]:
     """The model loaded here (None with replicas: the weights load in them, and the oracle needs the
     tokenizer alone), its tokenizer, its name and the device's."""
-    if replicas:
-        info = replicas[0].info
-        return None, load_tokenizer(Path(info.folder)), info.model_name, info.device_name
+    if identities:
+        first = identities[0]
+        return None, load_tokenizer(Path(first.tokenizer_folder)), first.model_name, first.gpu_name
     tokenizer, _, model, device_label = model_and_tokenizer(args)
     return model, tokenizer, model.name, device_label
 
@@ -139,8 +137,7 @@ def _policy_rows(args: argparse.Namespace, model: Any, caps: Capacities, request
         flags = [*policy.flags, "--kv-pool-tokens", str(caps.pool_tokens), "--device", args.device,
                  *_common_flags(args)]  # fmt: skip
         if index == 0 and model.device.type == "cuda":
-            no_wait = replace(shape, tool_time_s=0.0, concurrency=0)
-            _run_embedded(model, flags, warm_up, [0] * len(warm_up), no_wait, "warm-up")
+            _run_embedded(model, flags, warm_up, [0] * len(warm_up), no_wait(shape), "warm-up")
         row = _run_embedded(model, flags, requests, oracle, shape, name)
         yield name, {"description": policy.description, "flags": flags} | row
 
@@ -150,16 +147,19 @@ def _common_flags(args: argparse.Namespace) -> list[str]:
     return flags + (["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens else [])
 
 
-def _start_replicas(args: argparse.Namespace, stack: ExitStack) -> list[ReplicaProcess]:
+def _start_replicas(
+    args: argparse.Namespace, stack: ExitStack
+) -> tuple[list[ReplicaProcess], list[ReplicaIdentity]]:
     """A process per replica, each loading the model on its GPU; all load at once."""
     spec = ModelSpec(args.model, args.shape, args.tokenizer, args.dtype)
     replicas = []
     for gpu in replica_gpus(args.device, args.replicas):
         replicas.append(ReplicaProcess(spec, gpu))
         stack.callback(replicas[-1].close)
-    for replica in tqdm(replicas, desc="loading the replicas", unit="replica", leave=False):
-        replica.wait_loaded()
-    return replicas
+    identities = [
+        r.wait_loaded() for r in tqdm(replicas, desc="loading the replicas", unit="replica", leave=False)
+    ]
+    return replicas, identities
 
 
 def _check(args: argparse.Namespace) -> list[str]:
@@ -173,8 +173,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise WarmkvError(f"--tool-time must not be negative, got {args.tool_time}")
     if args.replicas > 1 and (args.url or args.peer):
         raise WarmkvError("--replicas runs warmkv's own replicas: not with --url or --peer")
-    unknown = set(args.policies.split(",")) - set(row_names(args.replicas))
-    if args.replicas > 1 and args.policies != DEFAULT_POLICIES and unknown:
+    unknown = set((args.policies or "").split(",")) - {"", *row_names(args.replicas)}
+    if args.replicas > 1 and unknown:
         known = ", ".join(row_names(args.replicas))
         raise WarmkvError(f"--policies with --replicas names rows: unknown {', '.join(sorted(unknown))}; "
                           f"choose from {known}")  # fmt: skip
@@ -210,7 +210,7 @@ def _capacities(
 
 def _load_policies(args: argparse.Namespace, caps: Capacities) -> dict[str, Any]:
     known = policies(caps)
-    names = args.policies.split(",")
+    names = args.policies.split(",") if args.policies else list(DEFAULT_LOAD_POLICIES)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise WarmkvError(f"--policies: unknown {', '.join(unknown)}; choose from {', '.join(known)}")

@@ -2,10 +2,11 @@
 do not matter. transformers initialises the weights; our module takes the same tensors (q/k/v and
 gate/up concatenated). The initialisation is seeded, so every process that makes the same shape on the
 same kind of device holds the same tensors: replicas of a random model share cached KV (their cache
-fingerprint names what made the weights)."""
+fingerprint names the seed and a sample of the weights)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,6 @@ def random_pair(
     shape: str, tokenizer: str | Path | None, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> tuple[LoadedModel, Any]:
     """Our model and transformers' model over the same random tensors."""
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if shape not in SHAPES:
@@ -92,9 +92,9 @@ def random_pair(
     if tokenizer is None:
         raise WarmkvError("--shape needs --tokenizer DIR (a tokenizer folder, e.g. from ../shared/data)")
     hf_config = AutoConfig.for_model(**SHAPES[shape])
-    devices = [device] if device.type == "cuda" else []
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []  # seeding sets them all
     torch.set_default_dtype(dtype)
-    try:  # a forked generator: the caller's random state is left as it was
+    try:  # forked generators: the caller's random state is left as it was
         with torch.random.fork_rng(devices=devices), torch.device(device):
             torch.manual_seed(seed)
             theirs = AutoModelForCausalLM.from_config(hf_config)
@@ -103,8 +103,10 @@ def random_pair(
     config = ModelConfig.from_hf(SHAPES[shape])
     module = build_module(config, dict(theirs.state_dict()), device, dtype)
     folder = Path(tokenizer)
-    versions = f"torch{torch.__version__}-transformers{transformers.__version__}"
-    made_by = f"random-{shape}-{dtype}-seed{seed}-{device.type}-{versions}"
+    # named by what made them and by a sample of what they are: a GPU's random numbers may depend on
+    # the model of GPU, and two processes must share cached KV only over the same tensors
+    sample = theirs.get_input_embeddings().weight[:2].detach().float().cpu().numpy().tobytes()
+    made_by = f"random-{shape}-{dtype}-seed{seed}-{hashlib.blake2b(sample, digest_size=8).hexdigest()}"
     ours = LoadedModel(
         f"random-{shape}", folder, config, module, load_tokenizer(folder), in_memory_id=made_by
     )
