@@ -280,7 +280,7 @@ def _scrape_scheduler(url: str) -> dict[str, float | None]:
 
 def table(rows: dict[str, dict[str, Any]]) -> list[str]:
     head = (
-        f"{'policy':18} {'reqs':>5} {'errors':>6} {'prompt':>9} {'cached':>9} {'oracle':>9} "
+        f"{'policy':22} {'reqs':>5} {'errors':>6} {'prompt':>9} {'cached':>9} {'oracle':>9} "
         f"{'TTFT p50':>9} {'p90':>8} {'p99':>8} {'e2e p50':>8} {'p90':>8} {'req/s':>6} {'tok/s':>7} "
         f"{'preempt':>7} {'swapped':>9}"
     )
@@ -292,7 +292,7 @@ def table(rows: dict[str, dict[str, Any]]) -> list[str]:
         swapped = (row.get("swapped_out_bytes") or 0) + (row.get("swapped_in_bytes") or 0)
         preempt = "-" if row.get("preemptions") is None else f"{row['preemptions']:.0f}"
         lines.append(
-            f"{name:18} {row['requests']:>5} {row['errors']:>6} {row['prompt_tokens']:>9} "
+            f"{name:22} {row['requests']:>5} {row['errors']:>6} {row['prompt_tokens']:>9} "
             f"{row['cached_tokens']:>9} {row['oracle_tokens']:>9} {times[0]:>9} {times[1]:>8} "
             f"{times[2]:>8} {times[3]:>8} {times[4]:>8} {row['requests_per_s']:>6.2f} "
             f"{row['generated_tokens_per_s']:>7.1f} {preempt:>7} {swapped / 1e6:>7.0f}MB"
