@@ -68,3 +68,56 @@ def test_a_hundred_sessions_sharing_a_namespace_keep_their_turns() -> None:
     turns.remember("", "another", [1])  # past the capacity: the least recently used turn goes
     assert turns.longest_prefix_of("", f"{system}session 0 turn 0") is None
     assert turns.longest_prefix_of("", f"{system}session 0 turn 2") is not None
+
+
+class CountingTokenizer:
+    """SmolLM2's tokenizer, counting the characters it is asked to tokenise."""
+
+    def __init__(self) -> None:
+        self.characters = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(TOKENIZER, name)
+
+    def __call__(self, text: str, **options: object) -> object:
+        self.characters += len(text)
+        return TOKENIZER(text, **options)
+
+
+def test_a_branch_reuses_the_ids_up_to_the_last_message_end_it_shares() -> None:
+    """A sub-agent with the same system prompt, or a retry with another last message: no remembered turn
+    is a prefix of its text, yet it tokenises only what comes after the messages it shares, and gets
+    the ids it would get from scratch (messages are tokenised one at a time)."""
+    turns, counting = TurnMemory(), CountingTokenizer()
+    system = {"role": "system", "content": "You are a coding agent with these tools. " * 200}
+    parent = [system, {"role": "user", "content": "Fix the failing test."}]
+    first = build_chat_prompt(counting, TEMPLATE, PARSERS["hermes"], parent, None, None, turns, "")
+    turns.remember("", first.text, first.token_ids, first.message_ends())
+    branch = [system, {"role": "user", "content": "Sub-task: read the log."}]
+    counting.characters = 0
+    second = build_chat_prompt(counting, TEMPLATE, PARSERS["hermes"], branch, None, None, turns, "")
+    assert second.token_ids == build(branch).token_ids
+    assert 0 < counting.characters < len(second.text) - len(system["content"])
+    assert second.token_ids[: first.spans[0].end] == first.token_ids[: first.spans[0].end]
+    assert [s.role for s in second.spans] == ["system", "user"]  # the shared message's end is still known
+
+
+def test_a_branch_that_differs_inside_the_first_message_shares_nothing() -> None:
+    turns = TurnMemory()
+    first = build(FIRST, turns)
+    turns.remember("", first.text, first.token_ids, first.message_ends())
+    other = [{"role": "system", "content": "You plan!"}, FIRST[1]]
+    text = build(other).text
+    ends = [span.text_end for span in build(other).spans]
+    assert turns.longest_prefix_of("", text, ends) is None
+
+
+def test_a_forgotten_turn_takes_its_message_ends_with_it() -> None:
+    turns = TurnMemory(capacity=1)
+    first = build(FIRST, turns)
+    turns.remember("", first.text, first.token_ids, first.message_ends())
+    branch = build([FIRST[0], {"role": "user", "content": "Another task."}])
+    ends = [span.text_end for span in branch.spans]
+    assert turns.longest_prefix_of("", branch.text, ends) is not None
+    turns.remember("", "something else", [1])  # the first turn goes
+    assert turns.longest_prefix_of("", branch.text, ends) is None

@@ -28,6 +28,7 @@ class MessageSpan:
     index: int
     role: str
     end: int  # token offset just past the message
+    text_end: int  # character offset just past it in the prompt's text
 
 
 def message_ends(
@@ -163,5 +164,5 @@ def encode_segments(
             ids += encode(tokenizer, text[done:end])
             done = end
         if index >= 0 and end >= (len(head[0]) if head else 0):
-            spans.append(MessageSpan(index, role, len(ids)))
+            spans.append(MessageSpan(index, role, len(ids), end))
     return ids, spans

@@ -22,6 +22,10 @@ class ChatPrompt:
     token_ids: list[int]
     spans: list[MessageSpan]  # where each message ends, in tokens
 
+    def message_ends(self) -> list[tuple[int, int]]:
+        """(character, token) offsets just past each message: where a later prompt may branch off."""
+        return [(span.text_end, span.end) for span in self.spans]
+
 
 def build_chat_prompt(
     tokenizer: Any,
@@ -42,7 +46,8 @@ def build_chat_prompt(
     forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()
     ends = message_ends(tokenizer, template_messages, template_tools, template, text) if stable_tokens else []
-    head = turns.longest_prefix_of(namespace, text + prefix) if turns and stable_tokens else None
+    ends_at = [end for _, _, end in ends]
+    head = turns.longest_prefix_of(namespace, text + prefix, ends_at) if turns and stable_tokens else None
     token_ids, spans = encode_segments(tokenizer, text + prefix, ends, head)
     return ChatPrompt(text + prefix, prefix, forced, names, token_ids, spans)
 

@@ -49,9 +49,10 @@ class ChatSession:
         the reply called tools."""
         if reply_ids and reply_ids[-1] in self.tokenizer.all_special_ids:
             reply_ids = reply_ids[:-1]  # the end-of-turn token: the template writes it back itself
-        self.turns.remember(namespace, prompt.text, prompt.token_ids)
+        ends = prompt.message_ends()
+        self.turns.remember(namespace, prompt.text, prompt.token_ids, ends)
         reply_text = self.tokenizer.decode(reply_ids, skip_special_tokens=False)
-        self.turns.remember(namespace, prompt.text + reply_text, prompt.token_ids + reply_ids)
+        self.turns.remember(namespace, prompt.text + reply_text, prompt.token_ids + reply_ids, ends)
         if not (self.predictive_prefill and calls):
             return None
         reply_message = {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in calls]}
@@ -59,5 +60,5 @@ class ChatSession:
             self.tokenizer, self.template, self.parser, [*messages, reply_message], tools, None, self.turns,
             namespace, add_generation_prompt=False, stable_tokens=self.stable_tokens,
         )  # fmt: skip
-        self.turns.remember(namespace, predicted.text, predicted.token_ids)
+        self.turns.remember(namespace, predicted.text, predicted.token_ids, predicted.message_ends())
         return predicted.token_ids

@@ -3,14 +3,20 @@
 The rule: when a request's rendered text begins with the text of a remembered turn (its prompt, or its
 prompt plus the reply the model generated), the ids of that turn are used for that part verbatim and only
 the rest is tokenised. So a reply whose text re-tokenises differently from the ids the model generated,
-or a prompt whose last token would merge with the next message, still matches the cached KV.
+or a prompt whose last token would merge with the next message, still matches the cached KV. A request
+that branches off a remembered turn instead (a sub-agent with the same system prompt and tools, a retry
+with another last message) reuses its ids up to the last message end the two share: messages are
+tokenised one at a time, so a message end is a token boundary in both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 
 class TurnMemory:
@@ -21,29 +27,69 @@ class TurnMemory:
     def __init__(self, capacity: int = 4096) -> None:
         self._capacity = capacity
         self._order: OrderedDict[tuple[str, str], None] = OrderedDict()  # every turn, oldest first
-        self._turns: dict[str, dict[str, array]] = {}  # namespace -> text -> ids (4 bytes a token)
+        self._turns: dict[str, dict[str, _Turn]] = {}  # namespace -> text -> the turn
+        # (namespace, digest of the text up to a message end) -> the turn ending a message there, its tokens
+        self._message_ends: dict[tuple[str, bytes], tuple[str, int]] = {}
         self._lock = threading.Lock()  # requests render in worker threads
 
-    def remember(self, namespace: str, text: str, token_ids: list[int]) -> None:
+    def remember(self, namespace: str, text: str, token_ids: list[int],
+                 message_ends: Iterable[tuple[int, int]] = ()) -> None:  # fmt: skip
+        """`message_ends`: (character, token) offsets just past the messages that end inside the turn."""
         if not text:
             return
+        ends = sorted(message_ends)
+        digests = _prefix_digests(text, [chars for chars, _ in ends])
         with self._lock:
-            self._turns.setdefault(namespace, {})[text] = array("i", token_ids)
+            self._turns.setdefault(namespace, {})[text] = _Turn(array("i", token_ids), digests)
+            for digest, (_, tokens) in zip(digests, ends, strict=True):
+                self._message_ends[(namespace, digest)] = (text, tokens)
             self._order[(namespace, text)] = None
             self._order.move_to_end((namespace, text))
             while len(self._order) > self._capacity:
-                old_namespace, old_text = self._order.popitem(last=False)[0]
-                turns = self._turns[old_namespace]
-                del turns[old_text]
-                if not turns:
-                    del self._turns[old_namespace]
+                self._forget(*self._order.popitem(last=False)[0])
 
-    def longest_prefix_of(self, namespace: str, text: str) -> tuple[str, list[int]] | None:
+    def longest_prefix_of(self, namespace: str, text: str,
+                          message_ends: Iterable[int] = ()) -> tuple[str, list[int]] | None:  # fmt: skip
+        """The longest start of `text` whose ids are remembered: a whole remembered turn that `text` begins
+        with, or else as far as one of `text`'s own message ends (character offsets) shared with a turn."""
         with self._lock:
             turns = self._turns.get(namespace, {})
             # startswith fails at the first differing character: other sessions cost their shared prefix
             best = max((t for t in turns if text.startswith(t)), key=len, default=None)
-            if best is None:
-                return None
-            self._order.move_to_end((namespace, best))
-            return best, turns[best].tolist()
+            if best is not None:
+                self._order.move_to_end((namespace, best))
+                return best, turns[best].token_ids.tolist()
+        ends = sorted(message_ends)
+        digests = _prefix_digests(text, ends)  # outside the lock: the hashing reads the whole text
+        with self._lock:
+            for end, digest in zip(reversed(ends), reversed(digests), strict=True):
+                found = self._message_ends.get((namespace, digest))
+                turn = self._turns.get(namespace, {}).get(found[0]) if found else None
+                if found is not None and turn is not None and found[0][:end] == text[:end]:
+                    self._order.move_to_end((namespace, found[0]))
+                    return text[:end], turn.token_ids[: found[1]].tolist()
+        return None
+
+    def _forget(self, namespace: str, text: str) -> None:
+        turns = self._turns[namespace]
+        for digest in turns.pop(text).message_end_digests:
+            if self._message_ends.get((namespace, digest), ("",))[0] == text:
+                del self._message_ends[(namespace, digest)]
+        if not turns:
+            del self._turns[namespace]
+
+
+@dataclass(slots=True)
+class _Turn:
+    token_ids: array  # 4 bytes a token
+    message_end_digests: list[bytes]
+
+
+def _prefix_digests(text: str, ends: list[int]) -> list[bytes]:
+    """A digest of text[:end] for each of the sorted `ends`, in one pass over the text."""
+    digests, hashed, at = [], hashlib.blake2b(digest_size=16), 0
+    for end in ends:
+        hashed.update(text[at:end].encode("utf-8", "surrogatepass"))
+        at = end
+        digests.append(hashed.copy().digest())
+    return digests
