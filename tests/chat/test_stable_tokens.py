@@ -121,3 +121,16 @@ def test_a_forgotten_turn_takes_its_message_ends_with_it() -> None:
     assert turns.longest_prefix_of("", branch.text, ends) is not None
     turns.remember("", "something else", [1])  # the first turn goes
     assert turns.longest_prefix_of("", branch.text, ends) is None
+
+
+def test_a_turn_of_many_messages_keeps_the_first_and_last_message_ends() -> None:
+    """Memory stays bounded whatever a conversation's length; branches leave the start or the end."""
+    turns = TurnMemory()
+    pieces = [f"message {i}; " for i in range(200)]
+    ends = [(len("".join(pieces[: i + 1])), i + 1) for i in range(200)]
+    text = "".join(pieces)
+    turns.remember("", text, list(range(200)), ends)
+    found = {k: turns.longest_prefix_of("", text[: ends[k][0]] + "else", [ends[k][0]]) for k in (3, 100, 190)}
+    assert found[3] == (text[: ends[3][0]], [0, 1, 2, 3])
+    assert found[100] is None  # the middle is not kept
+    assert found[190] is not None and found[190][1] == list(range(191))

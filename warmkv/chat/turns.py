@@ -18,6 +18,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+MESSAGE_ENDS_KEPT = 64  # a turn's message ends a branch can start from: its first 8 and its last 56
+FIRST_ENDS_KEPT = 8
+
 
 class TurnMemory:
     """The most recent turns of every namespace, least recently used dropped first. The capacity is shared:
@@ -38,6 +41,8 @@ class TurnMemory:
         if not text:
             return
         ends = sorted(message_ends)
+        if len(ends) > MESSAGE_ENDS_KEPT:  # bounded memory: branches leave the head or the tail
+            ends = ends[:FIRST_ENDS_KEPT] + ends[FIRST_ENDS_KEPT - MESSAGE_ENDS_KEPT :]
         digests = _prefix_digests(text, [chars for chars, _ in ends])
         with self._lock:
             self._turns.setdefault(namespace, {})[text] = _Turn(array("i", token_ids), digests)
