@@ -22,7 +22,7 @@ class Digits:
         return " ".join(map(str, ids))
 
 
-SPANS = [MessageSpan(0, "system", 40), MessageSpan(1, "user", 70)]
+SPANS = [MessageSpan(0, "system", 40, 160), MessageSpan(1, "user", 70, 280)]
 
 
 def reason(
