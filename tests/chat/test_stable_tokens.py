@@ -134,3 +134,23 @@ def test_a_turn_of_many_messages_keeps_the_first_and_last_message_ends() -> None
     assert found[3] == (text[: ends[3][0]], [0, 1, 2, 3])
     assert found[100] is None  # the middle is not kept
     assert found[190] is not None and found[190][1] == list(range(191))
+
+
+def test_a_sessions_early_message_ends_outlive_its_early_turns() -> None:
+    """Each turn of a growing conversation takes over the message ends of the turn it began with, so a
+    sub-agent spawned long after the session's first turn was forgotten still branches off the system
+    prompt without tokenising it."""
+    turns = TurnMemory(capacity=2)
+    system = {"role": "system", "content": "You are a coding agent with these tools. " * 50}
+    history = [system, {"role": "user", "content": "Fix the failing test."}]
+    for step in range(4):  # each turn is remembered as the server does: the prompt, then prompt + reply
+        prompt = build(history, turns)
+        turns.remember("", prompt.text, prompt.token_ids, prompt.message_ends())
+        reply = f"Step {step} done."
+        reply_ids = encode(TOKENIZER, reply)
+        turns.remember("", prompt.text + reply, prompt.token_ids + reply_ids, prompt.message_ends())
+        history += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"Go on {step}."}]
+    branch = build([system, {"role": "user", "content": "Sub-task: read the log."}])
+    head = turns.longest_prefix_of("", branch.text, branch.text_ends)
+    assert head is not None and head[0] == branch.text[: branch.spans[0].text_end]
+    assert head[1] == branch.token_ids[: branch.spans[0].end]

@@ -20,11 +20,14 @@ class ChatPrompt:
     forced_function: str | None  # tool_choice named this function: the reply is its arguments
     tool_names: set[str]  # tool calls are read out of the reply when this is not empty
     token_ids: list[int]
-    spans: list[MessageSpan]  # where each message ends, in tokens
+    spans: list[MessageSpan]  # where each message ends, in tokens (those past a remembered head)
+    text_ends: list[int]  # where every message ends, in characters
 
-    def message_ends(self) -> list[tuple[int, int]]:
-        """(character, token) offsets just past each message: where a later prompt may branch off."""
-        return [(span.text_end, span.end) for span in self.spans]
+    def message_ends(self) -> list[tuple[int, int | None]]:
+        """(character, token) offsets just past each message, where a later prompt may branch off; the
+        token offset is None inside the remembered turn this prompt began with (that turn knows it)."""
+        tokens = {span.text_end: span.end for span in self.spans}
+        return [(end, tokens.get(end)) for end in self.text_ends]
 
 
 def build_chat_prompt(
@@ -49,7 +52,7 @@ def build_chat_prompt(
     ends_at = [end for _, _, end in ends]
     head = turns.longest_prefix_of(namespace, text + prefix, ends_at) if turns and stable_tokens else None
     token_ids, spans = encode_segments(tokenizer, text + prefix, ends, head)
-    return ChatPrompt(text + prefix, prefix, forced, names, token_ids, spans)
+    return ChatPrompt(text + prefix, prefix, forced, names, token_ids, spans, ends_at)
 
 
 def _forced_prefix(

@@ -36,22 +36,37 @@ class TurnMemory:
         self._lock = threading.Lock()  # requests render in worker threads
 
     def remember(self, namespace: str, text: str, token_ids: list[int],
-                 message_ends: Iterable[tuple[int, int]] = ()) -> None:  # fmt: skip
-        """`message_ends`: (character, token) offsets just past the messages that end inside the turn."""
+                 message_ends: Iterable[tuple[int, int | None]] = ()) -> None:  # fmt: skip
+        """`message_ends`: (character, token) offsets just past the messages that end inside the turn. A
+        token offset of None is taken from the remembered turn that ends a message there with the same
+        ids, and the end passes to this turn: a session's early message ends outlive its early turns."""
         if not text:
             return
         ends = sorted(message_ends)
         if len(ends) > MESSAGE_ENDS_KEPT:  # bounded memory: branches leave the head or the tail
             ends = ends[:FIRST_ENDS_KEPT] + ends[FIRST_ENDS_KEPT - MESSAGE_ENDS_KEPT :]
         digests = _prefix_digests(text, [chars for chars, _ in ends])
+        ids = array("i", token_ids)
         with self._lock:
-            self._turns.setdefault(namespace, {})[text] = _Turn(array("i", token_ids), digests)
+            kept = []
             for digest, (_, tokens) in zip(digests, ends, strict=True):
-                self._message_ends[(namespace, digest)] = (text, tokens)
+                tokens = tokens if tokens is not None else self._tokens_before(namespace, digest, ids)
+                if tokens is not None:
+                    self._message_ends[(namespace, digest)] = (text, tokens)
+                    kept.append(digest)
+            self._turns.setdefault(namespace, {})[text] = _Turn(ids, kept)
             self._order[(namespace, text)] = None
             self._order.move_to_end((namespace, text))
             while len(self._order) > self._capacity:
                 self._forget(*self._order.popitem(last=False)[0])
+
+    def _tokens_before(self, namespace: str, digest: bytes, ids: array) -> int | None:
+        """The token offset of a remembered message end, if the turn remembered there has these ids."""
+        found = self._message_ends.get((namespace, digest))
+        turn = self._turns.get(namespace, {}).get(found[0]) if found else None
+        if found is None or turn is None or turn.token_ids[: found[1]] != ids[: found[1]]:
+            return None
+        return found[1]
 
     def longest_prefix_of(self, namespace: str, text: str,
                           message_ends: Iterable[int] = ()) -> tuple[str, list[int]] | None:  # fmt: skip
