@@ -6,6 +6,7 @@ from __future__ import annotations
 from transformers import AutoTokenizer
 
 from warmkv.chat.prompt import build_chat_prompt
+from warmkv.chat.session import ChatSession
 from warmkv.chat.template import encode, render_chat
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.chat.turns import TurnMemory
@@ -140,17 +141,15 @@ def test_a_sessions_early_message_ends_outlive_its_early_turns() -> None:
     """Each turn of a growing conversation takes over the message ends of the turn it began with, so a
     sub-agent spawned long after the session's first turn was forgotten still branches off the system
     prompt without tokenising it."""
-    turns = TurnMemory(capacity=2)
+    session = ChatSession(TOKENIZER, TEMPLATE, PARSERS["hermes"], turns=TurnMemory(capacity=2))
     system = {"role": "system", "content": "You are a coding agent with these tools. " * 50}
     history = [system, {"role": "user", "content": "Fix the failing test."}]
-    for step in range(4):  # each turn is remembered as the server does: the prompt, then prompt + reply
-        prompt = build(history, turns)
-        turns.remember("", prompt.text, prompt.token_ids, prompt.message_ends())
+    for step in range(4):  # each reply remembered as the server does
+        prompt = session.prompt(history, None, None, "")
         reply = f"Step {step} done."
-        reply_ids = encode(TOKENIZER, reply)
-        turns.remember("", prompt.text + reply, prompt.token_ids + reply_ids, prompt.message_ends())
+        session.after_reply("", prompt, encode(TOKENIZER, reply), history, None, [])
         history += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"Go on {step}."}]
     branch = build([system, {"role": "user", "content": "Sub-task: read the log."}])
-    head = turns.longest_prefix_of("", branch.text, branch.text_ends)
+    head = session.turns.longest_prefix_of("", branch.text, branch.text_ends)
     assert head is not None and head[0] == branch.text[: branch.spans[0].text_end]
     assert head[1] == branch.token_ids[: branch.spans[0].end]

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from warmkv.bench.peer_tokens import Dialect, PeerError, ServerTokenizer, server_root
+from warmkv.bench.processes import terminate
 from warmkv.paths import cache_home
 
 log = logging.getLogger("warmkv.bench")
@@ -111,12 +112,7 @@ class Peer:
         session (vLLM's engine-core worker) is killed, so a restart finds the port and memory free."""
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # started as its own session: pgid == pid
         self.process = None

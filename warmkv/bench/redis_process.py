@@ -5,10 +5,10 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 
 import redis
 
+from warmkv.bench.processes import wait_ready
 from warmkv.errors import WarmkvError
 
 
@@ -29,16 +29,17 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         self.client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    raise WarmkvError("redis-server did not start") from None
-                time.sleep(0.05)
+        try:
+            wait_ready(self.process, self._answers, "redis-server", timeout_s=10)
+        except WarmkvError:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.ConnectionError:
+            return False
 
     def stop(self) -> None:
         self.process.kill()

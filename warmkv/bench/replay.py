@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from openai import OpenAI, OpenAIError
 from tqdm import tqdm
 
+from warmkv.bench.load import engine_counters
 from warmkv.bench.peer_tokens import cached_tokens
 from warmkv.bench.peers import Peer
 from warmkv.bench.trace import TraceRequest
@@ -121,6 +122,16 @@ def embedded_warmkv(model: LoadedModel, flags: list[str], kv_dir: Path) -> Embed
 
     config, settings = serve_configs(["--kv-dir", str(kv_dir), *flags])
     return start_embedded_server(LLMEngine(model, config), settings)
+
+
+def stop_embedded(server: EmbeddedServer) -> dict[str, Any]:
+    """Stop a server of embedded_warmkv (its disk writer flushed); its engine's scheduler and tier counters.
+    The app's reference cycles hold the engine (pinned host tier, GPU pool): collected here, so that the
+    next server finds the memory free."""
+    counters = engine_counters(server.engine.engine)
+    server.stop()
+    gc.collect()
+    return counters
 
 
 def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRequest], max_gap_s: float,

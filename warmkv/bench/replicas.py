@@ -11,7 +11,6 @@ another's, as separate servers would. The router is the `warmkv router` command,
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import multiprocessing
 import os
@@ -32,8 +31,9 @@ from typing import Any
 import httpx
 import redis
 
-from warmkv.bench.load import SCHEDULER_METRICS, Endpoint, LoadShape, engine_counters, measure_load, no_wait
+from warmkv.bench.load import SCHEDULER_METRICS, Endpoint, LoadShape, measure_load, no_wait
 from warmkv.bench.policies import Capacities, cluster_variants, policies
+from warmkv.bench.processes import terminate, wait_ready
 from warmkv.bench.redis_process import RedisProcess
 from warmkv.bench.trace import TraceRequest
 from warmkv.errors import WarmkvError
@@ -92,11 +92,9 @@ class ReplicaProcess:
         )
         self._process.start()
         child.close()
-        self.identity: ReplicaIdentity | None = None
 
     def wait_loaded(self, timeout_s: float = 1800) -> ReplicaIdentity:
-        self.identity = self.answer(timeout_s)
-        return self.identity
+        return self.answer(timeout_s)
 
     def start(self, flags: list[str], kv_dir: Path) -> None:
         """A fresh warmkv server over the loaded model, configured by `warmkv serve` flags; `answer` gives
@@ -169,7 +167,7 @@ def _replica_main(conn: Connection, spec: ModelSpec, gpu_mask: str | None) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us in turn
     if gpu_mask is not None:  # before CUDA initialises: everything this process launches lands there
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_mask
-    from warmkv.bench.replay import embedded_warmkv
+    from warmkv.bench.replay import embedded_warmkv, stop_embedded
     from warmkv.engine.config import EngineConfig
     from warmkv.models.random_init import model_or_shape
 
@@ -196,10 +194,7 @@ def _replica_main(conn: Connection, spec: ModelSpec, gpu_mask: str | None) -> No
                 server = embedded_warmkv(model, payload[0], Path(payload[1]))
                 conn.send((Reply.OK, server.url))
             elif command is Command.STOP and server is not None:
-                counters = engine_counters(server.engine.engine)
-                server.stop()
-                server = None
-                gc.collect()  # the app's reference cycles hold the engine: pinned host tier, GPU pool
+                counters, server = stop_embedded(server), None
                 conn.send((Reply.OK, counters))
             else:
                 conn.send((Reply.ERROR, f"{command.value} with {'a' if server else 'no'} server running"))
@@ -233,28 +228,24 @@ class RouterProcess:
         ]
         # a session of its own: Ctrl-C is the benchmark's to handle, which stops the router in turn
         self._process = subprocess.Popen(command, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{self.url}/health", timeout=2).raise_for_status()
-                return
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or self._process.poll() is not None:
-                    self.stop()
-                    raise WarmkvError("`warmkv router` did not start") from None
-                time.sleep(0.2)
+        try:
+            wait_ready(self._process, self._answers, "`warmkv router`", timeout_s=60, poll_s=0.2)
+        except WarmkvError:
+            self.stop()
+            raise
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def served(self) -> list[int]:
         """Requests each replica got, in the order of the URLs."""
         return [r["served"] for r in httpx.get(f"{self.url}/health", timeout=10).json()["replicas"]]
 
     def stop(self) -> None:
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        terminate(self._process)
 
 
 ONE_REPLICA = "1x_all_memory"  # the row of one replica with the memory of all of them

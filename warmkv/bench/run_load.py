@@ -5,7 +5,6 @@ or any `--url`; errors, TTFT, latency and throughput per row; table + JSON + plo
 from __future__ import annotations
 
 import argparse
-import gc
 import re
 import shutil
 import sys
@@ -24,7 +23,6 @@ from warmkv.bench.load import (
     Endpoint,
     LoadShape,
     by_session,
-    engine_counters,
     measure_load,
     multiply_sessions,
     no_wait,
@@ -35,7 +33,7 @@ from warmkv.bench.load import (
 from warmkv.bench.oracle import oracle_hits, peer_oracle
 from warmkv.bench.peers import gguf_of, make_peer, peer_names
 from warmkv.bench.policies import Capacities, policies
-from warmkv.bench.replay import embedded_warmkv, free_gpu_for_peer
+from warmkv.bench.replay import embedded_warmkv, free_gpu_for_peer, stop_embedded
 from warmkv.bench.replay_flags import DEFAULT_LOAD_POLICIES
 from warmkv.bench.replicas import Cluster, ModelSpec, ReplicaIdentity, ReplicaProcess, replica_gpus, row_names
 from warmkv.bench.results import write_json
@@ -229,11 +227,10 @@ def _run_embedded(
     server = embedded_warmkv(model, flags, kv_dir)
     try:
         row = measure_load([Endpoint(f"{server.url}/v1")], model.name, requests, oracle, shape, label)
-        return row | engine_counters(server.engine.engine)
     finally:
-        server.stop()
-        gc.collect()  # the app's reference cycles hold the engine: pinned host tier, GPU pool
+        counters = stop_embedded(server)
         shutil.rmtree(kv_dir, ignore_errors=True)
+    return row | counters
 
 
 def _run_peer(name: str, args: argparse.Namespace, model: Any, requests: list[TraceRequest], shape: LoadShape,

@@ -49,9 +49,10 @@ class ChatSession:
         the reply called tools."""
         if reply_ids and reply_ids[-1] in self.tokenizer.all_special_ids:
             reply_ids = reply_ids[:-1]  # the end-of-turn token: the template writes it back itself
-        ends = prompt.message_ends()
-        self.turns.remember(namespace, prompt.text, prompt.token_ids, ends)
+        self.turns.remember(namespace, prompt.text, prompt.token_ids)
         reply_text = self.tokenizer.decode(reply_ids, skip_special_tokens=False)
+        # the message ends once, with the later of the two turns (the longer lived): they are the prompt's
+        ends = prompt.message_ends()
         self.turns.remember(namespace, prompt.text + reply_text, prompt.token_ids + reply_ids, ends)
         if not (self.predictive_prefill and calls):
             return None

@@ -62,11 +62,16 @@ class TurnMemory:
 
     def _tokens_before(self, namespace: str, digest: bytes, ids: array) -> int | None:
         """The token offset of a remembered message end, if the turn remembered there has these ids."""
+        found = self._ending_at(namespace, digest)
+        if found is None or found[1].token_ids[: found[2]] != ids[: found[2]]:
+            return None
+        return found[2]
+
+    def _ending_at(self, namespace: str, digest: bytes) -> tuple[str, _Turn, int] | None:
+        """The remembered turn with a message ending where the text's digest is: its text, it, the tokens."""
         found = self._message_ends.get((namespace, digest))
         turn = self._turns.get(namespace, {}).get(found[0]) if found else None
-        if found is None or turn is None or turn.token_ids[: found[1]] != ids[: found[1]]:
-            return None
-        return found[1]
+        return None if found is None or turn is None else (found[0], turn, found[1])
 
     def longest_prefix_of(self, namespace: str, text: str,
                           message_ends: Iterable[int] = ()) -> tuple[str, list[int]] | None:  # fmt: skip
@@ -83,11 +88,10 @@ class TurnMemory:
         digests = _prefix_digests(text, ends)  # outside the lock: the hashing reads the whole text
         with self._lock:
             for end, digest in zip(reversed(ends), reversed(digests), strict=True):
-                found = self._message_ends.get((namespace, digest))
-                turn = self._turns.get(namespace, {}).get(found[0]) if found else None
-                if found is not None and turn is not None and found[0][:end] == text[:end]:
+                found = self._ending_at(namespace, digest)
+                if found is not None and found[0][:end] == text[:end]:
                     self._order.move_to_end((namespace, found[0]))
-                    return text[:end], turn.token_ids[: found[1]].tolist()
+                    return text[:end], found[1].token_ids[: found[2]].tolist()
         return None
 
     def _forget(self, namespace: str, text: str) -> None:
