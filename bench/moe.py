@@ -1,7 +1,8 @@
 """The fused mixture-of-experts kernels alone (router, expert sort, both grouped GEMMs), CUDA only.
 
     python -m bench.moe            # the chosen tiles, at Qwen3-30B-A3B's and gpt-oss-20b's expert shapes
-    python -m bench.moe --sweep    # every tile / warps / stages choice, and sorting against a tile per pair
+    python -m bench.moe --sweep    # every tile / warps / stages choice sorted, every matrix-vector launch
+                                   # per pair, where few enough pairs make that a choice
 
 Each case is timed as a replayed CUDA graph, as decode runs it, so the launch of every small kernel counts.
 Rate: bytes of the experts the tokens chose (each read once) per second, as a fraction of the copy
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from bench.common import copy_bandwidth, device_name, print_table, write_result
-from warmkv.kernels import fused_moe
+from warmkv.kernels import fused_moe, gemv
 from warmkv.models.moe import route
 
 # hidden, expert inner size, experts, top-k, normalised top-k
@@ -52,7 +53,7 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
     down = torch.randn(experts, hidden, inner, device=device, dtype=torch.bfloat16) / inner**0.5
     router = torch.randn(experts, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
-    chosen_tiles, chosen_max = fused_moe.tiles_for, fused_moe.PAIR_TILES_MAX
+    chosen = fused_moe.tiles_for, fused_moe.PAIR_GEMV_MAX, gemv.gemv_launch
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
@@ -62,33 +63,45 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
 
         weights, expert_ids = routed()
         read = expert_ids.unique().numel() * expert_bytes
-        for tiles, pair_tiles_max in _settings(
-            sweep, tokens * top_k, chosen_tiles(tokens * top_k), chosen_max
-        ):
-            fused_moe.tiles_for = lambda pairs, tiles=tiles: tiles
-            fused_moe.PAIR_TILES_MAX = pair_tiles_max
+        pairs = tokens * top_k
+        gate_up_launch = gemv.gemv_launch(pairs, inner, hidden, device)  # what the chosen way runs
+        for setting in _settings(sweep, pairs, chosen[0](pairs), gate_up_launch, chosen[1] >= pairs):
+            per_pair = isinstance(setting, gemv.GemvLaunch)
+            fused_moe.PAIR_GEMV_MAX = 1 << 30 if per_pair else 0
+            if per_pair and sweep:
+                gemv.gemv_launch = lambda *_, launch=setting: launch
+            else:
+                fused_moe.tiles_for = lambda pairs, tiles=setting: tiles
             args = (x, gate_up, down, weights, expert_ids)
             experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args))
             block_us = _graph_us(lambda x=x: fused_moe.fused_experts(x, gate_up, down, *routed(x)))
+            launch = setting if per_pair else None
             rows.append({
-                "shape": name, "tokens": tokens, "sorted": tokens * top_k > pair_tiles_max,
-                "cols": tiles.cols, "depth": tiles.depth, "warps": tiles.num_warps,
-                "stages": tiles.num_stages, "experts us": experts_us, "router+experts us": block_us,
-                "experts read MB": read / 1e6,
+                "shape": name, "tokens": tokens, "sorted": not per_pair,
+                "cols": launch.cols if launch else setting.cols,
+                "depth": launch.depth if launch else setting.depth,
+                "warps": launch.num_warps if launch else setting.num_warps,
+                "stages": None if launch else setting.num_stages,
+                "experts us": experts_us, "router+experts us": block_us, "experts read MB": read / 1e6,
                 "fraction of bandwidth": read / experts_us / 1e-6 / bandwidth,
             })  # fmt: skip
-        fused_moe.tiles_for, fused_moe.PAIR_TILES_MAX = chosen_tiles, chosen_max
+            fused_moe.tiles_for, fused_moe.PAIR_GEMV_MAX, gemv.gemv_launch = chosen
     return rows
 
 
 def _settings(
-    sweep: bool, pairs: int, chosen: fused_moe.Tiles, pair_tiles_max: int
-) -> list[tuple[fused_moe.Tiles, int]]:
+    sweep: bool, pairs: int, tiles: fused_moe.Tiles, gate_up_launch: gemv.GemvLaunch, per_pair: bool
+) -> list[fused_moe.Tiles | gemv.GemvLaunch]:
+    """The chosen way (the sorted tiles, or per pair the gate/up projection's matrix-vector launch); with
+    `sweep` every tile, and every launch per pair (both projections) where few pairs make it a choice."""
     if not sweep:
-        return [(chosen, pair_tiles_max)]
-    ways = (0, 1 << 30) if pairs <= 64 else (pair_tiles_max,)  # sorted, or a tile per pair
-    grid = itertools.product((32, 64, 128), (64, 128, 256), (2, 4), (2, 4), ways)
-    return [(replace(chosen, cols=c, depth=d, num_warps=w, num_stages=s), way) for c, d, w, s, way in grid]
+        return [gate_up_launch if per_pair else tiles]
+    grid = itertools.product((32, 64, 128), (64, 128, 256), (2, 4), (2, 4))
+    settings: list = [replace(tiles, cols=c, depth=d, num_warps=w, num_stages=s) for c, d, w, s in grid]
+    if pairs <= 64:
+        grid = itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))
+        settings += [gemv.GemvLaunch(c, d, w) for c, d, w in grid if c * d <= 32768]
+    return settings
 
 
 def _graph_us(run: Callable[[], object]) -> float:

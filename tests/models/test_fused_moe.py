@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from warmkv.kernels import fused_moe
 from warmkv.kernels.fused_moe import align_by_expert, fused_experts, route_top_k
 from warmkv.models.layers import silu_and_mul
 from warmkv.models.moe import experts_reference, route
@@ -32,8 +31,7 @@ def _routed(tokens: int, num_experts: int, top_k: int, hidden: int, dtype: torch
     return x, weights, expert_ids
 
 
-def test_alignment_puts_each_expert_in_whole_tiles_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fused_moe, "PAIR_TILES_MAX", 0)  # these few pairs would get a tile each
+def test_alignment_puts_each_expert_in_whole_tiles_of_its_own() -> None:
     expert_ids = torch.tensor([[3, 0], [3, 1], [0, 3], [3, 2]], device=DEVICE)
     alignment = align_by_expert(expert_ids, num_experts=5, tile_rows=2)
     pairs = alignment.sorted_pairs.view(-1, 2).cpu()
@@ -68,13 +66,7 @@ def test_alignment_of_many_pairs_holds_each_pair_once_in_a_tile_of_its_expert(nu
     assert set(used.tolist()) == set(flat.tolist())
 
 
-def test_few_pairs_get_a_tile_each_without_sorting() -> None:
-    expert_ids = torch.tensor([[3, 0], [3, 1]], device=DEVICE)
-    alignment = align_by_expert(expert_ids, num_experts=5, tile_rows=16)
-    assert alignment.sorted_pairs is None and alignment.tile_experts.tolist() == [3, 0, 3, 1]
-
-
-# a tile per pair (decode), then sorted into tiles of 32 and of 64 rows
+# a product per pair (decode), then sorted into tiles of 32 and of 64 rows
 @pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 3), (40, 2), (600, 2)])
 def test_fused_experts_match_the_expert_loop_in_float32(tokens: int, top_k: int) -> None:
     torch.manual_seed(tokens)
@@ -85,7 +77,7 @@ def test_fused_experts_match_the_expert_loop_in_float32(tokens: int, top_k: int)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tokens", [1, 40])  # a tile per pair, then sorted
+@pytest.mark.parametrize("tokens", [1, 40])  # a product per pair, then sorted
 def test_swiglu_in_the_first_gemm_with_biases_unsummed_matches_the_loop(tokens: int) -> None:
     """silu(gate) * up computed in the gate/up GEMM's epilogue, after each half's bias; each token's k
     outputs left unsummed for the residual add."""
@@ -168,7 +160,7 @@ def test_fused_experts_match_the_expert_loop_in_bfloat16(tokens: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("tokens", [1, 4, 20])  # a tile per pair, then sorted
+@pytest.mark.parametrize("tokens", [1, 4, 20])  # a product per pair, then sorted
 def test_fused_experts_replay_in_a_cuda_graph_with_new_routing(tokens: int) -> None:
     """Decode graphs capture the sorting and both GEMMs once; a replay with other experts chosen gives
     the eager result for those experts."""

@@ -16,8 +16,8 @@ capture a decode step through it. (It was a dozen PyTorch ops with a radix sort:
 Qwen3-30B-A3B spent more time launching them than the GPU spent on the whole step.)
 
 Decode has few pairs, mostly of distinct experts (a token's k are always distinct): there the sort is
-skipped and each pair is a tile of its own, which at batch 1 beat sorting by more than reading the
-experts' weights takes.
+skipped and each pair is a matrix-vector product of its own (warmkv.kernels.gemv), which reads an
+expert chosen twice twice but needs no sort, no padding rows and no tl.dot tiles.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-# up to this many pairs, each pair is a tile of its own instead of being sorted by expert. On an H100 at
-# Qwen3-30B-A3B's shape (`python -m bench.moe --sweep`), 8 tokens (64 pairs) took 178 us this way against
-# 241 us sorted, although experts chosen twice are read twice
-PAIR_TILES_MAX = 64
+from warmkv.kernels.gemv import expert_output, gemv
+
+# up to this many pairs, each pair is a product of its own instead of being sorted by expert. On an H100 at
+# Qwen3-30B-A3B's shape (`python -m bench.moe --sweep`), 8 tokens (64 pairs) took 178 us as a tile per
+# pair against 241 us sorted, although experts chosen twice are read twice
+PAIR_GEMV_MAX = 64
 ALIGN_BLOCK = 1024  # pairs per pass of the alignment kernel
 ALIGN_TILES = 64  # tiles per pass when it finds each tile's expert
 
@@ -58,20 +60,17 @@ def tiles_for(pairs: int) -> Tiles:
 
 @dataclass(slots=True)
 class ExpertAlignment:
-    """Pairs sorted by expert, each expert's run padded to a whole tile; or one pair per tile."""
+    """Pairs sorted by expert, each expert's run padded to a whole tile."""
 
-    # [padded] int32: pair index (token * top_k + k), `pairs` marking padding; None: tile t is pair t alone
-    sorted_pairs: torch.Tensor | None
+    sorted_pairs: torch.Tensor  # [padded] int32: pair index (token * top_k + k), `pairs` marking padding
     tile_experts: torch.Tensor  # [tiles]: the expert of each tile; -1 for tiles past the last run
 
 
 def align_by_expert(expert_ids: torch.Tensor, num_experts: int, tile_rows: int) -> ExpertAlignment:
     """Sort the pairs of expert_ids [tokens, top_k] by expert in one kernel launch, without a host sync
-    (graph-capturable); up to PAIR_TILES_MAX pairs, give each pair a tile instead (no kernel at all)."""
+    (graph-capturable)."""
     flat = expert_ids.flatten()
     pairs = flat.numel()
-    if pairs <= PAIR_TILES_MAX:
-        return ExpertAlignment(None, flat)
     # worst case: every expert's run ends one row into a tile
     num_tiles = -(-(pairs + num_experts * (tile_rows - 1)) // tile_rows)
     sorted_pairs = torch.empty(num_tiles * tile_rows, dtype=torch.int32, device=flat.device)
@@ -139,6 +138,31 @@ def fused_experts(
     each of a token's k outputs, [tokens, top_k, hidden]. `activation` maps [n, 2 * inner] to [n, inner]."""
     tokens, top_k = expert_ids.shape
     pairs = tokens * top_k
+    if pairs <= PAIR_GEMV_MAX:
+        ids = expert_ids.flatten()
+        hidden = gemv(x, gate_up_proj, gate_up_bias, ids, top_k, swiglu=activation is None)
+        hidden = hidden if activation is None else activation(hidden)
+        down = gemv(hidden, down_proj, down_bias, ids, 1, weights.reshape(-1))
+    else:
+        down = _sorted_by_expert(x, gate_up_proj, down_proj, weights, expert_ids, activation,
+                                 gate_up_bias, down_bias)  # fmt: skip
+    per_choice = down.view(tokens, top_k, -1)
+    return per_choice.sum(dim=1) if summed else per_choice
+
+
+def _sorted_by_expert(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Both projections as grouped GEMMs over the pairs sorted by expert: [pairs, hidden]."""
+    tokens, top_k = expert_ids.shape
+    pairs = tokens * top_k
     tiles = tiles_for(pairs)
     alignment = align_by_expert(expert_ids, gate_up_proj.shape[0], tiles.rows)
     if activation is None:  # the gate and up halves of each tile: half as many output columns per program
@@ -146,9 +170,7 @@ def fused_experts(
                               replace(tiles, cols=tiles.cols // 2), None, swiglu=True)  # fmt: skip
     else:
         hidden = activation(grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k, tiles, None))
-    down = grouped_gemm(hidden, down_proj, down_bias, alignment, pairs, 1, tiles, weights.reshape(-1))
-    per_choice = down.view(tokens, top_k, -1)
-    return per_choice.sum(dim=1) if summed else per_choice
+    return grouped_gemm(hidden, down_proj, down_bias, alignment, pairs, 1, tiles, weights.reshape(-1))
 
 
 def grouped_gemm(
@@ -169,15 +191,12 @@ def grouped_gemm(
     out_cols = cols // 2 if swiglu else cols
     out = torch.empty(pairs, out_cols, dtype=a.dtype, device=a.device)
     grid = (alignment.tile_experts.numel(), triton.cdiv(out_cols, tiles.cols))
-    sorted_pairs = alignment.sorted_pairs
     _grouped_gemm_kernel[grid](
         a, b, out, bias if bias is not None else a, pair_weights if pair_weights is not None else a,
-        sorted_pairs if sorted_pairs is not None else alignment.tile_experts, alignment.tile_experts,
-        pairs, out_cols, depth,
+        alignment.sorted_pairs, alignment.tile_experts, pairs, out_cols, depth,
         a.stride(0), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
         PAIRS_PER_ROW=pairs_per_row, BIAS=bias is not None, WEIGHTED=pair_weights is not None,
-        SWIGLU=swiglu, PAIR_TILES=sorted_pairs is None,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        SWIGLU=swiglu, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         ROWS=tiles.rows, COLS=tiles.cols, DEPTH=tiles.depth, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -189,19 +208,14 @@ def _grouped_gemm_kernel(
     a_ptr, b_ptr, out_ptr, bias_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs, cols, depth,
     stride_a, stride_b_expert, stride_b_col, stride_bias, stride_out,
     PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr, SWIGLU: tl.constexpr,
-    PAIR_TILES: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-    DEPTH: tl.constexpr,
+    PRECISION: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
 ):  # fmt: skip
     # `cols`: the output's; with SWIGLU, b has twice as many rows (gate, then up)
     tile = tl.program_id(0)
     expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
     if expert < 0:  # past the last expert's run: padding of the worst case
         return
-    if PAIR_TILES:  # the tile's first row is its pair; the others are padding (tl.dot needs 16 rows)
-        rows = tl.arange(0, ROWS)
-        pair = tl.where(rows == 0, tile, pairs).to(tl.int64)
-    else:
-        pair = tl.load(sorted_pairs_ptr + tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    pair = tl.load(sorted_pairs_ptr + tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     real = pair < pairs
     a_rows = a_ptr + (pair // PAIRS_PER_ROW)[:, None] * stride_a
     col = tl.program_id(1) * COLS + tl.arange(0, COLS)
@@ -219,22 +233,18 @@ def _grouped_gemm_kernel(
         if SWIGLU:
             b_up = tl.load(b_up_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
-    dtype = out_ptr.dtype.element_ty
-    # each product is rounded before a bias is added, and so on: transformers' order, step by step
+    bias = 0.0
+    up_bias = 0.0
     if BIAS:
         bias_row = bias_ptr + expert * stride_bias
-        acc = acc.to(dtype).to(tl.float32) + tl.load(bias_row + col, mask=col_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_row + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:
-            up_bias = tl.load(bias_row + cols + col, mask=col_ok, other=0.0).to(tl.float32)
-            acc_up = acc_up.to(dtype).to(tl.float32) + up_bias
-    if SWIGLU:  # silu(gate) * up, as silu_and_mul rounds it
-        gate = acc.to(dtype).to(tl.float32)
-        acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
-    if WEIGHTED:  # round the product first, then scale by the router weight: transformers' order
-        weight = tl.load(weight_ptr + pair, mask=real, other=0.0).to(tl.float32)
-        acc = acc.to(dtype).to(tl.float32) * weight[:, None]
+            up_bias = tl.load(bias_row + cols + col, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    weight = tl.load(weight_ptr + pair, mask=real, other=0.0).to(tl.float32)[:, None] if WEIGHTED else 1.0
+    result = expert_output(acc, acc_up, bias, up_bias, weight, out_ptr.dtype.element_ty,
+                           BIAS, SWIGLU, WEIGHTED)  # fmt: skip
     out = out_ptr + pair[:, None] * stride_out + col[None, :]
-    tl.store(out, acc.to(dtype), mask=real[:, None] & col_ok[None, :])
+    tl.store(out, result, mask=real[:, None] & col_ok[None, :])
 
 
 def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from warmkv.kernels import fused
+    from warmkv.kernels import fused, gemv
 except ImportError:  # no Triton (CPU-only installs): PyTorch everywhere
-    fused = None  # type: ignore[assignment]
+    fused = gemv = None  # type: ignore[assignment]
+
+# token rows up to which a linear layer on CUDA is a matrix-vector product per row
+# (warmkv.kernels.gemv) rather than cuBLAS's GEMM: `python -m bench.moe --linear`
+GEMV_ROWS_MAX = 1
 
 
 TRITON = fused is not None
@@ -51,6 +55,20 @@ class RMSNorm(nn.Module):
         if x.dim() == 3 and has_kernels(x.device):
             return fused.rms_norm(x, self.weight, self.eps, residual)
         return rms_norm(x.sum(dim=1) if x.dim() == 3 else x, self.weight, self.eps, residual)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): F.linear, or on CUDA for a decode step's few rows the matrix-vector kernel."""
+    if has_kernels(x.device) and x.dim() == 2 and x.shape[0] <= GEMV_ROWS_MAX:
+        return gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names) through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

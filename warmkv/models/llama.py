@@ -16,7 +16,7 @@ from torch import nn
 
 from warmkv.models.attention import AttentionBatch, paged_attention
 from warmkv.models.config import ModelConfig
-from warmkv.models.layers import RMSNorm, rotary_and_store, silu_and_mul
+from warmkv.models.layers import Linear, RMSNorm, rotary_and_store, silu_and_mul
 from warmkv.models.mla import MlaAttention, convert_deepseek_weights
 from warmkv.models.moe import SparseMoeBlock, convert_gpt_oss_experts, stack_expert_weights
 from warmkv.models.rope import RotaryEmbedding
@@ -32,10 +32,10 @@ class Attention(nn.Module):
         )
         hidden = config.hidden_size
         # q, k and v as one matmul: checkpoints' separate weights are concatenated on load
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             hidden, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=config.qkv_bias
         )
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -70,8 +70,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=config.mlp_bias)  # concatenated on load
-        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(hidden, 2 * inner, bias=config.mlp_bias)  # concatenated on load
+        self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -118,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -27,7 +27,7 @@ from torch import nn
 from warmkv.errors import ModelLoadError
 from warmkv.models.attention import AttentionBatch, SequenceSlice, attend, build_mask
 from warmkv.models.config import MlaConfig, ModelConfig
-from warmkv.models.layers import RMSNorm, rotate
+from warmkv.models.layers import Linear, RMSNorm, rotate
 from warmkv.models.rope import yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # the q and kv latent norms use RMSNorm's default, not the config's rms_norm_eps
@@ -45,18 +45,18 @@ class MlaAttention(nn.Module):
         self.mla, self.num_heads = mla, config.num_heads
         hidden, heads = config.hidden_size, config.num_heads
         qk_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
-        self.q_proj: nn.Linear | None = None
+        self.q_proj: Linear | None = None
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, heads * qk_dim, bias=False)
+            self.q_proj = Linear(hidden, heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_proj = Linear(hidden, mla.q_lora_rank, bias=config.qkv_bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.latent_dim, bias=config.qkv_bias)
+            self.q_b_proj = Linear(mla.q_lora_rank, heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, mla.latent_dim, bias=config.qkv_bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, LATENT_NORM_EPS)
         kv_dims = mla.qk_nope_head_dim + mla.v_head_dim
-        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * kv_dims, bias=False)
-        self.o_proj = nn.Linear(heads * mla.v_head_dim, hidden, bias=config.o_bias)
+        self.kv_b_proj = Linear(mla.kv_lora_rank, heads * kv_dims, bias=False)
+        self.o_proj = Linear(heads * mla.v_head_dim, hidden, bias=config.o_bias)
         self.scale = softmax_scale(config)
         # per query, key and head the absorbed path costs 2 * kv_lora_rank + rope multiply-adds against
         # qk + v expanded, but it spares expanding every context token (kv_lora_rank * (nope + v) per

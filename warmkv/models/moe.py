@@ -19,7 +19,7 @@ from torch import nn
 
 from warmkv.errors import ModelLoadError
 from warmkv.models.config import ModelConfig, MoeConfig
-from warmkv.models.layers import TRITON, has_kernels, silu_and_mul
+from warmkv.models.layers import TRITON, Linear, has_kernels, linear, silu_and_mul
 
 if TRITON:
     from warmkv.kernels.fused_moe import fused_experts, route_top_k
@@ -119,7 +119,7 @@ class SoftmaxRouter(nn.Module):
         self.top_k, self.normalize, self.softmax_over_top_k = moe.top_k, moe.normalize_top_k, moe.biases
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(F.linear(x, self.weight, self.bias), self.top_k, self.normalize, self.softmax_over_top_k)
+        return route(linear(x, self.weight, self.bias), self.top_k, self.normalize, self.softmax_over_top_k)
 
 
 class SigmoidGroupRouter(nn.Module):
@@ -156,8 +156,8 @@ class SharedExpert(nn.Module):
 
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=False)  # concatenated on load
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * inner, bias=False)  # concatenated on load
+        self.down_proj = Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -172,11 +172,11 @@ class SparseMoeBlock(nn.Module):
         self.gate = router(config.hidden_size, moe)
         self.experts = Experts(config.hidden_size, moe)
         self.shared_expert: SharedExpert | None = None
-        self.shared_expert_gate: nn.Linear | None = None
+        self.shared_expert_gate: Linear | None = None
         if moe.shared_intermediate_size:
             self.shared_expert = SharedExpert(config.hidden_size, moe.shared_intermediate_size)
         if moe.shared_intermediate_size and moe.shared_expert_gate:
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[tokens, hidden]; or, without a shared expert, the k experts' outputs [tokens, top_k, hidden],

@@ -1,0 +1,71 @@
+"""The matrix-vector kernel (decode's linear layers at one row, and each (token, expert) pair of a
+mixture of experts) gives what F.linear gives.
+
+Without CUDA it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET): shapes stay
+small there, with launches that leave partial column blocks and reduction steps. On CUDA the same tests
+run compiled, and in bf16 at Qwen3-30B-A3B's shapes against cuBLAS.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from warmkv.kernels.gemv import GemvLaunch, gemv, gemv_launch
+from warmkv.models import layers
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# 4 columns a program over 37 of them, 32 of a depth of 100: the last block and the last step are partial
+SMALL = GemvLaunch(cols=4, depth=32, num_warps=4)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_f_linear_in_float32(rows: int, with_bias: bool) -> None:
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 100, device=DEVICE)
+    weight = torch.randn(37, 100, device=DEVICE)
+    bias = torch.randn(37, device=DEVICE) if with_bias else None
+    got = gemv(x, weight, bias, launch=SMALL)
+    assert got.shape == (rows, 37)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+def test_each_pair_multiplies_its_token_by_its_expert_with_swiglu_and_router_weight() -> None:
+    """Pair p reads token p // 2's row and expert_ids[p]'s weight: [gate | up] rows give silu(gate) * up,
+    the router weight scales the output."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, device=DEVICE)
+    experts = torch.randn(5, 2 * 24, 64, device=DEVICE)
+    bias = torch.randn(5, 2 * 24, device=DEVICE)
+    expert_ids = torch.tensor([4, 1, 1, 0], device=DEVICE)
+    router = torch.tensor([0.5, 2.0, 1.0, -1.0], device=DEVICE)
+    got = gemv(x, experts, bias, expert_ids, 2, router, swiglu=True, launch=SMALL)
+    for pair, expert in enumerate(expert_ids.tolist()):
+        gate, up = F.linear(x[pair // 2], experts[expert], bias[expert]).chunk(2)
+        torch.testing.assert_close(got[pair], F.silu(gate) * up * router[pair], atol=1e-4, rtol=1e-5)
+
+
+def test_launch_keeps_every_sm_busy_for_small_layers() -> None:
+    """A router's 128 rows are spread one or two to a program; a wide layer gets 16 rows a program."""
+    device = torch.device("cpu")  # one SM: only the widths decide
+    assert gemv_launch(1, 6144, 2048, device) == GemvLaunch(cols=16, depth=1024, num_warps=4)
+    assert gemv_launch(1, 32, 100, device).cols == 8 and gemv_launch(1, 32, 100, device).depth == 128
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("cols", "depth"), [(6144, 2048), (2048, 4096), (128, 2048), (151936, 2048)])
+def test_one_row_linear_layers_at_qwen3_moe_shapes_match_cublas_in_bfloat16(cols: int, depth: int) -> None:
+    """q/k/v, o, the router and the LM head at one token: `Linear` takes the kernel there, within bf16
+    rounding of cuBLAS (both sum in float32, in other orders)."""
+    torch.manual_seed(cols)
+    layer = layers.Linear(depth, cols, bias=False).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, depth, device=DEVICE, dtype=torch.bfloat16)
+    got, want = layer(x).float(), F.linear(x, layer.weight).float()
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert ((got - want).norm() / want.norm()).item() < 5e-3

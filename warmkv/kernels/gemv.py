@@ -1,0 +1,131 @@
+"""Matrix-vector products for the few token rows of a decode step (Triton): a linear layer over one or
+two rows, and a mixture of experts' products for each (token, expert) pair on its own.
+
+With one token a layer's product is a read of its weight and nothing else: two bytes per multiply-add.
+What decides its speed is how many bytes are in flight, not tensor cores. cuBLAS's batch-1 kernels read
+Qwen3-30B-A3B's q/k/v and o projections at 55-72% of the H100's copy rate (a kernel profile), and the
+grouped GEMM with a 16-row tile per pair, one row real, read the experts at 0.72 of it
+(`python -m bench.moe --sweep`). Here each program reads a few whole rows of the weight in long
+contiguous loads, multiplies them by the token row in float32 and sums: no padding rows, no tile
+shapes made for tl.dot, and enough programs to keep every SM loading.
+
+A program owns one output row (a token's row, or a pair's) and `cols` consecutive output columns, so
+one kernel serves a dense layer (one weight) and the experts (each pair's expert's weight); rows that
+share a weight read it at about the same time, the later from L2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(slots=True, frozen=True)
+class GemvLaunch:
+    cols: int  # output columns (weight rows) per program
+    depth: int  # reduction step: weight columns loaded at once per row
+    num_warps: int
+
+
+def gemv_launch(rows: int, cols: int, depth: int, device: torch.device) -> GemvLaunch:
+    """Steps of up to 1024 weight columns; as many weight rows per program as leaves at least four
+    programs per SM, up to 16 (16 x 1024 bf16 is 32 KB a step)."""
+    step = min(1024, triton.next_power_of_2(depth))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    per_program = 16
+    while per_program > 1 and rows * triton.cdiv(cols, per_program) < 4 * sms:
+        per_program //= 2
+    return GemvLaunch(cols=per_program, depth=step, num_warps=4)
+
+
+def gemv(
+    x: torch.Tensor,  # [rows, depth]
+    weight: torch.Tensor,  # [cols, depth], or [experts, cols, depth] with expert_ids
+    bias: torch.Tensor | None = None,  # [cols] or [experts, cols]: added to the rounded product
+    expert_ids: torch.Tensor | None = None,  # [pairs]: pair p multiplies x[p // pairs_per_row] by its expert
+    pairs_per_row: int = 1,
+    pair_weights: torch.Tensor | None = None,  # [pairs]: multiplied into each output row
+    swiglu: bool = False,  # weight rows are [gate | up]: out is silu(gate) * up, half as many columns
+    launch: GemvLaunch | None = None,
+) -> torch.Tensor:
+    """out[p] = (x[p // pairs_per_row] @ W.T + bias) * pair_weights[p]: [pairs, cols] (pairs = rows
+    without experts), with the expert kernels' roundings (each step rounded to x's dtype, as
+    transformers rounds it)."""
+    pairs = expert_ids.numel() if expert_ids is not None else x.shape[0]
+    cols, depth = weight.shape[-2], weight.shape[-1]
+    out_cols = cols // 2 if swiglu else cols
+    launch = launch or gemv_launch(pairs, out_cols, depth, x.device)
+    out = torch.empty(pairs, out_cols, dtype=x.dtype, device=x.device)
+    experts = expert_ids is not None
+    _gemv_kernel[(pairs, triton.cdiv(out_cols, launch.cols))](
+        x, weight, out, bias if bias is not None else x, pair_weights if pair_weights is not None else x,
+        expert_ids if experts else x, out_cols, depth,
+        x.stride(0), weight.stride(0) if experts else 0, weight.stride(-2),
+        bias.stride(0) if bias is not None and experts else 0, out.stride(0),
+        PAIRS_PER_ROW=pairs_per_row, EXPERTS=experts, BIAS=bias is not None,
+        WEIGHTED=pair_weights is not None, SWIGLU=swiglu, COLS=launch.cols, DEPTH=launch.depth,
+        num_warps=launch.num_warps,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def expert_output(
+    acc, acc_up, bias, up_bias, weight, dtype: tl.constexpr,
+    BIAS: tl.constexpr, SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr,
+):  # fmt: skip
+    """A product's epilogue in transformers' order, each step rounded to `dtype`: + bias, silu(gate) * up
+    (as silu_and_mul rounds it), times the router weight. Shared by this kernel and the grouped GEMM."""
+    if BIAS:
+        acc = acc.to(dtype).to(tl.float32) + bias
+        if SWIGLU:
+            acc_up = acc_up.to(dtype).to(tl.float32) + up_bias
+    if SWIGLU:
+        gate = acc.to(dtype).to(tl.float32)
+        acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
+    if WEIGHTED:
+        acc = acc.to(dtype).to(tl.float32) * weight
+    return acc.to(dtype)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, weight_ptr, expert_ids_ptr, cols, depth,
+    stride_x, stride_w_expert, stride_w_col, stride_bias, stride_out,
+    PAIRS_PER_ROW: tl.constexpr, EXPERTS: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
+    SWIGLU: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
+):  # fmt: skip
+    # `cols`: the output's; with SWIGLU the weight has twice as many rows (gate, then up)
+    pair = tl.program_id(0).to(tl.int64)
+    expert = tl.load(expert_ids_ptr + pair).to(tl.int64) if EXPERTS else 0
+    x_row = x_ptr + (pair // PAIRS_PER_ROW) * stride_x
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    col_ok = col < cols
+    w_rows = w_ptr + expert * stride_w_expert + col[:, None].to(tl.int64) * stride_w_col
+    w_up_rows = w_rows + cols * stride_w_col  # SWIGLU: the same columns of the up half
+    acc = tl.zeros((COLS,), dtype=tl.float32)
+    acc_up = tl.zeros((COLS,), dtype=tl.float32)
+    for start in range(0, depth, DEPTH):
+        k = start + tl.arange(0, DEPTH)
+        k_ok = k < depth
+        x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x, 1)
+        if SWIGLU:
+            w_up = tl.load(w_up_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc_up += tl.sum(w_up.to(tl.float32) * x, 1)
+    dtype = out_ptr.dtype.element_ty
+    bias = 0.0
+    up_bias = 0.0
+    if BIAS:
+        bias_row = bias_ptr + expert * stride_bias
+        bias = tl.load(bias_row + col, mask=col_ok, other=0.0).to(tl.float32)
+        if SWIGLU:
+            up_bias = tl.load(bias_row + cols + col, mask=col_ok, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
+    out = expert_output(acc, acc_up, bias, up_bias, weight, dtype,
+                        BIAS, SWIGLU, WEIGHTED)  # fmt: skip
+    tl.store(out_ptr + pair * stride_out + col, out, mask=col_ok)
