@@ -69,7 +69,7 @@ def _layer_rows(name: str, cols: int, depth: int, sweep: bool, bandwidth: float)
     rows = []
     for tokens in ROWS:
         x = torch.randn(tokens, depth, device=device, dtype=torch.bfloat16)
-        chosen = gemv_launch(tokens, cols, depth, device)
+        chosen = gemv_launch(depth)
         launches = _launches(chosen) if sweep and tokens == 1 else [chosen]
         cublas_us = _graph_us(lambda x=x: F.linear(x, weight))
         for launch in launches:

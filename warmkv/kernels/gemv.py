@@ -10,8 +10,7 @@ contiguous loads, multiplies them by the token row in float32 and sums: no paddi
 shapes made for tl.dot, and enough programs to keep every SM loading.
 
 A program owns one output row (a token's row, or a pair's) and `cols` consecutive output columns, so
-one kernel serves a dense layer (one weight) and the experts (each pair's expert's weight); rows that
-share a weight read it at about the same time, the later from L2.
+one kernel serves a dense layer (one weight) and the experts (each pair's expert's weight).
 """
 
 from __future__ import annotations
@@ -30,15 +29,11 @@ class GemvLaunch:
     num_warps: int
 
 
-def gemv_launch(rows: int, cols: int, depth: int, device: torch.device) -> GemvLaunch:
-    """Steps of up to 1024 weight columns; as many weight rows per program as leaves at least four
-    programs per SM, up to 16 (16 x 1024 bf16 is 32 KB a step)."""
-    step = min(1024, triton.next_power_of_2(depth))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    per_program = 16
-    while per_program > 1 and rows * triton.cdiv(cols, per_program) < 4 * sms:
-        per_program //= 2
-    return GemvLaunch(cols=per_program, depth=step, num_warps=4)
+def gemv_launch(depth: int) -> GemvLaunch:
+    """Two weight rows a program in steps of up to 1024 columns, 4 warps: the fastest launch per pair at
+    Qwen3-30B-A3B's expert shapes on an H100, at 1 and 8 tokens, of 48 (`python -m bench.moe --sweep`):
+    many small programs keep every SM loading to the end of a short kernel."""
+    return GemvLaunch(cols=2, depth=min(1024, triton.next_power_of_2(depth)), num_warps=4)
 
 
 def gemv(
@@ -57,10 +52,11 @@ def gemv(
     pairs = expert_ids.numel() if expert_ids is not None else x.shape[0]
     cols, depth = weight.shape[-2], weight.shape[-1]
     out_cols = cols // 2 if swiglu else cols
-    launch = launch or gemv_launch(pairs, out_cols, depth, x.device)
+    launch = launch or gemv_launch(depth)
     out = torch.empty(pairs, out_cols, dtype=x.dtype, device=x.device)
     experts = expert_ids is not None
-    _gemv_kernel[(pairs, triton.cdiv(out_cols, launch.cols))](
+    # column blocks on the grid's first axis: a vocabulary's can pass the second's limit of 65535
+    _gemv_kernel[(triton.cdiv(out_cols, launch.cols), pairs)](
         x, weight, out, bias if bias is not None else x, pair_weights if pair_weights is not None else x,
         expert_ids if experts else x, out_cols, depth,
         x.stride(0), weight.stride(0) if experts else 0, weight.stride(-2),
@@ -99,10 +95,10 @@ def _gemv_kernel(
     SWIGLU: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
 ):  # fmt: skip
     # `cols`: the output's; with SWIGLU the weight has twice as many rows (gate, then up)
-    pair = tl.program_id(0).to(tl.int64)
+    pair = tl.program_id(1).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pair).to(tl.int64) if EXPERTS else 0
     x_row = x_ptr + (pair // PAIRS_PER_ROW) * stride_x
-    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    col = tl.program_id(0) * COLS + tl.arange(0, COLS)
     col_ok = col < cols
     w_rows = w_ptr + expert * stride_w_expert + col[:, None].to(tl.int64) * stride_w_col
     w_up_rows = w_rows + cols * stride_w_col  # SWIGLU: the same columns of the up half
