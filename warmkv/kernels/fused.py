@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from warmkv.kernels.dependent_launch import options, wait_for_previous
+
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
@@ -24,11 +26,12 @@ def rms_norm(
     assert parts == 1 or residual is not None
     out = torch.empty(rows, size, dtype=x.dtype, device=x.device)
     stream = torch.empty_like(out) if residual is not None else x
+    pdl, launch = options(x.device)
     _rms_norm_kernel[(rows,)](
         x, residual if residual is not None else x, stream, weight, out, eps,
         x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(0) if residual is None else residual.stride(0),
         stream.stride(0), out.stride(0), size, ADD=residual is not None, PARTS=parts,
-        BLOCK=triton.next_power_of_2(size),
+        BLOCK=triton.next_power_of_2(size), PDL=pdl, **launch,
     )  # fmt: skip
     return out, stream
 
@@ -37,8 +40,9 @@ def rms_norm(
 def _rms_norm_kernel(
     x_ptr, residual_ptr, stream_ptr, weight_ptr, out_ptr, eps,
     stride_x, stride_part, stride_residual, stride_stream, stride_out, size,
-    ADD: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr,
+    ADD: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)  # rows x top_k x hidden passes 2**31 in a long prefill
     cols = tl.arange(0, BLOCK)
     ok = cols < size
@@ -99,12 +103,13 @@ def rotary_and_store(
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     q_weight, k_weight, eps = qk_norm if qk_norm is not None else (q, k, 0.0)
+    pdl, launch = options(q.device)
     _rotary_kernel[(tokens, heads + kv_heads)](
         q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_weight, k_weight, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1),
         HEADS=heads, HALF=head_dim // 2, HALF_PAD=triton.next_power_of_2(head_dim // 2),
-        QK_NORM=qk_norm is not None,
+        QK_NORM=qk_norm is not None, PDL=pdl, **launch,
     )  # fmt: skip
 
 
@@ -113,8 +118,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_norm_ptr, k_norm_ptr, eps,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_cos, stride_cache_slot, stride_cache_head,
-    HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr,
+    HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HALF_PAD)

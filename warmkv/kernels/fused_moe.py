@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from warmkv.kernels.dependent_launch import options, wait_for_previous
 from warmkv.kernels.gemv import expert_output, gemv
 
 # up to this many pairs, each pair is a product of its own instead of being sorted by expert. On an H100 at
@@ -254,10 +255,11 @@ def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[to
     tokens, experts = logits.shape
     weights = torch.empty(tokens, top_k, dtype=logits.dtype, device=logits.device)
     expert_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    pdl, launch = options(logits.device)
     _route_kernel[(tokens,)](
         logits, weights, expert_ids, logits.stride(0), experts,
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK=triton.next_power_of_2(experts),
-        RENORMALIZE=renormalize,
+        RENORMALIZE=renormalize, PDL=pdl, **launch,
     )  # fmt: skip
     return weights, expert_ids
 
@@ -266,7 +268,9 @@ def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[to
 def _route_kernel(
     logits_ptr, weights_ptr, ids_ptr, stride_logits, experts,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr, RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + row * stride_logits + cols, mask=cols < experts, other=float("-inf"))

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from warmkv.kernels.dependent_launch import options, wait_for_previous
+
 
 @dataclass(slots=True, frozen=True)
 class GemvLaunch:
@@ -55,6 +57,7 @@ def gemv(
     launch = launch or gemv_launch(depth)
     out = torch.empty(pairs, out_cols, dtype=x.dtype, device=x.device)
     experts = expert_ids is not None
+    pdl, options_ = options(x.device)
     # column blocks on the grid's first axis: a vocabulary's can pass the second's limit of 65535
     _gemv_kernel[(triton.cdiv(out_cols, launch.cols), pairs)](
         x, weight, out, bias if bias is not None else x, pair_weights if pair_weights is not None else x,
@@ -63,7 +66,7 @@ def gemv(
         bias.stride(0) if bias is not None and experts else 0, out.stride(0),
         PAIRS_PER_ROW=pairs_per_row, EXPERTS=experts, BIAS=bias is not None,
         WEIGHTED=pair_weights is not None, SWIGLU=swiglu, COLS=launch.cols, DEPTH=launch.depth,
-        num_warps=launch.num_warps,
+        PDL=pdl, num_warps=launch.num_warps, **options_,
     )  # fmt: skip
     return out
 
@@ -92,8 +95,9 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, weight_ptr, expert_ids_ptr, cols, depth,
     stride_x, stride_w_expert, stride_w_col, stride_bias, stride_out,
     PAIRS_PER_ROW: tl.constexpr, EXPERTS: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
-    SWIGLU: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
+    SWIGLU: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     # `cols`: the output's; with SWIGLU the weight has twice as many rows (gate, then up)
     pair = tl.program_id(1).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pair).to(tl.int64) if EXPERTS else 0

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from warmkv.kernels.dependent_launch import options, wait_for_previous
+
 
 @dataclass(slots=True, frozen=True)
 class Launch:
@@ -143,6 +145,7 @@ def paged_attention(
         launch = DECODE_LAUNCH
     else:  # (float32 tiles of 128 keys in 3 stages need more shared memory than a GPU has)
         launch = SPLIT_PREFILL_LAUNCH if splits > 1 and q.element_size() == 2 else PREFILL_LAUNCH
+    pdl, pdl_launch = options(q.device)
     _attention_kernel[(tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, partial, lse, sinks if sinks is not None else q,
         batch.block_table, batch.context_lens, batch.query_starts, batch.tile_seqs, batch.tile_starts,
@@ -157,7 +160,7 @@ def paged_attention(
         SLIDING_WINDOW=sliding_window or 0, SINKS=sinks is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models stay exact
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), SPLIT=splits > 1,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch,
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(tokens, num_heads)](
@@ -166,6 +169,7 @@ def paged_attention(
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
             SPLITS_PAD=MAX_SPLITS, CHUNK=16,  # one compiled merge for every split count
+            PDL=pdl, **pdl_launch,
         )  # fmt: skip
     return out
 
@@ -181,8 +185,9 @@ def _attention_kernel(
     stride_out_token, stride_out_head, stride_out_split, stride_lse_split, stride_lse_token,
     HEADS_PER_KV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, SINKS: tl.constexpr, PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -262,7 +267,9 @@ def _merge_kernel(
     stride_p_split, stride_p_token, stride_p_head, stride_lse_split, stride_lse_token,
     stride_out_token, stride_out_head,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     lse_base = lse_ptr + token * stride_lse_token + head
