@@ -128,10 +128,16 @@ def _models(
 
     if args.shape:
         ours, theirs = random_pair(args.shape, args.tokenizer, device, dtype)
-        return ours, theirs, ours.name
-    ours = load_model(args.model, device, dtype)
-    theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype).to(device).eval()
-    return ours, theirs, ours.name
+    elif args.no_transformers:
+        ours, theirs = load_model(args.model, device, dtype), None
+    else:
+        ours = load_model(args.model, device, dtype)
+        theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype)
+    # transformers' copy is let go when not compared: gpt-oss-20b's converted experts and transformers'
+    # own do not fit an 80 GB GPU together with the pool and a prefill's activations
+    if args.no_transformers:
+        return ours, None, ours.name
+    return ours, theirs.to(device).eval(), ours.name
 
 
 def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argparse.Namespace,

@@ -143,7 +143,8 @@ def fused_experts(
         ids = expert_ids.flatten()
         hidden = gemv(x, gate_up_proj, gate_up_bias, ids, top_k, swiglu=activation is None)
         hidden = hidden if activation is None else activation(hidden)
-        down = gemv(hidden, down_proj, down_bias, ids, 1, weights.reshape(-1))
+        # the ids come from the router's kernel, two launches back: the down weights load early
+        down = gemv(hidden, down_proj, down_bias, ids, 1, weights.reshape(-1), ids_settled=True)
     else:
         down = _sorted_by_expert(x, gate_up_proj, down_proj, weights, expert_ids, activation,
                                  gate_up_bias, down_bias)  # fmt: skip

@@ -47,10 +47,12 @@ def gemv(
     pair_weights: torch.Tensor | None = None,  # [pairs]: multiplied into each output row
     swiglu: bool = False,  # weight rows are [gate | up]: out is silu(gate) * up, half as many columns
     launch: GemvLaunch | None = None,
+    ids_settled: bool = False,  # expert_ids were written before the kernel launched just before this one
 ) -> torch.Tensor:
     """out[p] = (x[p // pairs_per_row] @ W.T + bias) * pair_weights[p]: [pairs, cols] (pairs = rows
     without experts), with the expert kernels' roundings (each step rounded to x's dtype, as
-    transformers rounds it)."""
+    transformers rounds it). A weight (the expert's, once its id is `ids_settled`) is read before waiting
+    for the previous kernel to finish (dependent launch): only x comes from it."""
     pairs = expert_ids.numel() if expert_ids is not None else x.shape[0]
     cols, depth = weight.shape[-2], weight.shape[-1]
     out_cols = cols // 2 if swiglu else cols
@@ -66,7 +68,7 @@ def gemv(
         bias.stride(0) if bias is not None and experts else 0, out.stride(0),
         PAIRS_PER_ROW=pairs_per_row, EXPERTS=experts, BIAS=bias is not None,
         WEIGHTED=pair_weights is not None, SWIGLU=swiglu, COLS=launch.cols, DEPTH=launch.depth,
-        PDL=pdl, num_warps=launch.num_warps, **options_,
+        WEIGHTS_FIRST=not experts or ids_settled, PDL=pdl, num_warps=launch.num_warps, **options_,
     )  # fmt: skip
     return out
 
@@ -95,28 +97,40 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, weight_ptr, expert_ids_ptr, cols, depth,
     stride_x, stride_w_expert, stride_w_col, stride_bias, stride_out,
     PAIRS_PER_ROW: tl.constexpr, EXPERTS: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
-    SWIGLU: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr, PDL: tl.constexpr,
+    SWIGLU: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    wait_for_previous(PDL)
+    # WEIGHTS_FIRST: nothing but x comes from the previous kernel, so the first step of the weight is on its
+    # way while that kernel finishes; each later step is loaded while the one before it is summed
+    if not WEIGHTS_FIRST:
+        wait_for_previous(PDL)
     # `cols`: the output's; with SWIGLU the weight has twice as many rows (gate, then up)
     pair = tl.program_id(1).to(tl.int64)
-    expert = tl.load(expert_ids_ptr + pair).to(tl.int64) if EXPERTS else 0
+    expert = tl.load(expert_ids_ptr + pair, cache_modifier=".cg").to(tl.int64) if EXPERTS else 0
     x_row = x_ptr + (pair // PAIRS_PER_ROW) * stride_x
     col = tl.program_id(0) * COLS + tl.arange(0, COLS)
     col_ok = col < cols
     w_rows = w_ptr + expert * stride_w_expert + col[:, None].to(tl.int64) * stride_w_col
     w_up_rows = w_rows + cols * stride_w_col  # SWIGLU: the same columns of the up half
+    k = tl.arange(0, DEPTH)
+    w_mask = col_ok[:, None] & (k < depth)[None, :]
+    w = tl.load(w_rows + k[None, :], mask=w_mask, other=0.0)
+    w_up = tl.load(w_up_rows + k[None, :], mask=w_mask, other=0.0) if SWIGLU else w
+    if WEIGHTS_FIRST:
+        wait_for_previous(PDL)
     acc = tl.zeros((COLS,), dtype=tl.float32)
     acc_up = tl.zeros((COLS,), dtype=tl.float32)
     for start in range(0, depth, DEPTH):
         k = start + tl.arange(0, DEPTH)
-        k_ok = k < depth
-        x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_row + k, mask=k < depth, other=0.0).to(tl.float32)[None, :]
+        next_mask = col_ok[:, None] & (k + DEPTH < depth)[None, :]  # none past the last step
+        w_next = tl.load(w_rows + (k + DEPTH)[None, :], mask=next_mask, other=0.0)
         acc += tl.sum(w.to(tl.float32) * x, 1)
+        w = w_next
         if SWIGLU:
-            w_up = tl.load(w_up_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w_up_next = tl.load(w_up_rows + (k + DEPTH)[None, :], mask=next_mask, other=0.0)
             acc_up += tl.sum(w_up.to(tl.float32) * x, 1)
+            w_up = w_up_next
     dtype = out_ptr.dtype.element_ty
     bias = 0.0
     up_bias = 0.0

@@ -251,9 +251,10 @@ def _attention_kernel(
     result = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     out_offsets = (row_start + query)[:, None] * stride_out_token + head[:, None] * stride_out_head
     out_mask = row_ok[:, None] & dim_ok[None, :]
-    if SPLIT:
+    if SPLIT:  # a split past the tile's keys (a graph sized for the longest context) writes its lse alone
         out_offsets += split * stride_out_split
-        tl.store(out_ptr + out_offsets + dims[None, :], result, mask=out_mask)
+        saw_keys = (lo + tl.zeros([ROWS], tl.int32)) < hi
+        tl.store(out_ptr + out_offsets + dims[None, :], result, mask=out_mask & saw_keys[:, None])
         lse = tl.where(total == 0.0, float("-inf"), best + tl.log2(tl.where(total == 0.0, 1.0, total)))
         lse_offsets = split * stride_lse_split + (row_start + query) * stride_lse_token + head
         tl.store(lse_ptr + lse_offsets, lse, mask=row_ok)
@@ -278,15 +279,18 @@ def _merge_kernel(
     lse = tl.load(lse_base + splits * stride_lse_split, mask=splits < num_splits, other=float("-inf"))
     best = tl.max(lse, 0)
     total = tl.sum(tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - best)), 0)
+    # splits that saw no key come last (a short context in a graph sized for the longest) and are skipped
+    used = tl.max(tl.where(lse == float("-inf"), -1, splits), 0) + 1
     dims = tl.arange(0, HEAD_DIM_PAD)
     merged = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, num_splits, CHUNK):  # partial outputs a chunk of splits at a time: few registers
+    for start in range(0, used, CHUNK):  # partial outputs a chunk of splits at a time: few registers
         chunk = start + tl.arange(0, CHUNK)
         chunk_ok = chunk < num_splits
         chunk_lse = tl.load(lse_base + chunk * stride_lse_split, mask=chunk_ok, other=float("-inf"))
         weights = tl.where(chunk_lse == float("-inf"), 0.0, tl.exp2(chunk_lse - best))
         offsets = chunk[:, None] * stride_p_split + dims[None, :]
-        mask = chunk_ok[:, None] & (dims[None, :] < HEAD_DIM)
+        # a split whose lse is -inf wrote no partial output (or one of zeros): its weight is 0 either way
+        mask = (chunk_ok & (chunk_lse > float("-inf")))[:, None] & (dims[None, :] < HEAD_DIM)
         merged += tl.sum(tl.load(partial_base + offsets, mask=mask, other=0.0) * weights[:, None], 0)
     merged = merged / total
     out_offsets = token * stride_out_token + head * stride_out_head + dims
