@@ -120,7 +120,7 @@ def _rotary_kernel(
     stride_cos, stride_cache_slot, stride_cache_head,
     HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # cos and sin were made at the start of the step: read while the previous kernel (q, k, v) finishes
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.arange(0, HALF_PAD)
@@ -130,7 +130,6 @@ def _rotary_kernel(
     cos_hi = tl.load(cos_ptr + token * stride_cos + HALF + dims, mask=ok).to(tl.float32)
     sin_lo = tl.load(sin_ptr + token * stride_cos + dims, mask=ok).to(tl.float32)
     sin_hi = tl.load(sin_ptr + token * stride_cos + HALF + dims, mask=ok).to(tl.float32)
-    wait_for_previous(PDL)
     if head < HEADS:
         base = q_ptr + token * stride_q_token + head * stride_q_head
         norm_weight = q_norm_ptr

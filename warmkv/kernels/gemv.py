@@ -31,14 +31,11 @@ class GemvLaunch:
     num_warps: int
 
 
-def gemv_launch(depth: int, rows: int) -> GemvLaunch:
-    """Steps of up to 1024 weight columns, 4 warps; two weight rows a program for one token's rows (a
-    dense layer's, or its k experts'), 16 for more. Two was the per-pair sweep's fastest at 1 token of 48
-    launches (`python -m bench.moe --sweep`, Qwen3-30B-A3B's experts on an H100), and of nine rules the
-    fastest batch-1 decode step (3.90 ms, a one-off run). At 8 tokens (64 pairs) decode ran at 652 tok/s
-    with 16 rows a program (`6f89884`) and 583-601 with two (bench.engine, H100)."""
-    cols = 2 if rows <= 8 else 16
-    return GemvLaunch(cols=cols, depth=min(1024, triton.next_power_of_2(depth)), num_warps=4)
+def gemv_launch(depth: int) -> GemvLaunch:
+    """Two weight rows a program in steps of up to 1024 columns, 4 warps: the fastest launch per pair at
+    Qwen3-30B-A3B's expert shapes on an H100, at 1 and 8 tokens, of 48 (`python -m bench.moe --sweep`):
+    many small programs keep every SM loading to the end of a short kernel."""
+    return GemvLaunch(cols=2, depth=min(1024, triton.next_power_of_2(depth)), num_warps=4)
 
 
 def gemv(
@@ -59,15 +56,15 @@ def gemv(
     pairs = expert_ids.numel() if expert_ids is not None else x.shape[0]
     cols, depth = weight.shape[-2], weight.shape[-1]
     out_cols = cols // 2 if swiglu else cols
-    launch = launch or gemv_launch(depth, pairs)
+    launch = launch or gemv_launch(depth)
     out = torch.empty(pairs, out_cols, dtype=x.dtype, device=x.device)
     experts = expert_ids is not None
     pdl, options_ = options(x.device)
-    # one axis: a vocabulary's column blocks pass a second axis' limit of 65535
-    _gemv_kernel[(triton.cdiv(out_cols, launch.cols) * pairs,)](
+    # column blocks on the grid's first axis: a vocabulary's can pass the second's limit of 65535
+    _gemv_kernel[(triton.cdiv(out_cols, launch.cols), pairs)](
         x, weight, out, bias if bias is not None else x, pair_weights if pair_weights is not None else x,
         expert_ids if experts else x, out_cols, depth,
-        pairs, x.stride(0), weight.stride(0) if experts else 0, weight.stride(-2),
+        x.stride(0), weight.stride(0) if experts else 0, weight.stride(-2),
         bias.stride(0) if bias is not None and experts else 0, out.stride(0),
         PAIRS_PER_ROW=pairs_per_row, EXPERTS=experts, BIAS=bias is not None,
         WEIGHTED=pair_weights is not None, SWIGLU=swiglu, COLS=launch.cols, DEPTH=launch.depth,
@@ -97,7 +94,7 @@ def expert_output(
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, weight_ptr, expert_ids_ptr, cols, depth, pairs,
+    x_ptr, w_ptr, out_ptr, bias_ptr, weight_ptr, expert_ids_ptr, cols, depth,
     stride_x, stride_w_expert, stride_w_col, stride_bias, stride_out,
     PAIRS_PER_ROW: tl.constexpr, EXPERTS: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
     SWIGLU: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr, WEIGHTS_FIRST: tl.constexpr,
@@ -108,12 +105,10 @@ def _gemv_kernel(
     if not WEIGHTS_FIRST:
         wait_for_previous(PDL)
     # `cols`: the output's; with SWIGLU the weight has twice as many rows (gate, then up)
-    # pairs vary fastest: the pairs of an expert chosen twice read the same rows about together, the
-    # later from L2 (at 8 tokens, 64 pairs share about 50 experts)
-    pair = (tl.program_id(0) % pairs).to(tl.int64)
+    pair = tl.program_id(1).to(tl.int64)
     expert = tl.load(expert_ids_ptr + pair, cache_modifier=".cg").to(tl.int64) if EXPERTS else 0
     x_row = x_ptr + (pair // PAIRS_PER_ROW) * stride_x
-    col = (tl.program_id(0) // pairs) * COLS + tl.arange(0, COLS)
+    col = tl.program_id(0) * COLS + tl.arange(0, COLS)
     col_ok = col < cols
     w_rows = w_ptr + expert * stride_w_expert + col[:, None].to(tl.int64) * stride_w_col
     w_up_rows = w_rows + cols * stride_w_col  # SWIGLU: the same columns of the up half

@@ -187,8 +187,7 @@ def _attention_kernel(
     BLOCK_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, SINKS: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # the step's plan (tiles, lengths, block tables) was copied before its first kernel: read it while the
-    # previous kernel (the one that stored this step's K and V) finishes, then wait for it
+    wait_for_previous(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -205,7 +204,6 @@ def _attention_kernel(
     position = context_len - query_len + query  # of each query token in its sequence
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_ok = dims < HEAD_DIM
-    wait_for_previous(PDL)
     q_offsets = (row_start + query)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
