@@ -73,7 +73,7 @@ def _layer_rows(name: str, cols: int, depth: int, sweep: bool, bandwidth: float)
     rows = []
     for tokens in ROWS:
         x = torch.randn(tokens, depth, device=device, dtype=torch.bfloat16)
-        chosen = gemv_launch(depth)
+        chosen = gemv_launch(depth, tokens)
         launches = _launches(chosen) if sweep and tokens == 1 else [chosen]
         cublas_us = _graph_us(lambda x=x: [F.linear(x, w) for w in weights]) / len(weights)
         for launch in launches:

@@ -64,7 +64,7 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
         weights, expert_ids = routed()
         read = expert_ids.unique().numel() * expert_bytes
         pairs = tokens * top_k
-        gate_up_launch = gemv.gemv_launch(hidden)  # what the chosen way runs
+        gate_up_launch = gemv.gemv_launch(hidden, pairs)  # what the chosen way runs
         for setting in _settings(sweep, pairs, chosen[0](pairs), gate_up_launch, chosen[1] >= pairs):
             per_pair = isinstance(setting, gemv.GemvLaunch)
             fused_moe.PAIR_GEMV_MAX = 1 << 30 if per_pair else 0

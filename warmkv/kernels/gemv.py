@@ -31,10 +31,15 @@ class GemvLaunch:
     num_warps: int
 
 
-def gemv_launch(depth: int) -> GemvLaunch:
-    """Two weight rows a program in steps of up to 1024 columns, 4 warps: the fastest launch per pair at
-    Qwen3-30B-A3B's expert shapes on an H100, at 1 and 8 tokens, of 48 (`python -m bench.moe --sweep`):
-    many small programs keep every SM loading to the end of a short kernel."""
+def gemv_launch(depth: int, rows: int) -> GemvLaunch:
+    """4 warps. For one token's rows (a dense layer's, or its k experts'): two weight rows a program in
+    steps of up to 1024 columns, the per-pair sweep's fastest at 1 token of 48 launches (`python -m
+    bench.moe --sweep`, Qwen3-30B-A3B's experts on an H100) and of nine rules the fastest batch-1 decode
+    step (3.90 ms, a one-off run). Past 8 rows: 16 weight rows in steps of 256, as many weights in
+    flight a step: decode at 8 tokens 626 tok/s against 581-584 with two rows (one A/B run,
+    `bench/results/engine-...-qwen3-30b-a3b-ab-batch8.json`)."""
+    if rows > 8:
+        return GemvLaunch(cols=16, depth=min(256, triton.next_power_of_2(depth)), num_warps=4)
     return GemvLaunch(cols=2, depth=min(1024, triton.next_power_of_2(depth)), num_warps=4)
 
 
@@ -56,7 +61,7 @@ def gemv(
     pairs = expert_ids.numel() if expert_ids is not None else x.shape[0]
     cols, depth = weight.shape[-2], weight.shape[-1]
     out_cols = cols // 2 if swiglu else cols
-    launch = launch or gemv_launch(depth)
+    launch = launch or gemv_launch(depth, pairs)
     out = torch.empty(pairs, out_cols, dtype=x.dtype, device=x.device)
     experts = expert_ids is not None
     pdl, options_ = options(x.device)
