@@ -75,13 +75,10 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
             args = (x, gate_up, down, weights, expert_ids)
             experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args))
             block_us = _graph_us(lambda x=x: fused_moe.fused_experts(x, gate_up, down, *routed(x)))
-            launch = setting if per_pair else None
             rows.append({
-                "shape": name, "tokens": tokens, "sorted": not per_pair,
-                "cols": launch.cols if launch else setting.cols,
-                "depth": launch.depth if launch else setting.depth,
-                "warps": launch.num_warps if launch else setting.num_warps,
-                "stages": None if launch else setting.num_stages,
+                "shape": name, "tokens": tokens, "sorted": not per_pair, "cols": setting.cols,
+                "depth": setting.depth, "warps": setting.num_warps,
+                "stages": None if per_pair else setting.num_stages,
                 "experts us": experts_us, "router+experts us": block_us, "experts read MB": read / 1e6,
                 "fraction of bandwidth": read / experts_us / 1e-6 / bandwidth,
             })  # fmt: skip

@@ -112,6 +112,22 @@ def test_group_that_is_not_a_power_of_two_is_padded() -> None:
     run_case([3, 1], [20, 9], heads=21, kv_heads=3, head_dim=16)  # 7 query heads per KV head
 
 
+def test_splits_that_saw_no_key_are_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split past a short context (a graph sized for the longest: most splits are empty) writes only its
+    lse, and the merge reads no partial output of a split that saw no key: every buffer the kernels
+    allocate starts as NaN, which would spread to the output through a single read of an unwritten one."""
+    empty = torch.empty
+
+    def nan_filled(*size, **kwargs):
+        out = empty(*size, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(kernel.torch, "empty", nan_filled)
+    # 40 splits over 150 keys (3 steps) and over 17 keys (1 step); with a window and sinks too
+    run_case([1, 1], [150, 17], heads=4, kv_heads=2, head_dim=16, splits=40)
+    run_case([20, 1], [300, 80], heads=4, kv_heads=2, head_dim=16, splits=24, window=24, sinks=True)
+
+
 def test_attention_sinks_join_the_softmax_once_across_splits() -> None:
     run_case([1, 1], [150, 17], heads=4, kv_heads=2, head_dim=16, splits=3, sinks=True)
     run_case([30, 1], [100, 80], heads=4, kv_heads=2, head_dim=16, window=24, sinks=True)

@@ -32,9 +32,10 @@ import triton.language as tl
 from warmkv.kernels.dependent_launch import options, wait_for_previous
 from warmkv.kernels.gemv import expert_output, gemv
 
-# up to this many pairs, each pair is a product of its own instead of being sorted by expert. On an H100 at
-# Qwen3-30B-A3B's shape (`python -m bench.moe --sweep`), 8 tokens (64 pairs) took 178 us as a tile per
-# pair against 241 us sorted, although experts chosen twice are read twice
+# up to this many pairs, each pair is a product of its own instead of being sorted by expert, although
+# experts chosen twice are read twice. On an H100 at Qwen3-30B-A3B's shape, 8 tokens (64 pairs) took
+# 175-176 us a product per pair at the sweep's best launches, 177 us sorted at its best tiles (`python -m
+# bench.moe --sweep`, `moe-nvidia-h100-80gb-hbm3-per-pair-sweep.json`): no sort kernel, no worse
 PAIR_GEMV_MAX = 64
 ALIGN_BLOCK = 1024  # pairs per pass of the alignment kernel
 ALIGN_TILES = 64  # tiles per pass when it finds each tile's expert

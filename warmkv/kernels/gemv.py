@@ -1,5 +1,5 @@
-"""Matrix-vector products for the few token rows of a decode step (Triton): a linear layer over one or
-two rows, and a mixture of experts' products for each (token, expert) pair on its own.
+"""Matrix-vector products for the few token rows of a decode step (Triton): a linear layer at one row,
+and a mixture of experts' products for each (token, expert) pair on its own.
 
 With one token a layer's product is a read of its weight and nothing else: two bytes per multiply-add.
 What decides its speed is how many bytes are in flight, not tensor cores. cuBLAS's batch-1 kernels read
@@ -55,9 +55,12 @@ def gemv(
     ids_settled: bool = False,  # expert_ids were written before the kernel launched just before this one
 ) -> torch.Tensor:
     """out[p] = (x[p // pairs_per_row] @ W.T + bias) * pair_weights[p]: [pairs, cols] (pairs = rows
-    without experts), with the expert kernels' roundings (each step rounded to x's dtype, as
-    transformers rounds it). A weight (the expert's, once its id is `ids_settled`) is read before waiting
-    for the previous kernel to finish (dependent launch): only x comes from it."""
+    without experts). Experts round as transformers rounds them, each step to x's dtype; a dense layer's
+    bias joins the float32 sum, rounded once, as F.linear. The weight (an expert's, once its id is
+    `ids_settled`) is read before waiting for the previous kernel to finish (dependent launch): it must
+    not be written during the step; only x comes from that kernel. x and the weight are contiguous in
+    their last dimension."""
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1
     pairs = expert_ids.numel() if expert_ids is not None else x.shape[0]
     cols, depth = weight.shape[-2], weight.shape[-1]
     out_cols = cols // 2 if swiglu else cols
@@ -145,6 +148,8 @@ def _gemv_kernel(
         if SWIGLU:
             up_bias = tl.load(bias_row + cols + col, mask=col_ok, other=0.0).to(tl.float32)
     weight = tl.load(weight_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
+    if not EXPERTS:  # a dense layer's bias joins the float32 sum, rounded once (F.linear's order)
+        acc += bias
     out = expert_output(acc, acc_up, bias, up_bias, weight, dtype,
-                        BIAS, SWIGLU, WEIGHTED)  # fmt: skip
+                        BIAS and EXPERTS, SWIGLU, WEIGHTED)  # fmt: skip
     tl.store(out_ptr + pair * stride_out + col, out, mask=col_ok)

@@ -279,7 +279,8 @@ def _merge_kernel(
     lse = tl.load(lse_base + splits * stride_lse_split, mask=splits < num_splits, other=float("-inf"))
     best = tl.max(lse, 0)
     total = tl.sum(tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - best)), 0)
-    # splits that saw no key come last (a short context in a graph sized for the longest) and are skipped
+    # splits past the last that saw a key for this row are skipped (a short context in a graph sized for
+    # the longest leaves most of them empty); one before it that saw none has weight 0 and is not read
     used = tl.max(tl.where(lse == float("-inf"), -1, splits), 0) + 1
     dims = tl.arange(0, HEAD_DIM_PAD)
     merged = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)

@@ -16,7 +16,7 @@ except ImportError:  # no Triton (CPU-only installs): PyTorch everywhere
     fused = gemv = None  # type: ignore[assignment]
 
 # token rows up to which a linear layer on CUDA is a matrix-vector product per row
-# (warmkv.kernels.gemv) rather than cuBLAS's GEMM: `python -m bench.moe --linear`
+# (warmkv.kernels.gemv) rather than cuBLAS's GEMM: at 2 and 4 rows it is slower (`python -m bench.gemv`)
 GEMV_ROWS_MAX = 1
 
 
@@ -58,8 +58,10 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias): F.linear, or on CUDA for a decode step's few rows the matrix-vector kernel."""
-    if has_kernels(x.device) and x.dim() == 2 and x.shape[0] <= GEMV_ROWS_MAX:
+    """x @ weight.T (+ bias): F.linear, or on CUDA at one row the matrix-vector kernel, which reads the
+    weight before the previous kernel has finished: a weight is a parameter, never written during a step."""
+    one_row = x.dim() == 2 and x.shape[0] <= GEMV_ROWS_MAX
+    if has_kernels(x.device) and one_row and x.stride(-1) == 1 and weight.stride(-1) == 1:
         return gemv.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 

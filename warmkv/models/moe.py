@@ -3,9 +3,10 @@ top-k experts per token, each a SwiGLU MLP; their outputs are summed, weighted b
 
 Expert weights are stacked per layer as checkpoints converted by transformers hold them
 (`gate_up_proj` [experts, 2 * inner, hidden], `down_proj` [experts, hidden, inner]); per-expert
-tensors of Hugging Face folders are stacked on load (`stack_expert_weights`). On CUDA one Triton grouped
-GEMM per projection runs over the selected experts only (warmkv.kernels.fused_moe), with static shapes
-so decode graphs capture it; elsewhere a PyTorch loop over the experts that were hit is the reference.
+tensors of Hugging Face folders are stacked on load (`stack_expert_weights`). On CUDA Triton kernels run
+over the selected experts only (warmkv.kernels.fused_moe: a matrix-vector product per (token, expert)
+pair for a few tokens, one grouped GEMM per projection for more), with static shapes so decode graphs
+capture them; elsewhere a PyTorch loop over the experts that were hit is the reference.
 """
 
 from __future__ import annotations
