@@ -1,8 +1,9 @@
 """Programmatic dependent launch (Hopper and later) for the kernels of a decode step.
 
 A batch-1 decode step of a mixture-of-experts model is about 550 small kernels in a row (48 layers of
-11), and between two of them the GPU idles while the first drains and the second launches: the graph
-step took 3.9 ms on an H100 where its kernels' own times add up to about 3.5. Launched as a dependent,
+11), and between two of them the GPU idles while the first drains and the second launches, and each
+kernel's first loads wait for it: Qwen3-30B-A3B decoded 246 tok/s on an H100 without dependent launch,
+260 with it (bench.engine, `2a5ec43` and `9d94b14`). Launched as a dependent,
 a kernel's programs are placed while the kernel before it finishes and wait at `wait_for_previous`
 (griddepcontrol.wait) until all its writes are visible; each kernel in turn lets its successor launch
 once all of its own programs have started, so a long kernel's tail overlaps the next one's launch.
