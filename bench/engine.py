@@ -132,12 +132,10 @@ def _models(
         ours, theirs = load_model(args.model, device, dtype), None
     else:
         ours = load_model(args.model, device, dtype)
-        theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype)
+        theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype).to(device)
     # transformers' copy is let go when not compared: gpt-oss-20b's converted experts and transformers'
     # own do not fit an 80 GB GPU together with the pool and a prefill's activations
-    if args.no_transformers:
-        return ours, None, ours.name
-    return ours, theirs.to(device).eval(), ours.name
+    return ours, None if args.no_transformers else theirs.eval(), ours.name
 
 
 def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argparse.Namespace,

@@ -70,7 +70,7 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
             fused_moe.PAIR_GEMV_MAX = 1 << 30 if per_pair else 0
             if per_pair and sweep:
                 gemv.gemv_launch = lambda *_, launch=setting: launch
-            else:
+            elif not per_pair:
                 fused_moe.tiles_for = lambda pairs, tiles=setting: tiles
             args = (x, gate_up, down, weights, expert_ids)
             experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args))
@@ -90,12 +90,13 @@ def _settings(
     sweep: bool, pairs: int, tiles: fused_moe.Tiles, gate_up_launch: gemv.GemvLaunch, per_pair: bool
 ) -> list[fused_moe.Tiles | gemv.GemvLaunch]:
     """The chosen way (the sorted tiles, or per pair the gate/up projection's matrix-vector launch); with
-    `sweep` every tile, and every launch per pair (both projections) where few pairs make it a choice."""
+    `sweep` every tile, and every launch per pair (both projections) where few pairs make it a choice
+    (`per_pair`: the serving path would take a product per pair)."""
     if not sweep:
         return [gate_up_launch if per_pair else tiles]
     grid = itertools.product((32, 64, 128), (64, 128, 256), (2, 4), (2, 4))
     settings: list = [replace(tiles, cols=c, depth=d, num_warps=w, num_stages=s) for c, d, w, s in grid]
-    if pairs <= 64:
+    if per_pair:
         grid = itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))
         settings += [gemv.GemvLaunch(c, d, w) for c, d, w in grid if c * d <= 32768]
     return settings

@@ -34,7 +34,8 @@ def _hopper_or_later(index: int) -> bool:
 
 @triton.jit
 def wait_for_previous(PDL: tl.constexpr):
-    """First in a kernel: wait until the previous kernel's writes are visible, then let the next launch."""
+    """Wait until the previous kernel's writes are visible, then let the next kernel launch: before a
+    kernel's first read of anything an earlier kernel of the step may still be writing."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -46,7 +46,7 @@ def gemv_launch(depth: int, rows: int) -> GemvLaunch:
 def gemv(
     x: torch.Tensor,  # [rows, depth]
     weight: torch.Tensor,  # [cols, depth], or [experts, cols, depth] with expert_ids
-    bias: torch.Tensor | None = None,  # [cols] or [experts, cols]: added to the rounded product
+    bias: torch.Tensor | None = None,  # [cols] or [experts, cols]
     expert_ids: torch.Tensor | None = None,  # [pairs]: pair p multiplies x[p // pairs_per_row] by its expert
     pairs_per_row: int = 1,
     pair_weights: torch.Tensor | None = None,  # [pairs]: multiplied into each output row
@@ -148,7 +148,7 @@ def _gemv_kernel(
         if SWIGLU:
             up_bias = tl.load(bias_row + cols + col, mask=col_ok, other=0.0).to(tl.float32)
     weight = tl.load(weight_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
-    if not EXPERTS:  # a dense layer's bias joins the float32 sum, rounded once (F.linear's order)
+    if BIAS and not EXPERTS:  # a dense layer's bias joins the float32 sum, rounded once (F.linear's order)
         acc += bias
     out = expert_output(acc, acc_up, bias, up_bias, weight, dtype,
                         BIAS and EXPERTS, SWIGLU, WEIGHTED)  # fmt: skip
