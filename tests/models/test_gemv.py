@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from warmkv.kernels.gemv import GemvLaunch, gemv
+from warmkv.kernels import fused
+from warmkv.kernels.gemv import GemvLaunch, gemv, norm_and_gemv
 from warmkv.models import layers
 
 CUDA = torch.cuda.is_available()
@@ -44,10 +45,34 @@ def test_each_pair_multiplies_its_token_by_its_expert_with_swiglu_and_router_wei
     bias = torch.randn(5, 2 * 24, device=DEVICE)
     expert_ids = torch.tensor([4, 1, 1, 0], device=DEVICE)
     router = torch.tensor([0.5, 2.0, 1.0, -1.0], device=DEVICE)
-    got = gemv(x, experts, bias, expert_ids, 2, router, swiglu=True, launch=SMALL)
+    got = gemv(x, experts, bias, (router, expert_ids), 2, weighted=True, swiglu=True, launch=SMALL)
     for pair, expert in enumerate(expert_ids.tolist()):
         gate, up = F.linear(x[pair // 2], experts[expert], bias[expert]).chunk(2)
         torch.testing.assert_close(got[pair], F.silu(gate) * up * router[pair], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])  # gpt-oss's router has one
+def test_router_product_that_normalises_its_input_gives_the_bits_of_norm_then_product(
+    rows: int, with_bias: bool, dtype: torch.dtype
+) -> None:
+    """norm_and_gemv adds the residual and normalises the row in each program, then multiplies: the
+    router's logits, the normalised row and the residual stream have the bits of the rms_norm kernel
+    followed by the product (the interpreter has no bfloat16: that runs on CUDA)."""
+    torch.manual_seed(rows)
+    x, residual = (torch.randn(rows, 100, device=DEVICE).to(dtype) * 3 for _ in range(2))
+    norm_weight = torch.randn(100, device=DEVICE).to(dtype)
+    weight = torch.randn(37, 100, device=DEVICE).to(dtype)
+    bias = torch.randn(37, device=DEVICE).to(dtype) if with_bias else None
+    logits, normed, stream = norm_and_gemv(x, residual, norm_weight, 1e-6, weight, bias)
+    want_normed, want_stream = fused.rms_norm(x, norm_weight, 1e-6, residual)
+    for got, want in (
+        (stream, want_stream),
+        (normed, want_normed),
+        (logits, gemv(want_normed, weight, bias)),
+    ):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.gpu

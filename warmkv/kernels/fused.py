@@ -54,14 +54,25 @@ def _rms_norm_kernel(
     else:
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if ADD:
-        x = x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=ok, other=0.0)
-        x = x.to(stream_ptr.dtype.element_ty)
+        x = added(x, tl.load(residual_ptr + row * stride_residual + cols, mask=ok, other=0.0))
         tl.store(stream_ptr + row * stride_stream + cols, x, mask=ok)
-    x32 = x.to(tl.float32)
-    normed = x32 * tl.rsqrt(tl.sum(x32 * x32, 0) / size + eps)
     weight = tl.load(weight_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    scaled = normed.to(out_ptr.dtype.element_ty).to(tl.float32) * weight
-    tl.store(out_ptr + row * stride_out + cols, scaled.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * stride_out + cols, normalised(x, weight, eps, size), mask=ok)
+
+
+@triton.jit
+def added(x, residual):
+    """x + residual in float32, rounded to x's dtype: the residual stream."""
+    return (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def normalised(stream, weight, eps, size):
+    """One row's RMSNorm (lanes past `size` hold 0) times weight (float32), rounded where transformers
+    rounds, in the stream's dtype. Shared with the router's product, which normalises its own input."""
+    x32 = stream.to(tl.float32)
+    normed = x32 * tl.rsqrt(tl.sum(x32 * x32, 0) / size + eps)
+    return (normed.to(stream.dtype).to(tl.float32) * weight).to(stream.dtype)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,9 @@ except ImportError:  # no Triton (CPU-only installs): PyTorch everywhere
 # token rows up to which a linear layer on CUDA is a matrix-vector product per row
 # (warmkv.kernels.gemv) rather than cuBLAS's GEMM: at 2 and 4 rows it is slower (`python -m bench.gemv`)
 GEMV_ROWS_MAX = 1
+# token rows up to which a router's product normalises its own input (norm_and_linear): the experts' products
+# take the matrix-vector kernel up to 8 tokens too (warmkv.kernels.fused_moe.PAIR_GEMV_MAX)
+NORM_AND_GEMV_ROWS_MAX = 8
 
 
 TRITON = fused is not None
@@ -64,6 +67,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if has_kernels(x.device) and one_row and x.stride(-1) == 1 and weight.stride(-1) == 1:
         return gemv.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def norm_and_linear(
+    x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h @ weight.T + bias, h, x + residual) where h = norm(x + residual): on CUDA at a few rows one kernel
+    (the residual add and norm run in every program of the product), for a small weight such as a
+    router's, whose programs all read the whole row anyway; elsewhere add_and_norm, then `linear`."""
+    few_rows = x.dim() == 2 and x.shape[0] <= NORM_AND_GEMV_ROWS_MAX and gemv is not None
+    if has_kernels(x.device) and few_rows and x.is_contiguous() and residual.is_contiguous() \
+            and weight.stride(-1) == 1 and gemv.depth_fits(x.shape[1]):  # fmt: skip
+        return gemv.norm_and_gemv(x, residual, norm.weight, norm.eps, weight, bias)
+    h, stream = norm.add_and_norm(x, residual)
+    return linear(h, weight, bias), h, stream
 
 
 class Linear(nn.Linear):

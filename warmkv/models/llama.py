@@ -100,6 +100,8 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
         h = self.self_attn(h, rotary, kv, batch)
+        if isinstance(self.mlp, SparseMoeBlock):  # its router may run the norm in its own product
+            return self.mlp.after_norm(h, residual, self.post_attention_layernorm)
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
         return self.mlp(h), residual
 
