@@ -112,10 +112,12 @@ def test_group_that_is_not_a_power_of_two_is_padded() -> None:
     run_case([3, 1], [20, 9], heads=21, kv_heads=3, head_dim=16)  # 7 query heads per KV head
 
 
-def test_splits_that_saw_no_key_are_never_read(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_splits_that_saw_no_key_add_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A split past a short context (a graph sized for the longest: most splits are empty) writes only its
-    lse, and the merge reads no partial output of a split that saw no key: every buffer the kernels
-    allocate starts as NaN, which would spread to the output through a single read of an unwritten one."""
+    lse, and the merge uses no partial output of a split that saw no key: every buffer the kernels
+    allocate starts as NaN, which would spread to the output through a single use of an unwritten one. The
+    merge loads the first 64 splits with their lse and any after them a chunk at a time: 80 splits that
+    all see keys cover both."""
     empty = torch.empty
 
     def nan_filled(*size, **kwargs):
@@ -126,6 +128,7 @@ def test_splits_that_saw_no_key_are_never_read(monkeypatch: pytest.MonkeyPatch) 
     # 40 splits over 150 keys (3 steps) and over 17 keys (1 step); with a window and sinks too
     run_case([1, 1], [150, 17], heads=4, kv_heads=2, head_dim=16, splits=40)
     run_case([20, 1], [300, 80], heads=4, kv_heads=2, head_dim=16, splits=24, window=24, sinks=True)
+    run_case([1, 1], [80 * 64, 300], heads=4, kv_heads=2, head_dim=16, splits=80)
 
 
 def test_attention_sinks_join_the_softmax_once_across_splits() -> None:

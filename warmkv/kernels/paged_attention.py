@@ -168,8 +168,8 @@ def paged_attention(
             partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=MAX_SPLITS, CHUNK=16,  # one compiled merge for every split count
-            PDL=pdl, **pdl_launch,
+            SPLITS_PAD=MAX_SPLITS, FIRST=64, CHUNK=16,  # one compiled merge for every split count
+            PDL=pdl, num_warps=8, **pdl_launch,  # 8 warps: 64 partial outputs of 128 in 115 registers
         )  # fmt: skip
     return out
 
@@ -267,32 +267,47 @@ def _merge_kernel(
     partial_ptr, lse_ptr, out_ptr, num_splits,
     stride_p_split, stride_p_token, stride_p_head, stride_lse_split, stride_lse_token,
     stride_out_token, stride_out_head,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, FIRST: tl.constexpr,
+    CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_previous(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     lse_base = lse_ptr + token * stride_lse_token + head
     partial_base = partial_ptr + token * stride_p_token + head * stride_p_head
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    # the first FIRST splits' partial outputs load with the lse, not after it: one trip to memory instead
+    # of two a chunk (a merge is a few such trips in a row on a decode step's critical path). A split that
+    # saw no key wrote no partial output: whatever is there is read and then dropped with weight 0
+    first = tl.arange(0, FIRST)
+    first_partial = tl.load(partial_base + first[:, None] * stride_p_split + dims[None, :],
+                            mask=(first < num_splits)[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
     splits = tl.arange(0, SPLITS_PAD)
     lse = tl.load(lse_base + splits * stride_lse_split, mask=splits < num_splits, other=float("-inf"))
     best = tl.max(lse, 0)
     total = tl.sum(tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - best)), 0)
+    first_lse = tl.load(lse_base + first * stride_lse_split, mask=first < num_splits, other=float("-inf"))
+    merged = _weighted_sum(first_partial, first_lse, best)
     # splits past the last that saw a key for this row are skipped (a short context in a graph sized for
     # the longest leaves most of them empty); one before it that saw none has weight 0 and is not read
     used = tl.max(tl.where(lse == float("-inf"), -1, splits), 0) + 1
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    merged = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, used, CHUNK):  # partial outputs a chunk of splits at a time: few registers
+    for start in range(FIRST, used, CHUNK):  # past the first ones (long contexts): a chunk at a time
         chunk = start + tl.arange(0, CHUNK)
         chunk_ok = chunk < num_splits
         chunk_lse = tl.load(lse_base + chunk * stride_lse_split, mask=chunk_ok, other=float("-inf"))
-        weights = tl.where(chunk_lse == float("-inf"), 0.0, tl.exp2(chunk_lse - best))
+        mask = (chunk_ok & (chunk_lse > float("-inf")))[:, None] & dim_ok[None, :]
         offsets = chunk[:, None] * stride_p_split + dims[None, :]
-        # a split whose lse is -inf wrote no partial output (or one of zeros): its weight is 0 either way
-        mask = (chunk_ok & (chunk_lse > float("-inf")))[:, None] & (dims[None, :] < HEAD_DIM)
-        merged += tl.sum(tl.load(partial_base + offsets, mask=mask, other=0.0) * weights[:, None], 0)
-    merged = merged / total
+        partial = tl.load(partial_base + offsets, mask=mask, other=0.0)
+        merged += _weighted_sum(partial, chunk_lse, best)
     out_offsets = token * stride_out_token + head * stride_out_head + dims
-    tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(out_ptr + out_offsets, (merged / total).to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+@triton.jit
+def _weighted_sum(partial, lse, best):
+    """Sum over splits of each partial output times its share exp2(lse - best); a split with lse -inf
+    adds 0 whatever its partial output holds (never written: NaN times 0 would be NaN)."""
+    saw_keys = lse > float("-inf")
+    weights = tl.where(saw_keys, tl.exp2(lse - best), 0.0)
+    return tl.sum(tl.where(saw_keys[:, None], partial * weights[:, None], 0.0), 0)
