@@ -22,7 +22,7 @@ import triton.testing
 
 from bench.common import copy_bandwidth, device_name, print_table, write_result
 from warmkv.kernels import fused_moe, gemv
-from warmkv.kernels.routing import RouterLogits
+from warmkv.models.moe import route
 
 # hidden, expert inner size, experts, top-k, normalised top-k
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "gpt-oss-20b": (2880, 2880, 32, 4, False)}
@@ -58,10 +58,10 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
 
-        def routed(x: torch.Tensor = x) -> RouterLogits:  # as the serving path hands the router's logits on
-            return RouterLogits(F.linear(x, router), top_k, normalize)
+        def routed(x: torch.Tensor = x) -> tuple[torch.Tensor, torch.Tensor]:
+            return route(F.linear(x, router), top_k, normalize)
 
-        weights, expert_ids = routed().chosen()
+        weights, expert_ids = routed()
         read = expert_ids.unique().numel() * expert_bytes
         pairs = tokens * top_k
         gate_up_launch = gemv.gemv_launch(hidden, pairs)  # what the chosen way runs
@@ -72,9 +72,9 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
                 gemv.gemv_launch = lambda *_, launch=setting: launch
             elif not per_pair:
                 fused_moe.tiles_for = lambda pairs, tiles=setting: tiles
-            args = (x, gate_up, down, (weights, expert_ids))
+            args = (x, gate_up, down, weights, expert_ids)
             experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args))
-            block_us = _graph_us(lambda x=x: fused_moe.fused_experts(x, gate_up, down, routed(x)))
+            block_us = _graph_us(lambda x=x: fused_moe.fused_experts(x, gate_up, down, *routed(x)))
             rows.append({
                 "shape": name, "tokens": tokens, "sorted": not per_pair, "cols": setting.cols,
                 "depth": setting.depth, "warps": setting.num_warps,

@@ -11,8 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from warmkv.kernels.fused_moe import PAIR_GEMV_MAX, align_by_expert, fused_experts
-from warmkv.kernels.routing import RouterLogits, route_top_k
+from warmkv.kernels.fused_moe import align_by_expert, fused_experts, route_top_k
 from warmkv.models.layers import silu_and_mul
 from warmkv.models.moe import experts_reference, route
 
@@ -73,7 +72,7 @@ def test_fused_experts_match_the_expert_loop_in_float32(tokens: int, top_k: int)
     torch.manual_seed(tokens)
     gate_up, down = _experts(8, 64, 32, torch.float32)
     x, weights, expert_ids = _routed(tokens, 8, top_k, 64, torch.float32)
-    got = fused_experts(x, gate_up, down, (weights, expert_ids))
+    got = fused_experts(x, gate_up, down, weights, expert_ids)
     want = experts_reference(x, gate_up, down, weights, expert_ids)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -86,7 +85,7 @@ def test_swiglu_in_the_first_gemm_with_biases_unsummed_matches_the_loop(tokens: 
     gate_up, down = _experts(8, 64, 32, torch.float32)
     biases = (torch.randn(8, 64, device=DEVICE), torch.randn(8, 64, device=DEVICE))
     x, weights, expert_ids = _routed(tokens, 8, 2, 64, torch.float32)
-    got = fused_experts(x, gate_up, down, (weights, expert_ids), None, *biases, summed=False)
+    got = fused_experts(x, gate_up, down, weights, expert_ids, None, *biases, summed=False)
     want = experts_reference(x, gate_up, down, weights, expert_ids, silu_and_mul, *biases, summed=False)
     assert got.shape == (tokens, 2, 64)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -105,40 +104,15 @@ def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop() -> None:
             param.normal_(0.0, 0.5)  # large enough that the clamp at 7 cuts some gate and up values
     x = torch.randn(6, 64, device=DEVICE)
     weights, expert_ids = route(torch.randn(6, 8, device=DEVICE), 2, False, softmax_over_top_k=True)
-    weights_, biases = (
-        (experts.gate_up_proj, experts.down_proj),
-        (experts.gate_up_proj_bias, experts.down_proj_bias),
-    )
+    tensors = (experts.gate_up_proj, experts.down_proj, weights, expert_ids, experts.activation,
+               experts.gate_up_proj_bias, experts.down_proj_bias)  # fmt: skip
     with torch.no_grad():
-        got = fused_experts(x, *weights_, (weights, expert_ids), experts.activation, *biases)
-        want = experts_reference(x, *weights_, weights, expert_ids, experts.activation, *biases)
+        got, want = fused_experts(x, *tensors), experts_reference(x, *tensors)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 # Qwen3-MoE (renormalised), Qwen2-MoE (not), gpt-oss (softmax over the top-k logits)
 ROUTINGS = [(True, False), (False, False), (False, True)]
-
-
-@pytest.mark.parametrize(("normalize", "softmax_over_top_k"), ROUTINGS)
-@pytest.mark.parametrize("tokens", [1, 5, 40])  # 3, 15 and 120 pairs: a product per pair, then sorted
-def test_experts_choosing_from_the_router_logits_give_the_routing_kernels_bits(
-    tokens: int, normalize: bool, softmax_over_top_k: bool
-) -> None:
-    """Each per-pair product makes its token's top-k choice itself (no routing kernel): the same experts,
-    the same weights, so the same bits as the products given route_top_k's choice; past 64 pairs the
-    choice is made once, by that kernel, for the sorted GEMMs."""
-    torch.manual_seed(tokens)
-    gate_up, down = _experts(12, 64, 32, torch.float32)
-    x = torch.randn(tokens, 64, device=DEVICE)
-    logits = torch.randn(tokens, 12, device=DEVICE) * 3  # 12 experts, top 3: both padded to a power of two
-    logits[0, 5] = logits[0, 7] = logits[0].max() + 1  # a tie: the lower expert comes first
-    routing = RouterLogits(logits, 3, normalize or softmax_over_top_k)
-    assert (tokens * 3 <= PAIR_GEMV_MAX) == (tokens < 40)
-    got = fused_experts(x, gate_up, down, routing, summed=False)
-    torch.testing.assert_close(got, fused_experts(x, gate_up, down, routing.chosen(), summed=False),
-                               atol=0, rtol=0)  # fmt: skip
-    want = experts_reference(x, gate_up, down, *route(logits, 3, normalize, softmax_over_top_k))
-    torch.testing.assert_close(got.sum(dim=1), want, atol=1e-5, rtol=1e-5)  # torch.topk orders ties its way
 
 
 @pytest.mark.parametrize(("normalize", "softmax_over_top_k"), ROUTINGS)
@@ -179,7 +153,7 @@ def test_fused_experts_match_the_expert_loop_in_bfloat16(tokens: int) -> None:
     torch.manual_seed(tokens)
     gate_up, down = _experts(128, 2048, 768, torch.bfloat16)
     x, weights, expert_ids = _routed(tokens, 128, 8, 2048, torch.bfloat16)
-    got = fused_experts(x, gate_up, down, (weights, expert_ids)).float()
+    got = fused_experts(x, gate_up, down, weights, expert_ids).float()
     want = experts_reference(x, gate_up, down, weights, expert_ids).float()
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
@@ -187,25 +161,19 @@ def test_fused_experts_match_the_expert_loop_in_bfloat16(tokens: int) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("tokens", [1, 4, 20])  # a product per pair, then sorted
-@pytest.mark.parametrize("from_logits", [False, True])
-def test_fused_experts_replay_in_a_cuda_graph_with_new_routing(tokens: int, from_logits: bool) -> None:
-    """Decode graphs capture the sorting (or, from the router's logits, each product's own choice) and
-    both GEMMs once; a replay with other experts chosen gives the eager result for those experts."""
+def test_fused_experts_replay_in_a_cuda_graph_with_new_routing(tokens: int) -> None:
+    """Decode graphs capture the sorting and both GEMMs once; a replay with other experts chosen gives
+    the eager result for those experts."""
     torch.manual_seed(0)
     gate_up, down = _experts(16, 256, 128, torch.float32)
-    x, logits = torch.randn(tokens, 256, device=DEVICE), torch.randn(tokens, 16, device=DEVICE)
-    static = [x.clone(), logits.clone()]
-
-    def experts() -> torch.Tensor:
-        routing = RouterLogits(static[1], 4, True)
-        return fused_experts(static[0], gate_up, down, routing if from_logits else routing.chosen())
-
-    experts()  # compile outside the capture
+    x, weights, expert_ids = _routed(tokens, 16, 4, 256, torch.float32)
+    static = [x.clone(), weights.clone(), expert_ids.clone()]
+    fused_experts(*static[:1], gate_up, down, *static[1:])  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = experts()
-    x2, logits2 = torch.randn_like(x), torch.randn_like(logits)
-    for target, value in zip(static, (x2, logits2), strict=True):
+        out = fused_experts(static[0], gate_up, down, static[1], static[2])
+    x2, weights2, expert_ids2 = _routed(tokens, 16, 4, 256, torch.float32)
+    for target, value in zip(static, (x2, weights2, expert_ids2), strict=True):
         target.copy_(value)
     graph.replay()
-    torch.testing.assert_close(out, experts_reference(x2, gate_up, down, *route(logits2, 4, True)))
+    torch.testing.assert_close(out, experts_reference(x2, gate_up, down, weights2, expert_ids2))

@@ -45,7 +45,7 @@ def test_each_pair_multiplies_its_token_by_its_expert_with_swiglu_and_router_wei
     bias = torch.randn(5, 2 * 24, device=DEVICE)
     expert_ids = torch.tensor([4, 1, 1, 0], device=DEVICE)
     router = torch.tensor([0.5, 2.0, 1.0, -1.0], device=DEVICE)
-    got = gemv(x, experts, bias, (router, expert_ids), 2, weighted=True, swiglu=True, launch=SMALL)
+    got = gemv(x, experts, bias, expert_ids, 2, router, swiglu=True, launch=SMALL)
     for pair, expert in enumerate(expert_ids.tolist()):
         gate, up = F.linear(x[pair // 2], experts[expert], bias[expert]).chunk(2)
         torch.testing.assert_close(got[pair], F.silu(gate) * up * router[pair], atol=1e-4, rtol=1e-5)

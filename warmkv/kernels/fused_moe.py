@@ -8,7 +8,7 @@ unsorted input and, for SwiGLU experts, computes each tile's gate and up columns
 silu(gate) * up (another activation runs on its own); the second GEMM multiplies by the router weight on
 the way out. The k outputs of a token are summed by the caller, or left to the layer's next residual add,
 which sums them in its own pass (one kernel less per layer). The router's softmax, top-k and
-renormalisation are one kernel too (warmkv.kernels.routing): in PyTorch they are half a dozen.
+renormalisation are one kernel too (`route_top_k`): in PyTorch they are half a dozen.
 
 Every shape depends only on the number of tokens (the padding is sized for the worst case, tiles past
 the real ones exit at once), and the sorting is one kernel that never waits for the host, so CUDA graphs
@@ -17,8 +17,7 @@ Qwen3-30B-A3B spent more time launching them than the GPU spent on the whole ste
 
 Decode has few pairs, mostly of distinct experts (a token's k are always distinct): there the sort is
 skipped and each pair is a matrix-vector product of its own (warmkv.kernels.gemv), which reads an
-expert chosen twice twice but needs no sort, no padding rows and no tl.dot tiles; given the router's
-logits (`RouterLogits`), those products choose each pair's expert themselves, with no routing kernel.
+expert chosen twice twice but needs no sort, no padding rows and no tl.dot tiles.
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from warmkv.kernels.dependent_launch import options, wait_for_previous
 from warmkv.kernels.gemv import expert_output, gemv
-from warmkv.kernels.routing import RouterLogits
 
 # up to this many pairs, each pair is a product of its own instead of being sorted by expert, although
 # experts chosen twice are read twice. On an H100 at Qwen3-30B-A3B's shape, 8 tokens (64 pairs) took
@@ -130,28 +129,24 @@ def fused_experts(
     x: torch.Tensor,  # [tokens, hidden]
     gate_up_proj: torch.Tensor,  # [experts, 2 * inner, hidden]
     down_proj: torch.Tensor,  # [experts, hidden, inner]
-    routing: RouterLogits | tuple[torch.Tensor, torch.Tensor],  # or (weights in the model dtype, expert ids)
+    weights: torch.Tensor,  # [tokens, top_k] router weights in the model dtype
+    expert_ids: torch.Tensor,  # [tokens, top_k]
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None,  # None: silu(gate) * up, fused
     gate_up_bias: torch.Tensor | None = None,  # [experts, 2 * inner]
     down_bias: torch.Tensor | None = None,  # [experts, hidden]
     summed: bool = True,
 ) -> torch.Tensor:
     """weights[t, k] * expert[expert_ids[t, k]](x[t]), summed over k: [tokens, hidden]; or (summed=False)
-    each of a token's k outputs, [tokens, top_k, hidden]. (weights, expert_ids) are [tokens, top_k], or
-    chosen from the router's logits. `activation` maps [n, 2 * inner] to [n, inner]."""
-    tokens = x.shape[0]
-    top_k = routing.top_k if isinstance(routing, RouterLogits) else routing[1].shape[1]
+    each of a token's k outputs, [tokens, top_k, hidden]. `activation` maps [n, 2 * inner] to [n, inner]."""
+    tokens, top_k = expert_ids.shape
     pairs = tokens * top_k
     if pairs <= PAIR_GEMV_MAX:
-        if not isinstance(routing, RouterLogits):
-            routing = (routing[0].reshape(-1), routing[1].reshape(-1))
-        hidden = gemv(x, gate_up_proj, gate_up_bias, routing, top_k, swiglu=activation is None)
+        ids = expert_ids.flatten()
+        hidden = gemv(x, gate_up_proj, gate_up_bias, ids, top_k, swiglu=activation is None)
         hidden = hidden if activation is None else activation(hidden)
-        # the routing comes from the kernel two launches back (the router's, or routing's): the down
-        # weights load early
-        down = gemv(hidden, down_proj, down_bias, routing, 1, weighted=True, routing_settled=True)
+        # the ids come from the router's kernel, two launches back: the down weights load early
+        down = gemv(hidden, down_proj, down_bias, ids, 1, weights.reshape(-1), ids_settled=True)
     else:
-        weights, expert_ids = routing.chosen() if isinstance(routing, RouterLogits) else routing
         down = _sorted_by_expert(x, gate_up_proj, down_proj, weights, expert_ids, activation,
                                  gate_up_bias, down_bias)  # fmt: skip
     per_choice = down.view(tokens, top_k, -1)
@@ -253,3 +248,49 @@ def _grouped_gemm_kernel(
                            BIAS, SWIGLU, WEIGHTED)  # fmt: skip
     out = out_ptr + pair[:, None] * stride_out + col[None, :]
     tl.store(out, result, mask=real[:, None] & col_ok[None, :])
+
+
+def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights in the logits' dtype, int64 expert ids), each [tokens, top_k], in one launch: the k largest
+    logits, weighted by their softmax over all experts, or over the chosen k when `renormalize` (which
+    is also gpt-oss's softmax over the top-k logits). Ties go to the lower expert id."""
+    tokens, experts = logits.shape
+    weights = torch.empty(tokens, top_k, dtype=logits.dtype, device=logits.device)
+    expert_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
+    pdl, launch = options(logits.device)
+    _route_kernel[(tokens,)](
+        logits, weights, expert_ids, logits.stride(0), experts,
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK=triton.next_power_of_2(experts),
+        RENORMALIZE=renormalize, PDL=pdl, **launch,
+    )  # fmt: skip
+    return weights, expert_ids
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, weights_ptr, ids_ptr, stride_logits, experts,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr, RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    wait_for_previous(PDL)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + row * stride_logits + cols, mask=cols < experts, other=float("-inf"))
+    logits = logits.to(tl.float32)
+    biggest = tl.max(logits, 0)
+    total = tl.sum(tl.exp(logits - biggest), 0)
+    slots = tl.arange(0, K_PAD)
+    top = tl.full((K_PAD,), float("-inf"), tl.float32)
+    ids = tl.zeros((K_PAD,), tl.int64)
+    left = logits
+    for k in tl.static_range(TOP_K):  # k rounds of arg-max: k is small, the experts fit one block
+        best = tl.max(left, 0)
+        best_id = tl.min(tl.where(left == best, cols, BLOCK), 0)
+        top = tl.where(slots == k, best, top)
+        ids = tl.where(slots == k, best_id.to(tl.int64), ids)
+        left = tl.where(cols == best_id, float("-inf"), left)
+    scores = tl.exp(top - biggest)  # 0 in the padding slots
+    weights = scores / (tl.sum(scores, 0) if RENORMALIZE else total)
+    chosen = slots < TOP_K
+    tl.store(weights_ptr + row * TOP_K + slots, weights.to(weights_ptr.dtype.element_ty), mask=chosen)
+    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=chosen)

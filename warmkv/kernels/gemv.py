@@ -10,11 +10,10 @@ contiguous loads, multiplies them by the token row in float32 and sums: no paddi
 shapes made for tl.dot, and enough programs to keep every SM loading.
 
 A program owns one output row (a token's row, or a pair's) and `cols` consecutive output columns, so
-one kernel serves a dense layer (one weight) and the experts (each pair's expert's weight). Two more
-steps of a decode layer run inside it, each a kernel less on the step's critical path: the experts'
-products choose their pair's expert from the router's logits themselves (warmkv.kernels.routing), and
-the router's product normalises its own input (`norm_and_gemv`): the residual add and RMSNorm before a
-mixture of experts, whose whole row every program of the router's small product reads anyway.
+one kernel serves a dense layer (one weight) and the experts (each pair's expert's weight). The router's
+product can also normalise its own input (`norm_and_gemv`): the residual add and RMSNorm before a
+mixture of experts run in each of its few programs, which read the whole row anyway, and the norm's
+kernel is gone from the decode step's critical path.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import triton.language as tl
 
 from warmkv.kernels.dependent_launch import options, wait_for_previous
 from warmkv.kernels.fused import added, normalised
-from warmkv.kernels.routing import RouterLogits, top_k_weights
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,23 +49,25 @@ def gemv_launch(depth: int, rows: int) -> GemvLaunch:
 
 def gemv(
     x: torch.Tensor,  # [rows, depth]
-    weight: torch.Tensor,  # [cols, depth], or [experts, cols, depth] with routing
+    weight: torch.Tensor,  # [cols, depth], or [experts, cols, depth] with expert_ids
     bias: torch.Tensor | None = None,  # [cols] or [experts, cols]
-    routing: RouterLogits | tuple[torch.Tensor, torch.Tensor] | None = None,  # or (weights, expert ids)
-    pairs_per_row: int = 1,  # pair p multiplies row p // pairs_per_row of x by its expert
-    weighted: bool = False,  # each pair's output times its router weight
+    expert_ids: torch.Tensor | None = None,  # [pairs]: pair p multiplies x[p // pairs_per_row] by its expert
+    pairs_per_row: int = 1,
+    pair_weights: torch.Tensor | None = None,  # [pairs]: multiplied into each output row
     swiglu: bool = False,  # weight rows are [gate | up]: out is silu(gate) * up, half as many columns
     launch: GemvLaunch | None = None,
-    routing_settled: bool = False,  # routing was written before the kernel launched just before this one
+    ids_settled: bool = False,  # expert_ids were written before the kernel launched just before this one
 ) -> torch.Tensor:
-    """out[p] = (x[p // pairs_per_row] @ W.T + bias) * router weight: [pairs, cols] (pairs = rows without
-    routing; with it, a pair per token and choice, W that choice's expert). Experts round as transformers
-    rounds them, each step to x's dtype; a dense layer's bias joins the float32 sum, rounded once, as
-    F.linear. The weight (an expert's, once its routing is settled) is read before waiting for the previous
-    kernel to finish (dependent launch): it must not be written during the step; only x comes from that
-    kernel. x and the weight are contiguous in their last dimension."""
-    return _launch(x, weight, bias, routing, pairs_per_row, weighted, swiglu, launch, routing_settled,
-                   None)[0]  # fmt: skip
+    """out[p] = (x[p // pairs_per_row] @ W.T + bias) * pair_weights[p]: [pairs, cols] (pairs = rows
+    without experts). Experts round as transformers rounds them, each step to x's dtype; a dense layer's
+    bias joins the float32 sum, rounded once, as F.linear. The weight (an expert's, once its id is
+    `ids_settled`) is read before waiting for the previous kernel to finish (dependent launch): it must
+    not be written during the step; only x comes from that kernel. x and the weight are contiguous in
+    their last dimension."""
+    experts = (
+        _Experts(expert_ids, pairs_per_row, pair_weights, ids_settled) if expert_ids is not None else None
+    )
+    return _launch(x, weight, bias, experts, swiglu, launch, None)[0]
 
 
 def norm_and_gemv(
@@ -82,7 +82,7 @@ def norm_and_gemv(
     its RMSNorm: the bits of warmkv.kernels.fused.rms_norm followed by `gemv`. Each program normalises
     the whole row, so this is for a small weight (a router's); a row must fit one reduction step."""
     assert depth_fits(x.shape[1]) and residual.stride(-1) == 1
-    out, norm = _launch(x, weight, bias, None, 1, False, False, None, False, (residual, norm_weight, eps))
+    out, norm = _launch(x, weight, bias, None, False, None, (residual, norm_weight, eps))
     assert norm is not None
     return out, *norm
 
@@ -95,20 +95,25 @@ def depth_fits(depth: int) -> bool:
 GEMV_DEPTH_MAX = 4096  # norm_and_gemv's one step: 8 rows of 4096 bf16 columns a program stay in registers
 
 
+@dataclass(slots=True, frozen=True)
+class _Experts:
+    ids: torch.Tensor
+    pairs_per_row: int
+    pair_weights: torch.Tensor | None
+    ids_settled: bool
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    routing: RouterLogits | tuple[torch.Tensor, torch.Tensor] | None,
-    pairs_per_row: int,
-    weighted: bool,
+    experts: _Experts | None,
     swiglu: bool,
     launch: GemvLaunch | None,
-    routing_settled: bool,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None,  # residual, norm weight, eps
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     assert x.stride(-1) == 1 and weight.stride(-1) == 1
-    pairs, choice, choice_weights, choice_stride, experts, top_k, renormalize = _choice(x, routing)
+    pairs = experts.ids.numel() if experts is not None else x.shape[0]
     cols, depth = weight.shape[-2], weight.shape[-1]
     out_cols = cols // 2 if swiglu else cols
     launch = launch or gemv_launch(depth, pairs)
@@ -117,35 +122,21 @@ def _launch(
     out = torch.empty(pairs, out_cols, dtype=x.dtype, device=x.device)
     normed, stream = (torch.empty_like(x), torch.empty_like(x)) if norm is not None else (x, x)
     residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
+    weighted = experts is not None and experts.pair_weights is not None
     pdl, options_ = options(x.device)
     # column blocks on the grid's first axis: a vocabulary's can pass the second's limit of 65535
     _gemv_kernel[(triton.cdiv(out_cols, launch.cols), pairs)](
-        x, weight, out, bias if bias is not None else x, choice, choice_weights,
-        residual, norm_weight, normed, stream, out_cols, depth, experts, eps,
-        x.stride(0), choice_stride, weight.stride(0) if routing is not None else 0, weight.stride(-2),
-        bias.stride(0) if bias is not None and routing is not None else 0, out.stride(0),
-        PAIRS_PER_ROW=pairs_per_row, EXPERTS=routing is not None, ROUTED=experts > 0, TOP_K=top_k,
-        K_PAD=triton.next_power_of_2(top_k), EXPERTS_PAD=triton.next_power_of_2(max(experts, 1)),
-        RENORMALIZE=renormalize, BIAS=bias is not None, WEIGHTED=weighted, SWIGLU=swiglu,
-        NORM=norm is not None, COLS=launch.cols, DEPTH=launch.depth,
-        WEIGHTS_FIRST=routing is None or routing_settled, PDL=pdl, num_warps=launch.num_warps, **options_,
+        x, weight, out, bias if bias is not None else x,
+        experts.pair_weights if weighted else x, experts.ids if experts is not None else x,
+        residual, norm_weight, normed, stream, out_cols, depth, eps,
+        x.stride(0), weight.stride(0) if experts is not None else 0, weight.stride(-2),
+        bias.stride(0) if bias is not None and experts is not None else 0, out.stride(0),
+        PAIRS_PER_ROW=experts.pairs_per_row if experts is not None else 1, EXPERTS=experts is not None,
+        BIAS=bias is not None, WEIGHTED=weighted, SWIGLU=swiglu, NORM=norm is not None,
+        COLS=launch.cols, DEPTH=launch.depth, WEIGHTS_FIRST=experts is None or experts.ids_settled,
+        PDL=pdl, num_warps=launch.num_warps, **options_,
     )  # fmt: skip
     return out, ((normed, stream) if norm is not None else None)
-
-
-def _choice(
-    x: torch.Tensor, routing: RouterLogits | tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[int, torch.Tensor, torch.Tensor, int, int, int, bool]:
-    """The kernel's view of the routing: (pairs, expert ids or logits, weights, the logits' row stride,
-    experts to choose from (0: the ids are given), top k, renormalize); x stands in for what it does not
-    read."""
-    if isinstance(routing, RouterLogits):
-        logits = routing.logits
-        pairs = logits.shape[0] * routing.top_k
-        return pairs, logits, x, logits.stride(0), logits.shape[1], routing.top_k, routing.renormalize
-    if routing is not None:
-        return routing[1].numel(), routing[1], routing[0], 0, 0, 1, False
-    return x.shape[0], x, x, 0, 0, 1, False
 
 
 @triton.jit
@@ -169,13 +160,12 @@ def expert_output(
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, choice_ptr, choice_weights_ptr,
-    residual_ptr, norm_weight_ptr, normed_ptr, stream_ptr, cols, depth, experts, eps,
-    stride_x, stride_choice, stride_w_expert, stride_w_col, stride_bias, stride_out,
-    PAIRS_PER_ROW: tl.constexpr, EXPERTS: tl.constexpr, ROUTED: tl.constexpr, TOP_K: tl.constexpr,
-    K_PAD: tl.constexpr, EXPERTS_PAD: tl.constexpr, RENORMALIZE: tl.constexpr, BIAS: tl.constexpr,
-    WEIGHTED: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, COLS: tl.constexpr,
-    DEPTH: tl.constexpr, WEIGHTS_FIRST: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, bias_ptr, weight_ptr, expert_ids_ptr,
+    residual_ptr, norm_weight_ptr, normed_ptr, stream_ptr, cols, depth, eps,
+    stride_x, stride_w_expert, stride_w_col, stride_bias, stride_out,
+    PAIRS_PER_ROW: tl.constexpr, EXPERTS: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
+    SWIGLU: tl.constexpr, NORM: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
+    WEIGHTS_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # WEIGHTS_FIRST: nothing but x comes from the previous kernel, so the first step of the weight is on its
     # way while that kernel finishes; each later step is loaded while the one before it is summed
@@ -184,18 +174,7 @@ def _gemv_kernel(
     dtype = out_ptr.dtype.element_ty
     # `cols`: the output's; with SWIGLU the weight has twice as many rows (gate, then up)
     pair = tl.program_id(1).to(tl.int64)
-    expert = 0
-    weight = 1.0
-    if ROUTED:  # this pair's choice among its token's top k, made again by every program
-        slot = tl.arange(0, K_PAD) == pair % TOP_K
-        weights, ids = top_k_weights(choice_ptr + (pair // TOP_K) * stride_choice, experts, TOP_K, K_PAD,
-                                     EXPERTS_PAD, RENORMALIZE)  # fmt: skip
-        expert = tl.sum(tl.where(slot, ids, 0), 0)
-        weight = tl.sum(tl.where(slot, weights, 0.0), 0).to(dtype).to(tl.float32)  # as route_top_k stores it
-    elif EXPERTS:
-        expert = tl.load(choice_ptr + pair, cache_modifier=".cg").to(tl.int64)
-        if WEIGHTED:
-            weight = tl.load(choice_weights_ptr + pair).to(tl.float32)
+    expert = tl.load(expert_ids_ptr + pair, cache_modifier=".cg").to(tl.int64) if EXPERTS else 0
     x_row = x_ptr + (pair // PAIRS_PER_ROW) * stride_x
     col = tl.program_id(0) * COLS + tl.arange(0, COLS)
     col_ok = col < cols
@@ -239,6 +218,7 @@ def _gemv_kernel(
         bias = tl.load(bias_row + col, mask=col_ok, other=0.0).to(tl.float32)
         if SWIGLU:
             up_bias = tl.load(bias_row + cols + col, mask=col_ok, other=0.0).to(tl.float32)
+    weight = tl.load(weight_ptr + pair).to(tl.float32) if WEIGHTED else 1.0
     if BIAS and not EXPERTS:  # a dense layer's bias joins the float32 sum, rounded once (F.linear's order)
         acc += bias
     out = expert_output(acc, acc_up, bias, up_bias, weight, dtype,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +23,7 @@ from warmkv.models.config import ModelConfig, MoeConfig
 from warmkv.models.layers import TRITON, Linear, RMSNorm, has_kernels, linear, norm_and_linear, silu_and_mul
 
 if TRITON:
-    from warmkv.kernels.fused_moe import fused_experts
-    from warmkv.kernels.routing import RouterLogits, route_top_k
-if TYPE_CHECKING:
-    from typing import TypeAlias
-
-    from warmkv.kernels.routing import RouterLogits
-
-    # the experts' choice for each token: (weights [tokens, top_k] in the model dtype, expert ids [tokens,
-    # top_k]), or on CUDA a softmax router's logits, from which the experts' kernels choose
-    Routing: TypeAlias = tuple[torch.Tensor, torch.Tensor] | RouterLogits
+    from warmkv.kernels.fused_moe import fused_experts, route_top_k
 
 
 class Experts(nn.Module):
@@ -49,17 +39,17 @@ class Experts(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.empty(moe.num_experts, hidden))
         self.clamped_swiglu = moe.clamped_swiglu
 
-    def forward(self, x: torch.Tensor, routing: Routing, summed: bool = True) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, summed: bool = True
+    ) -> torch.Tensor:
         """weights[t, k] * expert[expert_ids[t, k]](x[t]), summed over k: [tokens, hidden]; or each of a
         token's k outputs, [tokens, top_k, hidden]."""
+        tensors = (x, self.gate_up_proj, self.down_proj, weights, expert_ids)
         biases = (self.gate_up_proj_bias, self.down_proj_bias)
         if has_kernels(x.device):  # silu(gate) * up runs in the first GEMM; the clamped variant on its own
             activation = None if self.clamped_swiglu is None else self.activation
-            return fused_experts(x, self.gate_up_proj, self.down_proj, routing, activation, *biases,
-                                 summed=summed)  # fmt: skip
-        assert isinstance(routing, tuple)
-        return experts_reference(x, self.gate_up_proj, self.down_proj, *routing, self.activation, *biases,
-                                 summed=summed)  # fmt: skip
+            return fused_experts(*tensors, activation, *biases, summed=summed)
+        return experts_reference(*tensors, self.activation, *biases, summed=summed)
 
     def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[tokens, 2 * inner] -> [tokens, inner]: silu(gate) * up, or gpt-oss's clamped variant."""
@@ -121,8 +111,7 @@ FLOAT32_TENSORS = ("e_score_correction_bias",)
 
 
 class SoftmaxRouter(nn.Module):
-    """Qwen-MoE's and gpt-oss's router: a linear layer (named as nn.Linear's), then `route`; on CUDA its
-    logits, from which the experts' kernels choose."""
+    """Qwen-MoE's and gpt-oss's router: a linear layer (named as nn.Linear's), then `route`."""
 
     def __init__(self, hidden: int, moe: MoeConfig) -> None:
         super().__init__()
@@ -130,19 +119,17 @@ class SoftmaxRouter(nn.Module):
         self.bias = nn.Parameter(torch.empty(moe.num_experts)) if moe.biases else None
         self.top_k, self.normalize, self.softmax_over_top_k = moe.top_k, moe.normalize_top_k, moe.biases
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        return self._routing(linear(x, self.weight, self.bias))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._route(linear(x, self.weight, self.bias))
 
     def norm_and_route(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
-                       ) -> tuple[Routing, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """(routing, norm(x + residual), x + residual): where it can, the norm runs in the router's own
-        product (one kernel less on a decode step's critical path)."""
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:  # fmt: skip
+        """((weights, expert ids), norm(x + residual), x + residual): where it can, the norm runs in the
+        router's own product (one kernel less on a decode step's critical path)."""
         logits, normed, stream = norm_and_linear(x, residual, norm, self.weight, self.bias)
-        return self._routing(logits), normed, stream
+        return self._route(logits), normed, stream
 
-    def _routing(self, logits: torch.Tensor) -> Routing:
-        if has_kernels(logits.device) and logits.dim() == 2:
-            return RouterLogits(logits, self.top_k, self.normalize or self.softmax_over_top_k)
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(logits, self.top_k, self.normalize, self.softmax_over_top_k)
 
 
@@ -218,10 +205,10 @@ class SparseMoeBlock(nn.Module):
             routing = self.gate(h)
         return self._experts(h, routing), residual
 
-    def _experts(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _experts(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if self.shared_expert is None:
-            return self.experts(x, routing, summed=False)
-        out = self.experts(x, routing)
+            return self.experts(x, *routing, summed=False)
+        out = self.experts(x, *routing)
         shared = self.shared_expert(x)
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
