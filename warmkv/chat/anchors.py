@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from warmkv.chat.template import encode, render_chat
+from warmkv.chat.template import encode_batch, render_chat
 from warmkv.errors import InvalidRequest
 
 # private-use characters: no template writes them, and a message holding OPEN or CLOSE is left unmarked. A
@@ -192,11 +192,16 @@ def encode_segments(
     and an earlier prompt stays a token prefix of a later one. `head` (text, ids) supplies the ids of a
     leading part of `text` verbatim (a turn the cache already holds); only the rest is tokenised."""
     ids, done = (list(head[1]), len(head[0])) if head else ([], 0)
-    spans = []
+    pieces = []  # (end, index, role) of each message end past the head, and of the text's end
     for index, role, end in [*ends, (-1, "", len(text))]:
-        if end > done:
-            ids += encode(tokenizer, text[done:end])
-            done = end
-        if index >= 0 and end >= (len(head[0]) if head else 0):
+        if end >= done:
+            pieces.append((end, index, role))
+    starts = [done] + [end for end, _, _ in pieces[:-1]]
+    texts = [text[start:end] for start, (end, _, _) in zip(starts, pieces, strict=True)]
+    spans = []
+    # one call for every segment: the tokenizer's fixed cost per call is most of a short segment's
+    for (end, index, role), segment_ids in zip(pieces, encode_batch(tokenizer, texts), strict=True):
+        ids += segment_ids
+        if index >= 0:
             spans.append(MessageSpan(index, role, len(ids), end))
     return ids, spans

@@ -33,3 +33,10 @@ def render_chat(
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of rendered text; the template already placed every special token it wants."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`encode` of each text, in one call (empty texts give no ids)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
