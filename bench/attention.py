@@ -39,7 +39,8 @@ def main() -> None:
     decode_launch = kernel.DECODE_LAUNCH
     for chunk, cached in PREFILL:
         tiles = -(-chunk // kernel.tokens_per_tile(chunk, kernel.group_size(HEADS, KV_HEADS)))
-        split = kernel.num_splits(tiles, KV_HEADS, cached + chunk, device) > 1  # as the kernel will decide
+        # as the kernel will decide
+        split = kernel.num_splits(tiles, KV_HEADS, cached + chunk, device, decode=False) > 1
         launch = split_launch if split else prefill_launch
         for rows_per_tile, keys, warps, stages in _settings(args.sweep, launch, prefill=True):
             kernel.ROWS_PER_TILE = rows_per_tile

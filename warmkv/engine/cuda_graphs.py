@@ -222,7 +222,9 @@ def step(
         tile_starts=inputs["tile_starts"],
         block_size=pool.block_size,
         tokens_per_tile=shape.tokens_per_tile,
-        num_splits=num_splits(shape.tiles, cfg.num_kv_heads, max_context, inputs["slots"].device),
+        num_splits=num_splits(
+            shape.tiles, cfg.num_kv_heads, max_context, inputs["slots"].device, shape.decode_only
+        ),
     )
     batch = AttentionBatch(slot_mapping=inputs["slots"], sequences=[], paged=paged)
     hidden = module(inputs["token_ids"], inputs["positions"], (pool.k, pool.v), batch)
