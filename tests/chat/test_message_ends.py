@@ -37,11 +37,10 @@ REWRITING_TEMPLATE = (
 TEMPLATES = {"smollm2": TOKENIZER.chat_template, "tools": TOOLS_TEMPLATE, "rewriting": REWRITING_TEMPLATE}
 
 
-def by_definition(messages: list[dict[str, Any]], template: str, text: str,
-                  tools: list[dict[str, Any]] | None = None) -> list[tuple[int, str, int]]:  # fmt: skip
+def by_definition(messages: list[dict[str, Any]], template: str, text: str) -> list[tuple[int, str, int]]:
     ends = []
     for i, message in enumerate(messages):
-        prefix = render_chat(TOKENIZER, messages[: i + 1], tools, False, template)
+        prefix = render_chat(TOKENIZER, messages[: i + 1], None, False, template)
         if text.startswith(prefix):
             ends.append((i, message["role"], len(prefix)))
     return ends
@@ -100,28 +99,6 @@ def test_a_thousand_messages_take_a_constant_number_of_renders(
     # the rewriting template hides earlier replies: their ends are no prefix, the last one's is
     hidden = set(range(2, len(messages) - 1, 2)) if name == "rewriting" else set()
     assert [span.index for span in prompt.spans] == [i for i in range(len(messages)) if i not in hidden]
-
-
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_a_later_turn_takes_two_renders_and_the_ends_of_the_definition(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where ends fall in each stretch of template markup is kept across requests: the next turn of an
-    agent's conversation (new messages, stretches like the earlier ones) renders the whole conversation
-    and its marked copy, nothing more, and still gets exactly the ends the definition gives."""
-    template, tools = TEMPLATES[name], [{"type": "function", "function": {"name": "read"}}]
-    call = {"role": "assistant", "content": "", "tool_calls": [CALL]}
-    turn = [{"role": "user", "content": "Read a.py"}, call, {"role": "tool", "content": "1"},
-            {"role": "assistant", "content": "It prints 1."}]  # fmt: skip
-    messages = [{"role": "system", "content": "Be brief."}, *turn, *turn]
-    first = render_chat(TOKENIZER, messages, tools, True, template)
-    anchors.message_ends(TOKENIZER, messages, tools, template, first)
-    messages += turn
-    text = render_chat(TOKENIZER, messages, tools, True, template)
-    renders = Renders(monkeypatch)
-    ends = anchors.message_ends(TOKENIZER, messages, tools, template, text)
-    assert renders.count == 2
-    assert ends == by_definition(messages, template, text, tools)
 
 
 # Llama 3.x's way with tools: they go into the first user message, and a conversation without one is refused

@@ -6,17 +6,12 @@ there). Rendering every prefix costs O(messages^2), so the ends come from two re
 conversation as is, and with each message's text wrapped in marker characters, which locate every
 message's text in the first. Between two located texts lies template markup (the end of one message, the
 start of the next); where ends fall inside such a stretch is learned once per distinct stretch, by
-rendering the prefixes that end in it, and reused for every stretch like it, in this request and in later
-ones (an agent's turns resend the same few stretches: each later turn takes two renders here, not one more
-per stretch). Should the markers change the rendering in any way, every prefix is rendered, as the
-definition says.
+rendering the prefixes that end in it, and reused for every stretch like it. Should the markers change the
+rendering in any way, every prefix is rendered, as the definition says.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,32 +21,6 @@ from warmkv.errors import InvalidRequest
 # private-use characters: no template writes them, and a message holding OPEN or CLOSE is left unmarked. A
 # message's text is wrapped as OPEN, its number (one character of a private-use plane), text, CLOSE
 _OPEN, _CLOSE, _NUMBER_BASE = "\ue000", "\ue001", 0xF0000
-LEARNED_STRETCHES_KEPT = 4096  # distinct stretches remembered across requests, least recently used dropped
-
-
-class _LearnedStretches:
-    """Where message ends fall inside each distinct stretch of template markup, per template and tools,
-    kept across requests (requests render in worker threads: one lock)."""
-
-    def __init__(self) -> None:
-        self._ends: OrderedDict[tuple[Any, ...], list[tuple[int, int]]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...]) -> list[tuple[int, int]] | None:
-        with self._lock:
-            found = self._ends.get(key)
-            if found is not None:
-                self._ends.move_to_end(key)
-            return found
-
-    def put(self, key: tuple[Any, ...], ends: list[tuple[int, int]]) -> None:
-        with self._lock:
-            self._ends[key] = ends
-            while len(self._ends) > LEARNED_STRETCHES_KEPT:
-                self._ends.popitem(last=False)
-
-
-_LEARNED = _LearnedStretches()
 
 
 @dataclass(slots=True, frozen=True)
@@ -87,8 +56,6 @@ class _Prefixes:
         self.messages, self.text = messages, text
         self._render = lambda some: render_chat(tokenizer, some, tools, False, template)
         self.full = self._render(messages)
-        # what a stretch's learned ends may depend on besides its own text: the template and the tools
-        self.context = (template, json.dumps(tools, sort_keys=True, default=str) if tools else "")
 
     def render(self, messages: list[dict[str, Any]]) -> str:
         return self._render(messages)
@@ -125,19 +92,18 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
+    learned: dict[tuple[str, tuple[tuple[str, bool], ...], bool], list[tuple[int, int]]] = {}
     ends = []
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
             return None
         # an unmarked message's text is not in the stretch: whether it is empty decides where ends fall
-        roles = tuple((messages[i]["role"], _markable(messages[i])) for i in indices)
-        key = (*render.context, full[low:high], roles, high == len(full))
-        learned = _LEARNED.get(key)
-        if learned is None:  # (position among `indices`, offset within the stretch) of each end in it
+        key = (full[low:high], tuple((messages[i]["role"], _markable(messages[i])) for i in indices),
+               high == len(full))  # fmt: skip
+        if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
             found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
-            learned = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
-            _LEARNED.put(key, learned)
-        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned]
+            learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
+        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
     return ends
 
 
