@@ -53,9 +53,11 @@ def main() -> None:
     parser.add_argument("--chunk-over-cached", type=int, nargs=2, metavar=("CHUNK", "CACHED"))
     parser.add_argument("--stall", type=int, nargs=3, metavar=("STREAMS", "PROMPT", "CHUNK"))
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--decode-steps", type=int, help="greedy decode steps back to back (default: engine)")
     args = parser.parse_args()
 
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, prefix_cache=False)
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, prefix_cache=False,
+                          decode_steps=args.decode_steps)  # fmt: skip
     device = config.torch_device()
     dtype = config.torch_dtype(device)
     # the limits first, while the device's memory is free: the models and the pool take most of it

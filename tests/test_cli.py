@@ -66,6 +66,15 @@ def test_readme_names_the_load_policy_flag_that_exists() -> None:
     assert build_parser().parse_args(["serve", "--kv-load", "always"]).kv_load == "always"
 
 
+def test_decode_steps_flag() -> None:
+    """Unset, the engine picks by device (4 on CUDA, 1 on CPU); a count is taken; 0 is refused by name."""
+    parse = build_parser().parse_args
+    assert engine_config_from(parse(["serve"])).decode_steps is None
+    assert engine_config_from(parse(["serve", "--decode-steps", "1"])).decode_steps == 1
+    with pytest.raises(WarmkvError, match="--decode-steps must be a positive number, got 0"):
+        engine_config_from(parse(["serve", "--decode-steps", "0"]))
+
+
 def test_disk_write_policy_flag() -> None:
     assert engine_config_from(build_parser().parse_args(["serve"])).cache.disk_write.value == "back"
     args = build_parser().parse_args(["serve", "--kv-disk-write", "through"])

@@ -55,6 +55,10 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     group.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt in full")
     group.add_argument("--no-cuda-graphs", action="store_true", help="run forward passes eagerly on CUDA")
+    group.add_argument(
+        "--decode-steps", type=int, help="greedy decode steps run back to back before the host reads their "
+        "tokens (default 4 on CUDA, 1 on CPU; 1 turns it off)",
+    )  # fmt: skip
     _add_tier_flags(parser, defaults.cache)
     rules = parser.add_argument_group("other caches' reuse rules, for side-by-side benchmarks")
     hit = HitPolicyConfig(HitPolicyName.BLOCKS)  # for its default sizes
@@ -141,7 +145,8 @@ def _octal(text: str) -> int:
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
-    for flag in ("block_size", "max_batch_tokens", "max_num_seqs", "kv_pool_tokens", "max_model_len"):
+    for flag in ("block_size", "max_batch_tokens", "max_num_seqs", "kv_pool_tokens", "max_model_len",
+                 "decode_steps"):  # fmt: skip
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise WarmkvError(f"--{flag.replace('_', '-')} must be a positive number, got {value}")
@@ -163,6 +168,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         prefix_cache=not args.no_prefix_cache,
         cuda_graphs=not args.no_cuda_graphs,
+        decode_steps=args.decode_steps,
         hit_emulation=hit_policy_from(args),
         cache=CacheConfig(
             host_gib=args.host_cache_gib,

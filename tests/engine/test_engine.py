@@ -139,10 +139,50 @@ def test_prompt_past_context_window_is_refused(tiny_model) -> None:
         SamplingParams(top_p=0)
 
 
+def test_decode_steps_back_to_back_give_each_sequence_its_own_tokens_and_stop(tiny_model) -> None:
+    """Four greedy decode steps run before the host reads their tokens: three sequences decoding together
+    give the tokens, text and finish reasons of one step at a time, in fewer engine steps, though they stop
+    inside a run of four (a stop token, a stop string, max_tokens); the KV computed past a stop is never
+    reused: a follow-up over a stopped reply reads its cached blocks and gives a cold engine's tokens."""
+    prompts = [PROMPT, list(range(3000, 3033)), [*PROMPT[:20], 5, 6, 7]]
+    reference = engine_for(tiny_model, decode_steps=1)
+    free = [
+        run(reference, p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, (14, 9, 13), strict=True)
+    ]
+    params = [SamplingParams(max_tokens=14, ignore_eos=True, stop_token_ids=[free[0][0][5]]),
+              SamplingParams(max_tokens=9, ignore_eos=True),
+              SamplingParams(max_tokens=13, ignore_eos=True, stop=[free[2][1][6:9]])]  # fmt: skip
+    results = {}
+    for steps in (1, 4):
+        engine = engine_for(tiny_model, decode_steps=steps)
+        seqs = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
+        texts, count = ["", "", ""], 0
+        while engine.has_work:
+            for out in engine.step():
+                texts[seqs.index(out.sequence)] += out.text
+            count += 1
+        results[steps] = ([s.output_ids for s in seqs], texts, [s.finish_reason for s in seqs], count, engine)
+    assert results[4][:3] == results[1][:3]
+    ids, texts, reasons = results[4][:3]
+    assert ids[0] == free[0][0][: free[0][0].index(free[0][0][5]) + 1] and len(ids[1]) == 9
+    assert texts[2] == free[2][1][: free[2][1].find(free[2][1][6:9])]
+    assert reasons == [FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP]
+    assert results[4][3] < results[1][3]  # the runs of four took fewer engine steps
+    engine = results[4][4]
+    follow_up = prompts[0] + ids[0] + list(range(2000, 2010))
+    again, _, seq = run(engine, follow_up, max_tokens=8, ignore_eos=True)
+    assert seq.num_cached == len(prompts[0]) + len(ids[0]) - 1  # the stopped reply, as computed
+    assert (
+        again == run(engine_for(tiny_model, prefix_cache=False), follow_up, max_tokens=8, ignore_eos=True)[0]
+    )
+
+
 def graphs_replayed(engine: LLMEngine) -> list:
     """The shapes of the graphs the engine replays from now on, in order."""
     served, replay = [], engine.runner.graphs.forward
-    engine.runner.graphs.forward = lambda items, shape: served.append(shape) or replay(items, shape)
+    engine.runner.graphs.forward = lambda items, shape, new_tokens=None: (
+        served.append(shape) or replay(items, shape, new_tokens)
+    )
     return served
 
 

@@ -35,6 +35,10 @@ class EngineConfig:
     # replay decode steps of 1..max_num_seqs sequences, and up to 512 new tokens of one sequence, as CUDA
     # graphs (CUDA only)
     cuda_graphs: bool = True
+    # greedy decode steps run back to back before the host reads their tokens: the host's work between two
+    # steps (sampling's copy, bookkeeping, the next step's inputs) then overlaps the GPU's. None: 4 on
+    # CUDA, 1 elsewhere (a CPU has no GPU to overlap)
+    decode_steps: int | None = None
     # another cache's reuse rules, emulated for `bench replay` (or `--hit-policy`); None when serving
     hit_emulation: HitPolicyConfig | None = None
 
@@ -68,6 +72,12 @@ class EngineConfig:
 
             return int(torch.cuda.mem_get_info(device)[0] * 0.85)
         return 2 * 2**30
+
+    def lookahead(self, device: torch.device) -> int:
+        """Decode steps run back to back (decode_steps, or its default for the device)."""
+        if self.decode_steps is not None:
+            return self.decode_steps
+        return 4 if device.type == "cuda" else 1
 
     def batch_tokens(self, device: torch.device) -> int:
         """Tokens per step. CPU: 512, a step stays well under a second on a small model. CUDA: 8192, as

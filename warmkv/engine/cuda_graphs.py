@@ -129,6 +129,7 @@ class _Captured:
     staging: torch.Tensor  # pinned host copy of `inputs`, filled by the CPU each step
     host: dict[str, np.ndarray]  # the staging buffer's sections
     inputs: torch.Tensor  # on the device: the graph reads its step from here
+    token_ids: torch.Tensor  # the inputs' token ids section
     logits: torch.Tensor  # [outputs, vocab], written by each replay
     # recorded after the latest copy out of `staging`: a step that samples nothing (a prefill chunk) does not
     # wait for the device, so the next step of this graph must not refill staging before that copy has run
@@ -171,13 +172,20 @@ class StepGraphs:
                 return shape
         return None
 
-    def forward(self, items: list[ForwardItem], shape: GraphShape) -> torch.Tensor:
-        """Logits [items, vocab] of each item's last token; the new tokens' KV is stored in their slots."""
+    def forward(
+        self, items: list[ForwardItem], shape: GraphShape, new_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [items, vocab] of each item's last token; the new tokens' KV is stored in their slots.
+        new_tokens: the items' tokens (a decode step's, one each) on the device, in place of theirs."""
         captured = self._graphs.get(shape) or self._capture(shape)
         if captured.copied is not None:
-            captured.copied.synchronize()  # usually long done: the last step of this shape has sampled
+            # usually long done: the last step of this shape has sampled (a step queued behind another
+            # waits here for that one's copy, which runs once the GPU reaches it)
+            captured.copied.synchronize()
         fill_inputs(captured.host, shape, items, self.pool.block_size, self.scratch_block)
         captured.inputs.copy_(captured.staging, non_blocking=True)
+        if new_tokens is not None:  # after the copy above in stream order: these are the tokens read
+            captured.token_ids[: len(new_tokens)].copy_(new_tokens)
         captured.copied = torch.cuda.Event()
         captured.copied.record()
         captured.graph.replay()
@@ -201,7 +209,8 @@ class StepGraphs:
         # whichever GPU was current first, and entering it would move the capture (and Triton) there
         with torch.cuda.graph(graph, pool=self._memory, stream=side), torch.inference_mode():
             logits = self._step(inputs, shape)
-        self._graphs[shape] = captured = _Captured(graph, staging, host, inputs, logits)
+        token_ids = split_inputs(inputs, shape, self.max_blocks)["token_ids"]
+        self._graphs[shape] = captured = _Captured(graph, staging, host, inputs, token_ids, logits)
         return captured
 
     def _step(self, inputs: torch.Tensor, shape: GraphShape) -> torch.Tensor:

@@ -100,6 +100,7 @@ class LLMEngine:
             config.max_model_len or cfg.max_position_embeddings, num_blocks * config.block_size
         )
         self.max_batch_tokens = config.batch_tokens(model.device)
+        self.decode_steps = config.lookahead(model.device)
         self.runner = ModelRunner(model.module, self.pool, config.cuda_graphs, config.max_num_seqs,
                                   self.max_model_len, self.max_batch_tokens)  # fmt: skip
         if self.runner.kernels:
@@ -231,6 +232,15 @@ class LLMEngine:
         plan = self._schedule(failed)
         if not plan:
             return failed
+        steps = self._steps_ahead(plan)
+        if steps > 1:
+            seqs = [seq for seq, _ in plan]
+            try:
+                tokens = self._tokens_ahead(seqs, steps)
+            except Exception as err:  # nothing counted yet: the same step, one at a time
+                log.warning("%d decode steps back to back failed (%s); one step at a time", steps, err)
+            else:
+                return failed + self._advance_ahead(seqs, tokens)
         plan, logits = self._forward(plan, failed)
         for seq, n in plan:
             seq.num_computed += n
@@ -265,6 +275,52 @@ class LLMEngine:
             except Exception as err:
                 failed.append(self._fail(seq, err))
         return kept, logits
+
+    # -- decode steps back to back: the host reads their tokens once ----------------------------------
+
+    def _steps_ahead(self, plan: list[tuple[Sequence, int]]) -> int:
+        """How many decode steps this step runs back to back (1: the usual step). Every sequence must be
+        decoding greedily with nothing that needs its token on the host before the next step (logits
+        processors, log-probs), none may be waiting to be admitted (it would wait for all of them), and
+        each needs the blocks of every step; no sequence runs past its max_tokens or the context."""
+        steps = self.decode_steps
+        if steps <= 1 or self.waiting:
+            return 1
+        for seq, count in plan:
+            params = seq.params
+            greedy = params.temperature == 0 and not seq.logits_processors and params.logprobs is None
+            if count != 1 or seq.num_uncomputed != 1 or not greedy:
+                return 1
+            left = min(params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
+            steps = min(steps, left)
+        if steps > 1 and not all(self._grow(seq, steps) for seq, _ in plan):
+            return 1  # the blocks already grown stay with their sequences: their next steps use them
+        return steps
+
+    def _tokens_ahead(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """Greedy tokens of `steps` decode steps, [steps][seqs]: each step is launched with the tokens the
+        one before chose still on the device, and the host waits for the GPU once, not once a step."""
+        chosen, new_tokens = [], None
+        for ahead in range(steps):
+            # past the first step the token is the device's: the item's own is a placeholder
+            items = [ForwardItem(seq.token_ids[-1:], seq.num_computed + ahead, seq.block_ids) for seq in seqs]
+            logits = self.runner.forward(items, new_tokens=new_tokens)
+            new_tokens = torch.cat(logits).argmax(-1)  # the greedy choice, as sample_batch makes it
+            chosen.append(new_tokens)
+        return torch.stack(chosen).tolist()
+
+    def _advance_ahead(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[StepOutput]:
+        """Each sequence takes its tokens in order until it stops (an end token, a stop string, its
+        max_tokens): the steps after that computed KV past what it counts as computed, never read."""
+        outputs = []
+        for column, seq in enumerate(seqs):
+            for row in tokens:
+                seq.num_computed += 1
+                self._commit(seq)
+                outputs.append(self._advance(seq, row[column], None))
+                if seq.finish_reason is not None:
+                    break
+        return outputs
 
     # -- sampling: one token per sequence whose prompt and output so far are computed -----------------
 

@@ -70,13 +70,21 @@ class ModelRunner:
                      seconds, decode, prefill)  # fmt: skip
 
     @torch.inference_mode()
-    def forward(self, items: list[ForwardItem], graphs: bool = True) -> list[torch.Tensor]:
+    def forward(
+        self, items: list[ForwardItem], graphs: bool = True, new_tokens: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Float32 logits per item: [1, vocab], or [new tokens, vocab] with all_logits. graphs=False: the
-        eager pass, even where a captured graph serves the items."""
+        eager pass, even where a captured graph serves the items. new_tokens: the items' tokens on the
+        device (a decode step's, one each, sampled by the step before and not yet read by the host); the
+        items' own token ids are then placeholders."""
         shape = self.graphs.shape_for(items) if graphs and self.graphs else None
         if shape is not None:
-            return list(self.graphs.forward(items, shape).split(1))  # type: ignore[union-attr]
-        input_ids = torch.tensor([t for item in items for t in item.token_ids], device=self.device)
+            return list(self.graphs.forward(items, shape, new_tokens).split(1))  # type: ignore[union-attr]
+        input_ids = (
+            torch.tensor([t for item in items for t in item.token_ids], device=self.device)
+            if new_tokens is None
+            else new_tokens
+        )
         positions = torch.cat([torch.arange(i.start, i.start + len(i.token_ids)) for i in items])
         hidden = self.module(
             input_ids, positions.to(self.device), (self.pool.k, self.pool.v), self._batch(items)
