@@ -27,6 +27,8 @@ import triton.language as tl
 from warmkv.kernels.dependent_launch import options, wait_for_previous
 from warmkv.kernels.fused import added, normalised
 
+NORM_DEPTH_MAX = 4096  # norm_and_gemv's one step: two weight rows and the row of 4096 columns in registers
+
 
 @dataclass(slots=True, frozen=True)
 class GemvLaunch:
@@ -88,15 +90,14 @@ def norm_and_gemv(
 
 
 def depth_fits(depth: int) -> bool:
-    """Whether norm_and_gemv takes rows of this size: one step of the widest launch."""
-    return depth <= GEMV_DEPTH_MAX
-
-
-GEMV_DEPTH_MAX = 4096  # norm_and_gemv's one step: 8 rows of 4096 bf16 columns a program stay in registers
+    """Whether norm_and_gemv takes rows of this size: one reduction step of the whole row."""
+    return depth <= NORM_DEPTH_MAX
 
 
 @dataclass(slots=True, frozen=True)
 class _Experts:
+    """Each pair's expert, its row of x and its router weight: what `gemv` takes for the experts."""
+
     ids: torch.Tensor
     pairs_per_row: int
     pair_weights: torch.Tensor | None
