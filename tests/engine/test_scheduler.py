@@ -73,11 +73,17 @@ def assert_no_blocks_leaked(engine: LLMEngine) -> None:
     assert {b: n for b, n in enumerate(engine.pool.ref_counts) if n} == dict(holders)
 
 
-def test_oversubscribed_sessions_all_complete_with_their_solo_outputs(tiny_model, solo_outputs) -> None:
-    engine = small_pool(tiny_model)
+@pytest.mark.parametrize("decode_steps", [1, 4])  # one step at a time, and runs of four back to back
+def test_oversubscribed_sessions_all_complete_with_their_solo_outputs(
+    tiny_model, solo_outputs, decode_steps: int
+) -> None:
+    engine = small_pool(tiny_model, decode_steps=decode_steps)
     working_set = sum(len(p) + REPLY for p in PROMPTS)
     assert working_set >= 3 * POOL
+    runs, tokens_ahead = [], engine._tokens_ahead
+    engine._tokens_ahead = lambda seqs, steps: runs.append(steps) or tokens_ahead(seqs, steps)
     seqs, outputs = run_all(engine, PROMPTS)
+    assert bool(runs) == (decode_steps > 1)  # runs of four did happen between preemptions
     assert [out.error for out in outputs if out.error] == []
     assert [s.finish_reason for s in seqs] == [FinishReason.LENGTH] * len(PROMPTS)
     assert [s.output_ids for s in seqs] == solo_outputs
