@@ -192,6 +192,21 @@ def check_decode_steps_back_to_back(model, cpu_model) -> None:
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_request_filling_a_small_pool_on_gpu_completes(tiny_llama_folder: Path) -> None:
+    """The decode graphs keep one block of the pool for their padding rows: a pool smaller than the model's
+    context holds one block less for requests, a request of exactly that many tokens completes (it waited
+    for the kept block forever), and one more token is refused with the number."""
+    model = load_model(str(tiny_llama_folder), torch.device("cuda"), torch.float32)
+    engine = LLMEngine(model, EngineConfig(kv_pool_tokens=64, max_batch_tokens=64))  # 4 blocks of 16
+    assert engine.max_model_len == 48
+    ids, _, seq = run(engine, list(range(500, 540)), max_tokens=8, ignore_eos=True)
+    assert len(ids) == 8 and seq.finish_reason is FinishReason.LENGTH
+    with pytest.raises(ContextOverflow, match="the KV pool holds 48 tokens"):
+        engine.add_request(list(range(500, 541)), SamplingParams(max_tokens=8))
+
+
 def graphs_replayed(engine: LLMEngine) -> list:
     """The shapes of the graphs the engine replays from now on, in order."""
     served, replay = [], engine.runner.graphs.forward

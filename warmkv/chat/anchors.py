@@ -158,11 +158,13 @@ def encode_segments(
     and an earlier prompt stays a token prefix of a later one. `head` (text, ids) supplies the ids of a
     leading part of `text` verbatim (a turn the cache already holds); only the rest is tokenised."""
     ids, done = (list(head[1]), len(head[0])) if head else ([], 0)
-    pieces = []  # (end, index, role) of each message end past the head, and of the text's end
+    first = done
+    pieces = []  # (end, index, role) of each message end past the head, and of the text's end, in order
     for index, role, end in [*ends, (-1, "", len(text))]:
         if end >= done:
             pieces.append((end, index, role))
-    starts = [done] + [end for end, _, _ in pieces[:-1]]
+            done = end
+    starts = [first] + [end for end, _, _ in pieces[:-1]]
     texts = [text[start:end] for start, (end, _, _) in zip(starts, pieces, strict=True)]
     spans = []
     # one call for every segment: the tokenizer's fixed cost per call is most of a short segment's

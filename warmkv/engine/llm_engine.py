@@ -103,6 +103,10 @@ class LLMEngine:
         self.decode_steps = config.lookahead(model.device)
         self.runner = ModelRunner(model.module, self.pool, config.cuda_graphs, config.max_num_seqs,
                                   self.max_model_len, self.max_batch_tokens)  # fmt: skip
+        # the decode graphs' padding writes to a block of the pool that no sequence gets: a request needing
+        # every block of a pool smaller than the context would wait for that one forever
+        self.pool_tokens = self.pool.num_free * config.block_size
+        self.max_model_len = min(self.max_model_len, self.pool_tokens)
         if self.runner.kernels:
             self.runner.warm_up()
         self.prefix_cache = self._build_prefix_cache() if config.prefix_cache else None
@@ -192,10 +196,9 @@ class LLMEngine:
         sequences take blocks from newer ones, never the reverse)."""
         if prompt_tokens == 0:
             raise InvalidRequest("the prompt is empty")
-        pool_tokens = self.pool.num_blocks * self.pool.block_size
         limit = (
-            f"the KV pool holds {pool_tokens} tokens (--kv-pool-tokens / --kv-pool-gib)"
-            if self.max_model_len == pool_tokens
+            f"the KV pool holds {self.pool_tokens} tokens (--kv-pool-tokens / --kv-pool-gib)"
+            if self.max_model_len == self.pool_tokens
             else f"this model's context window is {self.max_model_len} tokens"
         )
         if prompt_tokens >= self.max_model_len:
@@ -293,8 +296,12 @@ class LLMEngine:
                 return 1
             left = min(params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
             steps = min(steps, left)
-        if steps > 1 and not all(self._grow(seq, steps) for seq, _ in plan):
-            return 1  # the blocks already grown stay with their sequences: their next steps use them
+        # from free blocks only: running ahead is not worth evicting cached prefixes for
+        needed = sum(max(0, self._blocks_for(seq, steps) - len(seq.block_ids)) for seq, _ in plan)
+        if steps <= 1 or needed > self.pool.num_free:
+            return 1
+        for seq, _ in plan:
+            self._grow(seq, steps)
         return steps
 
     def _tokens_ahead(self, seqs: list[Sequence], steps: int) -> list[list[int]]:

@@ -83,7 +83,7 @@ def norm_and_gemv(
     """(normed @ weight.T + bias, normed, stream) in one launch, where stream = x + residual and normed is
     its RMSNorm: the bits of warmkv.kernels.fused.rms_norm followed by `gemv`. Each program normalises
     the whole row, so this is for a small weight (a router's); a row must fit one reduction step."""
-    assert depth_fits(x.shape[1]) and residual.stride(-1) == 1
+    assert depth_fits(x.shape[1]) and x.is_contiguous() and residual.is_contiguous()  # one row stride for all
     out, norm = _launch(x, weight, bias, None, False, None, (residual, norm_weight, eps))
     assert norm is not None
     return out, *norm
@@ -118,8 +118,8 @@ def _launch(
     cols, depth = weight.shape[-2], weight.shape[-1]
     out_cols = cols // 2 if swiglu else cols
     launch = launch or gemv_launch(depth, pairs)
-    if norm is not None:  # the whole row in one step
-        launch = GemvLaunch(launch.cols, triton.next_power_of_2(depth), launch.num_warps)
+    if norm is not None:  # the whole row in one step, two weight rows a program whatever the rows
+        launch = GemvLaunch(2, triton.next_power_of_2(depth), 4)
     out = torch.empty(pairs, out_cols, dtype=x.dtype, device=x.device)
     normed, stream = (torch.empty_like(x), torch.empty_like(x)) if norm is not None else (x, x)
     residual, norm_weight, eps = norm if norm is not None else (x, x, 0.0)
