@@ -36,7 +36,7 @@ from warmkv.engine.detokenizer import IncrementalDetokenizer
 from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.logits import accept, logits_processors, process
 from warmkv.engine.model_runner import ModelRunner
-from warmkv.engine.sampling import SamplingParams, TokenLogprobs, sample_batch, token_logprobs
+from warmkv.engine.sampling import SamplingParams, TokenLogprobs, greedy_tokens, sample_batch, token_logprobs
 from warmkv.engine.sequence import FinishReason, Sequence
 from warmkv.errors import ContextOverflow, EngineFailure, InvalidRequest, PoolExhausted, WarmkvError
 from warmkv.models.loader import LoadedModel, load_model
@@ -294,7 +294,8 @@ class LLMEngine:
             greedy = params.temperature == 0 and not seq.logits_processors and params.logprobs is None
             if count != 1 or seq.num_uncomputed != 1 or not greedy:
                 return 1
-            left = min(params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
+            output = len(seq.token_ids) - seq.num_prompt_tokens  # not len(output_ids): no copy per step
+            left = min(params.max_tokens - output, self.max_model_len - len(seq.token_ids))
             steps = min(steps, left)
         # from free blocks only: running ahead is not worth evicting cached prefixes for
         needed = sum(max(0, self._blocks_for(seq, steps) - len(seq.block_ids)) for seq, _ in plan)
@@ -312,7 +313,7 @@ class LLMEngine:
             # past the first step the token is the device's: the item's own is a placeholder
             items = [ForwardItem(seq.token_ids[-1:], seq.num_computed + ahead, seq.block_ids) for seq in seqs]
             logits = self.runner.forward(items, new_tokens=new_tokens)
-            new_tokens = torch.cat(logits).argmax(-1)  # the greedy choice, as sample_batch makes it
+            new_tokens = greedy_tokens(torch.cat(logits))
             chosen.append(new_tokens)
         return torch.stack(chosen).tolist()
 

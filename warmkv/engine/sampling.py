@@ -82,13 +82,19 @@ def sample_batch(
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     if greedy:
         for i, token in zip(
-            greedy, torch.stack([logits[i] for i in greedy]).argmax(-1).tolist(), strict=True
+            greedy, greedy_tokens(torch.stack([logits[i] for i in greedy])).tolist(), strict=True
         ):
             tokens[i] = token
     for i, p in enumerate(params):
         if p.temperature != 0:
             tokens[i] = sample(logits[i], p, generators[i])
     return tokens
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The likeliest token of each row of float32 logits [rows, vocab], left on their device (the lowest id
+    among equals): the one greedy rule, for sampling and for decode steps run back to back."""
+    return logits.argmax(-1)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
