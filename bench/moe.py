@@ -53,7 +53,7 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
     down = torch.randn(experts, hidden, inner, device=device, dtype=torch.bfloat16) / inner**0.5
     router = torch.randn(experts, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
     expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
-    chosen = fused_moe.tiles_for, fused_moe.PAIR_GEMV_MAX, gemv.gemv_launch
+    chosen = fused_moe.tiles_for, fused_moe.products_per_pair, gemv.gemv_launch
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
@@ -65,9 +65,10 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
         read = expert_ids.unique().numel() * expert_bytes
         pairs = tokens * top_k
         gate_up_launch = gemv.gemv_launch(hidden, pairs)  # what the chosen way runs
-        for setting in _settings(sweep, pairs, chosen[0](pairs), gate_up_launch, chosen[1] >= pairs):
+        for setting in _settings(sweep, pairs, chosen[0](pairs), gate_up_launch,
+                                 chosen[1](tokens, top_k, experts)):  # fmt: skip
             per_pair = isinstance(setting, gemv.GemvLaunch)
-            fused_moe.PAIR_GEMV_MAX = 1 << 30 if per_pair else 0
+            fused_moe.products_per_pair = lambda *_, per_pair=per_pair: per_pair
             if per_pair and sweep:
                 gemv.gemv_launch = lambda *_, launch=setting: launch
             elif not per_pair:
@@ -82,7 +83,7 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
                 "experts us": experts_us, "router+experts us": block_us, "experts read MB": read / 1e6,
                 "fraction of bandwidth": read / experts_us / 1e-6 / bandwidth,
             })  # fmt: skip
-            fused_moe.tiles_for, fused_moe.PAIR_GEMV_MAX, gemv.gemv_launch = chosen
+            fused_moe.tiles_for, fused_moe.products_per_pair, gemv.gemv_launch = chosen
     return rows
 
 

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from warmkv.kernels.fused_moe import align_by_expert, fused_experts, route_top_k
+from warmkv.kernels.fused_moe import align_by_expert, fused_experts, products_per_pair, route_top_k
 from warmkv.models.layers import silu_and_mul
 from warmkv.models.moe import experts_reference, route
 
@@ -66,8 +66,8 @@ def test_alignment_of_many_pairs_holds_each_pair_once_in_a_tile_of_its_expert(nu
     assert set(used.tolist()) == set(flat.tolist())
 
 
-# a product per pair (decode), then sorted into tiles of 32 and of 64 rows
-@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (5, 3), (40, 2), (600, 2)])
+# a product per pair (decode: 1 and 2 tokens), then sorted into tiles of 16, 32 and 64 rows
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (2, 2), (5, 3), (40, 2), (600, 2)])
 def test_fused_experts_match_the_expert_loop_in_float32(tokens: int, top_k: int) -> None:
     torch.manual_seed(tokens)
     gate_up, down = _experts(8, 64, 32, torch.float32)
@@ -91,7 +91,8 @@ def test_swiglu_in_the_first_gemm_with_biases_unsummed_matches_the_loop(tokens: 
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop() -> None:
+@pytest.mark.parametrize("tokens", [1, 6])  # a product per pair, then sorted
+def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop(tokens: int) -> None:
     """gpt-oss's experts: a bias on both projections, the clamped SwiGLU, softmax over the top-k."""
     from warmkv.models.config import MoeConfig
     from warmkv.models.moe import Experts
@@ -102,13 +103,21 @@ def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop() -> None:
     with torch.no_grad():
         for param in experts.parameters():
             param.normal_(0.0, 0.5)  # large enough that the clamp at 7 cuts some gate and up values
-    x = torch.randn(6, 64, device=DEVICE)
-    weights, expert_ids = route(torch.randn(6, 8, device=DEVICE), 2, False, softmax_over_top_k=True)
+    x = torch.randn(tokens, 64, device=DEVICE)
+    weights, expert_ids = route(torch.randn(tokens, 8, device=DEVICE), 2, False, softmax_over_top_k=True)
     tensors = (experts.gate_up_proj, experts.down_proj, weights, expert_ids, experts.activation,
                experts.gate_up_proj_bias, experts.down_proj_bias)  # fmt: skip
     with torch.no_grad():
         got, want = fused_experts(x, *tensors), experts_reference(x, *tensors)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_pairs_are_products_of_their_own_only_while_few_experts_are_chosen_twice() -> None:
+    assert products_per_pair(1, 8, 128) and products_per_pair(8, 8, 128)  # Qwen3-30B-A3B's decode
+    assert not products_per_pair(9, 8, 128)  # past 64 pairs
+    assert products_per_pair(4, 4, 32) and not products_per_pair(8, 4, 32)  # gpt-oss-20b: 1.21, 1.52
+    for tokens, top_k in [(1, 2), (2, 2), (5, 3), (6, 2)]:  # the tests here: each way is run
+        assert products_per_pair(tokens, top_k, 8) == (tokens <= 2)
 
 
 # Qwen3-MoE (renormalised), Qwen2-MoE (not), gpt-oss (softmax over the top-k logits)
@@ -160,7 +169,7 @@ def test_fused_experts_match_the_expert_loop_in_bfloat16(tokens: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("tokens", [1, 4, 20])  # a product per pair, then sorted
+@pytest.mark.parametrize("tokens", [1, 2, 20])  # a product per pair, then sorted
 def test_fused_experts_replay_in_a_cuda_graph_with_new_routing(tokens: int) -> None:
     """Decode graphs capture the sorting and both GEMMs once; a replay with other experts chosen gives
     the eager result for those experts."""

@@ -17,7 +17,8 @@ Qwen3-30B-A3B spent more time launching them than the GPU spent on the whole ste
 
 Decode has few pairs, mostly of distinct experts (a token's k are always distinct): there the sort is
 skipped and each pair is a matrix-vector product of its own (warmkv.kernels.gemv), which reads an
-expert chosen twice twice but needs no sort, no padding rows and no tl.dot tiles.
+expert chosen twice twice but needs no sort, no padding rows and no tl.dot tiles; where many experts
+would be chosen twice (gpt-oss's 32 experts at 8 tokens) the pairs are sorted.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from warmkv.kernels.gemv import expert_output, gemv
 # 175-176 us a product per pair at the sweep's best launches, 177 us sorted at its best tiles (`python -m
 # bench.moe --sweep`, `moe-nvidia-h100-80gb-hbm3-per-pair-sweep.json`): no sort kernel, no worse
 PAIR_GEMV_MAX = 64
+# ... and only while pairs per chosen expert, expected, are at most this many: at that sweep's point
+# (Qwen3-30B-A3B, 8 tokens: 64 pairs over 51.6 of 128 experts, 1.24) both ways took the same time, while
+# gpt-oss-20b at 8 tokens (32 pairs over 21.2 of 32 experts, 1.51) decoded at 0.61-0.63 of its limit a
+# product per pair against 0.73 sorted (bench.engine runs at 568ff4a, 656bb5a and bfd4f0e on an H100)
+PAIRS_PER_EXPERT_MAX = 1.25
 ALIGN_BLOCK = 1024  # pairs per pass of the alignment kernel
 ALIGN_TILES = 64  # tiles per pass when it finds each tile's expert
 
@@ -125,6 +131,15 @@ def _align_kernel(
         tl.store(tile_experts_ptr + tile, tl.where(expert < num_experts, expert, -1), mask=tile < num_tiles)
 
 
+def products_per_pair(tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether a step of `tokens` multiplies each (token, expert) pair on its own: few pairs, and few
+    experts expected to be read more than once (with routing spread evenly, an expert is chosen by none
+    of the tokens with probability (1 - top_k / num_experts) ** tokens)."""
+    pairs = tokens * top_k
+    chosen = num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+    return pairs <= PAIR_GEMV_MAX and pairs <= PAIRS_PER_EXPERT_MAX * chosen
+
+
 def fused_experts(
     x: torch.Tensor,  # [tokens, hidden]
     gate_up_proj: torch.Tensor,  # [experts, 2 * inner, hidden]
@@ -139,8 +154,7 @@ def fused_experts(
     """weights[t, k] * expert[expert_ids[t, k]](x[t]), summed over k: [tokens, hidden]; or (summed=False)
     each of a token's k outputs, [tokens, top_k, hidden]. `activation` maps [n, 2 * inner] to [n, inner]."""
     tokens, top_k = expert_ids.shape
-    pairs = tokens * top_k
-    if pairs <= PAIR_GEMV_MAX:
+    if products_per_pair(tokens, top_k, gate_up_proj.shape[0]):
         ids = expert_ids.flatten()
         hidden = gemv(x, gate_up_proj, gate_up_bias, ids, top_k, swiglu=activation is None)
         hidden = hidden if activation is None else activation(hidden)

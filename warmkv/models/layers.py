@@ -19,7 +19,8 @@ except ImportError:  # no Triton (CPU-only installs): PyTorch everywhere
 # (warmkv.kernels.gemv) rather than cuBLAS's GEMM: at 2 and 4 rows it is slower (`python -m bench.gemv`)
 GEMV_ROWS_MAX = 1
 # token rows up to which a router's product normalises its own input (norm_and_linear): the experts' products
-# take the matrix-vector kernel up to 8 tokens too (warmkv.kernels.fused_moe.PAIR_GEMV_MAX)
+# take the matrix-vector kernel up to 8 tokens too, where few experts are chosen twice
+# (warmkv.kernels.fused_moe.products_per_pair)
 NORM_AND_GEMV_ROWS_MAX = 8
 
 
