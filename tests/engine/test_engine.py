@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from warmkv.engine import llm_engine
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
@@ -190,6 +191,69 @@ def check_decode_steps_back_to_back(model, cpu_model) -> None:
     assert (
         again == run(engine_for(cpu_model, prefix_cache=False), follow_up, max_tokens=8, ignore_eos=True)[0]
     )
+
+
+def test_the_next_run_is_launched_before_the_host_reads_a_runs_tokens(tiny_model, monkeypatch) -> None:
+    """While the host reads a run's tokens and streams them, the GPU already has the next run of the
+    same sequences queued: each read finds four more steps launched than it reads (the last run's aside)."""
+    engine = engine_for(tiny_model, decode_steps=4)
+    launched, reads, forward = [0], [], engine.runner.forward
+
+    def counting(items, new_tokens=None):
+        launched[0] += 1
+        return forward(items, new_tokens=new_tokens)
+
+    monkeypatch.setattr(engine.runner, "forward", counting)
+    tokens = llm_engine._Run.tokens
+    monkeypatch.setattr(llm_engine._Run, "tokens", lambda run: reads.append(launched[0]) or tokens(run))
+    ids, _, _ = run(engine, PROMPT, max_tokens=18, ignore_eos=True)
+    # the prompt's step, then runs of 4, 4, 4, 4 and 1: each of the first three read with the next launched
+    assert reads == [1 + 8, 1 + 12, 1 + 16, 1 + 16]
+    assert ids == run(engine_for(tiny_model, decode_steps=1), PROMPT, max_tokens=18, ignore_eos=True)[0]
+
+
+def test_abort_and_arrival_while_a_run_is_queued_lose_nothing(tiny_model) -> None:
+    """A run launched before the last one's tokens were read still holds a sequence aborted meanwhile: it
+    gets no output after its abort, the others go on with their solo tokens, a request arriving then is
+    admitted once the queued run is read and gives its solo tokens, and every block comes back."""
+    check_abort_and_arrival_while_a_run_is_queued(tiny_model, tiny_model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_abort_and_arrival_while_a_run_is_queued_on_gpu_graphs(tiny_llama_folder: Path, tiny_model) -> None:
+    """The same with CUDA graphs, where the queued run is still writing the aborted sequence's blocks
+    when they go back to the pool: the late request that takes them gives the CPU's tokens."""
+    model = load_model(str(tiny_llama_folder), torch.device("cuda"), torch.float32)
+    check_abort_and_arrival_while_a_run_is_queued(model, tiny_model)
+
+
+def check_abort_and_arrival_while_a_run_is_queued(model, cpu_model) -> None:
+    solo = engine_for(cpu_model, decode_steps=1, prefix_cache=False)
+    prompts = [PROMPT, list(range(3000, 3033)), list(range(4000, 4020))]
+    alone = [run(solo, p, max_tokens=20, ignore_eos=True)[0] for p in prompts]
+    # a pool of 10 blocks (the decode graphs keep one more): the late request takes one of the aborted's
+    pool_tokens = 160 + (16 if model.device.type == "cuda" else 0)
+    engine = LLMEngine(model, EngineConfig(kv_pool_tokens=pool_tokens, decode_steps=4, prefix_cache=False))
+    free = engine.pool.num_free
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    first, aborted = engine.add_request(prompts[0], params), engine.add_request(prompts[1], params)
+    engine.step()  # both prompts
+    engine.step()  # a run of four, the next one queued
+    assert engine._in_flight is not None
+    given_back = set(aborted.block_ids)
+    engine.abort(aborted)
+    late = engine.add_request(prompts[2], params)
+    outputs, taken = [], set()
+    while engine.has_work:
+        outputs += engine.step()
+        taken |= set(late.block_ids)
+    assert taken & given_back
+    assert not any(out.sequence is aborted for out in outputs)
+    # its first token (the prompt's step) and a run of four
+    assert aborted.output_ids == alone[1][:5] and aborted.finish_reason is FinishReason.ABORT
+    assert first.output_ids == alone[0] and late.output_ids == alone[2]
+    assert engine.pool.num_free == free
 
 
 @pytest.mark.gpu

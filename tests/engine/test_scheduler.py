@@ -80,8 +80,8 @@ def test_oversubscribed_sessions_all_complete_with_their_solo_outputs(
     engine = small_pool(tiny_model, decode_steps=decode_steps)
     working_set = sum(len(p) + REPLY for p in PROMPTS)
     assert working_set >= 3 * POOL
-    runs, tokens_ahead = [], engine._tokens_ahead
-    engine._tokens_ahead = lambda seqs, steps: runs.append(steps) or tokens_ahead(seqs, steps)
+    runs, launch_run = [], engine._launch_run
+    engine._launch_run = lambda seqs, steps, after=None: runs.append(steps) or launch_run(seqs, steps, after)
     seqs, outputs = run_all(engine, PROMPTS)
     assert bool(runs) == (decode_steps > 1)  # runs of four did happen between preemptions
     assert [out.error for out in outputs if out.error] == []

@@ -55,6 +55,37 @@ class StepOutput:
 
 
 @dataclass(slots=True)
+class _Run:
+    """Greedy decode steps launched back to back: the host reads their tokens once, when it needs them."""
+
+    seqs: list[Sequence]
+    last: torch.Tensor  # the last step's tokens, on the device: the first input of a run that follows
+    host: torch.Tensor  # [steps, seqs] tokens: on a GPU a pinned copy, filled once `copied` has passed
+    copied: torch.cuda.Event | None
+
+    @classmethod
+    def launched(cls, seqs: list[Sequence], tokens: torch.Tensor) -> _Run:
+        if tokens.device.type != "cuda":
+            return cls(seqs, tokens[-1], tokens, None)
+        # copied out as soon as the GPU has them: a run launched after this one does not delay the read
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(seqs, tokens[-1], host, copied)
+
+    @property
+    def steps(self) -> int:
+        return self.host.shape[0]
+
+    def tokens(self) -> list[list[int]]:
+        """[steps][seqs], waiting for the GPU to have computed them."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
+
+
+@dataclass(slots=True)
 class SchedulerStats:
     """Counters since start, for /metrics."""
 
@@ -121,6 +152,7 @@ class LLMEngine:
         self.waiting: deque[Sequence] = deque()  # by arrival: preempted sequences go back to their place
         self.running: list[Sequence] = []  # by arrival
         self.stats = SchedulerStats()
+        self._in_flight: _Run | None = None  # launched before the last run's tokens were read
         self._ids = itertools.count()
         self._arrivals = itertools.count()
 
@@ -231,6 +263,9 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        run, self._in_flight = self._in_flight, None
+        if run is not None and any(seq.finish_reason is None for seq in run.seqs):
+            return self._read_run(run)
         failed: list[StepOutput] = []
         plan = self._schedule(failed)
         if not plan:
@@ -239,11 +274,11 @@ class LLMEngine:
         if steps > 1:
             seqs = [seq for seq, _ in plan]
             try:
-                tokens = self._tokens_ahead(seqs, steps)
+                run = self._launch_run(seqs, steps)
             except Exception as err:  # nothing counted yet: the same step, one at a time
                 log.warning("%d decode steps back to back failed (%s); one step at a time", steps, err)
             else:
-                return failed + self._advance_ahead(seqs, tokens)
+                return failed + self._read_run(run)
         plan, logits = self._forward(plan, failed)
         for seq, n in plan:
             seq.num_computed += n
@@ -281,11 +316,12 @@ class LLMEngine:
 
     # -- decode steps back to back: the host reads their tokens once ----------------------------------
 
-    def _steps_ahead(self, plan: list[tuple[Sequence, int]]) -> int:
-        """How many decode steps this step runs back to back (1: the usual step). Every sequence must be
-        decoding greedily with nothing that needs its token on the host before the next step (logits
-        processors, log-probs), none may be waiting to be admitted (it would wait for all of them), and
-        each needs the blocks of every step; no sequence runs past its max_tokens or the context."""
+    def _steps_ahead(self, plan: list[tuple[Sequence, int]], launched: int = 0) -> int:
+        """How many decode steps this step runs back to back (1: the usual step), after `launched` steps
+        already on their way. Every sequence must be decoding greedily with nothing that needs its token on
+        the host before the next step (logits processors, log-probs), none may be waiting to be admitted
+        (it would wait for all of them), and each needs the blocks of every step; no sequence runs past its
+        max_tokens or the context."""
         steps = self.decode_steps
         if steps <= 1 or self.waiting:
             return 1
@@ -294,40 +330,65 @@ class LLMEngine:
             greedy = params.temperature == 0 and not seq.logits_processors and params.logprobs is None
             if count != 1 or seq.num_uncomputed != 1 or not greedy:
                 return 1
-            output = len(seq.token_ids) - seq.num_prompt_tokens  # not len(output_ids): no copy per step
-            left = min(params.max_tokens - output, self.max_model_len - len(seq.token_ids))
-            steps = min(steps, left)
+            length = len(seq.token_ids) + launched
+            output = length - seq.num_prompt_tokens  # not len(output_ids): no copy per step
+            steps = min(steps, params.max_tokens - output, self.max_model_len - length)
         # from free blocks only: running ahead is not worth evicting cached prefixes for
-        needed = sum(max(0, self._blocks_for(seq, steps) - len(seq.block_ids)) for seq, _ in plan)
+        needed = sum(max(0, self._blocks_for(seq, launched + steps) - len(seq.block_ids)) for seq, _ in plan)
         if steps <= 1 or needed > self.pool.num_free:
             return 1
         for seq, _ in plan:
-            self._grow(seq, steps)
+            self._grow(seq, launched + steps)
         return steps
 
-    def _tokens_ahead(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
-        """Greedy tokens of `steps` decode steps, [steps][seqs]: each step is launched with the tokens the
-        one before chose still on the device, and the host waits for the GPU once, not once a step."""
-        chosen, new_tokens = [], None
-        for ahead in range(steps):
-            # past the first step the token is the device's: the item's own is a placeholder
+    def _launch_run(self, seqs: list[Sequence], steps: int, after: _Run | None = None) -> _Run:
+        """Launch `steps` greedy decode steps, each fed the tokens the one before chose on the device, after
+        the run `after` (whose tokens the host has not read yet) or after what the host knows."""
+        launched = after.steps if after is not None else 0
+        chosen, new_tokens = [], after.last if after is not None else None
+        for ahead in range(launched, launched + steps):
+            # where the device's tokens are read the item's own is a placeholder
             items = [ForwardItem(seq.token_ids[-1:], seq.num_computed + ahead, seq.block_ids) for seq in seqs]
             logits = self.runner.forward(items, new_tokens=new_tokens)
             new_tokens = greedy_tokens(torch.cat(logits))
             chosen.append(new_tokens)
-        return torch.stack(chosen).tolist()
+        return _Run.launched(seqs, torch.stack(chosen))
+
+    def _read_run(self, run: _Run) -> list[StepOutput]:
+        """The run's tokens, once the GPU has computed them; first the next run over the same sequences
+        goes on the GPU's queue, so the GPU computes it while the host reads and streams these."""
+        following = self._chain(run)
+        outputs = self._advance_ahead(run.seqs, run.tokens())
+        self._in_flight = following
+        return outputs
+
+    def _chain(self, run: _Run) -> _Run | None:
+        """The run that follows `run`, launched before its tokens are read, when the engine would launch
+        it next anyway: the same sequences are all that run and nothing waits. If one of them stops inside
+        `run`, it keeps its batch row in this one too, and the tokens of that row are dropped."""
+        if set(self.running) != set(run.seqs):
+            return None
+        steps = self._steps_ahead([(seq, 1) for seq in run.seqs], launched=run.steps)
+        if steps <= 1:
+            return None
+        try:
+            return self._launch_run(run.seqs, steps, after=run)
+        except Exception as err:  # nothing counted: the next step launches it again after reading
+            log.warning("a run of %d decode steps could not follow the last (%s)", steps, err)
+            return None
 
     def _advance_ahead(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[StepOutput]:
         """Each sequence takes its tokens in order until it stops (an end token, a stop string, its
-        max_tokens): the steps after that computed KV past what it counts as computed, never read."""
+        max_tokens): the steps after that computed KV past what it counts as computed, never read. A
+        sequence that had stopped before (in the run before, or aborted) takes none."""
         outputs = []
         for column, seq in enumerate(seqs):
             for row in tokens:
+                if seq.finish_reason is not None:
+                    break
                 seq.num_computed += 1
                 self._commit(seq)
                 outputs.append(self._advance(seq, row[column], None))
-                if seq.finish_reason is not None:
-                    break
         return outputs
 
     # -- sampling: one token per sequence whose prompt and output so far are computed -----------------
