@@ -31,11 +31,12 @@ REPLY = 12
 
 def start(
     model, pool: int = POOL, max_batch_tokens: int = 64, trace: Path | None = None, host_tokens: int = 4096,
-    kv_dir: Path | None = None,
+    kv_dir: Path | None = None, decode_steps: int | None = None,
 ) -> EmbeddedServer:  # fmt: skip
     cache = CacheConfig(disk=kv_dir is not None, kv_dir=kv_dir, host_tokens=host_tokens,
                         load_policy=LoadPolicy.ALWAYS)  # fmt: skip
-    config = EngineConfig(kv_pool_tokens=pool, max_batch_tokens=max_batch_tokens, cache=cache)
+    config = EngineConfig(kv_pool_tokens=pool, max_batch_tokens=max_batch_tokens, cache=cache,
+                          decode_steps=decode_steps)  # fmt: skip
     settings = ServerSettings(served_model_name=MODEL, trace=trace)
     return start_embedded_server(LLMEngine(model, config), settings)
 
@@ -159,6 +160,56 @@ def test_client_that_hangs_up_frees_its_blocks(small: EmbeddedServer) -> None:
         assert time.monotonic() < deadline, "the sequence kept its blocks after the client left"
         time.sleep(0.05)
     assert_only_the_cache_holds_blocks(small)
+
+
+def test_client_hanging_up_while_a_run_is_queued_leaves_the_others_their_solo_answers(tiny_llama) -> None:
+    """Runs of four decode steps chained, as on a GPU: one client of three hangs up mid-stream while the
+    engine has the next run of all three queued; the other two stream their solo answers to the end and
+    every block but the cache's comes back."""
+    prompts = [list(range(1000 * i, 1000 * i + 40)) for i in (1, 2, 3)]
+    solo = [complete_text(start(tiny_llama, pool=8192), p) for p in prompts]
+    server = start(tiny_llama, pool=8192, max_batch_tokens=512, decode_steps=4)
+    engine = server.engine.engine
+    chained, launch_run, queued_at_abort, abort = [], engine._launch_run, [], engine.abort
+    engine._launch_run = lambda seqs, steps, after=None: (
+        chained.append(after is not None) or launch_run(seqs, steps, after)
+    )
+    engine.abort = lambda seq: queued_at_abort.append(engine._in_flight is not None) or abort(seq)
+    texts: list[str] = ["", "", ""]
+
+    def stream(i: int) -> None:
+        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    texts[i] += json.loads(line[6:])["choices"][0]["text"]
+                if i == 0 and len(texts[0]) > 100:  # all three decoding by then
+                    return  # hang up
+
+    try:
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert texts[1:] == solo[1:] and solo[0].startswith(texts[0]) and len(texts[0]) < len(solo[0])
+        assert any(chained) and queued_at_abort == [True]
+        deadline = time.monotonic() + 30
+        while server.engine.num_pending or engine.has_work:
+            assert time.monotonic() < deadline, "a sequence kept its blocks after its client left"
+            time.sleep(0.05)
+        assert_only_the_cache_holds_blocks(server)
+    finally:
+        server.stop()
+
+
+def complete_text(server: EmbeddedServer, prompt: list[int]) -> str:
+    """The server's whole answer of 60 tokens; the server is stopped after."""
+    try:
+        return complete(server.url, prompt, max_tokens=60).json()["choices"][0]["text"]
+    finally:
+        server.stop()
 
 
 def test_one_failing_request_fails_alone(small: EmbeddedServer, monkeypatch: pytest.MonkeyPatch) -> None:
