@@ -14,6 +14,7 @@ from warmkv.cache.kv_pool import KVPool
 from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.model_runner import ModelRunner
 from warmkv.errors import ModelLoadError, UnsupportedArchitecture
+from warmkv.models import mxfp4
 from warmkv.models.loader import default_gguf_path, load_model
 
 from ..conftest import make_tiny_hf_model, save_tiny_model
@@ -115,12 +116,68 @@ def test_checkpoint_missing_an_expert_is_rejected(tmp_path: Path) -> None:
         load_model(str(folder), CPU, torch.float32)
 
 
-def test_mxfp4_gpt_oss_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert tensor [experts, in, out] as gpt-oss's checkpoints store it quantised: MXFP4 blocks and
+    scales of its [experts, out, in] rows, each value rounded to the nearest E2M1 one under its group's
+    scale (the smallest power of two that brings the group within E2M1's largest, 6)."""
+    groups = weight.transpose(1, 2).float().reshape(weight.shape[0], weight.shape[2], -1, 32)
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2**-100) / 6)).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    magnitudes = torch.tensor(mxfp4.E2M1[:8])
+    codes = (scaled.abs()[..., None] - magnitudes).abs().argmin(-1) + 8 * (scaled < 0)
+    return (codes[..., 0::2] | codes[..., 1::2] << 4).to(torch.uint8), (exponent + 127).to(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mxfp4_dequantises_to_transformers_bits(dtype: torch.dtype) -> None:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8)
+    scales = torch.randint(100, 150, (3, 10, 4), dtype=torch.uint8)
+    got = mxfp4.dequantize(blocks, scales, dtype).transpose(1, 2)
+    want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weights(tmp_path: Path) -> None:
+    """gpt-oss as published: the experts' projections MXFP4 blocks and scales, config.json naming the
+    scheme. It loads, and its logits are those of transformers' model holding the weights transformers'
+    own dequantisation gives."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
     folder = save_tiny_model("gptoss", tmp_path / "mxfp4")
+    hf = make_tiny_hf_model("gptoss")
     weights = load_file(str(folder / "model.safetensors"))
-    weights["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 4, dtype=torch.uint8)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _mxfp4(weights.pop(name))
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = blocks, scales
+        with torch.no_grad():
+            hf.get_parameter(name).copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
     save_file(weights, str(folder / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match="MXFP4-quantised gpt-oss weights are not supported"):
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn"],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load_model(str(folder), CPU, torch.float32)
+    pool = KVPool(model.config.num_layers, 16, 8, model.config.num_kv_heads, model.config.head_dim,
+                  torch.float32, CPU)  # fmt: skip
+    prompt = model.tokenizer("The rivers of France flow west", add_special_tokens=False)["input_ids"]
+    (logits,) = ModelRunner(model.module, pool).forward(
+        [ForwardItem(prompt, 0, pool.allocate(-(-len(prompt) // 8)), all_logits=True)]
+    )
+    with torch.no_grad():
+        reference = hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_quantised_another_way_is_refused_by_name(tmp_path: Path) -> None:
+    folder = save_tiny_model("llama", tmp_path / "awq")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(ModelLoadError, match="weights quantised with 'awq' are not supported"):
         load_model(str(folder), CPU, torch.float32)
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from warmkv.errors import ModelLoadError
+from warmkv.models import mxfp4
 from warmkv.models.config import ModelConfig
 from warmkv.models.gguf_convert import convert_gguf
 from warmkv.models.llama import LlamaForCausalLM, fuse_checkpoint_weights
@@ -91,7 +92,12 @@ def _file_identity(path: Path) -> str:
 
 def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     folder = resolve_model_folder(spec)
-    config = ModelConfig.from_hf(_read_json(folder / "config.json"))
+    hf_config = _read_json(folder / "config.json")
+    config = ModelConfig.from_hf(hf_config)
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, "mxfp4"):  # MXFP4 is dequantised on load; other schemes' weights are not
+        raise ModelLoadError(f"{folder}: weights quantised with {method!r} are not supported; use a bf16 or "
+                             "float16 checkpoint, or a GGUF file")  # fmt: skip
     module = build_module(config, _read_weights(folder, device, dtype), device, dtype)
     return LoadedModel(
         name=Path(spec).stem if spec else "SmolLM2-135M-Instruct",
@@ -136,10 +142,13 @@ def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dic
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensor = f.get_tensor(name)
                     kept = torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype
-                    weights[name] = f.get_tensor(name).to(kept)
+                    # packed integers (MXFP4 blocks and scales) stay as they are until dequantised
+                    weights[name] = tensor.to(kept) if tensor.is_floating_point() else tensor
         except Exception as err:
             raise ModelLoadError(f"{file} could not be read: {err}") from err
+    mxfp4.dequantize_checkpoint(weights, dtype)
     return weights
 
 

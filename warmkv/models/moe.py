@@ -240,10 +240,6 @@ def stack_expert_weights(weights: dict[str, torch.Tensor]) -> None:
 def convert_gpt_oss_experts(weights: dict[str, torch.Tensor]) -> None:
     """gpt-oss's layout to ours, in place: the router is `gate`, expert matrices are transposed to
     [experts, out, in], and gate/up, interleaved column by column, become [gate | up]."""
-    if any(name.endswith(("_blocks", "_scales")) for name in weights):
-        raise ModelLoadError(
-            "MXFP4-quantised gpt-oss weights are not supported; use a bf16 checkpoint (e.g. a *-BF16 copy)"
-        )
     for name in [n for n in weights if ".mlp.router." in n]:
         weights[name.replace(".mlp.router.", ".mlp.gate.")] = weights.pop(name)
     for name in [n for n in weights if n.endswith(".mlp.experts.gate_up_proj")]:
