@@ -128,14 +128,20 @@ def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (codes[..., 0::2] | codes[..., 1::2] << 4).to(torch.uint8), (exponent + 127).to(torch.uint8)
 
 
+CUDA_PARAM = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])  # loading dequantises on the model's device
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_mxfp4_dequantises_to_transformers_bits(dtype: torch.dtype) -> None:
+def test_mxfp4_dequantises_to_transformers_bits(dtype: torch.dtype, device: str) -> None:
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     torch.manual_seed(0)
     blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8)
     scales = torch.randint(100, 150, (3, 10, 4), dtype=torch.uint8)
-    got = mxfp4.dequantize(blocks, scales, dtype).transpose(1, 2)
+    got = mxfp4.dequantize(blocks.to(device), scales.to(device), dtype).transpose(1, 2).cpu()
     want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
     assert got.dtype == want.dtype and torch.equal(got, want)
 
