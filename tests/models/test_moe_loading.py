@@ -96,6 +96,11 @@ def test_moe_gguf_loads_with_matching_logits(name: str, tmp_path: Path) -> None:
     hf = write_tiny_moe_gguf(name, tmp_path / f"{name}.gguf")
     model = load_model(str(tmp_path / f"{name}.gguf"), CPU, torch.float32)
     assert model.config.moe is not None and model.config.moe.num_experts == 8
+    assert_logits_match(model, hf)
+
+
+def assert_logits_match(model, hf: torch.nn.Module) -> None:
+    """Our logits of every token of a short prompt are transformers' (float32 on the CPU)."""
     pool = KVPool(model.config.num_layers, 16, 8, model.config.num_kv_heads, model.config.head_dim,
                   torch.float32, CPU)  # fmt: skip
     prompt = model.tokenizer("The rivers of France flow west", add_special_tokens=False)["input_ids"]
@@ -168,15 +173,7 @@ def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weigh
     }
     (folder / "config.json").write_text(json.dumps(config))
     model = load_model(str(folder), CPU, torch.float32)
-    pool = KVPool(model.config.num_layers, 16, 8, model.config.num_kv_heads, model.config.head_dim,
-                  torch.float32, CPU)  # fmt: skip
-    prompt = model.tokenizer("The rivers of France flow west", add_special_tokens=False)["input_ids"]
-    (logits,) = ModelRunner(model.module, pool).forward(
-        [ForwardItem(prompt, 0, pool.allocate(-(-len(prompt) // 8)), all_logits=True)]
-    )
-    with torch.no_grad():
-        reference = hf(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    assert_logits_match(model, hf)
 
 
 def test_checkpoint_quantised_another_way_is_refused_by_name(tmp_path: Path) -> None:
