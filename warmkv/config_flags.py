@@ -56,7 +56,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt in full")
     group.add_argument("--no-cuda-graphs", action="store_true", help="run forward passes eagerly on CUDA")
     group.add_argument(
-        "--decode-steps", type=int, help="greedy decode steps run back to back before the host reads their "
+        "--decode-steps", type=int, help="decode steps run back to back before the host reads their "
         "tokens (default 4 on CUDA, 1 on CPU; 1 turns it off)",
     )  # fmt: skip
     _add_tier_flags(parser, defaults.cache)

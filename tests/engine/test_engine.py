@@ -160,19 +160,24 @@ def test_decode_steps_back_to_back_on_gpu_graphs_feed_each_step_the_tokens_on_th
 
 
 def check_decode_steps_back_to_back(model, cpu_model) -> None:
-    prompts = [PROMPT, list(range(3000, 3033)), [*PROMPT[:20], 5, 6, 7]]
+    prompts = [PROMPT, list(range(3000, 3033)), [*PROMPT[:20], 5, 6, 7], list(range(4000, 4025))]
     reference = engine_for(cpu_model, decode_steps=1)
     free = [
-        run(reference, p, max_tokens=n, ignore_eos=True) for p, n in zip(prompts, (14, 9, 13), strict=True)
+        run(reference, p, max_tokens=n, ignore_eos=True)
+        for p, n in zip(prompts[:3], (14, 9, 13), strict=True)
     ]
-    params = [SamplingParams(max_tokens=14, ignore_eos=True, stop_token_ids=[free[0][0][5]]),
-              SamplingParams(max_tokens=9, ignore_eos=True),
-              SamplingParams(max_tokens=13, ignore_eos=True, stop=[free[2][1][6:9]])]  # fmt: skip
+    params = [
+        SamplingParams(max_tokens=14, ignore_eos=True, stop_token_ids=[free[0][0][5]]),
+        SamplingParams(max_tokens=9, ignore_eos=True),
+        SamplingParams(max_tokens=13, ignore_eos=True, stop=[free[2][1][6:9]]),
+        # sampled on the device with its own seeded generator, as one step at a time samples it
+        SamplingParams(max_tokens=15, ignore_eos=True, temperature=0.9, top_p=0.95, top_k=50, seed=11),
+    ]
     results = {}
     for steps in (1, 4):
         engine = engine_for(model, decode_steps=steps)
         seqs = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
-        texts, count = ["", "", ""], 0
+        texts, count = ["", "", "", ""], 0
         while engine.has_work:
             for out in engine.step():
                 texts[seqs.index(out.sequence)] += out.text
@@ -182,7 +187,7 @@ def check_decode_steps_back_to_back(model, cpu_model) -> None:
     ids, texts, reasons = results[4][:3]
     assert ids[0] == free[0][0][: free[0][0].index(free[0][0][5]) + 1] and ids[1] == free[1][0]
     assert texts[2] == free[2][1][: free[2][1].find(free[2][1][6:9])]
-    assert reasons == [FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP]
+    assert reasons == [FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP, FinishReason.LENGTH]
     assert results[4][3] < results[1][3]  # the runs of four took fewer engine steps
     engine = results[4][4]
     follow_up = prompts[0] + ids[0] + list(range(2000, 2010))

@@ -36,7 +36,7 @@ from warmkv.engine.detokenizer import IncrementalDetokenizer
 from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.logits import accept, logits_processors, process
 from warmkv.engine.model_runner import ModelRunner
-from warmkv.engine.sampling import SamplingParams, TokenLogprobs, greedy_tokens, sample_batch, token_logprobs
+from warmkv.engine.sampling import SamplingParams, TokenLogprobs, sample_batch, sample_tokens, token_logprobs
 from warmkv.engine.sequence import FinishReason, Sequence
 from warmkv.errors import ContextOverflow, EngineFailure, InvalidRequest, PoolExhausted, WarmkvError
 from warmkv.models.loader import LoadedModel, load_model
@@ -56,7 +56,7 @@ class StepOutput:
 
 @dataclass(slots=True)
 class _Run:
-    """Greedy decode steps launched back to back: the host reads their tokens once, when it needs them."""
+    """Decode steps launched back to back: the host reads their tokens once, when it needs them."""
 
     seqs: list[Sequence]
     last: torch.Tensor  # the last step's tokens, on the device: the first input of a run that follows
@@ -318,8 +318,9 @@ class LLMEngine:
 
     def _steps_ahead(self, plan: list[tuple[Sequence, int]], launched: int = 0) -> int:
         """How many decode steps this step runs back to back (1: the usual step), after `launched` steps
-        already on their way. Every sequence must be decoding greedily with nothing that needs its token on
-        the host before the next step (logits processors, log-probs), none may be waiting to be admitted
+        already on their way. Every sequence must be decoding with nothing that needs its token on the host
+        before the next step (logits processors, log-probs: greedy or sampled, its token is chosen on the
+        device, with its own generator, as one step at a time chooses it), none may be waiting to be admitted
         (it would wait for all of them), and each needs the blocks of every step; no sequence runs past its
         max_tokens or the context."""
         steps = self.decode_steps
@@ -327,8 +328,8 @@ class LLMEngine:
             return 1
         for seq, count in plan:
             params = seq.params
-            greedy = params.temperature == 0 and not seq.logits_processors and params.logprobs is None
-            if count != 1 or seq.num_uncomputed != 1 or not greedy:
+            on_device = not seq.logits_processors and params.logprobs is None  # the token needs no host
+            if count != 1 or seq.num_uncomputed != 1 or not on_device:
                 return 1
             length = len(seq.token_ids) + launched
             output = length - seq.num_prompt_tokens  # not len(output_ids): no copy per step
@@ -342,15 +343,16 @@ class LLMEngine:
         return steps
 
     def _launch_run(self, seqs: list[Sequence], steps: int, after: _Run | None = None) -> _Run:
-        """Launch `steps` greedy decode steps, each fed the tokens the one before chose on the device, after
+        """Launch `steps` decode steps, each fed the tokens the one before chose on the device, after
         the run `after` (whose tokens the host has not read yet) or after what the host knows."""
         launched = after.steps if after is not None else 0
         chosen, new_tokens = [], after.last if after is not None else None
+        params, generators = [seq.params for seq in seqs], [seq.generator for seq in seqs]
         for ahead in range(launched, launched + steps):
             # where the device's tokens are read the item's own is a placeholder
             items = [ForwardItem(seq.token_ids[-1:], seq.num_computed + ahead, seq.block_ids) for seq in seqs]
             logits = self.runner.forward(items, new_tokens=new_tokens)
-            new_tokens = greedy_tokens(torch.cat(logits))
+            new_tokens = sample_tokens([rows[-1] for rows in logits], params, generators)
             chosen.append(new_tokens)
         return _Run.launched(seqs, torch.stack(chosen))
 

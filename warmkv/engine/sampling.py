@@ -77,30 +77,39 @@ class SamplingParams:
 def sample_batch(
     logits: list[torch.Tensor], params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    """One token id per sequence; greedy rows are decided together, with one device-to-host copy."""
-    tokens = [0] * len(logits)
+    """One token id per sequence, read with one device-to-host copy."""
+    return sample_tokens(logits, params, generators).tolist()
+
+
+def sample_tokens(
+    logits: list[torch.Tensor], params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """One token id per sequence, left on the logits' device: the greedy rows decided together, each other
+    row sampled with its own parameters and generator. Nothing waits for the device, so decode steps can
+    follow one another on the tokens chosen here (llm_engine's runs)."""
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if len(greedy) == len(params):
+        return greedy_tokens(torch.stack(logits))
+    chosen: list[torch.Tensor] = [logits[0]] * len(params)  # every row is set below
     if greedy:
-        for i, token in zip(
-            greedy, greedy_tokens(torch.stack([logits[i] for i in greedy])).tolist(), strict=True
-        ):
-            tokens[i] = token
+        for i, token in zip(greedy, greedy_tokens(torch.stack([logits[i] for i in greedy])), strict=True):
+            chosen[i] = token
     for i, p in enumerate(params):
         if p.temperature != 0:
-            tokens[i] = sample(logits[i], p, generators[i])
-    return tokens
+            chosen[i] = sample(logits[i], p, generators[i])
+    return torch.stack(chosen)
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """The likeliest token of each row of float32 logits [rows, vocab], left on their device (the lowest id
-    among equals): the one greedy rule, for sampling and for decode steps run back to back."""
+    among equals): the one greedy rule."""
     return logits.argmax(-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from float32 logits of shape [vocab]."""
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id from float32 logits of shape [vocab], as a 0-d tensor on their device."""
     if params.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax()
     logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
@@ -115,7 +124,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         outside[0] = False  # the likeliest token stays, however small top_p is
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 @dataclass(slots=True)
