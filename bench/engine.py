@@ -51,6 +51,9 @@ def main() -> None:
     add_model_flags(parser)
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="warmkv decodes by sampling at this temperature, top-p 0.95, each request "
+                        "seeded (0: greedy; transformers' loop stays greedy)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[], help="decode batch sizes to measure")
     parser.add_argument("--chunk-over-cached", type=int, nargs=2, metavar=("CHUNK", "CACHED"))
@@ -96,12 +99,12 @@ def main() -> None:
         ours_s = median_seconds(_chunk_over_cached(engine, chunk, cached), device, args.repeats)
         rows.append(row(f"prefill {chunk} over {cached} cached", chunk, ours_s, None))
     prompt = torch.randint(0, 32000, (32,)).tolist()
-    first_s, ours_s = _our_decode(engine, 1, args.decode_tokens, device, args.repeats, prompt)
+    first_s, ours_s = _our_decode(engine, 1, args, device, prompt)
     rows.append(row(f"decode {args.decode_tokens}", args.decode_tokens, ours_s,
                     theirs_s(lambda: _their_decode(theirs, prompt, args.decode_tokens, device)))
                 | _after_first(1, args.decode_tokens, first_s, ours_s))  # fmt: skip
     for batch in args.batches:
-        first_s, ours_s = _our_decode(engine, batch, args.decode_tokens, device, args.repeats)
+        first_s, ours_s = _our_decode(engine, batch, args, device)
         rows.append(row(f"decode batch {batch}", batch * args.decode_tokens, ours_s, None)
                     | _after_first(batch, args.decode_tokens, first_s, ours_s))  # fmt: skip
     print_table(rows)
@@ -214,17 +217,19 @@ def _weight_bytes(model: LoadedModel) -> _WeightBytes:
                         moe.num_experts if moe else 1, moe.top_k if moe else 1)  # fmt: skip
 
 
-def _our_decode(engine: LLMEngine, batch: int, tokens: int, device: torch.device, repeats: int,
+def _our_decode(engine: LLMEngine, batch: int, args: argparse.Namespace, device: torch.device,
                 prompt: list[int] | None = None) -> tuple[float, float]:  # fmt: skip
     """Median (seconds to every sequence's first token, seconds to the last) of `batch` requests of
-    `tokens` greedy tokens each after a 32-token prompt (`prompt`, or random ones), after one warm-up."""
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    --decode-tokens tokens each (greedy, or sampled at --temperature) after a 32-token prompt (`prompt`,
+    or random ones), after one warm-up."""
+    sampled = dict(temperature=args.temperature, top_p=0.95) if args.temperature else {}
     firsts, totals = [], []
-    for _ in range(repeats + 1):
+    for _ in range(args.repeats + 1):
         synchronize(device)
         start = time.perf_counter()
-        seqs = [engine.add_request(prompt or torch.randint(0, 32000, (32,)).tolist(), params)
-                for _ in range(batch)]  # fmt: skip
+        seqs = [engine.add_request(prompt or torch.randint(0, 32000, (32,)).tolist(), SamplingParams(
+                    max_tokens=args.decode_tokens, ignore_eos=True, seed=i if sampled else None, **sampled))
+                for i in range(batch)]  # fmt: skip
         while not all(seq.output_ids for seq in seqs):  # the prompts' prefill
             engine.step()
         firsts.append(time.perf_counter() - start)
