@@ -99,14 +99,14 @@ def main() -> None:
         ours_s = median_seconds(_chunk_over_cached(engine, chunk, cached), device, args.repeats)
         rows.append(row(f"prefill {chunk} over {cached} cached", chunk, ours_s, None))
     prompt = torch.randint(0, 32000, (32,)).tolist()
-    first_s, ours_s = _our_decode(engine, 1, args, device, prompt)
+    ours_s, after_s = _our_decode(engine, 1, args, device, prompt)
     rows.append(row(f"decode {args.decode_tokens}", args.decode_tokens, ours_s,
                     theirs_s(lambda: _their_decode(theirs, prompt, args.decode_tokens, device)))
-                | _after_first(1, args.decode_tokens, first_s, ours_s))  # fmt: skip
+                | _after_first(1, args.decode_tokens, after_s))  # fmt: skip
     for batch in args.batches:
-        first_s, ours_s = _our_decode(engine, batch, args, device)
+        ours_s, after_s = _our_decode(engine, batch, args, device)
         rows.append(row(f"decode batch {batch}", batch * args.decode_tokens, ours_s, None)
-                    | _after_first(batch, args.decode_tokens, first_s, ours_s))  # fmt: skip
+                    | _after_first(batch, args.decode_tokens, after_s))  # fmt: skip
     print_table(rows)
     if args.stall:
         streams, prompt_tokens, chunk = args.stall
@@ -219,9 +219,9 @@ def _weight_bytes(model: LoadedModel) -> _WeightBytes:
 
 def _our_decode(engine: LLMEngine, batch: int, args: argparse.Namespace, device: torch.device,
                 prompt: list[int] | None = None) -> tuple[float, float]:  # fmt: skip
-    """Median (seconds to every sequence's first token, seconds to the last) of `batch` requests of
-    --decode-tokens tokens each (greedy, or sampled at --temperature) after a 32-token prompt (`prompt`,
-    or random ones), after one warm-up."""
+    """Medians of (seconds to the last token, seconds from every sequence's first token to it) over runs of
+    `batch` requests of --decode-tokens tokens each (greedy, or sampled at --temperature) after a 32-token
+    prompt (`prompt`, or random ones), after one warm-up."""
     sampled = dict(temperature=args.temperature, top_p=0.95) if args.temperature else {}
     firsts, totals = [], []
     for _ in range(args.repeats + 1):
@@ -237,13 +237,14 @@ def _our_decode(engine: LLMEngine, batch: int, args: argparse.Namespace, device:
             engine.step()
         synchronize(device)
         totals.append(time.perf_counter() - start)
-    return statistics.median(firsts[1:]), statistics.median(totals[1:])
+    afters = [total - first for first, total in zip(firsts[1:], totals[1:], strict=True)]
+    return statistics.median(totals[1:]), statistics.median(afters)
 
 
-def _after_first(batch: int, tokens: int, first_s: float, total_s: float) -> dict:
+def _after_first(batch: int, tokens: int, after_s: float) -> dict:
     """Decode speed past the prompts' prefill step, which the per-token limit does not count: the step of
     a 32-token prompt reads most of a mixture of experts' weights (Qwen3-30B-A3B: 87%)."""
-    return {"after first tok/s": batch * (tokens - 1) / (total_s - first_s)}
+    return {"after first tok/s": batch * (tokens - 1) / after_s}
 
 
 def _stall(engine: LLMEngine, streams: int, prompt_tokens: int, prefill_step: int) -> dict:

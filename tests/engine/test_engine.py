@@ -217,6 +217,26 @@ def test_the_next_run_is_launched_before_the_host_reads_a_runs_tokens(tiny_model
     assert ids == run(engine_for(tiny_model, decode_steps=1), PROMPT, max_tokens=18, ignore_eos=True)[0]
 
 
+def test_a_request_arriving_while_a_run_is_queued_is_admitted_right_after_it(tiny_model) -> None:
+    """No run follows a queued one while a request waits: the request's prompt runs in the next step."""
+    engine = engine_for(tiny_model, decode_steps=4)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    first = engine.add_request(PROMPT, params)
+    engine.step()  # its prompt
+    engine.step()  # a run of four, the next one queued
+    assert engine._in_flight is not None
+    late = engine.add_request(list(range(4000, 4020)), params)
+    engine.step()  # the queued run read
+    assert engine._in_flight is None and not late.output_ids
+    engine.step()
+    assert late.output_ids  # its prompt, and its first token
+    while engine.has_work:
+        engine.step()
+    solo = engine_for(tiny_model, decode_steps=1)
+    assert first.output_ids == run(solo, PROMPT, max_tokens=20, ignore_eos=True)[0]
+    assert late.output_ids == run(solo, list(range(4000, 4020)), max_tokens=20, ignore_eos=True)[0]
+
+
 def test_abort_and_arrival_while_a_run_is_queued_lose_nothing(tiny_model) -> None:
     """A run launched before the last one's tokens were read still holds a sequence aborted meanwhile: it
     gets no output after its abort, the others go on with their solo tokens, a request arriving then is

@@ -176,12 +176,45 @@ def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weigh
     assert_logits_match(model, hf)
 
 
-def test_checkpoint_quantised_another_way_is_refused_by_name(tmp_path: Path) -> None:
-    folder = save_tiny_model("llama", tmp_path / "awq")
+@pytest.mark.parametrize("method", ["awq", "mxfp4"])  # MXFP4 is gpt-oss's experts' only
+def test_checkpoint_quantised_another_way_is_refused_by_name(tmp_path: Path, method: str) -> None:
+    folder = save_tiny_model("llama", tmp_path / method)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "awq"}}))
-    with pytest.raises(ModelLoadError, match="weights quantised with 'awq' are not supported"):
+    (folder / "config.json").write_text(
+        json.dumps(config | {"quantization_config": {"quant_method": method}})
+    )
+    with pytest.raises(ModelLoadError, match=f"LlamaForCausalLM weights quantised with '{method}' are not"):
         load_model(str(folder), CPU, torch.float32)
+
+
+def test_mxfp4_pairs_must_be_whole_and_fit_float16() -> None:
+    blocks, scales = (
+        torch.zeros(2, 3, 1, 16, dtype=torch.uint8),
+        torch.full((2, 3, 1), 127, dtype=torch.uint8),
+    )
+    with pytest.raises(ModelLoadError, match=r"x\.down_proj_scales: MXFP4 scales without their blocks"):
+        mxfp4.dequantize_checkpoint({"x.down_proj_scales": scales}, torch.bfloat16)
+    with pytest.raises(ModelLoadError, match=r"x\.down_proj_blocks: MXFP4 blocks without their scales"):
+        mxfp4.dequantize_checkpoint({"x.down_proj_blocks": blocks}, torch.bfloat16)
+    scales[1, 2, 0] = 127 + 14  # 6 * 2**14 is past float16's largest
+    with pytest.raises(ModelLoadError, match="past float16's range: load this model in bfloat16"):
+        mxfp4.dequantize(blocks, scales, torch.float16)
+    assert mxfp4.dequantize(blocks, scales, torch.bfloat16).shape == (2, 3, 32)
+
+
+def test_weights_larger_than_the_gpus_free_memory_are_refused_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted as they would be on the GPU: an MXFP4 block's 16 bytes are 32 values there."""
+    folder = save_tiny_model("gptoss", tmp_path / "big")
+    weights = load_file(str(folder / "model.safetensors"))
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        weights[f"{name}_blocks"], weights[f"{name}_scales"] = _mxfp4(weights.pop(name))
+    save_file(weights, str(folder / "model.safetensors"))
+    dequantised = sum(mxfp4.loaded_numel(n, list(t.shape)) for n, t in weights.items()) * 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (dequantised - 1, 80 * 2**30))
+    with pytest.raises(ModelLoadError, match=rf"take {dequantised / 2**30:.1f} GiB in torch.bfloat16 on the"):
+        load_model(str(folder), torch.device("cuda"), torch.bfloat16)
 
 
 def test_deepseek_v2_is_refused_as_unsupported(tmp_path: Path) -> None:

@@ -182,6 +182,7 @@ class LLMEngine:
         memory (pool, captured graphs, host tier): the engine serves no more requests."""
         if self.prefix_cache is not None:
             self.prefix_cache.close()
+        self._in_flight = None  # the GPU finishes it before the pool's memory is reused (stream order)
         self.runner.graphs = None
         self.pool.release()
 
@@ -275,6 +276,8 @@ class LLMEngine:
             seqs = [seq for seq, _ in plan]
             try:
                 run = self._launch_run(seqs, steps)
+            except AssertionError:
+                raise  # the engine's own bug: never hidden behind a fallback
             except Exception as err:  # nothing counted yet: the same step, one at a time
                 log.warning("%d decode steps back to back failed (%s); one step at a time", steps, err)
             else:
@@ -346,10 +349,16 @@ class LLMEngine:
         """Launch `steps` decode steps, each fed the tokens the one before chose on the device, after
         the run `after` (whose tokens the host has not read yet) or after what the host knows."""
         launched = after.steps if after is not None else 0
+        short = [
+            seq.request_id for seq in seqs if self._blocks_for(seq, launched + steps) > len(seq.block_ids)
+        ]
+        if short:  # its KV would go to whatever block a stale table entry names: another sequence's
+            raise AssertionError(f"a run of {steps} steps after {launched} lacks blocks for {short}")
         chosen, new_tokens = [], after.last if after is not None else None
         params, generators = [seq.params for seq in seqs], [seq.generator for seq in seqs]
         for ahead in range(launched, launched + steps):
-            # where the device's tokens are read the item's own is a placeholder
+            # the device's tokens are read past the run's first step, and at it after an unread run: the
+            # items' own are then placeholders
             items = [ForwardItem(seq.token_ids[-1:], seq.num_computed + ahead, seq.block_ids) for seq in seqs]
             logits = self.runner.forward(items, new_tokens=new_tokens)
             new_tokens = sample_tokens([rows[-1] for rows in logits], params, generators)
@@ -375,6 +384,8 @@ class LLMEngine:
             return None
         try:
             return self._launch_run(run.seqs, steps, after=run)
+        except AssertionError:
+            raise
         except Exception as err:  # nothing counted: the next step launches it again after reading
             log.warning("a run of %d decode steps could not follow the last (%s)", steps, err)
             return None

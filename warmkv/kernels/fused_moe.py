@@ -40,7 +40,7 @@ from warmkv.kernels.gemv import expert_output, gemv
 PAIR_GEMV_MAX = 64
 # ... and only while pairs per chosen expert, expected, are at most this many: at that sweep's point
 # (Qwen3-30B-A3B, 8 tokens: 64 pairs over 51.6 of 128 experts, 1.24) both ways took the same time, while
-# gpt-oss-20b at 8 tokens (32 pairs over 21.2 of 32 experts, 1.51) decoded at 0.61-0.63 of its limit a
+# gpt-oss-20b at 8 tokens (32 pairs over 21.0 of 32 experts, 1.52) decoded at 0.61-0.63 of its limit a
 # product per pair against 0.73 sorted (bench.engine runs at 568ff4a, 656bb5a and bfd4f0e on an H100)
 PAIRS_PER_EXPERT_MAX = 1.25
 ALIGN_BLOCK = 1024  # pairs per pass of the alignment kernel

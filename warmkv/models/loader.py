@@ -95,9 +95,10 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> Lo
     hf_config = _read_json(folder / "config.json")
     config = ModelConfig.from_hf(hf_config)
     method = (hf_config.get("quantization_config") or {}).get("quant_method")
-    if method not in (None, "mxfp4"):  # MXFP4 is dequantised on load; other schemes' weights are not
-        raise ModelLoadError(f"{folder}: weights quantised with {method!r} are not supported; use a bf16 or "
-                             "float16 checkpoint, or a GGUF file")  # fmt: skip
+    # gpt-oss's MXFP4 experts are dequantised on load; other schemes' weights are not
+    if method is not None and (method, config.architecture) != ("mxfp4", "GptOssForCausalLM"):
+        raise ModelLoadError(f"{folder}: {config.architecture} weights quantised with {method!r} are not "
+                             "supported; use a bf16 or float16 checkpoint, or a GGUF file")  # fmt: skip
     module = build_module(config, _read_weights(folder, device, dtype), device, dtype)
     return LoadedModel(
         name=Path(spec).stem if spec else "SmolLM2-135M-Instruct",
@@ -137,6 +138,7 @@ def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dic
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder} has no *.safetensors weights")
+    _check_fits(folder, files, device, dtype)
     weights = {}
     for file in files:
         try:
@@ -144,12 +146,28 @@ def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dic
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     tensor = f.get_tensor(name)
                     kept = torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype
-                    # packed integers (MXFP4 blocks and scales) stay as they are until dequantised
-                    weights[name] = tensor.to(kept) if tensor.is_floating_point() else tensor
+                    # MXFP4 blocks and scales stay packed bytes until dequantised
+                    weights[name] = tensor if mxfp4.is_packed(name) else tensor.to(kept)
         except Exception as err:
             raise ModelLoadError(f"{file} could not be read: {err}") from err
     mxfp4.dequantize_checkpoint(weights, dtype)
     return weights
+
+
+def _check_fits(folder: Path, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before reading a byte of it, a model whose weights (dequantised) would not fit the GPU's
+    free memory: it would fail part-way with an out-of-memory error."""
+    if device.type != "cuda":
+        return
+    needed = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                needed += mxfp4.loaded_numel(name, f.get_slice(name).get_shape()) * dtype.itemsize
+    free = torch.cuda.mem_get_info(device)[0]
+    if needed > free:
+        raise ModelLoadError(f"{folder}: its weights take {needed / 2**30:.1f} GiB in {dtype} on the GPU; "
+                             f"{device} has {free / 2**30:.1f} GiB free")  # fmt: skip
 
 
 def load_tokenizer(folder: Path) -> Any:
