@@ -87,17 +87,14 @@ def sample_tokens(
     """One token id per sequence, left on the logits' device: the greedy rows decided together, each other
     row sampled with its own parameters and generator. Nothing waits for the device, so decode steps can
     follow one another on the tokens chosen here (llm_engine's runs)."""
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    greedy = [row for row, p in zip(logits, params, strict=True) if p.temperature == 0]
     if len(greedy) == len(params):
         return greedy_tokens(torch.stack(logits))
-    chosen: list[torch.Tensor] = [logits[0]] * len(params)  # every row is set below
-    if greedy:
-        for i, token in zip(greedy, greedy_tokens(torch.stack([logits[i] for i in greedy])), strict=True):
-            chosen[i] = token
-    for i, p in enumerate(params):
-        if p.temperature != 0:
-            chosen[i] = sample(logits[i], p, generators[i])
-    return torch.stack(chosen)
+    argmax = iter(greedy_tokens(torch.stack(greedy)) if greedy else ())
+    return torch.stack([
+        next(argmax) if p.temperature == 0 else sample(row, p, generator)
+        for row, p, generator in zip(logits, params, generators, strict=True)
+    ])  # fmt: skip
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ in float16 within its range, which is checked)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from warmkv.errors import ModelLoadError
@@ -22,9 +24,7 @@ def is_packed(name: str) -> bool:
 def loaded_numel(name: str, shape: list[int]) -> int:
     """Values a checkpoint tensor of this name and shape becomes on load: a block of 16 bytes 32 values,
     a scale none of its own."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     return 2 * numel if name.endswith(BLOCKS) else 0 if name.endswith(SCALES) else numel
 
 
