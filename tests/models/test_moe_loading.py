@@ -21,7 +21,7 @@ from ..conftest import make_tiny_hf_model, save_tiny_model
 from .test_loading import add_smollm2_tokenizer
 
 CPU = torch.device("cpu")
-GGUF_ARCH = {"qwen3moe": "qwen3moe", "qwen2moe": "qwen2moe"}
+GGUF_ARCH = {"qwen3moe": "qwen3moe", "qwen2moe": "qwen2moe", "gptoss": "gpt-oss"}
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -53,11 +53,62 @@ def _gguf_tensors(hf: torch.nn.Module) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(t.detach().numpy()) for name, t in tensors.items()}
 
 
-def write_tiny_moe_gguf(name: str, path: Path) -> torch.nn.Module:
+_GPT_OSS_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.router": "ffn_gate_inp",
+}  # fmt: skip
+
+
+def _gpt_oss_gguf_tensors(hf: torch.nn.Module, mxfp4_experts: bool, fused: bool) -> dict[str, tuple]:
+    """What llama.cpp's converter writes for gpt-oss: the experts' gate and up apart (or fused, gate rows
+    then up rows), each [experts, out, in], MXFP4 or not; the sinks a tensor of their own. MXFP4 experts
+    are also written back into `hf`, so it holds the values the file does."""
+    import gguf
+
+    tensors: dict[str, tuple] = {
+        "token_embd.weight": (hf.model.embed_tokens.weight, None),
+        "output_norm.weight": (hf.model.norm.weight, None),
+        "output.weight": (hf.lm_head.weight, None),
+    }
+    for index, layer in enumerate(hf.model.layers):
+        experts, blk = layer.mlp.experts, f"blk.{index}"
+        for name, tensor in layer.state_dict().items():
+            module, kind = name.rsplit(".", 1)
+            if module in _GPT_OSS_NAMES:
+                tensors[f"{blk}.{_GPT_OSS_NAMES[module]}.{kind}"] = (tensor, None)
+        tensors[f"{blk}.attn_sinks.weight"] = (layer.self_attn.sinks, None)
+        gate_up = experts.gate_up_proj.detach().transpose(1, 2)  # [experts, 2 * inner, hidden]
+        weights = {
+            "gate": gate_up[:, 0::2],
+            "up": gate_up[:, 1::2],
+            "down": experts.down_proj.transpose(1, 2),
+        }
+        bias = {"gate": experts.gate_up_proj_bias[:, 0::2], "up": experts.gate_up_proj_bias[:, 1::2],
+                "down": experts.down_proj_bias}  # fmt: skip
+        parts = [("gate_up", ("gate", "up"))] if fused else [("gate", ("gate",)), ("up", ("up",))]
+        for name, joined in [*parts, ("down", ("down",))]:
+            weight = torch.cat([weights[part] for part in joined], dim=1).detach().numpy()
+            raw_type = gguf.GGMLQuantizationType.MXFP4 if mxfp4_experts else None
+            if raw_type is not None:
+                weight = gguf.quants.quantize(weight, raw_type)
+                rounded = gguf.quants.dequantize(weight, raw_type)
+                weights |= dict(zip(joined, torch.from_numpy(rounded).chunk(len(joined), dim=1), strict=True))
+            tensors[f"{blk}.ffn_{name}_exps.weight"] = (weight, raw_type)
+            tensors[f"{blk}.ffn_{name}_exps.bias"] = (torch.cat([bias[part] for part in joined], dim=1), None)
+        with torch.no_grad():  # the model holds what the file holds
+            experts.gate_up_proj[..., 0::2] = weights["gate"].transpose(1, 2)
+            experts.gate_up_proj[..., 1::2] = weights["up"].transpose(1, 2)
+            experts.down_proj.copy_(weights["down"].transpose(1, 2))
+    return tensors
+
+
+def write_tiny_moe_gguf(name: str, path: Path, mxfp4_experts: bool = False, fused: bool = False):
     import gguf
 
     hf = make_tiny_hf_model(name)
     cfg = hf.config
+    gpt_oss = name == "gptoss"
     source = gguf.GGUFReader(default_gguf_path())
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH[name])
     writer.add_block_count(cfg.num_hidden_layers)
@@ -73,14 +124,22 @@ def write_tiny_moe_gguf(name: str, path: Path) -> torch.nn.Module:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(cfg.rope_parameters["factor"])
         writer.add_rope_scaling_orig_ctx_len(cfg.rope_parameters["original_max_position_embeddings"])
-    writer.add_expert_count(cfg.num_experts)
+    writer.add_expert_count(cfg.num_local_experts if gpt_oss else cfg.num_experts)
     writer.add_expert_used_count(cfg.num_experts_per_tok)
-    writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    writer.add_expert_feed_forward_length(cfg.intermediate_size if gpt_oss else cfg.moe_intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", 0):
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if gpt_oss:
+        writer.add_sliding_window(cfg.sliding_window)
     add_smollm2_tokenizer(writer, source)
-    for gguf_name, array in _gguf_tensors(hf).items():
-        writer.add_tensor(gguf_name, array)
+    if gpt_oss:
+        tensors = _gpt_oss_gguf_tensors(hf, mxfp4_experts, fused)
+    else:
+        tensors = {name: (array, None) for name, array in _gguf_tensors(hf).items()}
+    for gguf_name, (array, raw_type) in tensors.items():
+        if isinstance(array, torch.Tensor):
+            array = np.ascontiguousarray(array.detach().numpy())
+        writer.add_tensor(gguf_name, array, raw_dtype=raw_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -96,6 +155,22 @@ def test_moe_gguf_loads_with_matching_logits(name: str, tmp_path: Path) -> None:
     hf = write_tiny_moe_gguf(name, tmp_path / f"{name}.gguf")
     model = load_model(str(tmp_path / f"{name}.gguf"), CPU, torch.float32)
     assert model.config.moe is not None and model.config.moe.num_experts == 8
+    assert_logits_match(model, hf)
+
+
+@pytest.mark.parametrize("mxfp4_experts, fused", [(True, False), (False, True)])
+def test_gpt_oss_gguf_loads_with_matching_logits(mxfp4_experts: bool, fused: bool, tmp_path: Path) -> None:
+    """gpt-oss as llama.cpp converts it: MXFP4 experts stay MXFP4 in the converted folder (gpt-oss's
+    published layout, dequantised on load), float ones are stacked as transformers has them; gate and up
+    apart or fused; the sinks, the router's bias, the alternating sliding window and YaRN come through."""
+    path = tmp_path / "gpt-oss.gguf"
+    hf = write_tiny_moe_gguf("gptoss", path, mxfp4_experts=mxfp4_experts, fused=fused)
+    model = load_model(str(path), CPU, torch.float32)
+    assert model.config.moe is not None and model.config.moe.num_experts == 8
+    assert model.config.window_layers == {0} and model.config.sliding_window == 24
+    saved = load_file(str(model.folder / "model.safetensors"))
+    packed = [n for n, t in saved.items() if n.endswith("_blocks") and t.dtype == torch.uint8]
+    assert len(packed) == (4 if mxfp4_experts else 0)  # gate_up and down, two layers
     assert_logits_match(model, hf)
 
 

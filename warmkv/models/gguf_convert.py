@@ -25,6 +25,7 @@ GGUF_ARCHITECTURES = {
     "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
     "deepseek2": "DeepseekV3ForCausalLM",  # with the sigmoid router (DeepSeek-V3); V2's softmax is refused
+    "gpt-oss": "GptOssForCausalLM",
 }
 # llama.cpp renormalises the top-k router weights of these (its norm_w), unless the file says otherwise
 _NORMALIZED_TOP_K = {"qwen3moe"}
@@ -63,7 +64,19 @@ _LAYER_NAMES = {
     "attn_k_b": "self_attn.k_b_proj",  # newer files split kv_b_proj: k_b [heads, kv_lora_rank, nope] ...
     "attn_v_b": "self_attn.v_b_proj",  # ... and v_b [heads, v_head_dim, kv_lora_rank]
 }
-_WHOLE_TENSORS = {"exp_probs_b.bias": "mlp.gate.e_score_correction_bias"}  # not a module's weight or bias
+# gpt-oss's own names; its experts are joined into transformers' stacked layout by _join_gpt_oss_experts
+_GPT_OSS_NAMES = _LAYER_NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_gate_inp": "mlp.router",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_gate_up_exps": "mlp.experts.fused_gate_up_proj",  # newer converters: gate rows, then up rows
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+_WHOLE_TENSORS = {  # not a module's weight or bias
+    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    "attn_sinks.weight": "self_attn.sinks",
+}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -132,6 +145,8 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     }
     if arch == "deepseek2":
         config.update(_deepseek_config(reader, arch, heads))
+    elif arch == "gpt-oss":
+        config.update(_gpt_oss_config(reader, arch, config["num_hidden_layers"]))
     elif _field(reader, f"{arch}.expert_count", 0):
         config.update(_moe_config(reader, arch, tensor_names, config["num_hidden_layers"]))
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
@@ -142,6 +157,8 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         config["rope_scaling"]["original_max_position_embeddings"] = _field(
             reader, f"{arch}.rope.scaling.original_context_length"
         )
+    if scaling == "yarn" and arch == "gpt-oss":  # the published config's; llama.cpp's metadata omits them
+        config["rope_scaling"] |= {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
     if scaling == "yarn" and arch == "deepseek2":  # llama.cpp keeps 0.1 * mscale_all_dim (= mscale)
         mscale = round(_field(reader, f"{arch}.rope.scaling.yarn_log_multiplier", 0.0) / 0.1, 6)
         config["rope_scaling"] |= {"mscale": mscale, "mscale_all_dim": mscale}
@@ -160,6 +177,18 @@ def _moe_config(reader: Any, arch: str, tensor_names: set[str], layers: int) -> 
         "shared_expert_intermediate_size": _field(reader, f"{arch}.expert_shared_feed_forward_length", 0),
         "norm_topk_prob": bool(_field(reader, f"{arch}.expert_weights_norm", arch in _NORMALIZED_TOP_K)),
     }
+
+
+def _gpt_oss_config(reader: Any, arch: str, layers: int) -> dict[str, Any]:
+    return {
+        "num_local_experts": _field(reader, f"{arch}.expert_count"),
+        "num_experts_per_tok": _field(reader, f"{arch}.expert_used_count"),
+        "intermediate_size": _field(reader, f"{arch}.expert_feed_forward_length"),
+        "attention_bias": True,
+        "sliding_window": _field(reader, f"{arch}.attention.sliding_window"),
+        # llama.cpp's swa pattern 2, as transformers' default: the even layers slide, the odd attend to all
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+    } | ({"quantization_config": {"quant_method": "mxfp4"}} if _experts_stay_mxfp4(reader) else {})
 
 
 def _deepseek_config(reader: Any, arch: str, heads: int) -> dict[str, Any]:
@@ -195,10 +224,17 @@ def _deepseek_config(reader: Any, arch: str, heads: int) -> dict[str, Any]:
 def _hf_tensors(reader: Any, config: dict[str, Any], gguf: Any) -> dict[str, np.ndarray]:
     # llama.cpp interleaves the rotary halves of q/k rows for Llama models; undo it for rotate-half
     permuted = config["model_type"] == "llama"
+    gpt_oss = config["model_type"] == "gpt_oss"
+    packed = gpt_oss and _experts_stay_mxfp4(reader)
     tensors = {}
     for tensor in tqdm(reader.tensors, desc="converting GGUF tensors", unit="tensor"):
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, _GPT_OSS_NAMES if gpt_oss else _LAYER_NAMES)
         shape = tuple(reversed([int(d) for d in tensor.shape]))
+        if packed and _is_expert_weight(tensor.name):  # kept as MXFP4: the loader dequantises it
+            blocks, scales = _hf_mxfp4(np.asarray(tensor.data), shape)
+            tensors[name.replace(".weight", "_blocks")] = blocks
+            tensors[name.replace(".weight", "_scales")] = scales
+            continue
         weights = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         weights = weights.reshape(shape)
         if "{expert}" in name:  # Hugging Face folders hold one tensor per expert
@@ -213,7 +249,62 @@ def _hf_tensors(reader: Any, config: dict[str, Any], gguf: Any) -> dict[str, np.
             weights = _unpermute(weights, config["num_key_value_heads"])
         tensors[name] = np.ascontiguousarray(weights)
     _join_kv_b(tensors)
+    if gpt_oss:
+        _join_gpt_oss_experts(tensors)
     return tensors
+
+
+_EXPERT_WEIGHT = re.compile(r"blk\.\d+\.ffn_(gate|up|gate_up|down)_exps\.weight")
+
+
+def _is_expert_weight(gguf_name: str) -> bool:
+    return _EXPERT_WEIGHT.fullmatch(gguf_name) is not None
+
+
+def _experts_stay_mxfp4(reader: Any) -> bool:
+    """gpt-oss's experts stay packed when every one of them is MXFP4 (as llama.cpp converts the published
+    checkpoints): the folder is then gpt-oss's published layout, a quarter of float32's size."""
+    import gguf
+
+    types = {t.tensor_type for t in reader.tensors if _is_expert_weight(t.name)}
+    return types == {gguf.GGMLQuantizationType.MXFP4}
+
+
+def _hf_mxfp4(data: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's MXFP4 rows (blocks of a scale byte, then 16 bytes whose low nibbles are the block's first 16
+    values and high nibbles its last 16) as gpt-oss checkpoints store them: blocks [..., groups, 16] with
+    two consecutive values a byte (the lower nibble first), scales [..., groups]. The scale bytes are the
+    same E8M0 powers of two; ggml doubles its E2M1 table and halves the scale, so the values are too."""
+    raw = data.reshape(*shape[:-1], shape[-1] // 32, 17)
+    codes = np.concatenate((raw[..., 1:] & 0x0F, raw[..., 1:] >> 4), axis=-1)  # [..., groups, 32] in order
+    return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)), np.ascontiguousarray(raw[..., 0])
+
+
+def _join_gpt_oss_experts(tensors: dict[str, np.ndarray]) -> None:
+    """llama.cpp's gpt-oss experts (gate, up and down apart, each [experts, out, in]; or gate and up fused
+    as gate rows then up rows) in transformers' layout: gate_up_proj [experts, in, 2 * inner] with gate
+    and up columns interleaved, down_proj [experts, inner, hidden], their biases alike; MXFP4 blocks and
+    scales keep the [experts, out, in] rows of the published checkpoints, interleaved the same way."""
+    for name in [n for n in tensors if ".mlp.experts.fused_gate_up_proj" in n]:
+        gate, up = np.split(tensors.pop(name), 2, axis=1)
+        tensors[name.replace("fused_gate_up_proj", "gate_proj")] = gate
+        tensors[name.replace("fused_gate_up_proj", "up_proj")] = up
+    for name in [n for n in tensors if ".mlp.experts.gate_proj" in n]:
+        up = tensors.pop(name.replace("gate_proj", "up_proj"))
+        gate_up = np.stack((tensors.pop(name), up), axis=2).reshape(up.shape[0], -1, *up.shape[2:])
+        experts, kind = name.split(".gate_proj")
+        tensors[f"{experts}.gate_up_proj{_HF_EXPERT_SUFFIX[kind]}"] = _in_out(gate_up, kind)
+    for name in [n for n in tensors if ".mlp.experts.down_proj." in n]:
+        experts, kind = name.split(".down_proj")
+        tensors[f"{experts}.down_proj{_HF_EXPERT_SUFFIX[kind]}"] = _in_out(tensors.pop(name), kind)
+
+
+_HF_EXPERT_SUFFIX = {".weight": "", ".bias": "_bias", "_blocks": "_blocks", "_scales": "_scales"}
+
+
+def _in_out(tensor: np.ndarray, kind: str) -> np.ndarray:
+    # transformers stacks gpt-oss's float expert weights [experts, in, out]; blocks keep [experts, out, in]
+    return np.ascontiguousarray(tensor.swapaxes(1, 2) if kind == ".weight" else tensor)
 
 
 def _join_kv_b(tensors: dict[str, np.ndarray]) -> None:
@@ -225,16 +316,16 @@ def _join_kv_b(tensors: dict[str, np.ndarray]) -> None:
         tensors[k_name.replace("k_b_proj", "kv_b_proj")] = np.ascontiguousarray(joined)
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _LAYER_TENSOR.fullmatch(gguf_name)
     if match and f"{match.group(2)}.{match.group(3)}" in _WHOLE_TENSORS:
         return f"model.layers.{match.group(1)}.{_WHOLE_TENSORS[f'{match.group(2)}.{match.group(3)}']}"
-    if not match or match.group(2) not in _LAYER_NAMES:
+    if not match or match.group(2) not in layer_names:
         raise UnsupportedArchitecture(f"GGUF tensor {gguf_name!r} has no place in the Llama-family model")
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{layer_names[part]}.{kind}"
 
 
 def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
