@@ -41,7 +41,7 @@ from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import LoadedModel, load_model
-from warmkv.models.random_init import random_pair
+from warmkv.models.random_init import random_mxfp4_model, random_pair
 
 
 def main() -> None:
@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--chunk-over-cached", type=int, nargs=2, metavar=("CHUNK", "CACHED"))
     parser.add_argument("--stall", type=int, nargs=3, metavar=("STREAMS", "PROMPT", "CHUNK"))
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--mxfp4", action="store_true",
+                        help="with a gpt-oss --shape: random MXFP4 experts as the published checkpoints hold "
+                        "them (kept MXFP4 on CUDA); no transformers comparison")  # fmt: skip
     parser.add_argument("--decode-steps", type=int, help="greedy decode steps back to back (default: engine)")
     args = parser.parse_args()
 
@@ -69,6 +72,7 @@ def main() -> None:
     # the limits first, while the device's memory is free: the models and the pool take most of it
     rates = copy_bandwidth(device), matmul_rate(device, dtype)
     ours, theirs, name = _models(args, device, dtype)
+    weights_gib = sum(p.numel() * p.element_size() for p in ours.module.parameters()) / 2**30
     batch_tokens = max(args.batches, default=1) * (32 + args.decode_tokens + 16)
     if args.stall:
         batch_tokens = max(batch_tokens, args.stall[0] * 1200 + args.stall[1])
@@ -78,10 +82,11 @@ def main() -> None:
     config.max_batch_tokens = max(args.prompt_tokens)
     engine = LLMEngine(ours, config)
 
-    result: dict = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch.")}
+    result: dict = {"device": device_name(device), "model": name, "dtype": str(dtype).removeprefix("torch."),
+                    "weights_gib": weights_gib}  # fmt: skip
 
     def theirs_s(run: Callable[[], object]) -> float | None:
-        return None if args.no_transformers else median_seconds(run, device, args.repeats)
+        return None if theirs is None else median_seconds(run, device, args.repeats)
 
     def row(phase: str, tokens: int, ours_s: float, their_s: float | None) -> dict:
         return {"phase": phase, "warmkv tok/s": tokens / ours_s,
@@ -135,7 +140,11 @@ def _models(
 ) -> tuple[LoadedModel, object, str]:
     from transformers import AutoModelForCausalLM
 
-    if args.shape:
+    if args.shape and args.mxfp4:
+        ours, theirs = random_mxfp4_model(args.shape, args.tokenizer, device, dtype), None
+    elif args.mxfp4:
+        raise SystemExit("--mxfp4 needs a gpt-oss --shape")
+    elif args.shape:
         ours, theirs = random_pair(args.shape, args.tokenizer, device, dtype)
     elif args.no_transformers:
         ours, theirs = load_model(args.model, device, dtype), None
@@ -144,7 +153,7 @@ def _models(
         theirs = AutoModelForCausalLM.from_pretrained(str(ours.folder), dtype=dtype).to(device)
     # transformers' copy is let go when not compared: gpt-oss-20b's converted experts and transformers'
     # own do not fit an 80 GB GPU together with the pool and a prefill's activations
-    return ours, None if args.no_transformers else theirs.eval(), ours.name
+    return ours, None if args.no_transformers or theirs is None else theirs.eval(), ours.name
 
 
 def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argparse.Namespace,

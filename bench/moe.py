@@ -3,6 +3,7 @@
     python -m bench.moe            # the chosen tiles, at Qwen3-30B-A3B's and gpt-oss-20b's expert shapes
     python -m bench.moe --sweep    # every tile / warps / stages choice sorted, every matrix-vector launch
                                    # per pair, where few enough pairs make that a choice
+    python -m bench.moe --mxfp4 --shapes gpt-oss-20b gpt-oss-120b   # the experts as MXFP4 bytes
 
 Each case is timed as a replayed CUDA graph, as decode runs it, so the launch of every small kernel counts.
 Rate: bytes of the experts the tokens chose (each read once) per second, as a fraction of the copy
@@ -25,7 +26,8 @@ from warmkv.kernels import fused_moe, gemv
 from warmkv.models.moe import route
 
 # hidden, expert inner size, experts, top-k, normalised top-k
-SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "gpt-oss-20b": (2880, 2880, 32, 4, False)}
+SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "gpt-oss-20b": (2880, 2880, 32, 4, False),
+          "gpt-oss-120b": (2880, 2880, 128, 4, False)}  # fmt: skip
 TOKENS = (1, 2, 4, 8, 16, 32, 256, 2048)
 
 
@@ -35,25 +37,41 @@ def main() -> None:
     )
     parser.add_argument("--sweep", action="store_true", help="time every launch setting, not only the chosen")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES)[:2])
+    parser.add_argument(
+        "--mxfp4", action="store_true", help="the experts as MXFP4 bytes and scales (gpt-oss's)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)  # bytes read + written: what HBM moves per second
-    rows = [row for name in args.shapes for row in _shape_rows(name, args.tokens, args.sweep, bandwidth)]
+    rows = [row for name in args.shapes
+            for row in _shape_rows(name, args.tokens, args.sweep, bandwidth, args.mxfp4)]  # fmt: skip
     print_table(rows)
-    result = {"device": device_name(device), "copy_bytes_per_s": bandwidth, "rows": rows,
-              "command": "python -m bench.moe" + (" --sweep" if args.sweep else "")}  # fmt: skip
-    print("wrote", write_result("moe-" + device_name(device).lower().replace(" ", "-"), result))
+    flags = [f for f, on in (("--sweep", args.sweep), ("--mxfp4", args.mxfp4)) if on]
+    command = " ".join(
+        ["python -m bench.moe", *flags, "--tokens", *map(str, args.tokens), "--shapes", *args.shapes]
+    )
+    result = {"device": device_name(device), "copy_bytes_per_s": bandwidth, "rows": rows, "command": command}
+    name = "moe-" + device_name(device).lower().replace(" ", "-") + ("-mxfp4" if args.mxfp4 else "")
+    print("wrote", write_result(name, result))
 
 
-def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: float) -> list[dict]:
+def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: float, mxfp4: bool) -> list[dict]:
     hidden, inner, experts, top_k, normalize = SHAPES[name]
     device = torch.device("cuda")
-    gate_up = torch.randn(experts, 2 * inner, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
-    down = torch.randn(experts, hidden, inner, device=device, dtype=torch.bfloat16) / inner**0.5
+    scales = None
+    if mxfp4:  # bytes of two values each, a scale (about 2 ** -6) per 32 values
+        gate_up, down = (torch.randint(0, 256, (experts, rows, depth // 2), dtype=torch.uint8, device=device)
+                         for rows, depth in ((2 * inner, hidden), (hidden, inner)))  # fmt: skip
+        scales = tuple(torch.randint(118, 122, (*w.shape[:2], w.shape[2] // 16), dtype=torch.uint8,
+                                     device=device) for w in (gate_up, down))  # fmt: skip
+    else:
+        gate_up = torch.randn(experts, 2 * inner, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
+        down = torch.randn(experts, hidden, inner, device=device, dtype=torch.bfloat16) / inner**0.5
     router = torch.randn(experts, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
-    expert_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
-    chosen = fused_moe.tiles_for, fused_moe.products_per_pair, gemv.gemv_launch
+    expert_bytes = sum(w[0].numel() * w.element_size() for w in (gate_up, down, *(scales or ())))
+    launch_rule = "mxfp4_gemv_launch" if mxfp4 else "gemv_launch"  # the matrix-vector launches of this run
+    chosen = fused_moe.tiles_for, fused_moe.products_per_pair, getattr(gemv, launch_rule)
     rows = []
     for tokens in token_counts:
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
@@ -64,18 +82,20 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
         weights, expert_ids = routed()
         read = expert_ids.unique().numel() * expert_bytes
         pairs = tokens * top_k
-        gate_up_launch = gemv.gemv_launch(hidden, pairs)  # what the chosen way runs
-        for setting in _settings(sweep, pairs, chosen[0](pairs), gate_up_launch,
+        gate_up_launch = chosen[2](hidden, pairs)  # what the chosen way runs
+        for setting in _settings(sweep, pairs, chosen[0](pairs, mxfp4), gate_up_launch,
                                  chosen[1](tokens, top_k, experts)):  # fmt: skip
             per_pair = isinstance(setting, gemv.GemvLaunch)
             fused_moe.products_per_pair = lambda *_, per_pair=per_pair: per_pair
             if per_pair and sweep:
-                gemv.gemv_launch = lambda *_, launch=setting: launch
+                setattr(gemv, launch_rule, lambda *_, launch=setting: launch)
             elif not per_pair:
-                fused_moe.tiles_for = lambda pairs, tiles=setting: tiles
+                fused_moe.tiles_for = lambda *_, tiles=setting: tiles
             args = (x, gate_up, down, weights, expert_ids)
-            experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args))
-            block_us = _graph_us(lambda x=x: fused_moe.fused_experts(x, gate_up, down, *routed(x)))
+            experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args, scales=scales))
+            block_us = _graph_us(
+                lambda x=x: fused_moe.fused_experts(x, gate_up, down, *routed(x), scales=scales)
+            )
             rows.append({
                 "shape": name, "tokens": tokens, "sorted": not per_pair, "cols": setting.cols,
                 "depth": setting.depth, "warps": setting.num_warps,
@@ -83,7 +103,8 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
                 "experts us": experts_us, "router+experts us": block_us, "experts read MB": read / 1e6,
                 "fraction of bandwidth": read / experts_us / 1e-6 / bandwidth,
             })  # fmt: skip
-            fused_moe.tiles_for, fused_moe.products_per_pair, gemv.gemv_launch = chosen
+            fused_moe.tiles_for, fused_moe.products_per_pair = chosen[:2]
+            setattr(gemv, launch_rule, chosen[2])
     return rows
 
 

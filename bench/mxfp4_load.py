@@ -1,8 +1,9 @@
 """gpt-oss as published: a checkpoint whose experts are MXFP4, written with random values, then loaded and
-decoded from: its size on disk, load time, the GPU memory the dequantised model takes, decode speed.
+decoded from: its size on disk, load time, the GPU memory the model takes (its experts kept MXFP4 on
+CUDA, dequantised elsewhere), decode speed.
 
-    python -m bench.mxfp4_load --tokenizer DIR --device cuda            # gpt-oss-20b's shape
-    python -m bench.mxfp4_load --tokenizer DIR --device cpu --small     # the script's own check
+    python -m bench.mxfp4_load --tokenizer DIR --device cuda                          # gpt-oss-20b
+    python -m bench.mxfp4_load --tokenizer DIR --device cpu --shape gpt-oss-tiny      # the script's check
 
 The checkpoint has the published one's names, shapes and dtypes (experts as `*_blocks` / `*_scales`,
 the rest bf16), written to --out-dir (a temporary folder by default, removed after).
@@ -20,18 +21,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from bench.common import device_name, print_table, synchronize, write_result
 from warmkv.engine.config import EngineConfig
 from warmkv.engine.llm_engine import LLMEngine
 from warmkv.engine.sampling import SamplingParams
 from warmkv.models.loader import load_model
-from warmkv.models.random_init import SHAPES
+from warmkv.models.random_init import SHAPES, random_mxfp4_checkpoint
 
-SMALL = dict(
-    vocab_size=49152, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, layer_types=["sliding_attention", "full_attention"],
-)  # fmt: skip
 # gpt-oss's own list: what stays bf16
 NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 
@@ -42,7 +40,8 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder copied into the checkpoint")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--small", action="store_true", help="gpt-oss's layout in a tiny model")
+    parser.add_argument("--shape", choices=[n for n, c in SHAPES.items() if c["model_type"] == "gpt_oss"],
+                        default="gpt-oss-20b")  # fmt: skip
     parser.add_argument("--out-dir", type=Path, help="where the checkpoint is written (kept)")
     parser.add_argument("--decode-tokens", type=int, default=128)
     args = parser.parse_args()
@@ -50,50 +49,33 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     folder = args.out_dir or Path(tempfile.mkdtemp(prefix="warmkv-mxfp4-"))
     try:
-        written = write_checkpoint(folder, Path(args.tokenizer), args.small, device)
-        result = {"device": device_name(device), "shape": "small" if args.small else "gpt-oss-20b",
-                  "checkpoint_gib": written / 2**30}  # fmt: skip
+        written = write_checkpoint(folder, Path(args.tokenizer), args.shape, device)
+        result = {"device": device_name(device), "shape": args.shape, "checkpoint_gib": written / 2**30}
         result |= measure(folder, device, dtype, args.decode_tokens)
     finally:
         if args.out_dir is None:
             shutil.rmtree(folder, ignore_errors=True)
     print_table([{"measure": k, "value": v} for k, v in result.items()])
-    result["command"] = "python -m bench.mxfp4_load " + " ".join(
-        a for a in ("--small" if args.small else "", f"--device {args.device}") if a
+    result["command"] = (
+        f"python -m bench.mxfp4_load --tokenizer DIR --device {args.device} --shape {args.shape}"
     )
     slug = re.sub(r"[^a-z0-9.]+", "-", f"{result['device']}-{result['shape']}".lower()).strip("-")
     print("wrote", write_result(f"mxfp4-load-{slug}", result))
 
 
-def write_checkpoint(folder: Path, tokenizer: Path, small: bool, device: torch.device) -> int:
-    """gpt-oss-20b's checkpoint layout with random values, a file per layer; returns its bytes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    shape = SHAPES["gpt-oss-20b"] | (SMALL if small else {})
-    hf_config = AutoConfig.for_model(**shape)
-    with torch.device("meta"):
-        names = AutoModelForCausalLM.from_config(hf_config).state_dict()
+def write_checkpoint(folder: Path, tokenizer: Path, shape: str, device: torch.device) -> int:
+    """The shape's checkpoint in gpt-oss's published layout with random values (made on `device`), a file
+    per layer; returns its bytes."""
+    hf_config = AutoConfig.for_model(**SHAPES[shape])
     quantization = {"quant_method": "mxfp4", "modules_to_not_convert": NOT_CONVERTED}
     config = hf_config.to_dict() | {"quantization_config": quantization}
     (folder / "config.json").write_text(json.dumps(config))
     for file in tokenizer.iterdir():
         shutil.copy(file, folder / file.name)
-    generator = torch.Generator(device=device).manual_seed(0)
     shards: dict[str, dict[str, torch.Tensor]] = {}
-    for name, meta in names.items():
+    for name, tensor in random_mxfp4_checkpoint(shape, device).items():
         shard = shards.setdefault(name.split(".")[2] if name.startswith("model.layers.") else "rest", {})
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            # [experts, in, out] unquantised: the blocks hold [experts, out, in / 32, 16]
-            experts, depth, rows = meta.shape
-            groups = (experts, rows, depth // 32)
-            packed = dict(dtype=torch.uint8, device=device, generator=generator)
-            shard[f"{name}_blocks"] = torch.randint(0, 256, (*groups, 16), **packed).cpu()
-            # scales about 2**-6: activations stay finite through the layers
-            shard[f"{name}_scales"] = torch.randint(118, 122, groups, **packed).cpu()
-        else:
-            norm = name.endswith("norm.weight")
-            values = torch.randn(meta.shape, device=device, generator=generator) * (1.0 if norm else 0.02)
-            shard[name] = (values + (1.0 if norm else 0.0)).to(torch.bfloat16).cpu()
+        shard[name] = tensor.cpu()
     for layer, tensors in shards.items():
         save_file(tensors, str(folder / f"model-{layer}.safetensors"))
     return sum(t.numel() * t.element_size() for tensors in shards.values() for t in tensors.values())

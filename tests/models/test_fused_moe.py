@@ -12,8 +12,10 @@ import torch
 pytest.importorskip("triton")
 
 from warmkv.kernels.fused_moe import align_by_expert, fused_experts, products_per_pair, route_top_k
+from warmkv.models import mxfp4
+from warmkv.models.config import MoeConfig
 from warmkv.models.layers import silu_and_mul
-from warmkv.models.moe import experts_reference, route
+from warmkv.models.moe import Experts, experts_reference, route
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -94,9 +96,6 @@ def test_swiglu_in_the_first_gemm_with_biases_unsummed_matches_the_loop(tokens: 
 @pytest.mark.parametrize("tokens", [1, 6])  # a product per pair, then sorted
 def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop(tokens: int) -> None:
     """gpt-oss's experts: a bias on both projections, the clamped SwiGLU, softmax over the top-k."""
-    from warmkv.models.config import MoeConfig
-    from warmkv.models.moe import Experts
-
     torch.manual_seed(3)
     moe = MoeConfig(8, 2, 32, False, frozenset({0}), biases=True, clamped_swiglu=(1.702, 7.0))
     experts = Experts(64, moe).to(DEVICE)
@@ -110,6 +109,56 @@ def test_fused_experts_with_biases_and_clamped_swiglu_match_the_loop(tokens: int
     with torch.no_grad():
         got, want = fused_experts(x, *tensors), experts_reference(x, *tensors)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def _mxfp4_experts(experts: Experts, shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Random MXFP4 bytes and scales (about 2 ** -3) into packed Experts; each projection's values."""
+    values = {}
+    with torch.no_grad():
+        for name, (rows, depth) in shapes.items():
+            packed, scales = getattr(experts, name), getattr(experts, f"{name}_scales")
+            packed.copy_(torch.randint(0, 256, packed.shape, dtype=torch.uint8))
+            scales.copy_(torch.randint(122, 126, scales.shape, dtype=torch.uint8))
+            pairs = zip(packed, scales, strict=True)
+            values[name] = torch.stack([mxfp4.unpack(p, s, torch.float32) for p, s in pairs])
+            assert values[name].shape[1:] == (rows, depth)
+    return values
+
+
+# a product per pair (1, 2 tokens), then sorted; the SwiGLU fused into the first GEMM, and gpt-oss's own
+@pytest.mark.parametrize("tokens", [1, 2, 6, 40])
+@pytest.mark.parametrize("clamped", [False, True])
+def test_mxfp4_experts_read_packed_give_what_their_dequantised_values_give(
+    tokens: int, clamped: bool
+) -> None:
+    """The kernels read gpt-oss's MXFP4 bytes and scales and multiply by the values they stand for: what
+    the same kernels give over the dequantised weights, within float32 rounding (a decoded step may be
+    summed in another order); the PyTorch reference over the packed weights is the reference over the
+    dequantised ones, exactly."""
+    torch.manual_seed(tokens)
+    moe = MoeConfig(8, 2, 96, False, frozenset({0}), biases=True, mxfp4=True,
+                    clamped_swiglu=(1.702, 7.0) if clamped else None)  # fmt: skip
+    experts = Experts(64, moe).to(DEVICE)
+    values = _mxfp4_experts(experts, {"gate_up_proj": (192, 64), "down_proj": (64, 96)})
+    with torch.no_grad():
+        experts.gate_up_proj_bias.normal_()
+        experts.down_proj_bias.normal_()
+    x, weights, expert_ids = _routed(tokens, 8, 2, 64, torch.float32)
+    biases = (experts.gate_up_proj_bias, experts.down_proj_bias)
+    scales = (experts.gate_up_proj_scales, experts.down_proj_scales)
+    dense = (values["gate_up_proj"], values["down_proj"], weights, expert_ids)
+    packed = (experts.gate_up_proj, experts.down_proj, weights, expert_ids)
+    activation = experts.activation if clamped else None
+    with torch.no_grad():
+        got = fused_experts(x, *packed, activation, *biases, scales=scales)
+        want = fused_experts(x, *dense, activation, *biases)
+        reference = experts_reference(x, *dense, experts.activation, *biases)
+        packed_reference = experts_reference(x, *packed, experts.activation, *biases, scales=scales)
+        module = experts(x, weights, expert_ids)  # the kernels on CUDA, the packed reference elsewhere
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-5)
+    assert torch.equal(packed_reference, reference)
+    assert torch.equal(module, got if CUDA else packed_reference)
 
 
 def test_pairs_are_products_of_their_own_only_while_few_experts_are_chosen_twice() -> None:

@@ -175,15 +175,15 @@ def test_gpt_oss_gguf_loads_with_matching_logits(mxfp4_experts: bool, fused: boo
 
 
 def assert_logits_match(model, hf: torch.nn.Module) -> None:
-    """Our logits of every token of a short prompt are transformers' (float32 on the CPU)."""
+    """Our logits of every token of a short prompt are transformers' (float32, on the model's device)."""
     pool = KVPool(model.config.num_layers, 16, 8, model.config.num_kv_heads, model.config.head_dim,
-                  torch.float32, CPU)  # fmt: skip
+                  torch.float32, model.device)  # fmt: skip
     prompt = model.tokenizer("The rivers of France flow west", add_special_tokens=False)["input_ids"]
     (logits,) = ModelRunner(model.module, pool).forward(
         [ForwardItem(prompt, 0, pool.allocate(-(-len(prompt) // 8)), all_logits=True)]
     )
     with torch.no_grad():
-        reference = hf(torch.tensor([prompt])).logits[0]
+        reference = hf(torch.tensor([prompt], device=model.device)).logits[0]
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
 
 
@@ -226,10 +226,14 @@ def test_mxfp4_dequantises_to_transformers_bits(dtype: torch.dtype, device: str)
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
+def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weights(
+    tmp_path: Path, device: str
+) -> None:
     """gpt-oss as published: the experts' projections MXFP4 blocks and scales, config.json naming the
-    scheme. It loads, and its logits are those of transformers' model holding the weights transformers'
-    own dequantisation gives."""
+    scheme. It loads (on CUDA its experts stay MXFP4 bytes, which the kernels read; on the CPU they are
+    dequantised), and its logits are those of transformers' model holding the weights transformers' own
+    dequantisation gives."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     folder = save_tiny_model("gptoss", tmp_path / "mxfp4")
@@ -247,8 +251,13 @@ def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weigh
         "modules_to_not_convert": ["model.layers.*.self_attn"],
     }
     (folder / "config.json").write_text(json.dumps(config))
-    model = load_model(str(folder), CPU, torch.float32)
-    assert_logits_match(model, hf)
+    model = load_model(str(folder), torch.device(device), torch.float32)
+    experts = model.module.model.layers[0].mlp.experts
+    packed = device == "cuda"
+    assert model.config.moe is not None and model.config.moe.mxfp4 == packed
+    assert experts.gate_up_proj.dtype == (torch.uint8 if packed else torch.float32)
+    assert experts.gate_up_proj.shape == (8, 2 * 96, 64 // 2 if packed else 64)
+    assert_logits_match(model, hf.to(device))
 
 
 @pytest.mark.parametrize("method", ["awq", "mxfp4"])  # MXFP4 is gpt-oss's experts' only
@@ -267,28 +276,46 @@ def test_mxfp4_pairs_must_be_whole_and_fit_float16() -> None:
         torch.zeros(2, 3, 1, 16, dtype=torch.uint8),
         torch.full((2, 3, 1), 127, dtype=torch.uint8),
     )
-    with pytest.raises(ModelLoadError, match=r"x\.down_proj_scales: MXFP4 scales without their blocks"):
-        mxfp4.dequantize_checkpoint({"x.down_proj_scales": scales}, torch.bfloat16)
-    with pytest.raises(ModelLoadError, match=r"x\.down_proj_blocks: MXFP4 blocks without their scales"):
-        mxfp4.dequantize_checkpoint({"x.down_proj_blocks": blocks}, torch.bfloat16)
+    for packed in (False, True):  # dequantised on load, or kept for the kernels
+        with pytest.raises(ModelLoadError, match=r"x\.down_proj_scales: MXFP4 scales without their blocks"):
+            mxfp4.load_pairs({"x.down_proj_scales": scales}, torch.bfloat16, packed)
+        with pytest.raises(ModelLoadError, match=r"x\.down_proj_blocks: MXFP4 blocks without their scales"):
+            mxfp4.load_pairs({"x.down_proj_blocks": blocks}, torch.bfloat16, packed)
+    assert mxfp4.dequantize(blocks, scales, torch.bfloat16).shape == (2, 3, 32)
     scales[1, 2, 0] = 127 + 14  # 6 * 2**14 is past float16's largest
     with pytest.raises(ModelLoadError, match="past float16's range: load this model in bfloat16"):
         mxfp4.dequantize(blocks, scales, torch.float16)
-    assert mxfp4.dequantize(blocks, scales, torch.bfloat16).shape == (2, 3, 32)
+
+
+def test_mxfp4_kept_packed_stands_for_the_values_dequantisation_gives() -> None:
+    """The bytes the kernels read (reordered on load) and their scales are the checkpoint's values."""
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8)
+    scales = torch.randint(100, 150, (3, 10, 4), dtype=torch.uint8)
+    kept = {"x.down_proj_blocks": blocks, "x.down_proj_scales": scales}
+    mxfp4.load_pairs(kept, torch.bfloat16, packed=True)
+    assert kept.keys() == {"x.down_proj", "x.down_proj_scales"} and kept["x.down_proj"].shape == (3, 10, 64)
+    for expert in range(3):
+        packed, packed_scales = kept["x.down_proj"][expert], kept["x.down_proj_scales"][expert]
+        want = mxfp4.dequantize(blocks, scales, torch.float32)[expert]
+        assert torch.equal(mxfp4.unpack(packed, packed_scales, torch.float32), want)
 
 
 def test_weights_larger_than_the_gpus_free_memory_are_refused_before_loading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Counted as they would be on the GPU: an MXFP4 block's 16 bytes are 32 values there."""
+    """Counted as they would be on the GPU, where MXFP4 blocks and scales stay as they are."""
     folder = save_tiny_model("gptoss", tmp_path / "big")
     weights = load_file(str(folder / "model.safetensors"))
     for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         weights[f"{name}_blocks"], weights[f"{name}_scales"] = _mxfp4(weights.pop(name))
     save_file(weights, str(folder / "model.safetensors"))
-    dequantised = sum(mxfp4.loaded_numel(n, list(t.shape)) for n, t in weights.items()) * 2
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (dequantised - 1, 80 * 2**30))
-    with pytest.raises(ModelLoadError, match=rf"take {dequantised / 2**30:.1f} GiB in torch.bfloat16 on the"):
+    loaded = sum(t.numel() * (1 if mxfp4.is_packed(n) else 2) for n, t in weights.items())
+    assert loaded == sum(
+        mxfp4.loaded_bytes(n, list(t.shape), torch.bfloat16, True) for n, t in weights.items()
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (loaded - 1, 80 * 2**30))
+    with pytest.raises(ModelLoadError, match=rf"take {loaded / 2**30:.1f} GiB in torch.bfloat16 on the"):
         load_model(str(folder), torch.device("cuda"), torch.bfloat16)
 
 

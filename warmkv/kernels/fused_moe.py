@@ -32,6 +32,7 @@ import triton.language as tl
 
 from warmkv.kernels.dependent_launch import options, wait_for_previous
 from warmkv.kernels.gemv import expert_output, gemv
+from warmkv.kernels.mxfp4 import load_mxfp4, mxfp4_low_high
 
 # up to this many pairs, each pair is a product of its own instead of being sorted by expert, although
 # experts chosen twice are read twice. On an H100 at Qwen3-30B-A3B's shape, 8 tokens (64 pairs) took
@@ -56,9 +57,18 @@ class Tiles:
     num_stages: int = 3
 
 
-def tiles_for(pairs: int) -> Tiles:
+# gpt-oss-20b's experts as MXFP4 on an H100, of 3 to 8 tile shapes each (a one-off graph-timed sweep):
+# 8 and 32 tokens 296 and 420 us (bf16 weights with their own tiles: 387, 577), 2048 tokens 2666 us (bf16
+# 1421: each tile decodes its bytes again, so prefill stays slower than bf16)
+_MXFP4_DECODE_TILES = Tiles(rows=16, cols=64, depth=128, num_warps=4)
+_MXFP4_PREFILL_TILES = Tiles(rows=128, cols=128, depth=64, num_warps=8)
+
+
+def tiles_for(pairs: int, mxfp4: bool = False) -> Tiles:
     # decode (few pairs per expert): small row tiles waste little on padding and the weight read dominates;
     # prefill: large tiles reuse each weight tile over many rows
+    if mxfp4:  # decoding the bytes costs more than reading them: fewer, taller tiles decode each less often
+        return _MXFP4_DECODE_TILES if pairs <= 1024 else _MXFP4_PREFILL_TILES
     if pairs <= 64:
         return Tiles(rows=16, cols=64, depth=128, num_warps=4)
     if pairs <= 1024:
@@ -150,19 +160,25 @@ def fused_experts(
     gate_up_bias: torch.Tensor | None = None,  # [experts, 2 * inner]
     down_bias: torch.Tensor | None = None,  # [experts, hidden]
     summed: bool = True,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # MXFP4: both projections' (bytes above)
 ) -> torch.Tensor:
     """weights[t, k] * expert[expert_ids[t, k]](x[t]), summed over k: [tokens, hidden]; or (summed=False)
-    each of a token's k outputs, [tokens, top_k, hidden]. `activation` maps [n, 2 * inner] to [n, inner]."""
+    each of a token's k outputs, [tokens, top_k, hidden]. `activation` maps [n, 2 * inner] to [n, inner].
+    With `scales`, the projections are MXFP4 bytes (`warmkv.kernels.mxfp4`), their last dimension half the
+    values'."""
     tokens, top_k = expert_ids.shape
+    gate_up_scales, down_scales = scales if scales is not None else (None, None)
     if products_per_pair(tokens, top_k, gate_up_proj.shape[0]):
         ids = expert_ids.flatten()
-        hidden = gemv(x, gate_up_proj, gate_up_bias, ids, top_k, swiglu=activation is None)
+        hidden = gemv(x, gate_up_proj, gate_up_bias, ids, top_k, swiglu=activation is None,
+                      scales=gate_up_scales)  # fmt: skip
         hidden = hidden if activation is None else activation(hidden)
         # the ids come from the router's kernel, two launches back: the down weights load early
-        down = gemv(hidden, down_proj, down_bias, ids, 1, weights.reshape(-1), ids_settled=True)
+        down = gemv(hidden, down_proj, down_bias, ids, 1, weights.reshape(-1), ids_settled=True,
+                    scales=down_scales)  # fmt: skip
     else:
         down = _sorted_by_expert(x, gate_up_proj, down_proj, weights, expert_ids, activation,
-                                 gate_up_bias, down_bias)  # fmt: skip
+                                 gate_up_bias, down_bias, gate_up_scales, down_scales)  # fmt: skip
     per_choice = down.view(tokens, top_k, -1)
     return per_choice.sum(dim=1) if summed else per_choice
 
@@ -176,18 +192,22 @@ def _sorted_by_expert(
     activation: Callable[[torch.Tensor], torch.Tensor] | None,
     gate_up_bias: torch.Tensor | None,
     down_bias: torch.Tensor | None,
+    gate_up_scales: torch.Tensor | None,
+    down_scales: torch.Tensor | None,
 ) -> torch.Tensor:
     """Both projections as grouped GEMMs over the pairs sorted by expert: [pairs, hidden]."""
     tokens, top_k = expert_ids.shape
     pairs = tokens * top_k
-    tiles = tiles_for(pairs)
+    tiles = tiles_for(pairs, mxfp4=gate_up_scales is not None)
     alignment = align_by_expert(expert_ids, gate_up_proj.shape[0], tiles.rows)
     if activation is None:  # the gate and up halves of each tile: half as many output columns per program
         hidden = grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k,
-                              replace(tiles, cols=tiles.cols // 2), None, swiglu=True)  # fmt: skip
+                              replace(tiles, cols=tiles.cols // 2), None, True, gate_up_scales)  # fmt: skip
     else:
-        hidden = activation(grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k, tiles, None))
-    return grouped_gemm(hidden, down_proj, down_bias, alignment, pairs, 1, tiles, weights.reshape(-1))
+        hidden = activation(grouped_gemm(x, gate_up_proj, gate_up_bias, alignment, pairs, top_k, tiles, None,
+                                         b_scales=gate_up_scales))  # fmt: skip
+    return grouped_gemm(hidden, down_proj, down_bias, alignment, pairs, 1, tiles, weights.reshape(-1),
+                        b_scales=down_scales)  # fmt: skip
 
 
 def grouped_gemm(
@@ -200,20 +220,24 @@ def grouped_gemm(
     tiles: Tiles,
     pair_weights: torch.Tensor | None,  # [pairs] multiplied into each output row, or None
     swiglu: bool = False,
+    b_scales: torch.Tensor | None = None,  # MXFP4: b is [experts, cols, depth / 2] bytes, these its scales
 ) -> torch.Tensor:
     """out[pair] = (a[pair // pairs_per_row] @ b[e].T + bias[e]) * pair_weights[pair], e the pair's
     expert: [pairs, cols]. With `swiglu`, b's rows are [gate | up] and out[pair] is silu(gate) * up of
     that product: [pairs, cols / 2]."""
     _, cols, depth = b.shape
+    depth *= 2 if b_scales is not None else 1
     out_cols = cols // 2 if swiglu else cols
     out = torch.empty(pairs, out_cols, dtype=a.dtype, device=a.device)
     grid = (alignment.tile_experts.numel(), triton.cdiv(out_cols, tiles.cols))
+    scales = b_scales if b_scales is not None else b
     _grouped_gemm_kernel[grid](
-        a, b, out, bias if bias is not None else a, pair_weights if pair_weights is not None else a,
-        alignment.sorted_pairs, alignment.tile_experts, pairs, out_cols, depth,
-        a.stride(0), b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
-        PAIRS_PER_ROW=pairs_per_row, BIAS=bias is not None, WEIGHTED=pair_weights is not None,
-        SWIGLU=swiglu, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        a, b, scales, out, bias if bias is not None else a, pair_weights if pair_weights is not None else a,
+        alignment.sorted_pairs, alignment.tile_experts, pairs, out_cols, depth, a.stride(0), b.stride(0),
+        b.stride(1), scales.stride(0), scales.stride(1), bias.stride(0) if bias is not None else 0,
+        out.stride(0), PAIRS_PER_ROW=pairs_per_row, BIAS=bias is not None,
+        WEIGHTED=pair_weights is not None, SWIGLU=swiglu, MXFP4=b_scales is not None,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         ROWS=tiles.rows, COLS=tiles.cols, DEPTH=tiles.depth, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -222,12 +246,14 @@ def grouped_gemm(
 
 @triton.jit(do_not_specialize=["pairs"])  # the token count: no compile per new divisibility by 16
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, out_ptr, bias_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs, cols, depth,
-    stride_a, stride_b_expert, stride_b_col, stride_bias, stride_out,
-    PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr, SWIGLU: tl.constexpr,
-    PRECISION: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, DEPTH: tl.constexpr,
+    a_ptr, b_ptr, scales_ptr, out_ptr, bias_ptr, weight_ptr, sorted_pairs_ptr, tile_experts_ptr, pairs,
+    cols, depth, stride_a, stride_b_expert, stride_b_col, stride_s_expert, stride_s_col, stride_bias,
+    stride_out, PAIRS_PER_ROW: tl.constexpr, BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
+    SWIGLU: tl.constexpr, MXFP4: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr,
+    COLS: tl.constexpr, DEPTH: tl.constexpr,
 ):  # fmt: skip
-    # `cols`: the output's; with SWIGLU, b has twice as many rows (gate, then up)
+    # `cols`: the output's; with SWIGLU, b has twice as many rows (gate, then up). With MXFP4, b is its
+    # packed bytes (`depth` / 2 a row) and scales_ptr its scales (`depth` / 32 a row)
     tile = tl.program_id(0)
     expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
     if expert < 0:  # past the last expert's run: padding of the worst case
@@ -237,19 +263,40 @@ def _grouped_gemm_kernel(
     a_rows = a_ptr + (pair // PAIRS_PER_ROW)[:, None] * stride_a
     col = tl.program_id(1) * COLS + tl.arange(0, COLS)
     col_ok = col < cols
-    b_cols = b_ptr + expert * stride_b_expert + col[None, :].to(tl.int64) * stride_b_col
-    b_up_cols = b_cols + cols * stride_b_col  # SWIGLU: the same columns of the up half
+    b_expert = b_ptr + expert * stride_b_expert
+    s_expert = scales_ptr + expert * stride_s_expert  # MXFP4's
+    col_rows = col.to(tl.int64)
+    up_rows = col_rows + cols  # SWIGLU: the same columns of the up half
+    b_cols = b_expert + col_rows[None, :] * stride_b_col
+    b_up_cols = b_expert + up_rows[None, :] * stride_b_col
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
     acc_up = tl.zeros((ROWS, COLS), dtype=tl.float32)
     for start in range(0, depth, DEPTH):
-        k = start + tl.arange(0, DEPTH)
-        k_ok = k < depth
-        a = tl.load(a_rows + k[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if SWIGLU:
-            b_up = tl.load(b_up_cols + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        if MXFP4:  # a group's lower nibbles: its first 16 values; the upper: its last 16 (each a dot)
+            half = tl.arange(0, DEPTH // 2)
+            k_low = start + half // 16 * 32 + half % 16
+            a_mask = real[:, None] & (k_low < depth)[None, :]
+            a_low = tl.load(a_rows + k_low[None, :], mask=a_mask, other=0.0)
+            a_high = tl.load(a_rows + k_low[None, :] + 16, mask=a_mask, other=0.0)
+            b_low, b_high = _mxfp4_b(b_expert, s_expert, col_rows, col_ok, stride_b_col, stride_s_col, start,
+                                     depth, a_low.dtype, COLS, DEPTH)  # fmt: skip
+            acc = tl.dot(a_high, b_high, tl.dot(a_low, b_low, acc, input_precision=PRECISION),
+                         input_precision=PRECISION)  # fmt: skip
+            if SWIGLU:
+                b_low, b_high = _mxfp4_b(b_expert, s_expert, up_rows, col_ok, stride_b_col, stride_s_col,
+                                         start, depth, a_low.dtype, COLS, DEPTH)  # fmt: skip
+                acc_up = tl.dot(a_high, b_high, tl.dot(a_low, b_low, acc_up, input_precision=PRECISION),
+                                input_precision=PRECISION)  # fmt: skip
+        else:
+            k = start + tl.arange(0, DEPTH)
+            k_ok = k < depth
+            a = tl.load(a_rows + k[None, :], mask=real[:, None] & k_ok[None, :], other=0.0)
+            b_mask = k_ok[:, None] & col_ok[None, :]
+            b = tl.load(b_cols + k[:, None], mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if SWIGLU:
+                b_up = tl.load(b_up_cols + k[:, None], mask=b_mask, other=0.0)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
     bias = 0.0
     up_bias = 0.0
     if BIAS:
@@ -262,6 +309,19 @@ def _grouped_gemm_kernel(
                            BIAS, SWIGLU, WEIGHTED)  # fmt: skip
     out = out_ptr + pair[:, None] * stride_out + col[None, :]
     tl.store(out, result, mask=real[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mxfp4_b(b_expert, s_expert, rows, row_ok, stride_row, stride_s_row, start, depth, dtype: tl.constexpr,
+             COLS: tl.constexpr, DEPTH: tl.constexpr):  # fmt: skip
+    """Values start .. start + DEPTH of an expert's MXFP4 rows `rows` (warmkv.kernels.mxfp4) as two of
+    tl.dot's b, [DEPTH / 2, COLS] each in a's dtype (exactly): the lower nibbles (each group's first 16
+    values, group after group) and the upper ones (its last 16)."""
+    row = rows[:, None]
+    packed, scales = load_mxfp4(b_expert + row * stride_row, s_expert + row * stride_s_row, start, depth,
+                                row_ok[:, None], DEPTH)  # fmt: skip
+    low, high = mxfp4_low_high(packed, scales, dtype)
+    return tl.trans(tl.reshape(low, (COLS, DEPTH // 2))), tl.trans(tl.reshape(high, (COLS, DEPTH // 2)))
 
 
 def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

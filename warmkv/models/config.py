@@ -41,6 +41,8 @@ class MoeConfig:
     sigmoid_groups: tuple[int, int] | None = None
     routed_scaling_factor: float = 1.0
     shared_expert_gate: bool = True  # Qwen2-MoE scales its shared expert by sigmoid(shared_expert_gate(x))
+    # the experts' projections kept as MXFP4 bytes and scales (gpt-oss's checkpoints, on CUDA)
+    mxfp4: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.top_k <= self.num_experts:

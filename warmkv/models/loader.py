@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from warmkv.errors import ModelLoadError
 from warmkv.models import mxfp4
 from warmkv.models.config import ModelConfig
 from warmkv.models.gguf_convert import convert_gguf
+from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM, fuse_checkpoint_weights
 from warmkv.models.moe import FLOAT32_TENSORS
 from warmkv.models.rope import inverse_frequencies
@@ -95,11 +96,14 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> Lo
     hf_config = _read_json(folder / "config.json")
     config = ModelConfig.from_hf(hf_config)
     method = (hf_config.get("quantization_config") or {}).get("quant_method")
-    # gpt-oss's MXFP4 experts are dequantised on load; other schemes' weights are not
+    # gpt-oss's MXFP4 experts are read as they are (CUDA) or dequantised on load; other schemes' are not
     if method is not None and (method, config.architecture) != ("mxfp4", "GptOssForCausalLM"):
         raise ModelLoadError(f"{folder}: {config.architecture} weights quantised with {method!r} are not "
                              "supported; use a bf16 or float16 checkpoint, or a GGUF file")  # fmt: skip
-    module = build_module(config, _read_weights(folder, device, dtype), device, dtype)
+    if method == "mxfp4":
+        config = with_mxfp4_experts(config, device)
+    packed = config.moe is not None and config.moe.mxfp4
+    module = build_module(config, _read_weights(folder, device, dtype, packed), device, dtype)
     return LoadedModel(
         name=Path(spec).stem if spec else "SmolLM2-135M-Instruct",
         folder=folder,
@@ -107,6 +111,14 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> Lo
         module=module,
         tokenizer=load_tokenizer(folder),
     )
+
+
+def with_mxfp4_experts(config: ModelConfig, device: torch.device) -> ModelConfig:
+    """The config of a model whose experts' checkpoint is MXFP4: kept so on a device whose kernels read it
+    (CUDA), dequantised on load elsewhere."""
+    if config.moe is None or not has_kernels(device):
+        return config
+    return replace(config, moe=replace(config.moe, mxfp4=True))
 
 
 def build_module(
@@ -134,11 +146,13 @@ def build_module(
     return module
 
 
-def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_weights(
+    folder: Path, device: torch.device, dtype: torch.dtype, mxfp4_packed: bool
+) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder} has no *.safetensors weights")
-    _check_fits(folder, files, device, dtype)
+    _check_fits(folder, files, device, dtype, mxfp4_packed)
     weights = {}
     for file in files:
         try:
@@ -150,12 +164,14 @@ def _read_weights(folder: Path, device: torch.device, dtype: torch.dtype) -> dic
                     weights[name] = tensor if mxfp4.is_packed(name) else tensor.to(kept)
         except Exception as err:
             raise ModelLoadError(f"{file} could not be read: {err}") from err
-    mxfp4.dequantize_checkpoint(weights, dtype)
+    mxfp4.load_pairs(weights, dtype, mxfp4_packed)
     return weights
 
 
-def _check_fits(folder: Path, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, before reading a byte of it, a model whose weights (dequantised) would not fit the GPU's
+def _check_fits(
+    folder: Path, files: list[Path], device: torch.device, dtype: torch.dtype, mxfp4_packed: bool
+) -> None:
+    """Refuse, before reading a byte of it, a model whose weights (as loaded) would not fit the GPU's
     free memory: it would fail part-way with an out-of-memory error."""
     if device.type != "cuda":
         return
@@ -163,7 +179,7 @@ def _check_fits(folder: Path, files: list[Path], device: torch.device, dtype: to
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                needed += mxfp4.loaded_numel(name, f.get_slice(name).get_shape()) * dtype.itemsize
+                needed += mxfp4.loaded_bytes(name, f.get_slice(name).get_shape(), dtype, mxfp4_packed)
     free = torch.cuda.mem_get_info(device)[0]
     if needed > free:
         raise ModelLoadError(f"{folder}: its weights take {needed / 2**30:.1f} GiB in {dtype} on the GPU; "

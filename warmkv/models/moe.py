@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from warmkv.errors import ModelLoadError
+from warmkv.models import mxfp4
 from warmkv.models.config import ModelConfig, MoeConfig
 from warmkv.models.layers import TRITON, Linear, RMSNorm, has_kernels, linear, norm_and_linear, silu_and_mul
 
@@ -30,8 +31,14 @@ class Experts(nn.Module):
     def __init__(self, hidden: int, moe: MoeConfig) -> None:
         super().__init__()
         inner = moe.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(moe.num_experts, 2 * inner, hidden))
-        self.down_proj = nn.Parameter(torch.empty(moe.num_experts, hidden, inner))
+        self.gate_up_proj = _projection(moe, 2 * inner, hidden)
+        self.down_proj = _projection(moe, hidden, inner)
+        # MXFP4: the projections above are their bytes, two values each, and these a scale per 32 values
+        self.gate_up_proj_scales: nn.Parameter | None = None
+        self.down_proj_scales: nn.Parameter | None = None
+        if moe.mxfp4:
+            self.gate_up_proj_scales = _projection(moe, 2 * inner, hidden // 32, packed=False)
+            self.down_proj_scales = _projection(moe, hidden, inner // 32, packed=False)
         self.gate_up_proj_bias: nn.Parameter | None = None
         self.down_proj_bias: nn.Parameter | None = None
         if moe.biases:
@@ -46,10 +53,13 @@ class Experts(nn.Module):
         token's k outputs, [tokens, top_k, hidden]."""
         tensors = (x, self.gate_up_proj, self.down_proj, weights, expert_ids)
         biases = (self.gate_up_proj_bias, self.down_proj_bias)
+        scales = None
+        if self.gate_up_proj_scales is not None and self.down_proj_scales is not None:
+            scales = (self.gate_up_proj_scales, self.down_proj_scales)
         if has_kernels(x.device):  # silu(gate) * up runs in the first GEMM; the clamped variant on its own
             activation = None if self.clamped_swiglu is None else self.activation
-            return fused_experts(*tensors, activation, *biases, summed=summed)
-        return experts_reference(*tensors, self.activation, *biases, summed=summed)
+            return fused_experts(*tensors, activation, *biases, summed=summed, scales=scales)
+        return experts_reference(*tensors, self.activation, *biases, summed=summed, scales=scales)
 
     def activation(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[tokens, 2 * inner] -> [tokens, inner]: silu(gate) * up, or gpt-oss's clamped variant."""
@@ -59,6 +69,14 @@ class Experts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def _projection(moe: MoeConfig, rows: int, depth: int, packed: bool = True) -> nn.Parameter:
+    """[experts, rows, depth] weights, or with moe.mxfp4 uint8 (`packed`: bytes of two values each)."""
+    if not moe.mxfp4:
+        return nn.Parameter(torch.empty(moe.num_experts, rows, depth))
+    shape = (moe.num_experts, rows, depth // 2 if packed else depth)
+    return nn.Parameter(torch.empty(shape, dtype=torch.uint8), requires_grad=False)
 
 
 def experts_reference(
@@ -71,6 +89,7 @@ def experts_reference(
     gate_up_bias: torch.Tensor | None = None,  # [experts, 2 * inner]
     down_bias: torch.Tensor | None = None,  # [experts, hidden]
     summed: bool = True,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # MXFP4: the projections are bytes
 ) -> torch.Tensor:
     """Each expert that was chosen runs once on its tokens, rounding where transformers rounds; the k
     outputs of a token are summed in the order of its choices, as the fused kernels sum them (or, not
@@ -79,9 +98,13 @@ def experts_reference(
     per_choice = torch.empty(tokens, top_k, x.shape[1], dtype=x.dtype, device=x.device)
     for expert in expert_ids.unique().tolist():
         rows, choice = torch.where(expert_ids == expert)
-        h = F.linear(x[rows], gate_up_proj[expert])
+        gate_up, down = gate_up_proj[expert], down_proj[expert]
+        if scales is not None:
+            gate_up = mxfp4.unpack(gate_up, scales[0][expert], x.dtype)
+            down = mxfp4.unpack(down, scales[1][expert], x.dtype)
+        h = F.linear(x[rows], gate_up)
         h = activation(h if gate_up_bias is None else h + gate_up_bias[expert])
-        h = F.linear(h, down_proj[expert])
+        h = F.linear(h, down)
         h = h if down_bias is None else h + down_bias[expert]
         per_choice[rows, choice] = h * weights[rows, choice, None]
     return per_choice.sum(dim=1) if summed else per_choice
@@ -239,13 +262,16 @@ def stack_expert_weights(weights: dict[str, torch.Tensor]) -> None:
 
 def convert_gpt_oss_experts(weights: dict[str, torch.Tensor]) -> None:
     """gpt-oss's layout to ours, in place: the router is `gate`, expert matrices are transposed to
-    [experts, out, in], and gate/up, interleaved column by column, become [gate | up]."""
+    [experts, out, in], and gate/up, interleaved column by column, become [gate | up]. MXFP4 bytes and
+    scales (mxfp4.load_pairs' packed ones) are [experts, out, ...] already: only their gate/up rows move."""
     for name in [n for n in weights if ".mlp.router." in n]:
         weights[name.replace(".mlp.router.", ".mlp.gate.")] = weights.pop(name)
     for name in [n for n in weights if n.endswith(".mlp.experts.gate_up_proj")]:
-        stacked = weights[name].transpose(1, 2)  # [experts, 2 * inner, hidden], gate and up interleaved
-        weights[name] = torch.cat((stacked[:, 0::2], stacked[:, 1::2]), dim=1).contiguous()
-        bias = weights[f"{name}_bias"]
-        weights[f"{name}_bias"] = torch.cat((bias[:, 0::2], bias[:, 1::2]), dim=1).contiguous()
+        packed = f"{name}{mxfp4.SCALES}" in weights
+        for part in (name, f"{name}_bias", *([f"{name}{mxfp4.SCALES}"] if packed else [])):
+            # [experts, 2 * inner, ...], gate and up interleaved
+            stacked = weights[part].transpose(1, 2) if part == name and not packed else weights[part]
+            weights[part] = torch.cat((stacked[:, 0::2], stacked[:, 1::2]), dim=1).contiguous()
     for name in [n for n in weights if n.endswith(".mlp.experts.down_proj")]:
-        weights[name] = weights[name].transpose(1, 2).contiguous()
+        if f"{name}{mxfp4.SCALES}" not in weights:
+            weights[name] = weights[name].transpose(1, 2).contiguous()

@@ -1,9 +1,11 @@
 """MXFP4 weights (OCP microscaling), as gpt-oss's published checkpoints store their experts: a row is cut
 into groups of 32 four-bit floats (E2M1, two a byte, the lower nibble first) that share one power-of-two
 scale (E8M0: one byte, bias 127). A checkpoint holds a tensor `name` as `name_blocks` [..., groups, 16]
-and `name_scales` [..., groups]. They are dequantised once, on load, to the model's dtype: the engine's
-kernels multiply 16-bit weights. Every E2M1 value times a power of two is exact in bf16 and float32 (and
-in float16 within its range, which is checked)."""
+and `name_scales` [..., groups]. On CUDA they stay packed (`load_pairs`): the expert kernels read the
+bytes and scales (warmkv.kernels.mxfp4), a quarter of bf16's bytes in memory and per decode step.
+Elsewhere they are dequantised once, on load, to the model's dtype. Every E2M1 value times a power of
+two is exact in bf16 and float32 (and in float16 within its range, which is checked), so both ways
+multiply by the same values."""
 
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ def is_packed(name: str) -> bool:
     return name.endswith((BLOCKS, SCALES))
 
 
-def loaded_numel(name: str, shape: list[int]) -> int:
-    """Values a checkpoint tensor of this name and shape becomes on load: a block of 16 bytes 32 values,
-    a scale none of its own."""
+def loaded_bytes(name: str, shape: list[int], dtype: torch.dtype, packed: bool) -> int:
+    """Bytes a checkpoint tensor of this name and shape takes once loaded in `dtype`: MXFP4 blocks and
+    scales a byte each when kept `packed`, else a block of 16 bytes 32 values and a scale none."""
     numel = math.prod(shape)
-    return 2 * numel if name.endswith(BLOCKS) else 0 if name.endswith(SCALES) else numel
+    if is_packed(name):
+        return numel if packed else 2 * numel * dtype.itemsize if name.endswith(BLOCKS) else 0
+    return numel * dtype.itemsize
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,15 +51,38 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     return out.flatten(-2)
 
 
-def dequantize_checkpoint(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Every `name_blocks` / `name_scales` pair of a state dict becomes `name` in `dtype`, in place, laid
-    out as the unquantised checkpoint's `name`: gpt-oss's blocks hold its experts as [experts, out, in],
-    its bf16 tensors as [experts, in, out]."""
+def kernel_order(blocks: torch.Tensor) -> torch.Tensor:
+    """Checkpoint blocks [..., groups, 16] (byte j: values 2j and 2j + 1) -> bytes [..., groups * 16] in
+    the order the kernels read (warmkv.kernels.mxfp4, ggml's: byte j holds values j and j + 16), a slice
+    of the leading dimension at a time."""
+    out = torch.empty_like(blocks)
+    for part, block in zip(out, blocks, strict=True):
+        codes = torch.stack((block & 0x0F, block >> 4), dim=-1).flatten(-2)  # [..., groups, 32] in order
+        torch.bitwise_or(codes[..., :16], codes[..., 16:] << 4, out=part)
+    return out.flatten(-2)
+
+
+def unpack(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """kernel_order's bytes [rows, depth / 2] and scales [rows, depth / 32] -> [rows, depth] in `dtype`."""
+    groups = packed.unflatten(-1, (-1, 16))
+    codes = torch.cat((groups & 0x0F, groups >> 4), dim=-1).int()
+    values = torch.tensor(E2M1, dtype=dtype, device=packed.device)[codes]
+    return torch.ldexp(values, scales.int()[..., None] - 127, out=values).flatten(-2)
+
+
+def load_pairs(weights: dict[str, torch.Tensor], dtype: torch.dtype, packed: bool) -> None:
+    """Every `name_blocks` / `name_scales` pair of a state dict, in place: kept `packed`, `name` becomes
+    the blocks' bytes [..., groups * 16] in kernel_order, which the kernels read, beside `name_scales`;
+    otherwise `name` in `dtype`, laid out as the unquantised checkpoint's `name` (gpt-oss's blocks hold
+    its experts as [experts, out, in], its bf16 tensors as [experts, in, out])."""
     for name in [n for n in weights if n.endswith(BLOCKS)]:
         base = name.removesuffix(BLOCKS)
         if base + SCALES not in weights:
             raise ModelLoadError(f"{name}: MXFP4 blocks without their scales ({base + SCALES})")
-        weights[base] = dequantize(weights.pop(name), weights.pop(base + SCALES), dtype).transpose(-1, -2)
-    alone = [n for n in weights if n.endswith(SCALES)]
+        if packed:
+            weights[base] = kernel_order(weights.pop(name))
+        else:
+            weights[base] = dequantize(weights.pop(name), weights.pop(base + SCALES), dtype).transpose(-1, -2)
+    alone = [n for n in weights if n.endswith(SCALES) and not (packed and n.removesuffix(SCALES) in weights)]
     if alone:
         raise ModelLoadError(f"{alone[0]}: MXFP4 scales without their blocks")

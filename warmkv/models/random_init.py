@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from warmkv.errors import WarmkvError
+from warmkv.models import mxfp4
 from warmkv.models.config import ModelConfig
-from warmkv.models.loader import LoadedModel, build_module, load_model, load_tokenizer
+from warmkv.models.loader import LoadedModel, build_module, load_model, load_tokenizer, with_mxfp4_experts
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": dict(
@@ -36,6 +37,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4, num_hidden_layers=24,
         num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
         layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+    ),
+    # gpt-oss-120b: 128 experts, 4 active, 36 layers (its MXFP4 experts fit one 80 GB GPU, bf16 ones do not)
+    "gpt-oss-120b": dict(
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=201088, hidden_size=2880,
+        intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4, num_hidden_layers=36,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 18, attention_bias=True,
         max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
         rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                          "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
@@ -70,6 +81,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         head_dim=32, max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     ),
+    "gpt-oss-tiny": dict(
+        architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=49152, hidden_size=64,
+        intermediate_size=64, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"], attention_bias=True,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    ),
     "deepseek-mla-tiny": dict(
         architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=49152, hidden_size=128,
         intermediate_size=256, moe_intermediate_size=64, n_routed_experts=16, n_shared_experts=1,
@@ -103,14 +121,62 @@ def random_pair(
     config = ModelConfig.from_hf(SHAPES[shape])
     module = build_module(config, dict(theirs.state_dict()), device, dtype)
     folder = Path(tokenizer)
-    # named by what made them and by a sample of what they are: a GPU's random numbers may depend on
-    # the model of GPU, and two processes must share cached KV only over the same tensors
-    sample = theirs.get_input_embeddings().weight[:2].detach().float().cpu().numpy().tobytes()
-    made_by = f"random-{shape}-{dtype}-seed{seed}-{hashlib.blake2b(sample, digest_size=8).hexdigest()}"
+    made_by = _made_by(f"{shape}-{dtype}-seed{seed}", theirs.get_input_embeddings().weight)
     ours = LoadedModel(
         f"random-{shape}", folder, config, module, load_tokenizer(folder), in_memory_id=made_by
     )
     return ours, theirs.eval()
+
+
+def _made_by(recipe: str, embedding: torch.Tensor) -> str:
+    # random weights named by what made them and by a sample of what they are: a GPU's random numbers may
+    # depend on the model of GPU, and two processes must share cached KV only over the same tensors
+    sample = embedding[:2].detach().float().cpu().numpy().tobytes()
+    return f"random-{recipe}-{hashlib.blake2b(sample, digest_size=8).hexdigest()}"
+
+
+def random_mxfp4_checkpoint(shape: str, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A gpt-oss shape as its published checkpoint holds it, random: the experts' projections MXFP4 blocks
+    [experts, out, in / 32, 16] and scales (about 2 ** -6: activations stay finite through the layers),
+    everything else bf16 (norms about 1). Made on `device`, a tensor at a time."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        names = AutoModelForCausalLM.from_config(AutoConfig.for_model(**SHAPES[shape])).state_dict()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    checkpoint = {}
+    for name, meta in names.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [experts, in, out] unquantised
+            experts, depth, rows = meta.shape
+            groups = (experts, rows, depth // 32)
+            packed = dict(dtype=torch.uint8, device=device, generator=generator)
+            checkpoint[f"{name}{mxfp4.BLOCKS}"] = torch.randint(0, 256, (*groups, 16), **packed)
+            checkpoint[f"{name}{mxfp4.SCALES}"] = torch.randint(118, 122, groups, **packed)
+        else:
+            norm = name.endswith("norm.weight")
+            values = torch.randn(meta.shape, device=device, generator=generator) * (1.0 if norm else 0.02)
+            checkpoint[name] = (values + (1.0 if norm else 0.0)).to(torch.bfloat16)
+    return checkpoint
+
+
+def random_mxfp4_model(
+    shape: str, tokenizer: str | Path | None, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> LoadedModel:
+    """A gpt-oss shape with random MXFP4 experts (random_mxfp4_checkpoint's), held as a loaded checkpoint
+    is: packed where the kernels read MXFP4 (CUDA), dequantised elsewhere. Without transformers' copy:
+    gpt-oss-120b's would not fit a GPU."""
+    if tokenizer is None:
+        raise WarmkvError("--shape needs --tokenizer DIR (a tokenizer folder, e.g. from ../shared/data)")
+    if SHAPES.get(shape, {}).get("model_type") != "gpt_oss":
+        raise WarmkvError(f"--mxfp4: {shape} is not a gpt-oss shape (MXFP4 experts are gpt-oss's)")
+    config = with_mxfp4_experts(ModelConfig.from_hf(SHAPES[shape]), device)
+    weights = random_mxfp4_checkpoint(shape, device, seed)
+    weights = {name: t if mxfp4.is_packed(name) else t.to(dtype) for name, t in weights.items()}
+    mxfp4.load_pairs(weights, dtype, packed=config.moe is not None and config.moe.mxfp4)
+    made_by = _made_by(f"{shape}-mxfp4-{dtype}-seed{seed}", weights["model.embed_tokens.weight"])
+    module = build_module(config, weights, device, dtype)
+    folder = Path(tokenizer)
+    return LoadedModel(f"random-{shape}-mxfp4", folder, config, module, load_tokenizer(folder), made_by)
 
 
 def model_or_shape(spec: str | None, shape: str | None, tokenizer: str | Path | None,
