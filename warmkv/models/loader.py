@@ -147,7 +147,7 @@ def build_module(
 
 
 def _read_weights(
-    folder: Path, device: torch.device, dtype: torch.dtype, mxfp4_packed: bool
+    folder: Path, device: torch.device, dtype: torch.dtype, mxfp4_packed: bool = False
 ) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
