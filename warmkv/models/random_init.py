@@ -41,16 +41,6 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
                          "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
     ),
-    # gpt-oss-120b: 128 experts, 4 active, 36 layers (its MXFP4 experts fit one 80 GB GPU, bf16 ones do not)
-    "gpt-oss-120b": dict(
-        architectures=["GptOssForCausalLM"], model_type="gpt_oss", vocab_size=201088, hidden_size=2880,
-        intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4, num_hidden_layers=36,
-        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
-        layer_types=["sliding_attention", "full_attention"] * 18, attention_bias=True,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "truncate": False, "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
-    ),
     # DeepSeek-V2-Lite's sizes (15.7B parameters, 2.4B active: 64 experts, 6 active, 2 shared; MLA with
     # kv_lora_rank 512, q without a latent) in the DeepSeek-V3 architecture (sigmoid router, one group):
     # its pool and tiers keep 576 values per token and layer, 27 x 576 x 2 = 31104 bytes per token in bf16
@@ -97,6 +87,11 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
 }  # fmt: skip
+# gpt-oss-120b: gpt-oss-20b's layers, 128 experts and 36 of them (its MXFP4 experts fit one 80 GB GPU, bf16
+# ones do not)
+SHAPES["gpt-oss-120b"] = SHAPES["gpt-oss-20b"] | dict(
+    num_local_experts=128, num_hidden_layers=36, layer_types=["sliding_attention", "full_attention"] * 18
+)
 
 
 def random_pair(
