@@ -178,8 +178,7 @@ def _limits(model: LoadedModel, engine: LLMEngine, rows: list[dict], args: argpa
             out[f"{key}_end_to_end_tok_s"] = row["warmkv tok/s"]
             out[f"{key}_bandwidth_limit_tok_s"] = limit
             out[f"{key}_fraction_of_bandwidth_limit"] = row["after first tok/s"] / limit
-    element = torch.finfo(dtype).bits // 8
-    linear_params = weights.active_per_prefill_token / element
+    linear_params = weights.active_values_per_prefill_token
     for row in rows:
         if row["phase"].startswith("prefill "):
             words = row["phase"].split()
@@ -199,6 +198,8 @@ class _WeightBytes:
     experts: int  # all routed experts of all layers
     num_experts: int
     top_k: int
+    dense_values: int  # the weights' values (MXFP4's two a byte, its scales none), for the FLOPs of prefill
+    expert_values: int
 
     def read_per_step(self, batch: int) -> float:
         """Weight bytes a decode step of `batch` tokens reads: with routing spread evenly over the experts,
@@ -207,23 +208,30 @@ class _WeightBytes:
         return self.dense + self.lm_head + chosen * self.experts
 
     @property
-    def active_per_prefill_token(self) -> float:
-        """Bytes of the weights a prompt token multiplies with (logits are of the last token only)."""
+    def active_values_per_prefill_token(self) -> float:
+        """Weight values a prompt token multiplies with (logits are of the last token only)."""
         share = self.top_k / self.num_experts if self.experts else 0
-        return self.dense + share * self.experts
+        return self.dense_values + share * self.expert_values
 
 
 def _weight_bytes(model: LoadedModel) -> _WeightBytes:
-    total = expert_bytes = 0
+    total = expert_bytes = values = expert_values = 0
     for name, param in model.module.named_parameters():  # a tied lm_head is listed once
+        in_experts = ".mlp.experts." in name
         total += param.numel() * param.element_size()
-        expert_bytes += param.numel() * param.element_size() if ".mlp.experts." in name else 0
+        expert_bytes += param.numel() * param.element_size() if in_experts else 0
+        # MXFP4 experts: bytes of two values each, and scales that are no values of their own
+        count = 0 if name.endswith("_scales") else param.numel() * (2 if param.dtype == torch.uint8 else 1)
+        values += count
+        expert_values += count if in_experts else 0
     lm_head = model.module.lm_head.weight
     lm_head_bytes = lm_head.numel() * lm_head.element_size()
     embedding = 0 if model.config.tie_word_embeddings else lm_head_bytes
+    tables = (1 if model.config.tie_word_embeddings else 2) * lm_head.numel()  # not multiplied in prefill
     moe = model.config.moe
     return _WeightBytes(total - expert_bytes - lm_head_bytes - embedding, lm_head_bytes, expert_bytes,
-                        moe.num_experts if moe else 1, moe.top_k if moe else 1)  # fmt: skip
+                        moe.num_experts if moe else 1, moe.top_k if moe else 1,
+                        values - expert_values - tables, expert_values)  # fmt: skip
 
 
 def _our_decode(engine: LLMEngine, batch: int, args: argparse.Namespace, device: torch.device,

@@ -82,6 +82,8 @@ def write_checkpoint(folder: Path, tokenizer: Path, shape: str, device: torch.de
 
 
 def measure(folder: Path, device: torch.device, dtype: torch.dtype, tokens: int) -> dict[str, float]:
+    if device.type == "cuda":  # the checkpoint made on the GPU is gone: its cached memory is free again
+        torch.cuda.empty_cache()
     synchronize(device)
     start = time.perf_counter()
     model = load_model(str(folder), device, dtype)

@@ -14,7 +14,7 @@ from warmkv.cache.kv_pool import KVPool
 from warmkv.engine.forward_item import ForwardItem
 from warmkv.engine.model_runner import ModelRunner
 from warmkv.errors import ModelLoadError, UnsupportedArchitecture
-from warmkv.models import mxfp4
+from warmkv.models import loader, mxfp4
 from warmkv.models.loader import default_gguf_path, load_model
 
 from ..conftest import make_tiny_hf_model, save_tiny_model
@@ -283,8 +283,13 @@ def test_mxfp4_pairs_must_be_whole_and_fit_float16() -> None:
             mxfp4.load_pairs({"x.down_proj_blocks": blocks}, torch.bfloat16, packed)
     assert mxfp4.dequantize(blocks, scales, torch.bfloat16).shape == (2, 3, 32)
     scales[1, 2, 0] = 127 + 14  # 6 * 2**14 is past float16's largest
-    with pytest.raises(ModelLoadError, match="past float16's range: load this model in bfloat16"):
-        mxfp4.dequantize(blocks, scales, torch.float16)
+    for packed in (False, True):  # the kernels decode to the model's dtype too
+        pairs = {"x.down_proj_blocks": blocks, "x.down_proj_scales": scales}
+        with pytest.raises(ModelLoadError, match="past float16's range: load this model in bfloat16"):
+            mxfp4.load_pairs(pairs, torch.float16, packed)
+    scales[1, 2, 0] = 241  # past what the kernels' scales hold
+    with pytest.raises(ModelLoadError, match="MXFP4 scale 241 is past 240"):
+        mxfp4.load_pairs({"x.down_proj_blocks": blocks, "x.down_proj_scales": scales}, torch.bfloat16, True)
 
 
 def test_mxfp4_kept_packed_stands_for_the_values_dequantisation_gives() -> None:
@@ -304,19 +309,30 @@ def test_mxfp4_kept_packed_stands_for_the_values_dequantisation_gives() -> None:
 def test_weights_larger_than_the_gpus_free_memory_are_refused_before_loading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Counted as they would be on the GPU, where MXFP4 blocks and scales stay as they are."""
+    """Counted as they would be on the GPU: MXFP4 blocks and scales a byte each where the kernels read
+    them, a block's 16 bytes 32 values where they are dequantised. With free memory between the two, a
+    checkpoint kept MXFP4 loads (its size check passes) and the same one dequantised is refused."""
     folder = save_tiny_model("gptoss", tmp_path / "big")
     weights = load_file(str(folder / "model.safetensors"))
     for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         weights[f"{name}_blocks"], weights[f"{name}_scales"] = _mxfp4(weights.pop(name))
     save_file(weights, str(folder / "model.safetensors"))
-    loaded = sum(t.numel() * (1 if mxfp4.is_packed(n) else 2) for n, t in weights.items())
-    assert loaded == sum(
-        mxfp4.loaded_bytes(n, list(t.shape), torch.bfloat16, True) for n, t in weights.items()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps(config | {"quantization_config": {"quant_method": "mxfp4"}})
     )
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (loaded - 1, 80 * 2**30))
-    with pytest.raises(ModelLoadError, match=rf"take {loaded / 2**30:.1f} GiB in torch.bfloat16 on the"):
-        load_model(str(folder), torch.device("cuda"), torch.bfloat16)
+    packed = sum(t.numel() * (1 if mxfp4.is_packed(n) else 2) for n, t in weights.items())
+    dequantised = sum(t.numel() * (4 if n.endswith("_blocks") else 0 if n.endswith("_scales") else 2)
+                      for n, t in weights.items())  # fmt: skip
+    files, cuda = [folder / "model.safetensors"], torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (packed, 80 * 2**30))
+    loader._check_fits(folder, files, cuda, torch.bfloat16, mxfp4_packed=True)
+    with pytest.raises(ModelLoadError, match=r"GiB in torch.bfloat16 on the GPU; cuda has"):
+        loader._check_fits(folder, files, cuda, torch.bfloat16, mxfp4_packed=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (packed - 1, 80 * 2**30))
+    with pytest.raises(ModelLoadError, match=r"GiB in torch.bfloat16 on the GPU; cuda has"):
+        load_model(str(folder), cuda, torch.bfloat16)  # kept MXFP4 on CUDA, and still too big
+    assert packed < dequantised
 
 
 def test_deepseek_v2_is_refused_as_unsupported(tmp_path: Path) -> None:

@@ -57,7 +57,8 @@ class Tiles:
     num_stages: int = 3
 
 
-# gpt-oss-20b's experts as MXFP4 on an H100, of 3 to 8 tile shapes each (a one-off graph-timed sweep):
+# gpt-oss-20b's experts as MXFP4 on an H100, of 3 to 8 tile shapes each (one-off graph-timed sweeps,
+# bench/results/moe-nvidia-h100-80gb-hbm3-mxfp4-one-off-sweeps.json):
 # 8 and 32 tokens 296 and 420 us (bf16 weights with their own tiles: 387, 577), 2048 tokens 2666 us (bf16
 # 1421: each tile decodes its bytes again, so prefill stays slower than bf16)
 _MXFP4_DECODE_TILES = Tiles(rows=16, cols=64, depth=128, num_warps=4)
@@ -226,6 +227,7 @@ def grouped_gemm(
     expert: [pairs, cols]. With `swiglu`, b's rows are [gate | up] and out[pair] is silu(gate) * up of
     that product: [pairs, cols / 2]."""
     _, cols, depth = b.shape
+    assert b.stride(-1) == 1 and (b_scales is None or b_scales.stride(-1) == 1)
     depth *= 2 if b_scales is not None else 1
     out_cols = cols // 2 if swiglu else cols
     out = torch.empty(pairs, out_cols, dtype=a.dtype, device=a.device)
@@ -267,7 +269,7 @@ def _grouped_gemm_kernel(
     s_expert = scales_ptr + expert * stride_s_expert  # MXFP4's
     col_rows = col.to(tl.int64)
     up_rows = col_rows + cols  # SWIGLU: the same columns of the up half
-    b_cols = b_expert + col_rows[None, :] * stride_b_col
+    b_cols = b_expert + col_rows[None, :] * stride_b_col  # 16-bit b's
     b_up_cols = b_expert + up_rows[None, :] * stride_b_col
     acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
     acc_up = tl.zeros((ROWS, COLS), dtype=tl.float32)

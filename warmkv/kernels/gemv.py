@@ -53,7 +53,8 @@ def gemv_launch(depth: int, rows: int) -> GemvLaunch:
 def mxfp4_gemv_launch(depth: int, rows: int) -> GemvLaunch:
     """MXFP4 weights, decoded in registers: more rows a program than 16-bit ones. At one token of
     gpt-oss-20b's experts on an H100, 8 rows in steps of 512 took 50.9 us a layer, the fastest of ten
-    launches (2 rows in steps of 1024: 61.7 us; bf16 weights 73.6 us; a one-off graph-timed sweep)."""
+    launches (2 rows in steps of 1024: 61.7 us; bf16 weights 73.6 us; bench/results/moe-nvidia-h100-80gb-
+    hbm3-mxfp4-one-off-sweeps.json)."""
     if rows > 8:
         return GemvLaunch(cols=16, depth=min(512, triton.next_power_of_2(depth)), num_warps=4)
     return GemvLaunch(cols=8, depth=min(512, triton.next_power_of_2(depth)), num_warps=4)
@@ -125,7 +126,7 @@ def _launch(
     norm: tuple[torch.Tensor, torch.Tensor, float] | None,  # residual, norm weight, eps
     scales: torch.Tensor | None = None,  # MXFP4's, [..., cols, depth / 32]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    assert x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1 and (scales is None or scales.stride(-1) == 1)
     assert scales is None or norm is None  # MXFP4 steps read x from memory, not a normalised row
     pairs = experts.ids.numel() if experts is not None else x.shape[0]
     cols, depth = weight.shape[-2], weight.shape[-1] * (2 if scales is not None else 1)

@@ -1,4 +1,5 @@
-"""Convert a GGUF file into a Hugging Face model folder: config, de-quantised float32 weights, tokenizer.
+"""Convert a GGUF file into a Hugging Face model folder: config, de-quantised float32 weights (gpt-oss's MXFP4
+experts kept MXFP4, in its published checkpoints' layout), tokenizer.
 
 The conversion runs once per file; the folder it writes then loads like any other.
 """
@@ -230,7 +231,7 @@ def _hf_tensors(reader: Any, config: dict[str, Any], gguf: Any) -> dict[str, np.
     for tensor in tqdm(reader.tensors, desc="converting GGUF tensors", unit="tensor"):
         name = _hf_name(tensor.name, _GPT_OSS_NAMES if gpt_oss else _LAYER_NAMES)
         shape = tuple(reversed([int(d) for d in tensor.shape]))
-        if packed and _is_expert_weight(tensor.name):  # kept as MXFP4: the loader dequantises it
+        if packed and _is_expert_weight(tensor.name):  # kept as MXFP4, for the loader (warmkv.models.mxfp4)
             blocks, scales = _hf_mxfp4(np.asarray(tensor.data), shape)
             tensors[name.replace(".weight", "_blocks")] = blocks
             tensors[name.replace(".weight", "_scales")] = scales

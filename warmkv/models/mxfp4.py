@@ -16,6 +16,9 @@ import torch
 from warmkv.errors import ModelLoadError
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# the largest scale byte taken: past it the kernels' scale, built from its bits, would overflow (255 is
+# E8M0's NaN); checkpoints' scales are near 127
+SCALE_MAX = 240
 BLOCKS, SCALES = "_blocks", "_scales"
 
 
@@ -36,19 +39,24 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     """[..., groups, 16] uint8 blocks, [..., groups] uint8 scales -> [..., groups * 32] in `dtype`, a slice
     of the leading dimension (an expert) at a time: a layer's lookups at once would take several times
     its dequantised size."""
+    check_pair(blocks, scales, dtype)
+    out = torch.empty(*blocks.shape[:-1], 2 * blocks.shape[-1], dtype=dtype, device=blocks.device)
+    for part, block, scale in zip(out, blocks, scales, strict=True):
+        codes = torch.stack((block & 0x0F, block >> 4), dim=-1).flatten(-2)  # byte j: values 2j, 2j + 1
+        part.copy_(_values(codes, scale, dtype))
+    return out.flatten(-2)
+
+
+def check_pair(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse blocks and scales that do not go together, or whose values `dtype` cannot hold exactly."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
         raise ModelLoadError(f"MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} do not go with scales "
                              f"{tuple(scales.shape)} {scales.dtype}")  # fmt: skip
     # float16 holds 0.5 * 2**-23 (its smallest, subnormal) to 6 * 2**13: a scale past that would not fit
     if dtype == torch.float16 and (scales.min() < 127 - 23 or scales.max() > 127 + 13):
         raise ModelLoadError("MXFP4 scales past float16's range: load this model in bfloat16 (--dtype)")
-    values = torch.tensor(E2M1, dtype=dtype, device=blocks.device)
-    out = torch.empty(*blocks.shape[:-1], 2 * blocks.shape[-1], dtype=dtype, device=blocks.device)
-    for part, block, scale in zip(out, blocks, scales, strict=True):
-        part[..., 0::2] = values[(block & 0x0F).int()]
-        part[..., 1::2] = values[(block >> 4).int()]
-        torch.ldexp(part, scale.int()[..., None] - 127, out=part)
-    return out.flatten(-2)
+    if scales.numel() and scales.max() > SCALE_MAX:
+        raise ModelLoadError(f"MXFP4 scale {int(scales.max())} is past {SCALE_MAX} (2 ** {SCALE_MAX - 127})")
 
 
 def kernel_order(blocks: torch.Tensor) -> torch.Tensor:
@@ -65,9 +73,13 @@ def kernel_order(blocks: torch.Tensor) -> torch.Tensor:
 def unpack(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """kernel_order's bytes [rows, depth / 2] and scales [rows, depth / 32] -> [rows, depth] in `dtype`."""
     groups = packed.unflatten(-1, (-1, 16))
-    codes = torch.cat((groups & 0x0F, groups >> 4), dim=-1).int()
-    values = torch.tensor(E2M1, dtype=dtype, device=packed.device)[codes]
-    return torch.ldexp(values, scales.int()[..., None] - 127, out=values).flatten(-2)
+    return _values(torch.cat((groups & 0x0F, groups >> 4), dim=-1), scales, dtype).flatten(-2)
+
+
+def _values(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """E2M1 codes [..., groups, 32] times their group's scale [..., groups], in `dtype`."""
+    values = torch.tensor(E2M1, dtype=dtype, device=codes.device)[codes.int()]
+    return torch.ldexp(values, scales.int()[..., None] - 127, out=values)
 
 
 def load_pairs(weights: dict[str, torch.Tensor], dtype: torch.dtype, packed: bool) -> None:
@@ -80,6 +92,7 @@ def load_pairs(weights: dict[str, torch.Tensor], dtype: torch.dtype, packed: boo
         if base + SCALES not in weights:
             raise ModelLoadError(f"{name}: MXFP4 blocks without their scales ({base + SCALES})")
         if packed:
+            check_pair(weights[name], weights[base + SCALES], dtype)
             weights[base] = kernel_order(weights.pop(name))
         else:
             weights[base] = dequantize(weights.pop(name), weights.pop(base + SCALES), dtype).transpose(-1, -2)
