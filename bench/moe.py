@@ -90,7 +90,7 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
             if per_pair and sweep:
                 setattr(gemv, launch_rule, lambda *_, launch=setting: launch)
             elif not per_pair:
-                fused_moe.tiles_for = lambda *_, tiles=setting: tiles
+                fused_moe.tiles_for = lambda *_, tiles=setting, **__: tiles
             args = (x, gate_up, down, weights, expert_ids)
             experts_us = _graph_us(lambda args=args: fused_moe.fused_experts(*args, scales=scales))
             block_us = _graph_us(
