@@ -24,6 +24,7 @@ import triton.testing
 from bench.common import copy_bandwidth, device_name, print_table, write_result
 from warmkv.kernels import fused_moe, gemv
 from warmkv.models.moe import route
+from warmkv.models.random_init import random_mxfp4
 
 # hidden, expert inner size, experts, top-k, normalised top-k
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8, True), "gpt-oss-20b": (2880, 2880, 32, 4, False),
@@ -60,11 +61,12 @@ def _shape_rows(name: str, token_counts: list[int], sweep: bool, bandwidth: floa
     hidden, inner, experts, top_k, normalize = SHAPES[name]
     device = torch.device("cuda")
     scales = None
-    if mxfp4:  # bytes of two values each, a scale (about 2 ** -6) per 32 values
-        gate_up, down = (torch.randint(0, 256, (experts, rows, depth // 2), dtype=torch.uint8, device=device)
-                         for rows, depth in ((2 * inner, hidden), (hidden, inner)))  # fmt: skip
-        scales = tuple(torch.randint(118, 122, (*w.shape[:2], w.shape[2] // 16), dtype=torch.uint8,
-                                     device=device) for w in (gate_up, down))  # fmt: skip
+    if mxfp4:  # the kernels' bytes (random, so in any order) and scales
+        (gate_up, gate_up_scales), (down, down_scales) = (
+            random_mxfp4((experts, rows, depth), device)
+            for rows, depth in ((2 * inner, hidden), (hidden, inner))
+        )
+        gate_up, down, scales = gate_up.flatten(-2), down.flatten(-2), (gate_up_scales, down_scales)
     else:
         gate_up = torch.randn(experts, 2 * inner, hidden, device=device, dtype=torch.bfloat16) / hidden**0.5
         down = torch.randn(experts, hidden, inner, device=device, dtype=torch.bfloat16) / inner**0.5

@@ -143,15 +143,23 @@ def random_mxfp4_checkpoint(shape: str, device: torch.device, seed: int = 0) -> 
     for name, meta in names.items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [experts, in, out] unquantised
             experts, depth, rows = meta.shape
-            groups = (experts, rows, depth // 32)
-            packed = dict(dtype=torch.uint8, device=device, generator=generator)
-            checkpoint[f"{name}{mxfp4.BLOCKS}"] = torch.randint(0, 256, (*groups, 16), **packed)
-            checkpoint[f"{name}{mxfp4.SCALES}"] = torch.randint(118, 122, groups, **packed)
+            blocks, scales = random_mxfp4((experts, rows, depth), device, generator)
+            checkpoint[f"{name}{mxfp4.BLOCKS}"], checkpoint[f"{name}{mxfp4.SCALES}"] = blocks, scales
         else:
             norm = name.endswith("norm.weight")
             values = torch.randn(meta.shape, device=device, generator=generator) * (1.0 if norm else 0.02)
             checkpoint[name] = (values + (1.0 if norm else 0.0)).to(torch.bfloat16)
     return checkpoint
+
+
+def random_mxfp4(
+    shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 blocks [..., depth / 32, 16] and scales [..., depth / 32] of a [..., depth] weight:
+    codes uniform, scales about 2 ** -6 (activations stay finite through a model's layers)."""
+    groups = (*shape[:-1], shape[-1] // 32)
+    packed = dict(dtype=torch.uint8, device=device, generator=generator)
+    return torch.randint(0, 256, (*groups, 16), **packed), torch.randint(118, 122, groups, **packed)
 
 
 def random_mxfp4_model(
