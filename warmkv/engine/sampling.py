@@ -114,14 +114,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = torch.softmax(logits, dim=-1)
     if params.min_p:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
+    order = None
+    if params.top_p < 1:  # drawn among the tokens sorted by probability, then mapped back to their ids
+        probs, order = probs.sort(descending=True)
         # drop a token once the tokens more likely than it already cover top_p
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        outside = probs.cumsum(-1) - probs >= params.top_p
         outside[0] = False  # the likeliest token stays, however small top_p is
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        probs = probs.masked_fill(outside, 0.0)
+    # an exponential race: with E_i ~ Exp(1), p_i / E_i is largest for token i with probability p_i / sum(p).
+    # Elementwise kernels and one arg-max over the vocabulary, where torch.multinomial scans it in one
+    # thread block
+    choice = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax()
+    return choice if order is None else order[choice]
 
 
 @dataclass(slots=True)
