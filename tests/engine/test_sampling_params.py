@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from warmkv.engine.sampling import SamplingParams, sample
+from warmkv.engine.sampling import SamplingParams, sample, sample_tokens
 from warmkv.errors import InvalidRequest
 
 
@@ -41,3 +41,24 @@ def test_sampled_tokens_follow_the_kept_probabilities(top_p: float, kept: int) -
     counts = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(counts[ranked[:kept]], nucleus, atol=0.03, rtol=0)
     assert counts[ranked[kept:]].sum() == 0
+
+
+def test_rows_drawn_together_draw_what_each_draws_alone() -> None:
+    """sample_tokens draws a batch's sampled rows in one set of tensor operations: each row's token is the
+    one its parameters and generator give it alone, a greedy row's is its arg-max."""
+    torch.manual_seed(0)
+    logits = [torch.randn(50) * 3 for _ in range(5)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_p=0.8, seed=1),
+        SamplingParams(temperature=1.3, top_k=5, seed=2),
+        SamplingParams(temperature=1.0, min_p=0.2, seed=3),
+        SamplingParams(temperature=2.0, seed=4),
+    ]
+    cpu = torch.device("cpu")
+    for _ in range(20):  # generators of the same seeds on both sides; other logits each round
+        together = sample_tokens(logits, params, [p.generator(cpu) for p in params])
+        alone = [sample(row, p, p.generator(cpu)) for row, p in zip(logits, params, strict=True)]
+        assert together.tolist() == [int(t) for t in alone]
+        assert together[0] == logits[0].argmax()
+        logits = [row.roll(1) for row in logits]

@@ -84,17 +84,17 @@ def sample_batch(
 def sample_tokens(
     logits: list[torch.Tensor], params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
-    """One token id per sequence, left on the logits' device: the greedy rows decided together, each other
-    row sampled with its own parameters and generator. Nothing waits for the device, so decode steps can
-    follow one another on the tokens chosen here (llm_engine's runs)."""
-    greedy = [row for row, p in zip(logits, params, strict=True) if p.temperature == 0]
-    if len(greedy) == len(params):
-        return greedy_tokens(torch.stack(logits))
-    argmax = iter(greedy_tokens(torch.stack(greedy)) if greedy else ())
-    return torch.stack([
-        next(argmax) if p.temperature == 0 else sample(row, p, generator)
-        for row, p, generator in zip(logits, params, generators, strict=True)
-    ])  # fmt: skip
+    """One token id per sequence, left on the logits' device: the greedy rows' arg-max, the sampled rows
+    drawn together (sample_rows), each with its own parameters and generator. Nothing waits for the
+    device, so decode steps can follow one another on the tokens chosen here (llm_engine's runs)."""
+    rows = torch.stack(logits)
+    tokens = greedy_tokens(rows)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return tokens
+    index = _to_device(sampled, rows.device, torch.int64)
+    drawn = sample_rows(rows[index], [params[i] for i in sampled], [generators[i] for i in sampled])
+    return tokens.index_copy(0, index, drawn)
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -107,25 +107,52 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from float32 logits of shape [vocab], as a 0-d tensor on their device."""
     if params.temperature == 0:
         return logits.argmax()
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """A token id drawn from each row of float32 logits [rows, vocab] (no row greedy), the rows at once:
+    temperature, top-k, min-p and top-p in batched tensor operations, so a batch costs about what one
+    row does. The draw is an exponential race in vocabulary order: with E_t ~ Exp(1) from the row's own
+    generator, p_t / E_t is largest for token t with probability p_t / sum(p) (elementwise kernels and an
+    arg-max, where torch.multinomial scans a row in one thread block). A row's draw depends only on its
+    own logits and generator, not on the rows beside it (up to rounding in the batched kernels)."""
+    vocab = logits.shape[-1]
+
+    def per_row(values: list[float]) -> torch.Tensor:
+        return _to_device(values, logits.device, logits.dtype)[:, None]
+
+    logits = logits / per_row([p.temperature for p in params])
+    if any(p.top_k for p in params):
+        limits = [min(p.top_k, vocab) for p in params]  # 0: no limit
+        top = torch.topk(logits, max(limits)).values
+        kth = top.gather(1, _to_device([max(k, 1) - 1 for k in limits], logits.device, torch.int64)[:, None])
+        kth = kth.masked_fill(per_row([float(k == 0) for k in limits]) > 0, float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.min_p:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    order = None
-    if params.top_p < 1:  # drawn among the tokens sorted by probability, then mapped back to their ids
-        probs, order = probs.sort(descending=True)
-        # drop a token once the tokens more likely than it already cover top_p
-        outside = probs.cumsum(-1) - probs >= params.top_p
-        outside[0] = False  # the likeliest token stays, however small top_p is
-        probs = probs.masked_fill(outside, 0.0)
-    # an exponential race: with E_i ~ Exp(1), p_i / E_i is largest for token i with probability p_i / sum(p).
-    # Elementwise kernels and one arg-max over the vocabulary, where torch.multinomial scans it in one
-    # thread block
-    choice = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax()
-    return choice if order is None else order[choice]
+    if any(p.min_p for p in params):
+        probs = probs.masked_fill(
+            probs < per_row([p.min_p for p in params]) * probs.amax(-1, keepdim=True), 0
+        )
+    if any(p.top_p < 1 for p in params):
+        # drop a token once the tokens more likely than it already cover top_p (ties: the lower id first)
+        ranked, order = probs.sort(dim=-1, descending=True, stable=True)
+        outside = ranked.cumsum(-1) - ranked >= per_row(
+            [p.top_p if p.top_p < 1 else float("inf") for p in params]
+        )
+        outside[:, 0] = False  # the likeliest token stays, however small top_p is
+        probs = probs.masked_fill(torch.empty_like(outside).scatter_(1, order, outside), 0.0)
+    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(-1)
+
+
+def _to_device(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on `device` without waiting for the work queued there (a plain copy to a GPU
+    would: a decode run launched ahead would be waited for)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 @dataclass(slots=True)
