@@ -226,14 +226,9 @@ def test_mxfp4_dequantises_to_transformers_bits(dtype: torch.dtype, device: str)
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
-def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weights(
-    tmp_path: Path, device: str
-) -> None:
-    """gpt-oss as published: the experts' projections MXFP4 blocks and scales, config.json naming the
-    scheme. It loads (on CUDA its experts stay MXFP4 bytes, which the kernels read; on the CPU they are
-    dequantised), and its logits are those of transformers' model holding the weights transformers' own
-    dequantisation gives."""
+def _mxfp4_gpt_oss_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A tiny gpt-oss checkpoint as published (experts MXFP4, config naming the scheme), and transformers'
+    model holding the weights transformers' own dequantisation gives."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     folder = save_tiny_model("gptoss", tmp_path / "mxfp4")
@@ -251,6 +246,18 @@ def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weigh
         "modules_to_not_convert": ["model.layers.*.self_attn"],
     }
     (folder / "config.json").write_text(json.dumps(config))
+    return folder, hf
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_PARAM])
+def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weights(
+    tmp_path: Path, device: str
+) -> None:
+    """gpt-oss as published: the experts' projections MXFP4 blocks and scales, config.json naming the
+    scheme. It loads (on CUDA its experts stay MXFP4 bytes, which the kernels read; on the CPU they are
+    dequantised), and its logits are those of transformers' model holding the weights transformers' own
+    dequantisation gives."""
+    folder, hf = _mxfp4_gpt_oss_folder(tmp_path)
     model = load_model(str(folder), torch.device(device), torch.float32)
     experts = model.module.model.layers[0].mlp.experts
     packed = device == "cuda"
@@ -258,6 +265,33 @@ def test_mxfp4_gpt_oss_checkpoint_loads_with_the_logits_of_its_dequantised_weigh
     assert experts.gate_up_proj.dtype == (torch.uint8 if packed else torch.float32)
     assert experts.gate_up_proj.shape == (8, 2 * 96, 64 // 2 if packed else 64)
     assert_logits_match(model, hf.to(device))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mxfp4_experts_kept_packed_decode_alike_with_cache_reuse_and_cuda_graphs(tmp_path: Path) -> None:
+    """Exactness with the experts read as MXFP4 bytes: a later turn over the cached first one, decoded
+    through CUDA graphs in runs of steps, gives the tokens an engine without cache or graphs gives."""
+    from warmkv.engine.config import EngineConfig
+    from warmkv.engine.llm_engine import LLMEngine
+    from warmkv.engine.sampling import SamplingParams
+
+    folder, _ = _mxfp4_gpt_oss_folder(tmp_path)
+    model = load_model(str(folder), torch.device("cuda"), torch.float32)
+    assert model.module.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.uint8
+
+    def run(engine: LLMEngine, prompt: list[int]) -> tuple[list[int], int]:
+        seq = list(engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True)))[-1].sequence
+        return seq.output_ids, seq.num_cached
+
+    warm = LLMEngine(model, EngineConfig(kv_pool_tokens=2048))
+    cold = LLMEngine(model, EngineConfig(kv_pool_tokens=2048, prefix_cache=False, cuda_graphs=False))
+    prompt = list(range(100, 160))
+    first, _ = run(warm, prompt)
+    later = prompt + first + list(range(300, 320))
+    ids, cached = run(warm, later)
+    assert cached >= len(prompt) - 8  # the first turn's blocks were reused
+    assert first == run(cold, prompt)[0] and ids == run(cold, later)[0]
 
 
 @pytest.mark.parametrize("method", ["awq", "mxfp4"])  # MXFP4 is gpt-oss's experts' only
