@@ -88,13 +88,14 @@ def sample_tokens(
     drawn together (sample_rows), each with its own parameters and generator. Nothing waits for the
     device, so decode steps can follow one another on the tokens chosen here (llm_engine's runs)."""
     rows = torch.stack(logits)
-    tokens = greedy_tokens(rows)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
-        return tokens
+        return greedy_tokens(rows)
+    if len(sampled) == len(params):
+        return sample_rows(rows, params, generators)
     index = _to_device(sampled, rows.device, torch.int64)
     drawn = sample_rows(rows[index], [params[i] for i in sampled], [generators[i] for i in sampled])
-    return tokens.index_copy(0, index, drawn)
+    return greedy_tokens(rows).index_copy(0, index, drawn)
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -129,7 +130,9 @@ def sample_rows(
         limits = [min(p.top_k, vocab) for p in params]  # 0: no limit
         top = torch.topk(logits, max(limits)).values
         kth = top.gather(1, _to_device([max(k, 1) - 1 for k in limits], logits.device, torch.int64)[:, None])
-        kth = kth.masked_fill(per_row([float(k == 0) for k in limits]) > 0, float("-inf"))
+        kth = kth.masked_fill(
+            _to_device([k == 0 for k in limits], logits.device, torch.bool)[:, None], float("-inf")
+        )
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if any(p.min_p for p in params):
