@@ -114,7 +114,7 @@ def run_load(endpoints: list[Endpoint], model: str, requests: list[TraceRequest]
         for turn, request in enumerate(sessions[name]):
             time.sleep(rngs[name].expovariate(1 / shape.tool_time_s) if shape.tool_time_s > 0 else 0)
             endpoint = endpoints[next(turns_sent) % len(endpoints)]
-            results.append(_send(http, endpoint, model, request, turn, shape.reply_tokens, started))
+            results.append(send_chat(http, endpoint, model, request, turn, shape.reply_tokens, started))
             with lock:
                 progress()
         return results
@@ -130,14 +130,17 @@ def run_load(endpoints: list[Endpoint], model: str, requests: list[TraceRequest]
     return LoadRun(ordered, wall, cpu)
 
 
-def _send(http: httpx.Client, endpoint: Endpoint, model: str, request: TraceRequest, turn: int,
-          reply_tokens: int, run_started: float) -> RequestResult:  # fmt: skip
+def send_chat(http: httpx.Client, endpoint: Endpoint, model: str, request: TraceRequest, turn: int,
+              reply_tokens: int, run_started: float, ignore_eos: bool = True) -> RequestResult:  # fmt: skip
     """One streamed chat completion. Plain HTTP and JSON rather than the OpenAI SDK: the SDK's request
     transform and typed chunks cost about 10 ms of this process's CPU per tau-bench request (on this
-    project's CPU), which a hundred sessions in one process would turn into client-side queueing."""
+    project's CPU), which a hundred sessions in one process would turn into client-side queueing, and
+    about 6 ms of a 32k-token hit's TTFT on the H100's host (a one-off timestamp trace), which is the
+    client's time, not the server's."""
     result = RequestResult(request.session, turn, "200", started_s=time.perf_counter() - run_started)
     body = {"model": model, "messages": request.messages, "max_tokens": reply_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True},
+            **({"ignore_eos": True} if ignore_eos else {}),
             **({"tools": request.tools} if request.tools else {})}  # fmt: skip
     headers = {"Authorization": f"Bearer {endpoint.api_key}", "Content-Type": "application/json"}
     began = time.perf_counter()

@@ -21,11 +21,10 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openai import OpenAI, OpenAIError
+import httpx
 from tqdm import tqdm
 
-from warmkv.bench.load import engine_counters
-from warmkv.bench.peer_tokens import cached_tokens
+from warmkv.bench.load import Endpoint, engine_counters, send_chat
 from warmkv.bench.peers import Peer
 from warmkv.bench.trace import TraceRequest
 from warmkv.models.loader import LoadedModel
@@ -57,30 +56,7 @@ class TurnResult:
     restart: Restart = Restart.NONE
 
 
-def send(client: OpenAI, model: str, request: TraceRequest) -> tuple[int, int, float, float]:
-    """(prompt tokens, cached tokens, TTFT, latency) of one streamed request."""
-    options = {"tools": request.tools} if request.tools else {}
-    started = time.perf_counter()
-    ttft = None
-    usage, extra = None, {}
-    stream = client.chat.completions.create(
-        model=model, messages=request.messages, max_tokens=1, temperature=0, stream=True,
-        stream_options={"include_usage": True}, **options,
-    )  # fmt: skip
-    for chunk in stream:
-        first = chunk.choices[0] if chunk.choices else None
-        if ttft is None and first is not None and (first.delta.content or first.finish_reason):
-            ttft = time.perf_counter() - started
-        usage = chunk.usage or usage
-        extra = chunk.model_extra or extra  # llama-server sends its timings (cache_n) beside usage
-    latency = time.perf_counter() - started
-    if usage is None:
-        raise RuntimeError("the server sent no usage: it must support stream_options.include_usage")
-    cached = cached_tokens(usage.model_dump(), extra)
-    return usage.prompt_tokens, cached, ttft if ttft is not None else latency, latency
-
-
-Dispatch = Callable[[TraceRequest], OpenAI]  # which server a request goes to
+Dispatch = Callable[[TraceRequest], Endpoint]  # which server a request goes to
 
 
 def free_gpu_for_peer() -> None:
@@ -96,15 +72,15 @@ def free_gpu_for_peer() -> None:
 def replay_on_peer(peer: Peer, requests: list[TraceRequest], max_gap_s: float) -> list[TurnResult]:
     """The trace against a peer server (running, or started and stopped by the caller), through the same
     client code as warmkv's rows; restarts as the peer can make them."""
-    client = OpenAI(base_url=peer.url, api_key=peer.api_key, max_retries=0, timeout=600)
+    endpoint = Endpoint(peer.url, peer.api_key)
 
     def restart() -> tuple[Dispatch, Restart]:
         if not peer.can_restart:
-            return lambda _: client, Restart.SKIPPED
+            return lambda _: endpoint, Restart.SKIPPED
         peer.restart()
-        return lambda _: client, Restart.DONE
+        return lambda _: endpoint, Restart.DONE
 
-    return _replay(lambda _: client, restart, peer.model, requests, max_gap_s, peer.name)
+    return _replay(lambda _: endpoint, restart, peer.model, requests, max_gap_s, peer.name)
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,13 +123,13 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
     def start() -> Dispatch:
         for n in range(cluster.replicas):  # each replica its own disk tier
             running.append(embedded_warmkv(model, [*flags, *shared], kv_dir / f"replica-{n}"))
-        clients = [r.client(timeout=600) for r in running]
+        endpoints = [Endpoint(f"{r.url}/v1") for r in running]
         if cluster.routed:
             running.append(serve_in_thread(create_router_app(Router([r.url for r in running]))))
-            router = running[-1].client(timeout=600)
+            router = Endpoint(f"{running[-1].url}/v1")
             return lambda _: router
         turns = itertools.count()
-        return lambda _: clients[next(turns) % len(clients)]
+        return lambda _: endpoints[next(turns) % len(endpoints)]
 
     def stop() -> None:
         while running:
@@ -174,18 +150,20 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
 def _replay(dispatch: Dispatch, restart: Callable[[], tuple[Dispatch, Restart]], model: str,
             requests: list[TraceRequest], max_gap_s: float, label: str) -> list[TurnResult]:  # fmt: skip
     results = []
-    for index, request in enumerate(tqdm(requests, desc=f"replay {label}", unit="req", leave=False)):
-        restarted = Restart.NONE
-        if request.restart and index:
-            dispatch, restarted = restart()
-        time.sleep(min(request.gap_s, max_gap_s))
-        turn = TurnResult(index, request.session, request.shape, 0, 0, 0.0, restart=restarted)
-        try:
-            turn.prompt_tokens, turn.cached_tokens, turn.ttft_s, turn.latency_s = send(
-                dispatch(request), model, request
-            )
-        except (OpenAIError, RuntimeError) as err:  # one request's failure is its row's error, not the run's
-            turn.error = f"{type(err).__name__}: {err}"[:300]
-            log.warning("replay %s request %d failed: %s", label, index, turn.error)
-        results.append(turn)
+    with httpx.Client(timeout=httpx.Timeout(600, connect=10)) as http:
+        for index, request in enumerate(tqdm(requests, desc=f"replay {label}", unit="req", leave=False)):
+            restarted = Restart.NONE
+            if request.restart and index:
+                dispatch, restarted = restart()
+            time.sleep(min(request.gap_s, max_gap_s))
+            # one token: the time to it is the measure (ignore_eos, which hosted APIs refuse, changes nothing)
+            sent = send_chat(http, dispatch(request), model, request, index, 1, 0.0, ignore_eos=False)
+            turn = TurnResult(index, request.session, request.shape, sent.prompt_tokens, sent.cached_tokens,
+                              sent.ttft_s if sent.ttft_s is not None else sent.latency_s, sent.latency_s,
+                              restart=restarted)  # fmt: skip
+            if sent.error is not None or sent.status != "200":
+                # one request's failure is its row's error, not the run's
+                turn.error = f"{sent.status}: {sent.error}"[:300]
+                log.warning("replay %s request %d failed: %s", label, index, turn.error)
+            results.append(turn)
     return results
