@@ -96,8 +96,9 @@ def test_decode_batch_of_sequences_with_different_contexts() -> None:
 def test_decode_split_along_keys_merges_to_the_same_result() -> None:
     # 5 splits over 150 keys: some splits get one step of keys, the last an empty range
     run_case([1, 1], [150, 17], heads=6, kv_heads=2, head_dim=32, splits=5)
-    # more splits than the merge kernel reads at once
+    # fewer splits than the merge's first trip reads (padded to 64), and more (a chunk at a time after it)
     run_case([1], [2600], heads=4, kv_heads=2, head_dim=16, splits=37)
+    run_case([1], [4400], heads=4, kv_heads=2, head_dim=16, splits=70)  # 69 with keys
 
 
 def test_prefill_chunks_on_top_of_cached_blocks_and_fresh_prompts_together() -> None:

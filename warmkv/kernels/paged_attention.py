@@ -40,6 +40,8 @@ DECODE_PROGRAMS_PER_SM = 2
 PREFILL_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 256  # a power of two
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
+MERGE_FIRST_MAX = 64  # a decode merge of many splits: 64 partial outputs of 128 in 115 registers, 8 warps
+MERGE_WARPS = {2: 4, 4: 4, 8: 4, 16: 4, 32: 4, 64: 8}
 # a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 64 new tokens
 # over 32k cached took 160 us a layer this way against 199 us with PREFILL_LAUNCH (77: 198 against 260 us)
 SPLIT_PREFILL_LAUNCH = Launch(128, num_warps=8, num_stages=3)
@@ -172,15 +174,23 @@ def paged_attention(
         PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch,
     )  # fmt: skip
     if splits > 1:
+        first, warps = merge_launch(splits)
         _merge_kernel[(tokens, num_heads)](
             partial, lse, out, splits,
             partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=MAX_SPLITS, FIRST=64, CHUNK=16,  # one compiled merge for every split count
-            PDL=pdl, num_warps=8, **pdl_launch,  # 8 warps: 64 partial outputs of 128 in 115 registers
+            SPLITS_PAD=MAX_SPLITS, FIRST=first, CHUNK=16, PDL=pdl, num_warps=warps, **pdl_launch,
         )  # fmt: skip
     return out
+
+
+def merge_launch(splits: int) -> tuple[int, int]:
+    """(splits whose partial outputs load in the merge's first trip, warps) for a merge of `splits`.
+    Every split in one trip where they are few: a turn's merge has a program per (token, head), thousands
+    of them, and is bound by how many fit on an SM at once, which registers decide."""
+    first = min(MERGE_FIRST_MAX, triton.next_power_of_2(splits))
+    return first, MERGE_WARPS[first]
 
 
 # Triton compiles a kernel again for each new combination of its integer arguments' divisibility by 16:
