@@ -41,7 +41,7 @@ PREFILL_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 256  # a power of two
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
 MERGE_FIRST_MAX = 64  # a decode merge of many splits: 64 partial outputs of 128 in 115 registers, 8 warps
-MERGE_WARPS = {2: 4, 4: 4, 8: 4, 16: 4, 32: 4, 64: 8}
+MERGE_WARPS = {16: 4, 32: 4, 64: 8}
 # a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 64 new tokens
 # over 32k cached took 160 us a layer this way against 199 us with PREFILL_LAUNCH (77: 198 against 260 us)
 SPLIT_PREFILL_LAUNCH = Launch(128, num_warps=8, num_stages=3)
@@ -188,8 +188,9 @@ def paged_attention(
 def merge_launch(splits: int) -> tuple[int, int]:
     """(splits whose partial outputs load in the merge's first trip, warps) for a merge of `splits`.
     Every split in one trip where they are few: a turn's merge has a program per (token, head), thousands
-    of them, and is bound by how many fit on an SM at once, which registers decide."""
-    first = min(MERGE_FIRST_MAX, triton.next_power_of_2(splits))
+    of them, and is bound by how many fit on an SM at once, which registers decide. Three sizes of trip,
+    so three compiled merges at most (each compile stalls a step once)."""
+    first = min(MERGE_FIRST_MAX, max(16, triton.next_power_of_2(splits)))
     return first, MERGE_WARPS[first]
 
 
