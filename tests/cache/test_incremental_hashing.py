@@ -107,6 +107,19 @@ def test_a_growing_conversation_is_remembered_once() -> None:
     assert len(recent._by_namespace[""]) == 2
 
 
+def test_a_finished_turn_remembered_from_its_lookup_bytes_is_the_whole_turn() -> None:
+    """The engine remembers a finished sequence with the bytes its prompt's lookup converted: the reply's
+    tokens are converted on top of them, and the entry holds prompt and reply."""
+    recent = RecentPrompts()
+    for namespace, earlier in (("fresh", []), ("known", [7, 8, 9])):  # no entry yet, and one
+        recent.remember(namespace, earlier)
+        prompt = [7, 8, 9, 10, 300_000]
+        looked_up = recent.nearest(namespace, prompt)
+        recent.remember(namespace, [*prompt, 11, 12], head=looked_up.query)
+        found = recent.nearest(namespace, [*prompt, 11, 12, 13])
+        assert found.common == 7 and found.entry.token_ids.tolist() == [*prompt, 11, 12]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.lists(st.integers(0, 2), max_size=12), min_size=1, max_size=12),

@@ -52,6 +52,7 @@ class PrefixHit:
     load_bytes: int = 0
     load_seconds: float = 0.0
     nearest: Nearest = field(default_factory=lambda: Nearest(None, 0))  # the closest remembered prompt
+    token_bytes: bytes = b""  # the looked-up tokens as RecentPrompts compares them (finish takes them back)
 
     def truncate(self, blocks: int, pool: KVPool) -> None:
         """Give back the blocks past the first `blocks`, taking them off the tiers they came from last."""
@@ -175,6 +176,7 @@ class PrefixCache:
         if tail is not None:
             hit.blocks.append(tail[0])
             hit.num_tokens += tail[1]
+        hit.token_bytes = nearest.query
         if explain:
             hit.nearest = nearest
         return hit
@@ -200,11 +202,12 @@ class PrefixCache:
         self.touch(keys)
 
     def finish(self, namespace: str, token_ids: list[int], keys: list[bytes], prompt_tokens: int,
-               cache_breakpoint: int = 0) -> None:  # fmt: skip
+               cache_breakpoint: int = 0, hit: PrefixHit | None = None) -> None:  # fmt: skip
         """A request ended: remember its tokens (and the keys of its whole blocks: the next turn chains on
         from them) for miss reasons, and its prompt's blocks for an emulation of other caches' rules. The
-        blocks before the client's cache breakpoint (Anthropic's cache_control) are kept longest."""
-        self.recent.remember(namespace, token_ids, keys)
+        blocks before the client's cache breakpoint (Anthropic's cache_control) are kept longest. `hit`:
+        the sequence's first lookup, whose tokens need no conversion again."""
+        self.recent.remember(namespace, token_ids, keys, hit.token_bytes if hit is not None else b"")
         self.index.keep_longest(keys[: cache_breakpoint // self.pool.block_size])
         if self.emulation is not None:
             self.emulation.record(keys[: prompt_tokens // self.pool.block_size])

@@ -640,7 +640,7 @@ class LLMEngine:
         if self.prefix_cache is not None and keep_tail:
             self.prefix_cache.finish(
                 seq.cache_namespace, seq.token_ids, seq.block_hashes, seq.num_prompt_tokens,
-                seq.cache_breakpoint,
+                seq.cache_breakpoint, seq.cache_hit,
             )  # fmt: skip
         # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
         # ended, and where the reply (as computed) ends
