@@ -39,10 +39,11 @@ def test_bodies_past_the_limit_get_413_and_the_server_goes_on(default_model) -> 
 
 
 def test_health_answers_while_a_huge_conversation_is_prepared(server) -> None:
-    # 1,000 messages, 4 MB: rendering and tokenising take seconds; the context is too small for it, so it ends
-    # with a 400 once tokenised
+    # 3,000 messages, 12 MB (within the default limits): rendering and tokenising take about two seconds on
+    # this project's CPU (1,000 took 0.7 s, too short to show anything); the context is too small for it, so
+    # it ends with a 400 once tokenised
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} " + "lorem ipsum " * 340}
-                for i in range(1000)]  # fmt: skip
+                for i in range(3000)]  # fmt: skip
     outcome: dict[str, httpx.Response] = {}
     big = threading.Thread(target=lambda: outcome.update(big=httpx.post(
         f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=600
