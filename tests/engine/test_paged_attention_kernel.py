@@ -96,9 +96,8 @@ def test_decode_batch_of_sequences_with_different_contexts() -> None:
 def test_decode_split_along_keys_merges_to_the_same_result() -> None:
     # 5 splits over 150 keys: some splits get one step of keys, the last an empty range
     run_case([1, 1], [150, 17], heads=6, kv_heads=2, head_dim=32, splits=5)
-    # fewer splits than the merge's first trip reads (padded to 64), and more (a chunk at a time after it)
+    # more splits than the merge kernel reads at once (test_splits_that_saw_no_key_add_nothing: more than 64)
     run_case([1], [2600], heads=4, kv_heads=2, head_dim=16, splits=37)
-    run_case([1], [4400], heads=4, kv_heads=2, head_dim=16, splits=70)  # 69 with keys
 
 
 def test_prefill_chunks_on_top_of_cached_blocks_and_fresh_prompts_together() -> None:
@@ -107,6 +106,13 @@ def test_prefill_chunks_on_top_of_cached_blocks_and_fresh_prompts_together() -> 
     # a short turn after a long cached prefix: few tiles, so their keys are split too (SPLIT_PREFILL_LAUNCH)
     run_case([20, 5], [300, 60], heads=4, kv_heads=2, head_dim=16, splits=3)
     run_case([20, 1], [300, 80], heads=4, kv_heads=2, head_dim=16, splits=3, window=24, sinks=True)
+
+
+def test_64_bit_offsets_for_a_cache_past_int32_give_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offsets into a layer's K/V are 32-bit unless the cache has 2**31 elements or more; the 64-bit branch,
+    taken here at any size, computes the same."""
+    monkeypatch.setattr(kernel, "WIDE_OFFSETS_FROM", 0)
+    run_case([23, 1], [63, 40], heads=4, kv_heads=2, head_dim=16, splits=3)
 
 
 def test_group_that_is_not_a_power_of_two_is_padded() -> None:

@@ -40,6 +40,7 @@ DECODE_PROGRAMS_PER_SM = 2
 PREFILL_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 256  # a power of two
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
+WIDE_OFFSETS_FROM = 2**31  # elements in a layer's K cache from which offsets into it need 64 bits
 MERGE_FIRST_MAX = 64  # a decode merge of many splits: 64 partial outputs of 128 in 115 registers, 8 warps
 MERGE_WARPS = {16: 4, 32: 4, 64: 8}
 # a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 64 new tokens
@@ -171,7 +172,8 @@ def paged_attention(
         SLIDING_WINDOW=sliding_window or 0, SINKS=sinks is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models stay exact
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), SPLIT=splits > 1,
-        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_launch,
+        WIDE=k_cache.numel() >= WIDE_OFFSETS_FROM, PDL=pdl, num_warps=launch.num_warps,
+        num_stages=launch.num_stages, **pdl_launch,
     )  # fmt: skip
     if splits > 1:
         first, warps = merge_launch(splits)
@@ -205,7 +207,8 @@ def _attention_kernel(
     stride_out_token, stride_out_head, stride_out_split, stride_lse_split, stride_lse_token,
     HEADS_PER_KV: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, SINKS: tl.constexpr, PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLIT: tl.constexpr, WIDE: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_previous(PDL)
     tile = tl.program_id(0)
@@ -250,7 +253,7 @@ def _attention_kernel(
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < hi
         block = tl.load(block_table_ptr + seq * stride_table + keys // BLOCK_SIZE, mask=key_ok, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
+        slot = block.to(tl.int64 if WIDE else tl.int32) * BLOCK_SIZE + keys % BLOCK_SIZE
         kv_offsets = slot[:, None] * stride_kv_slot + kv_head * stride_kv_head + dims[None, :]
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
