@@ -32,13 +32,15 @@ BLOCK_KEYS = 64  # the smallest step of keys a split gets
 ROWS_PER_TILE = 128  # query rows (tokens x heads of a group) per program in prefill
 MIN_ROWS = 16  # tl.dot's smallest M
 # key splits, where the query tiles alone leave SMs idle, aim at this many attention programs per SM: a
-# decode step's programs each read a short run of keys, several to an SM at once; a turn's (128 query rows
-# each, one to an SM at a time: registers) compute on theirs, in whole waves of one program per SM, never
-# rounded up to a last wave of a few stragglers (one-off sweep on an H100, Qwen2.5-7B's heads: 3 whole
-# waves against 4 per SM rounded up, 16 to 300 new tokens over 16k and 32k cached, 4-12% faster, e.g. 128
-# over 32k 241 against 267 us; 77 over 32k 172 against 175)
+# decode step's programs each read a short run of keys; a turn's (128 query rows each) compute on theirs,
+# and twice as many hide more of it: 77 new tokens over 32k cached took 185 us a layer against 220 with 2
+# (one-off sweep of programs per SM, rows, keys, warps and stages on an H100, Qwen2.5-7B's heads; 64
+# tokens: 156 against 168)
+# (splits rounded down to whole waves of 3 per SM were 4-12% faster for the kernel alone, eager, but not in
+# a turn's CUDA graph, which plans for its bucket's spare tile: 77 new tokens 11.6-12.2 ms against 11.1-11.4
+# a forward pass; attention-nvidia-h100-80gb-hbm3-turn-graph-splits.json)
 DECODE_PROGRAMS_PER_SM = 2
-PREFILL_PROGRAMS_PER_SM = 3
+PREFILL_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 256  # a power of two
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
 WIDE_OFFSETS_FROM = 2**31  # elements in a layer's K cache from which offsets into it need 64 bits
@@ -81,8 +83,8 @@ def num_splits(tiles: int, num_kv_heads: int, max_context: int, device: torch.de
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     if tiles * num_kv_heads >= DECODE_PROGRAMS_PER_SM * sms:
         return 1  # the tiles fill the GPU: a chunk of 2048 tokens took 2268 us split in two, 1728 whole
-    programs = (DECODE_PROGRAMS_PER_SM if decode else PREFILL_PROGRAMS_PER_SM) * sms
-    wanted = -(-programs // (tiles * num_kv_heads)) if decode else programs // (tiles * num_kv_heads)
+    per_sm = DECODE_PROGRAMS_PER_SM if decode else PREFILL_PROGRAMS_PER_SM
+    wanted = -(-per_sm * sms // (tiles * num_kv_heads))
     return max(1, min(wanted, -(-max_context // BLOCK_KEYS), MAX_SPLITS))
 
 
