@@ -197,6 +197,22 @@ def test_a_failed_request_is_its_rows_error_with_the_servers_message(tmp_path: P
     assert [(r.status, r.error) for r in run.results] == [("stream_error", "engine stopped")] * 2
 
 
+def _answering(body: bytes) -> httpx.MockTransport:
+    return httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+
+
+def test_a_stream_that_is_not_a_chat_completions_is_its_rows_error(tmp_path: Path) -> None:
+    requests = load_trace(small_trace(tmp_path / "trace.jsonl"))[:2]
+    endpoints, shape = [Endpoint("http://server/v1")], LoadShape(tool_time_s=0)
+    for garbled in (b'data: {"choices": [\n\n', b"data: 1\n\n", b'data: {"usage": {"total_tokens": 1}}\n\n'):
+        run = run_sessions(endpoints, "m", requests, shape, transport=_answering(garbled))
+        assert [r.status for r in run.results] == ["bad_stream"] * 2, garbled
+    # a peer that reports no completion tokens is not an error: it counts none
+    run = run_sessions(endpoints, "m", requests, shape, transport=_answering(
+        b'data: {"choices": [{"delta": {"content": "a"}}], "usage": {"prompt_tokens": 5}}\n\n'))  # fmt: skip
+    assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in run.results] == [("200", 5, 0)] * 2
+
+
 def test_load_refuses_replicas_it_cannot_place_or_measure(tmp_path: Path) -> None:
     trace = small_trace(tmp_path / "trace.jsonl")
     with pytest.raises(SystemExit, match="--replicas"):

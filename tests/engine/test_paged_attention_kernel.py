@@ -96,7 +96,8 @@ def test_decode_batch_of_sequences_with_different_contexts() -> None:
 def test_decode_split_along_keys_merges_to_the_same_result() -> None:
     # 5 splits over 150 keys: some splits get one step of keys, the last an empty range
     run_case([1, 1], [150, 17], heads=6, kv_heads=2, head_dim=32, splits=5)
-    # more splits than the merge kernel reads at once (test_splits_that_saw_no_key_add_nothing: more than 64)
+    # splits that are not a power of two, read in one trip of 64 (more than 64, a chunk at a time after the
+    # first trip: test_splits_that_saw_no_key_add_nothing)
     run_case([1], [2600], heads=4, kv_heads=2, head_dim=16, splits=37)
 
 
@@ -108,11 +109,20 @@ def test_prefill_chunks_on_top_of_cached_blocks_and_fresh_prompts_together() -> 
     run_case([20, 1], [300, 80], heads=4, kv_heads=2, head_dim=16, splits=3, window=24, sinks=True)
 
 
-def test_64_bit_offsets_for_a_cache_past_int32_give_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Offsets into a layer's K/V are 32-bit unless the cache has 2**31 elements or more; the 64-bit branch,
-    taken here at any size, computes the same."""
-    monkeypatch.setattr(kernel, "WIDE_OFFSETS_FROM", 0)
+def test_offsets_are_64_bit_from_a_cache_of_2_31_elements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offsets into a layer's K/V are 32-bit below 2**31 elements, where the largest still fits; the 64-bit
+    branch, forced here at a small size, computes the same."""
+    assert not kernel.needs_64_bit_offsets(torch.empty(2**31 - 1, dtype=torch.bfloat16, device="meta"))
+    assert kernel.needs_64_bit_offsets(torch.empty(2**30, 2, dtype=torch.bfloat16, device="meta"))
+    asked = []
+
+    def forced(cache: torch.Tensor) -> bool:
+        asked.append(cache.numel())
+        return True
+
+    monkeypatch.setattr(kernel, "needs_64_bit_offsets", forced)
     run_case([23, 1], [63, 40], heads=4, kv_heads=2, head_dim=16, splits=3)
+    assert len(asked) == 1  # the launch decides by the rule above: here the 64-bit branch, forced
 
 
 def test_group_that_is_not_a_power_of_two_is_padded() -> None:

@@ -63,7 +63,7 @@ class LoadRun:
 class RequestResult:
     session: str
     turn: int
-    status: str  # "200", another HTTP status, "stream_error", "connection" or "no_usage"
+    status: str  # "200", another HTTP status, "stream_error", "connection", "no_usage" or "bad_stream"
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -155,6 +155,8 @@ def send_chat(http: httpx.Client, endpoint: Endpoint, model: str, request: Trace
                 _read_stream(response.iter_lines(), result, began)
     except httpx.HTTPError as err:
         result.status, result.error = "connection", f"{type(err).__name__}: {err}"
+    except (ValueError, TypeError, AttributeError, KeyError) as err:  # events not a chat completion's
+        result.status, result.error = "bad_stream", f"{type(err).__name__}: {err}"[:300]
     result.latency_s = time.perf_counter() - began
     return result
 
@@ -182,7 +184,7 @@ def _read_stream(lines: Iterator[str], result: RequestResult, began: float) -> N
         return
     result.prompt_tokens = usage["prompt_tokens"]
     result.cached_tokens = cached_tokens(usage, extra)
-    result.completion_tokens = usage["completion_tokens"]
+    result.completion_tokens = usage.get("completion_tokens", 0)  # a peer may leave it out
 
 
 def _error_message(text: str) -> str:

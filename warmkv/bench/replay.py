@@ -149,7 +149,7 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
 
 def _replay(dispatch: Dispatch, restart: Callable[[], tuple[Dispatch, Restart]], model: str,
             requests: list[TraceRequest], max_gap_s: float, label: str) -> list[TurnResult]:  # fmt: skip
-    results = []
+    results, started = [], time.perf_counter()
     with httpx.Client(timeout=httpx.Timeout(600, connect=10)) as http:
         for index, request in enumerate(tqdm(requests, desc=f"replay {label}", unit="req", leave=False)):
             restarted = Restart.NONE
@@ -157,7 +157,7 @@ def _replay(dispatch: Dispatch, restart: Callable[[], tuple[Dispatch, Restart]],
                 dispatch, restarted = restart()
             time.sleep(min(request.gap_s, max_gap_s))
             # one token: the time to it is the measure (ignore_eos, which hosted APIs refuse, changes nothing)
-            sent = send_chat(http, dispatch(request), model, request, index, 1, 0.0, ignore_eos=False)
+            sent = send_chat(http, dispatch(request), model, request, index, 1, started, ignore_eos=False)
             turn = TurnResult(index, request.session, request.shape, sent.prompt_tokens, sent.cached_tokens,
                               sent.ttft_s if sent.ttft_s is not None else sent.latency_s, sent.latency_s,
                               restart=restarted)  # fmt: skip

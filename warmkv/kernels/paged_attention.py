@@ -36,16 +36,14 @@ MIN_ROWS = 16  # tl.dot's smallest M
 # and twice as many hide more of it: 77 new tokens over 32k cached took 185 us a layer against 220 with 2
 # (one-off sweep of programs per SM, rows, keys, warps and stages on an H100, Qwen2.5-7B's heads; 64
 # tokens: 156 against 168)
-# (splits rounded down to whole waves of 3 per SM were 4-12% faster for the kernel alone, eager, but not in
-# a turn's CUDA graph, which plans for its bucket's spare tile: 77 new tokens 11.6-12.2 ms against 11.1-11.4
-# a forward pass; attention-nvidia-h100-80gb-hbm3-turn-graph-splits.json)
+# (splits rounded down to whole waves of 3 per SM were 0-24% faster for the kernel alone, eager; through a
+# turn's CUDA graph, which plans for its bucket's spare tile, the rules traded places by turn size, none
+# ahead at all of 77, 128 and 300 new tokens: attention-nvidia-h100-80gb-hbm3-turn-graph-splits.json)
 DECODE_PROGRAMS_PER_SM = 2
 PREFILL_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 256  # a power of two
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
-WIDE_OFFSETS_FROM = 2**31  # elements in a layer's K cache from which offsets into it need 64 bits
 MERGE_FIRST_MAX = 64  # a decode merge of many splits: 64 partial outputs of 128 in 115 registers, 8 warps
-MERGE_WARPS = {16: 4, 32: 4, 64: 8}
 # a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 64 new tokens
 # over 32k cached took 160 us a layer this way against 199 us with PREFILL_LAUNCH (77: 198 against 260 us)
 SPLIT_PREFILL_LAUNCH = Launch(128, num_warps=8, num_stages=3)
@@ -175,7 +173,7 @@ def paged_attention(
         SLIDING_WINDOW=sliding_window or 0, SINKS=sinks is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models stay exact
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), SPLIT=splits > 1,
-        WIDE=k_cache.numel() >= WIDE_OFFSETS_FROM, PDL=pdl, num_warps=launch.num_warps,
+        WIDE=needs_64_bit_offsets(k_cache), PDL=pdl, num_warps=launch.num_warps,
         num_stages=launch.num_stages, **pdl_launch,
     )  # fmt: skip
     if splits > 1:
@@ -196,7 +194,13 @@ def merge_launch(splits: int) -> tuple[int, int]:
     of them, and is bound by how many fit on an SM at once, which registers decide. Three sizes of trip,
     so three compiled merges at most (each compile stalls a step once)."""
     first = min(MERGE_FIRST_MAX, max(16, triton.next_power_of_2(splits)))
-    return first, MERGE_WARPS[first]
+    return first, 8 if first >= 64 else 4
+
+
+def needs_64_bit_offsets(cache: torch.Tensor) -> bool:
+    """Offsets into one layer's K (or V) in 32 bits while they fit: 64-bit ones cost registers and address
+    arithmetic per key (a 2048-token chunk over 16k cached: 1654 against 1585 us on an H100)."""
+    return cache.numel() >= 2**31
 
 
 # Triton compiles a kernel again for each new combination of its integer arguments' divisibility by 16:
