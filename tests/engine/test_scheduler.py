@@ -200,10 +200,10 @@ def test_a_prefix_that_cannot_be_loaded_fails_only_its_request(
     engine = LLMEngine(tiny_model, EngineConfig(kv_pool_tokens=4096))
     acquire = engine.prefix_cache.acquire
 
-    def broken_for_one_tenant(namespace: str, token_ids: list[int], explain: bool = False):
+    def broken_for_one_tenant(namespace: str, token_ids: list[int]):
         if namespace == "damaged":
             raise ValueError("shape '[2, 30, 17, 3, 64]' is invalid for input of size 184320")
-        return acquire(namespace, token_ids, explain)
+        return acquire(namespace, token_ids)
 
     monkeypatch.setattr(engine.prefix_cache, "acquire", broken_for_one_tenant)
     params = SamplingParams(max_tokens=REPLY, ignore_eos=True)

@@ -52,7 +52,6 @@ class PrefixHit:
     load_bytes: int = 0
     load_seconds: float = 0.0
     nearest: Nearest = field(default_factory=lambda: Nearest(None, 0))  # the closest remembered prompt
-    token_bytes: bytes = b""  # the looked-up tokens as RecentPrompts compares them (finish takes them back)
 
     def truncate(self, blocks: int, pool: KVPool) -> None:
         """Give back the blocks past the first `blocks`, taking them off the tiers they came from last."""
@@ -158,11 +157,11 @@ class PrefixCache:
             self.pool, prefill, host_pinned, disk_dir, self.fingerprint, self.config.recalibrate
         )
 
-    def acquire(self, namespace: str, token_ids: list[int], explain: bool = False) -> PrefixHit:
+    def acquire(self, namespace: str, token_ids: list[int]) -> PrefixHit:
         """The longest cached prefix of `token_ids` short of its last token (whose logits start the reply),
         as pool blocks with a reference for the caller: whole blocks from any tier, then a remembered
-        partial tail. With `explain`, the remembered prompt nearest to this one rides along for miss
-        reasons."""
+        partial tail. The remembered prompt nearest to this one rides along, for miss reasons, and the
+        tokens as it compared them, for `finish`."""
         prompt = token_ids[: len(token_ids) - 1]
         nearest = self.recent.nearest(namespace, token_ids)  # once: it chains the keys and explains misses
         known = nearest.known_keys(self.pool.block_size)[: len(prompt) // self.pool.block_size]
@@ -176,9 +175,7 @@ class PrefixCache:
         if tail is not None:
             hit.blocks.append(tail[0])
             hit.num_tokens += tail[1]
-        hit.token_bytes = nearest.query
-        if explain:
-            hit.nearest = nearest
+        hit.nearest = nearest
         return hit
 
     def commit(
@@ -207,7 +204,7 @@ class PrefixCache:
         from them) for miss reasons, and its prompt's blocks for an emulation of other caches' rules. The
         blocks before the client's cache breakpoint (Anthropic's cache_control) are kept longest. `hit`:
         the sequence's first lookup, whose tokens need no conversion again."""
-        self.recent.remember(namespace, token_ids, keys, hit.token_bytes if hit is not None else b"")
+        self.recent.remember(namespace, token_ids, keys, hit.nearest.query if hit is not None else b"")
         self.index.keep_longest(keys[: cache_breakpoint // self.pool.block_size])
         if self.emulation is not None:
             self.emulation.record(keys[: prompt_tokens // self.pool.block_size])

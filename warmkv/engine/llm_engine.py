@@ -573,7 +573,7 @@ class LLMEngine:
     def _acquire_prefix(self, seq: Sequence) -> PrefixHit | None:
         if self.prefix_cache is None:
             return None
-        hit = self.prefix_cache.acquire(seq.cache_namespace, seq.token_ids, explain=seq.cache_hit is None)
+        hit = self.prefix_cache.acquire(seq.cache_namespace, seq.token_ids)
         seq.block_ids, seq.block_hashes, seq.num_computed = list(hit.blocks), hit.keys, hit.num_tokens
         return hit
 
