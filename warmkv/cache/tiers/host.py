@@ -51,28 +51,31 @@ class HostTier:
     def put_many(self, keys: list[bytes], kv: torch.Tensor) -> None:
         """Store blocks kv [n, ...] while slots are free (the caller demotes what `evict` returns first).
         From the device, the copies are queued on the tier's stream, not waited for."""
-        new = [(key, block_kv) for key, block_kv in zip(keys, kv, strict=True) if key not in self._slots]
+        rows = [row for row, key in enumerate(keys) if key not in self._slots][: len(self._free)]
         for key in keys:
             if key in self._slots:
                 self._slots.move_to_end(key)
-        stored = [(key, self._free.pop(), block_kv) for key, block_kv in new[: len(self._free)]]
-        if kv.is_cuda and self._copied is not None and stored:
+        # popped one at a time (another thread may give slots back meanwhile), then put back in the free
+        # list's order, in which slots freed together lie in runs: one copy per run, not per block
+        slots = [self._free.pop() for _ in rows][::-1]
+        runs = _runs(rows, slots)
+        if kv.is_cuda and self._copied is not None and rows:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(kv.device)
             # after what the device has queued so far: the gather of kv, and any earlier read of these slots
             self._stream.wait_stream(torch.cuda.current_stream(kv.device))
             with torch.cuda.stream(self._stream):
-                for _, slot, block_kv in stored:
-                    self._slab[slot].copy_(block_kv, non_blocking=True)
+                for row, slot, count in runs:
+                    self._slab[slot : slot + count].copy_(kv[row : row + count], non_blocking=True)
             kv.record_stream(self._stream)  # not reused before the copies have read it
             self._copied.record(self._stream)
-            self._in_flight.update(slot for _, slot, _ in stored)
+            self._in_flight.update(slots)
         else:
-            for _, slot, block_kv in stored:
-                self._slab[slot].copy_(block_kv)
-        for key, slot, _ in stored:
-            self._slots[key] = slot
-        self.stats.writes += len(stored)
+            for row, slot, count in runs:
+                self._slab[slot : slot + count].copy_(kv[row : row + count])
+        for row, slot in zip(rows, slots, strict=True):
+            self._slots[keys[row]] = slot
+        self.stats.writes += len(rows)
         self._update_size()
 
     def peek(self, key: bytes) -> torch.Tensor | None:
@@ -119,3 +122,14 @@ class HostTier:
     def _update_size(self) -> None:
         self.stats.blocks = len(self._slots)
         self.stats.bytes = self.stats.blocks * self._block_bytes
+
+
+def _runs(rows: list[int], slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, first slot, count) of each run of consecutive rows going to consecutive slots."""
+    runs: list[tuple[int, int, int]] = []
+    for row, slot in zip(rows, slots, strict=True):
+        if runs and (row, slot) == (runs[-1][0] + runs[-1][2], runs[-1][1] + runs[-1][2]):
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((row, slot, 1))
+    return runs
