@@ -5,9 +5,18 @@ names it: none is accepted and silently ignored."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from warmkv.engine.sampling import MAX_LOGPROBS, SEED_RANGE
@@ -27,14 +36,21 @@ _REFUSED = {
 }
 
 
+# set while a body's outermost model validates: the models inside it are parts of what it already walked
+_TEXT_CHECKED: ContextVar[bool] = ContextVar("warmkv_text_checked", default=False)
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _text_is_utf8(cls, data: Any) -> Any:
+    def _text_is_utf8(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
         # JSON may escape a lone surrogate ("\ud800"); no tokenizer, hash or log can encode it, so it is
-        # refused here, for every string field and key of every body, known or not
+        # refused here, for every string field and key of every body, known or not. The whole body is walked
+        # once, by its outermost model: walking again for each nested model cost a long body milliseconds
+        if _TEXT_CHECKED.get():
+            return handler(data)
         where = unencodable_text(data)
         if where is not None:
             raise PydanticCustomError(
@@ -42,7 +58,11 @@ class _Lenient(BaseModel):
                 "text is not valid Unicode (it holds a lone surrogate such as \\ud800)",
                 {"param": where},
             )
-        return data
+        checked = _TEXT_CHECKED.set(True)
+        try:
+            return handler(data)
+        finally:
+            _TEXT_CHECKED.reset(checked)
 
 
 def unencodable_text(value: Any, path: str = "") -> str | None:
