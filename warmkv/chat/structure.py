@@ -30,14 +30,14 @@ def reply_grammar(
     if isinstance(tool_choice, dict):  # the prompt ends inside the named call, before its arguments
         (tool,) = [t for t in tools or [] if t["function"]["name"] == tool_choice["function"]["name"]]
         return f"start: {_arguments(tool)} {lark_string(parser.call_tail)}"
+    if tool_choice != "required" and answer_schema is None:
+        return None  # free text: the usual reply, whose tools' rules are not worth writing out
+    if tool_choice != "required" and (not tools or tool_choice == "none"):
+        return f"start: {json_value(answer_schema)}"
     rules = _call_rules(tools or [], parser)
     more = f"({lark_string(parser.calls_separator)} call)*" if parallel_tool_calls else ""
     if tool_choice == "required":  # the prompt ends with the call's start marker
         return "\n".join([f"start: call_body {lark_string(parser.call_tail)} {more}", *rules])
-    if answer_schema is None:
-        return None
-    if not tools or tool_choice == "none":
-        return f"start: {json_value(answer_schema)}"
     return "\n".join([f"start: {json_value(answer_schema)} | call {more}", *rules])
 
 
