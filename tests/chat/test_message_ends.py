@@ -67,19 +67,28 @@ message = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=60, deadline=None)
+# shared by every example: what one conversation learned about a template's markup, the others reuse
+LEARNED = anchors.StretchMemo()
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     st.sampled_from(sorted(TEMPLATES)),
     st.booleans(),
+    st.booleans(),
     st.lists(message, min_size=1, max_size=8),
 )
-def test_ends_equal_the_definition(name: str, system: bool, messages: list[dict[str, Any]]) -> None:
+def test_ends_equal_the_definition(
+    name: str, system: bool, opened: bool, messages: list[dict[str, Any]]
+) -> None:
+    """With the generation prompt or without, on a fresh memo of the markup or on one that earlier
+    examples (other conversations over the same template) filled."""
     messages = ([{"role": "system", "content": "Be brief."}] if system else []) + messages
     template = TEMPLATES[name]
-    text = render_chat(TOKENIZER, messages, None, True, template)
-    assert anchors.message_ends(TOKENIZER, messages, None, template, text) == by_definition(
-        messages, template, text
-    )
+    text = render_chat(TOKENIZER, messages, None, opened, template)
+    expected = by_definition(messages, template, text)
+    assert anchors.message_ends(TOKENIZER, messages, None, template, text, opened) == expected
+    assert anchors.message_ends(TOKENIZER, messages, None, template, text, opened, LEARNED) == expected
 
 
 class Renders:
@@ -105,13 +114,36 @@ def test_a_thousand_messages_take_a_constant_number_of_renders(
         messages += [{"role": "user", "content": f"Question {turn}?"},
                      {"role": "assistant", "content": f"Answer {turn}."}]  # fmt: skip
     prompt = build_chat_prompt(TOKENIZER, TEMPLATES[name], PARSERS["hermes"], messages, None, None)
-    # the whole render, the marked render, and a few prefixes per distinct stretch of template markup;
-    # rendering every prefix would be 1,001
-    assert renders.count <= 12, renders.count
+    # the marked render, and a few prefixes per distinct stretch of template markup; rendering every
+    # prefix would be 1,001
+    assert renders.count <= 10, renders.count
     # the rewriting template hides earlier replies, the last-query one opens only the last with a think
     # block: their ends are no prefix, the last one's is
     hidden = set(range(2, len(messages) - 1, 2)) if name in ("rewriting", "last query") else set()
     assert [span.index for span in prompt.spans] == [i for i in range(len(messages)) if i not in hidden]
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_the_next_turn_reuses_what_the_last_learned_of_the_markup(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversation's next turn has the stretches of markup its last turn had: with the memo its message
+    ends take the marked render alone, and are the ends a fresh start finds."""
+    messages = [{"role": "system", "content": "You are terse."}]
+    for turn in range(6):
+        messages += [{"role": "user", "content": f"Question {turn}?"},
+                     {"role": "assistant", "content": f"Answer {turn}."}]  # fmt: skip
+    learned, template = anchors.StretchMemo(), TEMPLATES[name]
+    build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], messages[:-1], None, None, stretches=learned)
+    next_turn = [*messages, {"role": "user", "content": "And then?"}]
+    renders = Renders(monkeypatch)
+    reused = build_chat_prompt(
+        TOKENIZER, template, PARSERS["hermes"], next_turn, None, None, stretches=learned
+    )
+    assert renders.count == 1
+    fresh = build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], next_turn, None, None)
+    assert reused.spans == fresh.spans and reused.token_ids == fresh.token_ids
+    assert len(reused.spans) >= 7
 
 
 # Llama 3.x's way with tools: they go into the first user message, and a conversation without one is refused

@@ -6,12 +6,17 @@ there). Rendering every prefix costs O(messages^2), so the ends come from two re
 conversation as is, and with each message's text wrapped in marker characters, which locate every
 message's text in the first. Between two located texts lies template markup (the end of one message, the
 start of the next); where ends fall inside such a stretch is learned once per distinct stretch, by
-rendering the prefixes that end in it, and reused for every stretch like it. Should the markers change the
-rendering in any way, every prefix is rendered, as the definition says.
+rendering the prefixes that end in it, and reused for every stretch like it: in the request, and (through a
+StretchMemo) in later requests, so a conversation's next turn takes three renders. Should the markers change
+the rendering in any way, every prefix is rendered, as the definition says.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,34 +36,69 @@ class MessageSpan:
     text_end: int  # character offset just past it in the prompt's text
 
 
+# a stretch of template markup, which of its owners' texts are empty or unmarked, and whether it ends the
+# conversation; in a StretchMemo, the template and the tools too
+_StretchKey = tuple[Any, ...]
+_StretchEnds = list[tuple[int, int]]  # (position among the stretch's owners, offset in it) of each end
+
+
+class StretchMemo:
+    """Where message ends fall inside stretches of template markup, learned by rendering, kept across
+    requests (least recently used dropped first): what one request learned, the next turns reuse. Keyed by
+    template and tools as well, so the same rule holds as inside one request: a stretch like another, with
+    owners of the same roles, has its ends where the other has them."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._capacity = capacity
+        self._learned: OrderedDict[_StretchKey, _StretchEnds] = OrderedDict()
+        self._lock = threading.Lock()  # requests render in worker threads
+
+    def get(self, key: _StretchKey) -> _StretchEnds | None:
+        with self._lock:
+            found = self._learned.get(key)
+            if found is not None:
+                self._learned.move_to_end(key)
+            return found
+
+    def put(self, key: _StretchKey, ends: _StretchEnds) -> None:
+        with self._lock:
+            self._learned[key] = ends
+            self._learned.move_to_end(key)
+            while len(self._learned) > self._capacity:
+                self._learned.popitem(last=False)
+
+
 def message_ends(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,
     template: str,
     text: str,
+    add_generation_prompt: bool = True,
+    memo: StretchMemo | None = None,
 ) -> list[tuple[int, str, int]]:
-    """(message index, role, character offset just past it) for each message that ends inside `text`."""
-    render = _Prefixes(tokenizer, messages, tools, template, text)
-    ends = _ends_from_marked_render(render)
+    """(message index, role, character offset just past it) for each message that ends inside `text`, the
+    conversation as rendered with or without the generation prompt. `memo`: stretches learned by earlier
+    requests (without one, each request learns its own)."""
+    render = _Prefixes(tokenizer, messages, tools, template, text, add_generation_prompt)
+    ends = _ends_from_marked_render(render, memo)
     if ends is not None:
-        # the render without generation prompt stands for the prompt only as far as the two agree
-        agree = _common_prefix(render.full, text)
-        return [end for end in ends if end[2] <= agree]
+        return ends
     return [(i, m["role"], end) for i, m in enumerate(messages) if (end := render.end_of(i)) is not None]
 
 
 class _Prefixes:
-    """Renders of a conversation without the generation prompt: whole, marked, or up to a message."""
+    """Renders of a conversation: marked, as the prompt was rendered, or up to a message, as the
+    definition renders it (without the generation prompt)."""
 
     def __init__(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                 template: str, text: str) -> None:  # fmt: skip
-        self.messages, self.text = messages, text
-        self._render = lambda some: render_chat(tokenizer, some, tools, False, template)
-        self.full = self._render(messages)
+                 template: str, text: str, add_generation_prompt: bool) -> None:  # fmt: skip
+        self.messages, self.text, self.template, self.tools = messages, text, template, tools
+        self._render = lambda some, opened=False: render_chat(tokenizer, some, tools, opened, template)
+        self._opened = add_generation_prompt
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        return self._render(messages)
+    def marked(self, messages: list[dict[str, Any]]) -> str:
+        return self._render(messages, self._opened)
 
     def end_of(self, index: int) -> int | None:
         """Where message `index` ends, if rendering up to it gives a prefix of the prompt: the definition.
@@ -71,13 +111,15 @@ class _Prefixes:
         return len(prefix) if self.text.startswith(prefix) else None
 
 
-def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | None:
-    messages, full = render.messages, render.full
+def _ends_from_marked_render(
+    render: _Prefixes, memo: StretchMemo | None
+) -> list[tuple[int, str, int]] | None:
+    messages, full = render.messages, render.text
     if len(messages) > 0xFFFFD - _NUMBER_BASE:
         return None
     probe = [{**m, "content": f"{_OPEN}{chr(_NUMBER_BASE + i)}{m['content']}{_CLOSE}"} if _markable(m) else m
              for i, m in enumerate(messages)]  # fmt: skip
-    with_marks = render.render(probe)
+    with_marks = render.marked(probe)
     # the texts the template wrote, in order (a template may leave some out, as it may rewrite old turns)
     located = _text_spans(with_marks)
     if located is None:
@@ -92,19 +134,26 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
-    learned: dict[tuple[str, tuple[tuple[str, bool], ...], bool], list[tuple[int, int]]] = {}
+    memo = memo if memo is not None else StretchMemo()
+    context = (render.template, _digest(render.tools))
     ends = []
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
             return None
         # an unmarked message's text is not in the stretch: whether it is empty decides where ends fall
-        key = (full[low:high], tuple((messages[i]["role"], _markable(messages[i])) for i in indices),
-               high == len(full))  # fmt: skip
-        if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
+        owned = tuple((messages[i]["role"], _markable(messages[i])) for i in indices)
+        key = (*context, full[low:high], owned, high == len(full))
+        learned = memo.get(key)
+        if learned is None:
             found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
-            learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
-        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
+            learned = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
+            memo.put(key, learned)
+        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned]
     return ends
+
+
+def _digest(tools: list[dict[str, Any]] | None) -> bytes:
+    return hashlib.blake2b(json.dumps(tools, sort_keys=True).encode(), digest_size=16).digest()
 
 
 def _markable(message: dict[str, Any]) -> bool:
@@ -138,17 +187,6 @@ def _text_spans(with_marks: str) -> tuple[list[int], list[int], list[int], str] 
         next_open = with_marks.find(_OPEN, at)
     pieces.append(with_marks[at:])
     return numbers, starts, stops, "".join(pieces)
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    low, high = 0, n  # a[:low] agrees, a[:high] does not
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if a[:middle] == b[:middle] else (low, middle)
-    return low
 
 
 def encode_segments(
