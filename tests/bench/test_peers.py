@@ -5,7 +5,9 @@ test drives a real llama-server and skips when `python -m bench.peers llama.cpp`
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,8 @@ import httpx
 import pytest
 
 from tests.bench import fake_peer
+from warmkv.bench.client_process import ClientProcess
+from warmkv.bench.load import Endpoint, send_chat
 from warmkv.bench.oracle import PeerOracle, oracle_hits, peer_oracle
 from warmkv.bench.peer_tokens import Dialect, PeerError, ServerTokenizer, cached_tokens
 from warmkv.bench.peers import LlamaServer, Peer, UrlPeer, llama_server_binary, make_peer
@@ -22,6 +26,7 @@ from warmkv.bench.results import summarize
 from warmkv.bench.synthetic import synthetic_trace
 from warmkv.bench.trace import TraceRequest
 from warmkv.cli import main
+from warmkv.errors import WarmkvError
 from warmkv.server.embedded import ThreadedServer, serve_in_thread
 
 # read at import: the session fixtures then point warmkv's cache (and peers_home) at a temporary folder
@@ -100,6 +105,24 @@ def test_peer_row_is_judged_against_the_peers_own_tokens(fake: ThreadedServer) -
     assert row["restarts"] == {"done": 0, "skipped": 1}
     assert row["by_shape"]["single_turns"]["requests"] == 10
     assert row["requests_per_s"] > 0
+
+
+def test_the_replays_client_runs_in_a_process_of_its_own_and_reads_what_send_chat_reads(
+    fake: ThreadedServer,
+) -> None:
+    request, endpoint = _trace()[0], Endpoint(f"{fake.url}/v1")
+    with ClientProcess() as client, httpx.Client() as http:
+        assert client.pid != os.getpid()
+        first = client.send(endpoint, fake_peer.MODEL, request, 0, 1, time.perf_counter())
+        here = send_chat(http, endpoint, fake_peer.MODEL, request, 1, 1, time.perf_counter())
+        there = client.send(endpoint, fake_peer.MODEL, request, 2, 1, time.perf_counter())
+        assert (first.status, first.cached_tokens, first.completion_tokens) == ("200", 0, 1)
+        assert here.cached_tokens > 0 and first.ttft_s is not None
+        assert (there.status, there.prompt_tokens, there.cached_tokens, there.completion_tokens) == (
+            here.status, here.prompt_tokens, here.cached_tokens, here.completion_tokens)  # fmt: skip
+        client._child.kill()
+        with pytest.raises(WarmkvError, match="client process stopped"):
+            client.send(endpoint, fake_peer.MODEL, request, 3, 1, time.perf_counter())
 
 
 def test_one_failed_request_is_an_error_and_the_others_complete(fake: ThreadedServer) -> None:

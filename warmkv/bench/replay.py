@@ -4,7 +4,8 @@ Each policy gets a fresh embedded server on loopback (its own disk directory) ov
 a request marked `restart` stops the server (flushing its disk writer) and starts a new one on the same
 directory. A peer (`--peer`, or the server given by `--url`) gets the same requests through the same client;
 a restart restarts the peer where it can (see warmkv.bench.peers) and is marked skipped where not.
-TTFT is the time to the first streamed token of a `max_tokens: 1` request.
+TTFT is the time to the first streamed token of a `max_tokens: 1` request, sent by a client in a process of
+its own (see warmkv.bench.client_process).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from tqdm import tqdm
 
-from warmkv.bench.load import Endpoint, engine_counters, send_chat
+from warmkv.bench.client_process import ClientProcess
+from warmkv.bench.load import Endpoint, engine_counters
 from warmkv.bench.peers import Peer
 from warmkv.bench.trace import TraceRequest
 from warmkv.models.loader import LoadedModel
@@ -150,14 +151,14 @@ def replay_embedded(model: LoadedModel, flags: list[str], requests: list[TraceRe
 def _replay(dispatch: Dispatch, restart: Callable[[], tuple[Dispatch, Restart]], model: str,
             requests: list[TraceRequest], max_gap_s: float, label: str) -> list[TurnResult]:  # fmt: skip
     results, started = [], time.perf_counter()
-    with httpx.Client(timeout=httpx.Timeout(600, connect=10)) as http:
+    with ClientProcess() as client:
         for index, request in enumerate(tqdm(requests, desc=f"replay {label}", unit="req", leave=False)):
             restarted = Restart.NONE
             if request.restart and index:
                 dispatch, restarted = restart()
             time.sleep(min(request.gap_s, max_gap_s))
             # one token: the time to it is the measure (ignore_eos, which hosted APIs refuse, changes nothing)
-            sent = send_chat(http, dispatch(request), model, request, index, 1, started, ignore_eos=False)
+            sent = client.send(dispatch(request), model, request, index, 1, started, ignore_eos=False)
             turn = TurnResult(index, request.session, request.shape, sent.prompt_tokens, sent.cached_tokens,
                               sent.ttft_s if sent.ttft_s is not None else sent.latency_s, sent.latency_s,
                               restart=restarted)  # fmt: skip
