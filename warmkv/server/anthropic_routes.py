@@ -24,7 +24,7 @@ from warmkv.server.tenancy import authorized, cache_namespace
 FIRST_VERSION = "2023-01-01"
 
 
-def api_version(request: Request) -> None:
+async def api_version(request: Request) -> None:  # async: on the loop, no worker hop
     version = request.headers.get("anthropic-version")
     if version is None:
         return

@@ -62,7 +62,8 @@ class ServerState:
             raise UnknownModel(f"The model {name!r} does not exist; this server serves {self.model_name!r}")
 
 
-def server_state(request: Request) -> ServerState:
+# async: FastAPI runs a plain function dependency on a worker thread, a hop per request for nothing
+async def server_state(request: Request) -> ServerState:
     return request.app.state.warmkv
 
 

@@ -18,7 +18,7 @@ def presented_key(request: Request) -> str:
     return request.headers.get("x-api-key", "")
 
 
-def authorized(request: Request, state: State) -> None:
+async def authorized(request: Request, state: State) -> None:  # async: on the loop, no worker hop
     expected = state.settings.api_key
     if expected is None:
         return
