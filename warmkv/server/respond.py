@@ -90,23 +90,21 @@ async def _stream(
     on_finish: Callable[[Sequence], Awaitable[None]] | None,
 ) -> AsyncIterator[str]:
     record = generation.record
+    # an output's events go out in one write: each write is a trip through every middleware and the socket
     try:
-        for event in [*fmt.opening(), *fmt.delta(first)]:
-            yield event
+        yield "".join([*fmt.opening(), *fmt.delta(first)])
         async for output in generation:
-            for event in fmt.delta(output):
-                yield event
+            if events := fmt.delta(output):
+                yield "".join(events)
         if on_finish is not None:
             await on_finish(first.sequence)
-        for event in fmt.closing(record):
-            yield event
+        yield "".join(fmt.closing(record))
     except asyncio.CancelledError:
         record.status = 499  # client gone: leaving the iteration cancelled the request
         raise
     except WarmkvError as err:
         record.status = error_kind(err)[0]
-        for event in fmt.failure(err):
-            yield event
+        yield "".join(fmt.failure(err))
     finally:
         generation.note_miss()
         account(record, state.metrics, state.request_log)
