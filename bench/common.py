@@ -35,13 +35,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synchronize_stream(device: torch.device) -> None:
-    """Wait for this thread's current stream alone: what the engine itself waits for. The cache's background
-    copies (write-through, demotion) run on a stream of their own, which the whole device's wait includes."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
 def median_seconds(run: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Median wall time of `run` after one warm-up, waiting for the device each time."""
     run()

@@ -19,8 +19,7 @@ Each request's limit is the same one pass over its own cached and new tokens.
 
 Steps (--step-streams): decoding streams with a prefill arriving every few steps, pool small enough to
 evict, once with the host and disk tiers (write-through, demotion) and once with the GPU tier alone:
-the tiers must not lengthen a step. A step is timed to the end of the engine's own stream, which is what
-the engine waits for; the tiers' copies run on a stream of their own, overlapping later steps.
+the tiers must not lengthen a step.
 
 The limit, measured in the same run: every weight and the whole KV read once at the device's copy
 bandwidth, plus the new tokens' FLOPs at its matmul rate (bench/common.py, HardwareLimits).
@@ -51,7 +50,6 @@ from bench.common import (
     device_name,
     print_table,
     synchronize,
-    synchronize_stream,
     write_result,
 )
 from warmkv.bench.oracle import oracle_hits
@@ -337,11 +335,10 @@ def _one_run(model: LoadedModel, args: argparse.Namespace, tiers: bool) -> list[
         for step in range(2 * steps):
             if step % 4 == 0:
                 engine.add_request(new_prompt(), SamplingParams(max_tokens=1))
-            # a step ends when the engine's own stream does: the tiers' copies overlap the steps that follow
-            synchronize_stream(model.device)
+            synchronize(model.device)
             start = time.perf_counter()
             engine.step()
-            synchronize_stream(model.device)
+            synchronize(model.device)
             times.append((time.perf_counter() - start) * 1000)
         return times[steps:]  # the first half fills the pool
     finally:
