@@ -1,11 +1,13 @@
 """The disk tier under a hostile file system: private file modes, a directory that cannot be written (the
-tier turns off with one warning, and back on once it can write), a read that cannot touch a timestamp."""
+tier turns off with one warning, and back on once it can write), a read that cannot touch a timestamp, a
+block folder removed under the tier, a write the file system takes only part of."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -124,3 +126,36 @@ def test_a_foreign_owned_dir_turns_the_tier_off(tmp_path: Path) -> None:
         tier.close()
     finally:
         tmp_path.chmod(0o755)
+
+
+def test_a_block_folder_removed_under_the_tier_is_made_again(tmp_path: Path) -> None:
+    """The tier remembers the block folders it made; one removed since (a `warmkv cache clear` beside a
+    running server) is made again, and the block is written and read back whole."""
+    tier = disk_tier(tmp_path)
+    tier.put(KEY, KV, wait=True)
+    tier.flush()
+    shutil.rmtree(block_path(tier.directory, KEY).parent)
+    other = b"\x07" + b"\x08" * 15  # the same folder (named by the key's first byte)
+    tier.put(other, KV + 1, wait=True)
+    tier.flush()
+    assert torch.equal(tier.get(other), KV + 1)
+    assert tier.stats.writes == 2 and tier.enabled
+    tier.close()
+
+
+def test_a_file_system_taking_part_of_a_write_still_gets_the_whole_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.writev
+
+    def a_few_bytes(descriptor: int, buffers: list[Any]) -> int:  # as a write interrupted by a signal
+        return real(descriptor, [memoryview(buffers[0])[:7]])
+
+    monkeypatch.setattr(os, "writev", a_few_bytes)
+    tier = disk_tier(tmp_path)
+    tier.put(KEY, KV, wait=True)
+    tier.flush()
+    monkeypatch.undo()
+    assert torch.equal(tier.get(KEY), KV)
+    assert tier.stats.corrupt == 0
+    tier.close()

@@ -14,6 +14,7 @@ RETRY_S seconds, turning the tier back on once it can write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -57,6 +58,20 @@ def read_file(path: Path, buffer: bytearray | None = None) -> bytearray:
     return data
 
 
+def _write_all(descriptor: int, parts: list[bytes | memoryview]) -> None:
+    """Write every byte of `parts` in order: one system call when the file takes them all at once."""
+    views = [memoryview(part) for part in parts]
+    while views:
+        written = os.writev(descriptor, views)
+        if written == 0:  # no progress (nothing a file does; never spin on it)
+            raise OSError(errno.EIO, "the file took none of the block's bytes")
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
+
+
 def block_path(directory: Path, key: bytes) -> Path:
     name = key.hex()
     return directory / name[:2] / (name + SUFFIX)
@@ -72,6 +87,8 @@ class DiskTier:
         self.fingerprint = fingerprint
         self.layout = layout
         self.directory = root / fingerprint
+        self._directory = str(self.directory)
+        self._folders: set[str] = set()  # block folders known to exist: one stat fewer per write
         self.capacity_bytes = capacity_bytes
         self.file_mode = file_mode
         self.folder_mode = file_mode | (file_mode & 0o444) >> 2  # searchable by whoever may read
@@ -214,17 +231,31 @@ class DiskTier:
                     done()
 
     def _write(self, key: bytes, kv: torch.Tensor) -> None:
+        # os-level calls and one writev: a step's blocks are written beside the engine thread, and every
+        # stretch of Python here is time the engine's thread may wait for the interpreter lock
         header, payload = encode_parts(self.fingerprint, key, kv)
-        path = block_path(self.directory, key)
-        self._make_folder(path.parent)
-        temporary = path.with_name(f"{path.name}.tmp{threading.get_ident()}")
+        name = key.hex()
+        folder = os.path.join(self._directory, name[:2])
+        path = os.path.join(folder, name + SUFFIX)
+        temporary = f"{path}.tmp{threading.get_ident()}"
+        if folder not in self._folders:
+            self._make_folder(Path(folder))
+            self._folders.add(folder)
         try:
-            with self._create(temporary) as f:
-                f.write(header)
-                f.write(payload)
-            temporary.replace(path)  # atomic: readers see the whole file or none
-        finally:
-            temporary.unlink(missing_ok=True)
+            descriptor = self._open(temporary)
+        except FileNotFoundError:  # its folder was removed under us (a `warmkv cache clear`): made again
+            self._make_folder(Path(folder))
+            descriptor = self._open(temporary)
+        try:
+            try:
+                _write_all(descriptor, [header, payload])
+            finally:
+                os.close(descriptor)
+            os.replace(temporary, path)  # atomic: readers see the whole file or none
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
         size = len(header) + len(payload)
         with self._lock:
             self._files[key] = size
@@ -233,17 +264,21 @@ class DiskTier:
         while self.stats.bytes > self.capacity_bytes and self._files:
             self.evict()
 
-    def _create(self, path: Path) -> BinaryIO:
+    def _open(self, path: str) -> int:
+        """A new file's descriptor, with exactly the tier's mode, whatever the umask."""
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.file_mode)
         try:
-            os.fchmod(descriptor, self.file_mode)  # exactly the mode asked for, whatever the umask
+            os.fchmod(descriptor, self.file_mode)
         except OSError:
             os.close(descriptor)
             raise
-        return os.fdopen(descriptor, "wb")
+        return descriptor
+
+    def _create(self, path: Path) -> BinaryIO:
+        return os.fdopen(self._open(str(path)), "wb")
 
     def _make_folder(self, folder: Path) -> None:
-        if folder.is_dir():  # the usual case: one stat per write
+        if folder.is_dir():  # the usual case: one stat
             return
         for missing in reversed([folder, *folder.parents]):  # the root's own parents first
             if not missing.is_dir():
