@@ -7,8 +7,8 @@ conversation as is, and with each message's text wrapped in marker characters, w
 message's text in the first. Between two located texts lies template markup (the end of one message, the
 start of the next); where ends fall inside such a stretch is learned once per distinct stretch, by
 rendering the prefixes that end in it, and reused for every stretch like it: in the request, and (through a
-StretchMemo) in later requests, so a conversation's next turn takes three renders. Should the markers change
-the rendering in any way, every prefix is rendered, as the definition says.
+StretchMemo) in later requests, so a conversation's next turn takes the two renders alone. Should the
+markers change the rendering in any way, every prefix is rendered, as the definition says.
 """
 
 from __future__ import annotations
