@@ -67,10 +67,6 @@ message = st.one_of(
 )  # fmt: skip
 
 
-# shared by every example: what one conversation learned about a template's markup, the others reuse
-LEARNED = anchors.StretchMemo()
-
-
 @settings(max_examples=80, deadline=None)
 @given(
     st.sampled_from(sorted(TEMPLATES)),
@@ -81,14 +77,38 @@ LEARNED = anchors.StretchMemo()
 def test_ends_equal_the_definition(
     name: str, system: bool, opened: bool, messages: list[dict[str, Any]]
 ) -> None:
-    """With the generation prompt or without, on a fresh memo of the markup or on one that earlier
-    examples (other conversations over the same template) filled."""
+    """Of a prompt with the generation prompt (a request's) or without (the history a tool-calling client
+    will send back, prefilled ahead of it)."""
     messages = ([{"role": "system", "content": "Be brief."}] if system else []) + messages
     template = TEMPLATES[name]
     text = render_chat(TOKENIZER, messages, None, opened, template)
-    expected = by_definition(messages, template, text)
-    assert anchors.message_ends(TOKENIZER, messages, None, template, text, opened) == expected
-    assert anchors.message_ends(TOKENIZER, messages, None, template, text, opened, LEARNED) == expected
+    assert anchors.message_ends(TOKENIZER, messages, None, template, text, opened) == by_definition(
+        messages, template, text
+    )
+
+
+# Qwen3's way with reasoning: written for assistant turns after the last user message that carry it (or are
+# last), so an earlier render of the same turn can write it where the whole conversation does not
+REASONING_TEMPLATE = (
+    "{%- set ns = namespace(last=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last and (loop.last or m.reasoning_content) %}"
+    "<think>\n{{ m.reasoning_content or '' }}\n</think>\n\n{%- endif %}{{ m.content }}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_turns_with_and_without_reasoning_learn_their_ends_apart() -> None:
+    """The same markup follows both replies, but rendering up to the one without reasoning writes an empty
+    think block the whole conversation does not: it ends nowhere, the one with reasoning does."""
+    reply = {"role": "assistant", "content": "ok", "reasoning_content": "think"}
+    messages = [{"role": "assistant", "content": "hi"}, reply, dict(reply)]
+    text = render_chat(TOKENIZER, messages, None, False, REASONING_TEMPLATE)
+    ends = anchors.message_ends(TOKENIZER, messages, None, REASONING_TEMPLATE, text, False)
+    assert ends == by_definition(messages, REASONING_TEMPLATE, text)
+    assert [(index, end == len(text)) for index, _, end in ends] == [(1, False), (2, True)]
 
 
 class Renders:
@@ -121,29 +141,6 @@ def test_a_thousand_messages_take_a_constant_number_of_renders(
     # block: their ends are no prefix, the last one's is
     hidden = set(range(2, len(messages) - 1, 2)) if name in ("rewriting", "last query") else set()
     assert [span.index for span in prompt.spans] == [i for i in range(len(messages)) if i not in hidden]
-
-
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_the_next_turn_reuses_what_the_last_learned_of_the_markup(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A conversation's next turn has the stretches of markup its last turn had: with the memo its message
-    ends take the marked render alone, and are the ends a fresh start finds."""
-    messages = [{"role": "system", "content": "You are terse."}]
-    for turn in range(6):
-        messages += [{"role": "user", "content": f"Question {turn}?"},
-                     {"role": "assistant", "content": f"Answer {turn}."}]  # fmt: skip
-    learned, template = anchors.StretchMemo(), TEMPLATES[name]
-    build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], messages[:-1], None, None, stretches=learned)
-    next_turn = [*messages, {"role": "user", "content": "And then?"}]
-    renders = Renders(monkeypatch)
-    reused = build_chat_prompt(
-        TOKENIZER, template, PARSERS["hermes"], next_turn, None, None, stretches=learned
-    )
-    assert renders.count == 1
-    fresh = build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], next_turn, None, None)
-    assert reused.spans == fresh.spans and reused.token_ids == fresh.token_ids
-    assert len(reused.spans) >= 7
 
 
 # Llama 3.x's way with tools: they go into the first user message, and a conversation without one is refused

@@ -3,20 +3,15 @@
 Works for any chat template. A message ends where the conversation rendered up to it stops, when that
 text is a prefix of the full prompt (a template that rewrites earlier turns simply yields no boundary
 there). Rendering every prefix costs O(messages^2), so the ends come from two renders instead: the
-conversation as is, and with each message's text wrapped in marker characters, which locate every
-message's text in the first. Between two located texts lies template markup (the end of one message, the
-start of the next); where ends fall inside such a stretch is learned once per distinct stretch, by
-rendering the prefixes that end in it, and reused for every stretch like it: in the request, and (through a
-StretchMemo) in later requests, so a conversation's next turn takes the two renders alone. Should the
-markers change the rendering in any way, every prefix is rendered, as the definition says.
+conversation as the prompt is rendered, and with each message's text wrapped in marker characters, which
+locate every message's text in the first. Between two located texts lies template markup (the end of one
+message, the start of the next); where ends fall inside such a stretch is learned once per distinct
+stretch, by rendering the prefixes that end in it, and reused for every stretch like it. Should the markers
+change the rendering in any way, every prefix is rendered, as the definition says.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,38 +31,6 @@ class MessageSpan:
     text_end: int  # character offset just past it in the prompt's text
 
 
-# a stretch of template markup, which of its owners' texts are empty or unmarked, and whether it ends the
-# conversation; in a StretchMemo, the template and the tools too
-_StretchKey = tuple[Any, ...]
-_StretchEnds = list[tuple[int, int]]  # (position among the stretch's owners, offset in it) of each end
-
-
-class StretchMemo:
-    """Where message ends fall inside stretches of template markup, learned by rendering, kept across
-    requests (least recently used dropped first): what one request learned, the next turns reuse. Keyed by
-    template and tools as well, so the same rule holds as inside one request: a stretch like another, with
-    owners of the same roles, has its ends where the other has them."""
-
-    def __init__(self, capacity: int = 1024) -> None:
-        self._capacity = capacity
-        self._learned: OrderedDict[_StretchKey, _StretchEnds] = OrderedDict()
-        self._lock = threading.Lock()  # requests render in worker threads
-
-    def get(self, key: _StretchKey) -> _StretchEnds | None:
-        with self._lock:
-            found = self._learned.get(key)
-            if found is not None:
-                self._learned.move_to_end(key)
-            return found
-
-    def put(self, key: _StretchKey, ends: _StretchEnds) -> None:
-        with self._lock:
-            self._learned[key] = ends
-            self._learned.move_to_end(key)
-            while len(self._learned) > self._capacity:
-                self._learned.popitem(last=False)
-
-
 def message_ends(
     tokenizer: Any,
     messages: list[dict[str, Any]],
@@ -75,13 +38,11 @@ def message_ends(
     template: str,
     text: str,
     add_generation_prompt: bool = True,
-    memo: StretchMemo | None = None,
 ) -> list[tuple[int, str, int]]:
     """(message index, role, character offset just past it) for each message that ends inside `text`, the
-    conversation as rendered with or without the generation prompt. `memo`: stretches learned by earlier
-    requests (without one, each request learns its own)."""
+    conversation as rendered with or without the generation prompt."""
     render = _Prefixes(tokenizer, messages, tools, template, text, add_generation_prompt)
-    ends = _ends_from_marked_render(render, memo)
+    ends = _ends_from_marked_render(render)
     if ends is not None:
         return ends
     return [(i, m["role"], end) for i, m in enumerate(messages) if (end := render.end_of(i)) is not None]
@@ -93,7 +54,7 @@ class _Prefixes:
 
     def __init__(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                  template: str, text: str, add_generation_prompt: bool) -> None:  # fmt: skip
-        self.messages, self.text, self.template, self.tools = messages, text, template, tools
+        self.messages, self.text = messages, text
         self._render = lambda some, opened=False: render_chat(tokenizer, some, tools, opened, template)
         self._opened = add_generation_prompt
 
@@ -111,10 +72,8 @@ class _Prefixes:
         return len(prefix) if self.text.startswith(prefix) else None
 
 
-def _ends_from_marked_render(
-    render: _Prefixes, memo: StretchMemo | None
-) -> list[tuple[int, str, int]] | None:
-    messages, full = render.messages, render.text
+def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | None:
+    messages, full = render.messages, render.text  # every end learned below is checked against the prompt
     if len(messages) > 0xFFFFD - _NUMBER_BASE:
         return None
     probe = [{**m, "content": f"{_OPEN}{chr(_NUMBER_BASE + i)}{m['content']}{_CLOSE}"} if _markable(m) else m
@@ -134,26 +93,30 @@ def _ends_from_marked_render(
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
-    memo = memo if memo is not None else StretchMemo()
-    context = (render.template, _digest(render.tools))
+    learned: dict[tuple[str, tuple[tuple[str, bool, tuple[str, ...]], ...], bool], list[tuple[int, int]]] = {}
     ends = []
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
             return None
-        # an unmarked message's text is not in the stretch: whether it is empty decides where ends fall
-        owned = tuple((messages[i]["role"], _markable(messages[i])) for i in indices)
-        key = (*context, full[low:high], owned, high == len(full))
-        learned = memo.get(key)
-        if learned is None:
+        # an unmarked message's text is not in the stretch: whether it is empty decides where ends fall; and
+        # its other fields, which a template may write in one render and not in another (Qwen3 keeps the
+        # reasoning of turns after the last user message: in a prefix, of more turns than in the whole)
+        owned = tuple(
+            (messages[i]["role"], _markable(messages[i]), _other_fields(messages[i])) for i in indices
+        )
+        key = (full[low:high], owned, high == len(full))
+        if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
             found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
-            learned = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
-            memo.put(key, learned)
-        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned]
+            learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
+        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
     return ends
 
 
-def _digest(tools: list[dict[str, Any]] | None) -> bytes:
-    return hashlib.blake2b(json.dumps(tools, sort_keys=True).encode(), digest_size=16).digest()
+def _other_fields(message: dict[str, Any]) -> tuple[str, ...]:
+    """The fields besides role and content a message fills."""
+    return tuple(
+        sorted(k for k, v in message.items() if k not in ("role", "content") and v not in (None, ""))
+    )
 
 
 def _markable(message: dict[str, Any]) -> bool:

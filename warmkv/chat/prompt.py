@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from warmkv.chat.anchors import MessageSpan, StretchMemo, encode_segments, message_ends
+from warmkv.chat.anchors import MessageSpan, encode_segments, message_ends
 from warmkv.chat.messages import for_template
 from warmkv.chat.template import render_chat
 from warmkv.chat.tool_calls import ToolCallParser
@@ -41,20 +41,18 @@ def build_chat_prompt(
     namespace: str = "",
     add_generation_prompt: bool = True,
     stable_tokens: bool = True,
-    stretches: StretchMemo | None = None,
 ) -> ChatPrompt:
-    """`stable_tokens` False tokenises the text whole, as a text-keyed cache would (no message spans).
-    `stretches`: where message ends fall in template markup, as earlier requests learned it."""
+    """`stable_tokens` False tokenises the text whole, as a text-keyed cache would (no message spans)."""
     template_messages, template_tools = for_template(messages, tools, template, parser)
     text = render_chat(tokenizer, template_messages, template_tools, add_generation_prompt, template)
     prefix = _forced_prefix(tools, tool_choice, parser)
     forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()
-    ends = []
-    if stable_tokens:
-        ends = message_ends(
-            tokenizer, template_messages, template_tools, template, text, add_generation_prompt, stretches
-        )
+    ends = (
+        message_ends(tokenizer, template_messages, template_tools, template, text, add_generation_prompt)
+        if stable_tokens
+        else []
+    )
     ends_at = [end for _, _, end in ends]
     head = turns.longest_prefix_of(namespace, text + prefix, ends_at) if turns and stable_tokens else None
     token_ids, spans = encode_segments(tokenizer, text + prefix, ends, head)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from warmkv.chat.anchors import StretchMemo
 from warmkv.chat.prompt import ChatPrompt, build_chat_prompt
 from warmkv.chat.tool_calls import ToolCall, ToolCallParser
 from warmkv.chat.turns import TurnMemory
@@ -22,7 +21,6 @@ class ChatSession:
     stable_tokens: bool = True
     predictive_prefill: bool = True
     turns: TurnMemory = field(default_factory=TurnMemory)
-    stretches: StretchMemo = field(default_factory=StretchMemo)  # where message ends fall in the markup
 
     def prompt(
         self,
@@ -34,7 +32,7 @@ class ChatSession:
         """The prompt a chat request continues, reusing the ids of a remembered turn it starts with."""
         return build_chat_prompt(
             self.tokenizer, self.template, self.parser, messages, tools, tool_choice, self.turns, namespace,
-            stable_tokens=self.stable_tokens, stretches=self.stretches,
+            stable_tokens=self.stable_tokens,
         )  # fmt: skip
 
     def after_reply(
@@ -62,7 +60,6 @@ class ChatSession:
         predicted = build_chat_prompt(
             self.tokenizer, self.template, self.parser, [*messages, reply_message], tools, None, self.turns,
             namespace, add_generation_prompt=False, stable_tokens=self.stable_tokens,
-            stretches=self.stretches,
         )  # fmt: skip
         self.turns.remember(namespace, predicted.text, predicted.token_ids, predicted.message_ends())
         return predicted.token_ids
