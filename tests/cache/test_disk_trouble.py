@@ -159,3 +159,21 @@ def test_a_file_system_taking_part_of_a_write_still_gets_the_whole_block(
     assert torch.equal(tier.get(KEY), KV)
     assert tier.stats.corrupt == 0
     tier.close()
+
+
+def test_a_file_whose_mode_cannot_be_set_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses chmod (some network mounts): the write fails, the tier turns off, and no
+    temporary file is left in the directory."""
+    tier = disk_tier(tmp_path)
+
+    def refuse(descriptor: int, mode: int) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    tier.put(KEY, KV, wait=True)
+    tier.flush()
+    assert not tier.enabled
+    assert [p for p in tier.directory.rglob("*") if p.is_file()] == []
+    tier.close()

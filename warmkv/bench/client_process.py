@@ -50,7 +50,11 @@ class ClientProcess:
             pass  # the child is gone: the empty read below says so
         answer = self._child.stdout.readline()
         if not answer:
-            raise WarmkvError(f"the replay's client process stopped (exit status {self._child.poll()})")
+            try:
+                status: int | str | None = self._child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                status = "none yet"
+            raise WarmkvError(f"the replay's client process stopped (exit status {status})")
         result = RequestResult(**json.loads(answer))
         result.started_s = started_s  # the child's clock started with its request
         return result
@@ -74,6 +78,7 @@ class ClientProcess:
 
 
 def main() -> None:
+    results, sys.stdout = sys.stdout, sys.stderr  # stdout carries results alone: any other print goes aside
     with httpx.Client(timeout=httpx.Timeout(600, connect=10)) as http:
         for line in sys.stdin:
             order = json.loads(line)
@@ -81,7 +86,7 @@ def main() -> None:
                 http, Endpoint(**order["endpoint"]), order["model"], TraceRequest(**order["request"]),
                 order["turn"], order["reply_tokens"], time.perf_counter(), order["ignore_eos"],
             )  # fmt: skip
-            print(json.dumps(asdict(result)), flush=True)
+            print(json.dumps(asdict(result)), file=results, flush=True)
 
 
 if __name__ == "__main__":

@@ -265,12 +265,15 @@ class DiskTier:
             self.evict()
 
     def _open(self, path: str) -> int:
-        """A new file's descriptor, with exactly the tier's mode, whatever the umask."""
+        """A new file's descriptor, with exactly the tier's mode, whatever the umask (a file whose mode cannot
+        be set is removed again: it is not left behind)."""
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, self.file_mode)
         try:
             os.fchmod(descriptor, self.file_mode)
         except OSError:
             os.close(descriptor)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
         return descriptor
 
