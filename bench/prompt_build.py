@@ -9,6 +9,10 @@ request (as the server's session memory does), timed over --repeats builds (the 
 - branches: another conversation over the same system prompt (a sub-agent, a retry with another last
   message): no remembered text is a prefix of it, so it reuses ids up to the message end it shares;
 - no memory: the same branch with nothing remembered, tokenised whole.
+
+--trace FILE (a chat-request trace, e.g. ../shared/data/traces/tau_bench_airline_gpt4o.jsonl): its requests
+built in order as the server builds them (one session memory, each prompt remembered after a short reply),
+--repeats times over; the median build and the chat-template renders per request.
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from bench.common import print_table, write_result
+from warmkv.bench.trace import TraceRequest, load_trace
+from warmkv.chat import anchors, prompt
 from warmkv.chat.prompt import ChatPrompt, build_chat_prompt
+from warmkv.chat.session import ChatSession
+from warmkv.chat.template import render_chat
 from warmkv.chat.tool_calls import PARSERS
 from warmkv.chat.turns import TurnMemory
 from warmkv.models.loader import load_tokenizer, resolve_model_folder
@@ -32,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the default model's)")
     parser.add_argument("--system-tokens", type=int, default=18000, help="system prompt size, about")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--trace", help="also build a chat-request trace's prompts, as the server does")
     parser.add_argument("--name", default="prompt-build-cpu")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(resolve_model_folder(None) if args.tokenizer is None else Path(args.tokenizer))
@@ -59,8 +69,41 @@ def main(argv: list[str] | None = None) -> None:
             times.append(time.perf_counter() - started)
         rows.append({"request": case, "prompt_tokens": tokens, "build_ms": 1000 * statistics.median(times)})
     print_table(rows)
+    result: dict[str, Any] = {"rows": rows}
+    if args.trace:
+        result["trace"] = _trace_row(tokenizer, load_trace(Path(args.trace)), args.repeats)
+        print_table([result["trace"]])
     command = "python -m bench.prompt_build " + " ".join(sys.argv[1:])
-    print("wrote", write_result(args.name, {"command": command, "device": "cpu", "rows": rows}))
+    print("wrote", write_result(args.name, {"command": command, "device": "cpu", **result}))
+
+
+def _trace_row(tokenizer: Any, requests: list[TraceRequest], repeats: int) -> dict[str, Any]:
+    reply = tokenizer("OK.", add_special_tokens=False)["input_ids"]
+    renders = 0
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        nonlocal renders
+        renders += 1
+        return render_chat(*args, **kwargs)
+
+    times: list[float] = []
+    tokens: list[int] = []
+    with (
+        mock.patch.object(anchors, "render_chat", counted),
+        mock.patch.object(prompt, "render_chat", counted),
+    ):
+        for _ in range(repeats):
+            session, renders = ChatSession(tokenizer, tokenizer.chat_template, PARSERS["hermes"]), 0
+            for request in requests:
+                started = time.perf_counter()
+                built = session.prompt(request.messages, request.tools, None, "")
+                times.append(time.perf_counter() - started)
+                tokens.append(len(built.token_ids))
+                session.after_reply("", built, reply, request.messages, request.tools, [])
+    return {
+        "trace requests": len(requests), "median prompt_tokens": statistics.median(tokens),
+        "build_ms": 1000 * statistics.median(times), "renders_per_request": renders / len(requests),
+    }  # fmt: skip
 
 
 def _build(tokenizer: Any, messages: list[dict[str, Any]], turns: TurnMemory | None) -> ChatPrompt:

@@ -2,8 +2,9 @@
 
 A client in the server's process shares its interpreter lock with the server's threads: reading the first
 streamed token waits for the engine thread's Python, and the server's threads wait for the client's, a cost
-no user's agent (a process of its own) pays. On the H100's host, the tau-bench trace's median TTFT was about
-2 ms (10%) longer with the client in the benchmark's process (a timestamp trace through the embedded server).
+no user's agent (a process of its own) pays. On the H100's host, the tau-bench trace's median TTFT was 22.98
+ms with the client in the benchmark's process against 21.05 ms with it in a process of its own (a timestamp
+trace through the embedded server: bench/results/ttft-trace-breakdown-nvidia-h100-80gb-hbm3.json).
 """
 
 from __future__ import annotations

@@ -72,9 +72,15 @@ def _write_all(descriptor: int, parts: list[bytes | memoryview]) -> None:
             views[0] = views[0][written:]
 
 
-def block_path(directory: Path, key: bytes) -> Path:
+def block_location(key: bytes) -> tuple[str, str]:
+    """A block's folder and file name under its tier's directory."""
     name = key.hex()
-    return directory / name[:2] / (name + SUFFIX)
+    return name[:2], name + SUFFIX
+
+
+def block_path(directory: Path, key: bytes) -> Path:
+    folder, name = block_location(key)
+    return directory / folder / name
 
 
 class DiskTier:
@@ -234,9 +240,9 @@ class DiskTier:
         # os-level calls and one writev: a step's blocks are written beside the engine thread, and every
         # stretch of Python here is time the engine's thread may wait for the interpreter lock
         header, payload = encode_parts(self.fingerprint, key, kv)
-        name = key.hex()
-        folder = os.path.join(self._directory, name[:2])
-        path = os.path.join(folder, name + SUFFIX)
+        folder_name, file_name = block_location(key)
+        folder = os.path.join(self._directory, folder_name)
+        path = os.path.join(folder, file_name)
         temporary = f"{path}.tmp{threading.get_ident()}"
         if folder not in self._folders:
             self._make_folder(Path(folder))
