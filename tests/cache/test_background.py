@@ -1,10 +1,15 @@
-"""The background worker behind the tiers' writers: order, batches, flush, close, a failing item."""
+"""The background worker behind the tiers' writers: order, batches, flush, close, a failing item, pauses
+of the engine's step work."""
 
 from __future__ import annotations
 
 import threading
+import time
 
-from warmkv.cache.background import BackgroundWorker
+import pytest
+
+from warmkv.cache import background
+from warmkv.cache.background import BackgroundWorker, EngineCpuWork
 
 
 def test_items_are_handled_in_order_in_batches_and_flush_waits_for_them() -> None:
@@ -46,3 +51,31 @@ def test_full_queue_refuses_at_once_and_a_failing_item_does_not_stop_the_worker(
     assert handled == [1, 2]
     worker.close()
     assert not worker._thread.is_alive()
+
+
+def test_items_wait_for_the_engines_step_work_to_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 30.0)
+    engine_work = EngineCpuWork()
+    handled: list[int] = []
+    worker = BackgroundWorker("test-worker", handled.extend, max_queued=4, engine_work=engine_work)
+    engine_work.started()
+    worker.put(1)
+    time.sleep(0.2)
+    assert handled == []  # the engine thread is in its step's work
+    engine_work.paused()  # it waits for the device
+    worker.flush()
+    assert handled == [1]
+    worker.close()
+
+
+def test_step_work_that_never_pauses_delays_an_item_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 0.01)
+    engine_work = EngineCpuWork()
+    handled: list[int] = []
+    worker = BackgroundWorker("test-worker", handled.extend, max_queued=4, engine_work=engine_work)
+    engine_work.started()
+    worker.put(1)
+    worker.put(2)
+    worker.flush()
+    assert handled == [1, 2]
+    worker.close()

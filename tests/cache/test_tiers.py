@@ -6,6 +6,7 @@ import errno
 import logging
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmkv.cache import admin
+from warmkv.cache import admin, background
 from warmkv.cache.config import CacheConfig, DiskWrite, LoadPolicy
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts
@@ -460,6 +461,59 @@ def test_pinned_host_and_disk_hits_on_cuda_are_exact(tiny: LoadedModel, tmp_path
     restarted = make_engine(model, tmp_path)
     seq = generate(restarted, FOLLOW_UP)
     assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 64 and seq.output_ids == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blocks_about_to_be_evicted_are_copied_to_host_while_the_device_computes(
+    tiny: LoadedModel,
+) -> None:
+    """A pool too full for a next step's token budget: finished prompts' blocks reach the host tier while
+    still live, during other requests' steps, so evicting them copies nothing, and they come back exact."""
+    model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
+    engine = make_engine(model, kv_dir=None, pool_tokens=1024)  # 64 blocks, fewer than a step may take
+    assert engine.max_batch_tokens // engine.pool.block_size > engine.pool.num_blocks
+    generate(engine, PROMPT)
+    keys = engine.prefix_cache.chain("", PROMPT)
+    assert not any(engine.prefix_cache.host.contains(key) for key in keys)  # not yet: it was running
+    generate(engine, list(range(3000, 3020)))  # another request's steps
+    index = engine.prefix_cache.index
+    assert all(engine.prefix_cache.host.contains(key) and index.block_of(key) is not None for key in keys)
+    staged = {index.block_of(key) for key in keys}
+    gathered: list[int] = []
+    read_blocks = engine.pool.read_blocks
+    engine.pool.read_blocks = lambda blocks: gathered.extend(blocks) or read_blocks(blocks)
+    evict_everything_live(engine)  # (the other request's blocks, released at its last step, are copied now)
+    assert gathered and not staged & set(gathered)
+    seq = generate(engine, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_writers_waiting_out_the_engines_step_work_write_once_it_waits_or_idles(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 60.0)  # only a pause lets a writer go on
+    model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
+    engine = make_engine(model, tmp_path, disk_write=DiskWrite.THROUGH)
+    generate(engine, PROMPT, max_tokens=20)  # blocks written through while it decodes
+    flushed = threading.Thread(target=engine.prefix_cache.flush)
+    flushed.start()
+    flushed.join(timeout=20)
+    assert not flushed.is_alive() and len(kv_files(tmp_path)) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pool_with_room_for_the_next_step_copies_nothing_to_host(tiny: LoadedModel) -> None:
+    model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
+    cache_config = CacheConfig(disk=False, load_policy=LoadPolicy.ALWAYS)
+    engine = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, max_batch_tokens=256, cache=cache_config))
+    generate(engine, PROMPT)
+    generate(engine, list(range(3000, 3020)))
+    assert engine.prefix_cache.host.stats.blocks == 0
 
 
 def test_cache_cli_prints_and_cleans(

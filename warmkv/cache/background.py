@@ -1,5 +1,6 @@
 """A daemon thread working through a bounded queue in order: the tiers' writers and the write-through
-helper share it, so queueing, flushing and stopping work the same way everywhere."""
+helper share it, so queueing, flushing and stopping work the same way everywhere. On a GPU, each takes
+up its next item only between the engine thread's stretches of step work (EngineCpuWork)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,40 @@ log = logging.getLogger("warmkv.cache")
 
 Item = TypeVar("Item")
 
+# the longest a background item waits for the engine's step work to pause: a stretch never starves a writer
+LONGEST_PAUSE_WAIT_S = 0.05
+
+
+class EngineCpuWork:
+    """Whether the engine thread is in a stretch of Python work that a step waits on: scheduling and
+    launching it, reading its tokens and handing them on. Every torch call there lets go of the interpreter
+    lock, and a background thread that takes it meanwhile delays the step until it lets go in turn: on an
+    H100, with the disk tier's writers busy, the engine's thread spent 2.5-3.3 ms of a step off its CPU
+    (0.4-0.7 once writers waited for these pauses; bench/results/ttft-steps-nvidia-h100-80gb-hbm3-staged-
+    evictions.json). Pauses: the engine waits for the device, or is idle."""
+
+    def __init__(self) -> None:
+        self._paused = threading.Event()
+        self._paused.set()
+
+    def started(self) -> None:
+        self._paused.clear()
+
+    def paused(self) -> None:
+        self._paused.set()
+
+    def wait_for_pause(self) -> None:
+        self._paused.wait(LONGEST_PAUSE_WAIT_S)
+
 
 class BackgroundWorker(Generic[Item]):
     def __init__(
-        self, name: str, handle: Callable[[list[Item]], None], max_queued: int, batch: int = 1
-    ) -> None:
-        """`handle` gets the queued items in order, up to `batch` of them at a time."""
-        self._handle, self._batch = handle, batch
+        self, name: str, handle: Callable[[list[Item]], None], max_queued: int, batch: int = 1,
+        engine_work: EngineCpuWork | None = None,
+    ) -> None:  # fmt: skip
+        """`handle` gets the queued items in order, up to `batch` of them at a time, each time once the
+        engine's step work (if given) pauses."""
+        self._handle, self._batch, self._engine_work = handle, batch, engine_work
         self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=max_queued)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -57,6 +85,8 @@ class BackgroundWorker(Generic[Item]):
                     stopping = True
                     break
                 batch.append(more)
+            if self._engine_work is not None:
+                self._engine_work.wait_for_pause()
             try:
                 self._handle(batch)
             except Exception:  # a failing item must not stop the thread: flush() would wait forever

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from warmkv.cache.background import EngineCpuWork
 from warmkv.cache.config import CacheConfig, DiskWrite, LoadPolicy, default_kv_dir
 from warmkv.cache.hit_policy import HitEmulation
 from warmkv.cache.kv_pool import KVPool
@@ -83,10 +84,11 @@ class PrefixHit:
 
 class PrefixCache:
     def __init__(
-        self, pool: KVPool, fingerprint: str, config: CacheConfig, emulation: HitEmulation | None = None
-    ) -> None:
+        self, pool: KVPool, fingerprint: str, config: CacheConfig, emulation: HitEmulation | None = None,
+        engine_work: EngineCpuWork | None = None,
+    ) -> None:  # fmt: skip
         """`emulation`: another cache's reuse rules, for benchmarks; None (serving) serves any cached
-        prefix."""
+        prefix. `engine_work`: the engine thread's step work, which the background writers wait out."""
         self.pool = pool
         self.config = config
         self.fingerprint = fingerprint
@@ -110,6 +112,7 @@ class PrefixCache:
                 config.disk_bytes(pool.block_bytes, pool.block_size),
                 config.writer_queue,
                 config.kv_file_mode,
+                engine_work=engine_work,
             )
             if config.disk
             else None
@@ -117,17 +120,19 @@ class PrefixCache:
         self.remote = None
         if config.redis_url:
             self.remote = RedisTier(config.redis_url, fingerprint, layout, config.redis_ttl_s,
-                                    config.redis_timeout_s, config.redis_cluster)  # fmt: skip
+                                    config.redis_timeout_s, config.redis_cluster,
+                                    engine_work=engine_work)  # fmt: skip
         # the shared tier is written through whatever the disk's policy: other replicas read it now
         written = (self.disk if config.disk_write is DiskWrite.THROUGH else None, self.remote)
-        self.write_through = WriteThrough(pool, [t for t in written if t is not None])
+        self.write_through = WriteThrough(pool, [t for t in written if t is not None], engine_work)
         # blocks bound for the disk alone, gathered on the engine's thread and written by a helper: those
         # leaving the pool that the disk lacks, and (written back) those written while the engine is idle
-        self._disk_writes = WriteThrough(pool, [self.disk]) if self.disk is not None else None
+        self._disk_writes = WriteThrough(pool, [self.disk], engine_work) if self.disk is not None else None
         self._writes_back = self.disk is not None and config.disk_write is DiskWrite.BACK
         self._unwritten: OrderedDict[bytes, None] = OrderedDict()  # written back: computed since
         self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
+        self._staging = _EvictionStaging(pool.k.device) if self.host is not None and on_cuda else None
 
     @property
     def tiers(self) -> list[Tier]:
@@ -473,9 +478,34 @@ class PrefixCache:
             for key, _ in victims:  # handed down now: idle time has no more to write of them
                 self._unwritten.pop(key, None)
             return
-        missing = [(key, block) for key, block in victims if not self.host.contains(key)]  # swapped out?
+        if self._staging is not None:
+            self._staging.before_reuse()  # staged victims: their gather reads them before they are rewritten
+        missing = [(key, block) for key, block in victims if not self.host.contains(key)]  # staged? swapped?
         if missing:
             self._keep_on_host([key for key, _ in missing], self.pool.read_blocks([b for _, b in missing]))
+
+    def step_started(self) -> None:
+        """Called as a step begins, before it queues any work: what staged evictions may read is what the
+        device's stream has written up to here."""
+        if self._staging is not None:
+            self._staging.written.record()
+
+    def stage_evictions(self, count: int) -> None:
+        """The `count` blocks the pool would evict next, copied to the host tier now where it lacks them,
+        so that evicting them later copies nothing. Called while the device computes a step, it takes a
+        demotion's gather, host copies and bookkeeping out of a later step's allocation (a prefill arriving
+        at a full pool), where the device would wait for them. Only on a GPU: on a CPU the step has already
+        run, and staging early would only add to it. The blocks stay live; the host tier holds a copy."""
+        if self._staging is None or count <= 0:
+            return
+        assert self.host is not None
+        next_out = self.index.eviction_order(count)
+        wanted = [(key, block) for key, block in next_out if not self.host.contains(key)]
+        if not wanted:
+            return
+        with self._staging.stream():  # beside this step's work, after what earlier steps wrote
+            self._keep_on_host([key for key, _ in wanted], self.pool.read_blocks([b for _, b in wanted]))
+            self._staging.gathered()
 
     def _keep_on_host(self, keys: list[bytes], kv: torch.Tensor) -> None:
         """Blocks `kv` [n, ...] (a gather on the pool's device) onto the host tier. Written back, they also go
@@ -510,3 +540,28 @@ class PrefixCache:
         """Gathered blocks to the disk's writer, when the disk lacks any of them (it skips those it has)."""
         if self.disk is not None and self.disk.enabled and any(self.disk.wants(key) for key in keys):
             self._disk_writes.submit_gathered(keys, kv)  # type: ignore[union-attr]
+
+
+class _EvictionStaging:
+    """The stream and events of staged evictions (PrefixCache.stage_evictions): their gathers wait for
+    what earlier steps wrote (`written`, recorded as each step begins) but not for the step in flight, and
+    the device's own stream waits for the latest gather before it reuses a block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._stream = torch.cuda.Stream(device)
+        self.written = torch.cuda.Event()
+        self._gathered: torch.cuda.Event | None = None  # the latest gather not yet awaited by the device
+
+    def stream(self) -> torch.cuda.StreamContext:
+        self._stream.wait_event(self.written)
+        return torch.cuda.stream(self._stream)
+
+    def gathered(self) -> None:
+        self._gathered = torch.cuda.Event()
+        self._gathered.record(self._stream)
+
+    def before_reuse(self) -> None:
+        if self._gathered is not None:
+            torch.cuda.current_stream(self._device).wait_event(self._gathered)
+            self._gathered = None

@@ -108,10 +108,11 @@ class PrefixIndex:
         for key in reversed(keys):
             move(key)
 
-    def evict(self, count: int) -> int:
-        """Evict up to `count` least recently used blocks that no sequence holds, sessions' own tails before
-        any prefix that other requests shared (a system prompt + tools anchor); returns how many. One pass
-        over the index, however many blocks: running sequences' blocks are skipped once, not per block."""
+    def eviction_order(self, count: int) -> list[tuple[bytes, int]]:
+        """The (key, block) pairs `evict(count)` would give up, in its order; nothing changes. Least
+        recently used blocks that no sequence holds, sessions' own tails before any prefix that other
+        requests shared (a system prompt + tools anchor). One pass over the index, however many blocks:
+        running sequences' blocks are skipped once, not per block."""
         victims: list[tuple[bytes, int]] = []
         shared: list[tuple[bytes, int]] = []
         for key, block in self._blocks.items():
@@ -123,7 +124,11 @@ class PrefixIndex:
                     break
             elif len(shared) < count:
                 shared.append((key, block))
-        victims += shared[: count - len(victims)]
+        return victims + shared[: count - len(victims)]
+
+    def evict(self, count: int) -> int:
+        """Evict up to `count` blocks in `eviction_order`; returns how many."""
+        victims = self.eviction_order(count)
         if not victims:
             return 0
         self.on_evict(victims)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from warmkv.cache.background import BackgroundWorker
+from warmkv.cache.background import BackgroundWorker, EngineCpuWork
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.tiers.base import Tier
 
@@ -23,7 +23,7 @@ STAGING_BLOCKS = 64  # pinned bounce buffer: device-to-host copies into it are t
 
 
 class WriteThrough:
-    def __init__(self, pool: KVPool, tiers: Sequence[Tier]) -> None:
+    def __init__(self, pool: KVPool, tiers: Sequence[Tier], engine_work: EngineCpuWork | None = None) -> None:
         self._pool, self._tiers = pool, list(tiers)
         device = pool.k.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -33,7 +33,7 @@ class WriteThrough:
             else None
         )
         self._worker: BackgroundWorker[tuple[list[bytes], torch.Tensor, torch.cuda.Event | None]] = (
-            BackgroundWorker("warmkv-write-through", self._write_steps, QUEUED_STEPS)
+            BackgroundWorker("warmkv-write-through", self._write_steps, QUEUED_STEPS, engine_work=engine_work)
         )
 
     def submit(self, keys: list[bytes], blocks: list[int]) -> None:

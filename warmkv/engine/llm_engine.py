@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from warmkv.cache.background import EngineCpuWork
 from warmkv.cache.fingerprint import model_fingerprint
 from warmkv.cache.hit_policy import build_emulation
 from warmkv.cache.kv_pool import KVPool
@@ -140,6 +141,7 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, self.pool_tokens)
         if self.runner.kernels:
             self.runner.warm_up()
+        self._cpu_work = EngineCpuWork()  # this thread's step work, which background writers wait out
         self.prefix_cache = self._build_prefix_cache() if config.prefix_cache else None
         tokenizer_eos = model.tokenizer.eos_token_id
         self.eos_token_ids = set(cfg.eos_token_ids) | (
@@ -162,7 +164,9 @@ class LLMEngine:
             model.folder, model.dtype, self.config.block_size, self.pool.block_shape, model.in_memory_id
         )
         emulation = build_emulation(self.config.hit_emulation, self.config.block_size)
-        cache = PrefixCache(self.pool, fingerprint, self.config.cache, emulation)
+        # on a CPU the step's work is all on this thread, with nothing to wait for: writers need no pauses
+        engine_work = self._cpu_work if model.device.type == "cuda" else None
+        cache = PrefixCache(self.pool, fingerprint, self.config.cache, emulation, engine_work)
         cache.calibrate(self._prefill_probe)
         return cache
 
@@ -264,6 +268,15 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        self._cpu_work.started()
+        try:
+            return self._step()
+        finally:
+            self._cpu_work.paused()
+
+    def _step(self) -> list[StepOutput]:
+        if self.prefix_cache is not None:
+            self.prefix_cache.step_started()
         run, self._in_flight = self._in_flight, None
         if run is not None and any(seq.finish_reason is None for seq in run.seqs):
             return self._read_run(run)
@@ -289,7 +302,9 @@ class LLMEngine:
         done = [
             (seq, rows[-1]) for (seq, _), rows in zip(plan, logits, strict=True) if seq.num_uncomputed == 0
         ]
+        self._while_device_computes()
         tokens = self._sample(done, failed)
+        self._cpu_work.started()
         outputs = [
             self._advance(seq, *tokens.get(seq, (None, None))) for seq, _ in done if seq.finish_reason is None
         ]
@@ -369,7 +384,10 @@ class LLMEngine:
         """The run's tokens, once the GPU has computed them; first the next run over the same sequences
         goes on the GPU's queue, so the GPU computes it while the host reads and streams these."""
         following = self._chain(run)
-        outputs = self._advance_ahead(run.seqs, run.tokens())
+        self._while_device_computes()
+        tokens = run.tokens()
+        self._cpu_work.started()
+        outputs = self._advance_ahead(run.seqs, tokens)
         self._in_flight = following
         return outputs
 
@@ -389,6 +407,15 @@ class LLMEngine:
         except Exception as err:  # nothing counted: the next step launches it again after reading
             log.warning("a run of %d decode steps could not follow the last (%s)", steps, err)
             return None
+
+    def _while_device_computes(self) -> None:
+        """The step's work is queued: the blocks a next step filling its token budget would evict are staged
+        to the host tier (PrefixCache.stage_evictions), so a prefill arriving at a full pool does not wait
+        for their demotion; then the background writers may run while this thread waits for the tokens."""
+        if self.prefix_cache is not None:
+            most = self.max_batch_tokens // self.pool.block_size + len(self.running)
+            self.prefix_cache.stage_evictions(most - self.pool.num_free)
+        self._cpu_work.paused()
 
     def _advance_ahead(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[StepOutput]:
         """Each sequence takes its tokens in order until it stops (an end token, a stop string, its

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from warmkv.cache.background import BackgroundWorker
+from warmkv.cache.background import BackgroundWorker, EngineCpuWork
 from warmkv.cache.tiers.base import SUFFIX, TierName, TierStats
 from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_parts
 from warmkv.errors import CacheCorruption
@@ -88,7 +88,7 @@ class DiskTier:
 
     def __init__(
         self, root: Path, fingerprint: str, layout: BlockLayout, capacity_bytes: int, queue_size: int = 1024,
-        file_mode: int = 0o600, retry_s: float = RETRY_S,
+        file_mode: int = 0o600, retry_s: float = RETRY_S, engine_work: EngineCpuWork | None = None,
     ) -> None:  # fmt: skip
         self.fingerprint = fingerprint
         self.layout = layout
@@ -106,7 +106,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._queued: set[bytes] = set()
         self._writer: BackgroundWorker[_Write | _Probe] = BackgroundWorker(
-            "warmkv-disk-writer", self._write_queued, queue_size
+            "warmkv-disk-writer", self._write_queued, queue_size, engine_work=engine_work
         )
         self._probe()
         # reading and checksumming release the GIL: a long hit loads on several cores at once

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from warmkv.cache.background import BackgroundWorker
+from warmkv.cache.background import BackgroundWorker, EngineCpuWork
 from warmkv.cache.tiers.base import TierName, TierStats
 from warmkv.cache.tiers.codec import BlockLayout, decode_block, encode_block
 from warmkv.errors import CacheCorruption, WarmkvError
@@ -30,7 +30,8 @@ class RedisTier:
     name = TierName.REMOTE
 
     def __init__(self, url: str, fingerprint: str, layout: BlockLayout, ttl_s: int, timeout_s: float,
-                 cluster: bool = False, queue_size: int = 1024, backoff_s: float = 5.0) -> None:  # fmt: skip
+                 cluster: bool = False, queue_size: int = 1024, backoff_s: float = 5.0,
+                 engine_work: EngineCpuWork | None = None) -> None:  # fmt: skip
         import redis
 
         self._errors: tuple[type[Exception], ...] = (redis.RedisError, OSError)
@@ -46,7 +47,9 @@ class RedisTier:
         self.prefix = f"warmkv:{fingerprint}:"
         self.stats = TierStats()
         self._down_until = 0.0
-        self._writer = BackgroundWorker("warmkv-redis-writer", self._write, queue_size, batch=WRITE_BATCH)
+        self._writer = BackgroundWorker(
+            "warmkv-redis-writer", self._write, queue_size, batch=WRITE_BATCH, engine_work=engine_work
+        )
 
     @property
     def enabled(self) -> bool:
