@@ -68,14 +68,38 @@ def test_items_wait_for_the_engines_step_work_to_pause(monkeypatch: pytest.Monke
     worker.close()
 
 
+def until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def test_step_work_that_never_pauses_delays_an_item_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 0.01)
+    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 0.05)
     engine_work = EngineCpuWork()
     handled: list[int] = []
     worker = BackgroundWorker("test-worker", handled.extend, max_queued=4, engine_work=engine_work)
     engine_work.started()
     worker.put(1)
     worker.put(2)
+    assert until(lambda: handled == [1, 2])
+    worker.close()
+
+
+def test_a_half_full_queue_goes_on_without_waiting_for_a_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 30.0)
+    engine_work = EngineCpuWork()
+    handled: list[int] = []
+    worker = BackgroundWorker("test-worker", handled.extend, max_queued=4, engine_work=engine_work)
+    engine_work.started()
+    worker.put(1)
+    time.sleep(0.1)
+    assert handled == []  # waiting for a pause
+    worker.put(2)
+    worker.put(3)  # two queued behind the one waiting: half of the queue
+    assert until(lambda: handled[:1] == [1], 5.0)
+    engine_work.paused()
     worker.flush()
-    assert handled == [1, 2]
+    assert handled == [1, 2, 3]
     worker.close()

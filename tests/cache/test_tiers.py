@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmkv.cache import admin, background
+from warmkv.cache import admin, background, prefix_cache
 from warmkv.cache.config import CacheConfig, DiskWrite, LoadPolicy
 from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import LoadCosts
@@ -485,6 +485,35 @@ def test_blocks_about_to_be_evicted_are_copied_to_host_while_the_device_computes
     engine.pool.read_blocks = lambda blocks: gathered.extend(blocks) or read_blocks(blocks)
     evict_everything_live(engine)  # (the other request's blocks, released at its last step, are copied now)
     assert gathered and not staged & set(gathered)
+    seq = generate(engine, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_staged_blocks_are_read_before_the_pool_writes_other_kv_into_them(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staging stream held back (a sleep queued on it before each gather): evicting staged blocks and
+    writing another prompt's KV into them at once must wait for the gather, or the host tier would keep
+    the other prompt's KV under the first prompt's keys."""
+    original = prefix_cache._EvictionStaging.after_written
+
+    def held_back(staging: prefix_cache._EvictionStaging) -> torch.cuda.StreamContext:
+        context = original(staging)
+        with context:
+            torch.cuda._sleep(200_000_000)  # about 0.1 s of the staging stream
+        return context
+
+    monkeypatch.setattr(prefix_cache._EvictionStaging, "after_written", held_back)
+    model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
+    engine = make_engine(model, kv_dir=None, pool_tokens=512)  # the tiny model's whole context
+    generate(engine, PROMPT)
+    generate(engine, list(range(3000, 3020)))  # PROMPT's blocks staged, their gather held back
+    evict_everything_live(engine)
+    filler = list(range(5000, 5000 + engine.pool.num_free * engine.pool.block_size - 8))
+    generate(engine, filler, max_tokens=1)  # every free block, PROMPT's among them, rewritten
     seq = generate(engine, FOLLOW_UP)
     assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48
     assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -16,15 +17,16 @@ Item = TypeVar("Item")
 
 # the longest a background item waits for the engine's step work to pause: a stretch never starves a writer
 LONGEST_PAUSE_WAIT_S = 0.05
+BACKLOG_CHECK_S = 0.005  # how often a waiting item looks at its queue: a backlog goes on at once
 
 
 class EngineCpuWork:
     """Whether the engine thread is in a stretch of Python work that a step waits on: scheduling and
-    launching it, reading its tokens and handing them on. Every torch call there lets go of the interpreter
-    lock, and a background thread that takes it meanwhile delays the step until it lets go in turn: on an
-    H100, with the disk tier's writers busy, the engine's thread spent 2.5-3.3 ms of a step off its CPU
-    (0.4-0.7 once writers waited for these pauses; bench/results/ttft-steps-nvidia-h100-80gb-hbm3-staged-
-    evictions.json). Pauses: the engine waits for the device, or is idle."""
+    launching it, reading its tokens and turning them into outputs. Every torch call there lets go of the
+    interpreter lock, and a background thread that takes it meanwhile delays the step until it lets go in
+    turn: on an H100, with the disk tier's writers busy, the engine's thread spent 2.5-3.3 ms of a step off
+    its CPU (0.4-0.7 once writers waited for these pauses; bench/results/ttft-steps-nvidia-h100-80gb-hbm3-
+    staged-evictions.json). Pauses: the engine waits for the device, or is idle."""
 
     def __init__(self) -> None:
         self._paused = threading.Event()
@@ -36,8 +38,12 @@ class EngineCpuWork:
     def paused(self) -> None:
         self._paused.set()
 
-    def wait_for_pause(self) -> None:
-        self._paused.wait(LONGEST_PAUSE_WAIT_S)
+    def wait_for_pause(self, backlogged: Callable[[], bool]) -> None:
+        """Until the engine's step work pauses, the caller's queue is `backlogged`, or LONGEST_PAUSE_WAIT_S
+        has passed."""
+        deadline = time.monotonic() + LONGEST_PAUSE_WAIT_S
+        while not self._paused.wait(BACKLOG_CHECK_S) and not backlogged() and time.monotonic() < deadline:
+            pass
 
 
 class BackgroundWorker(Generic[Item]):
@@ -46,7 +52,7 @@ class BackgroundWorker(Generic[Item]):
         engine_work: EngineCpuWork | None = None,
     ) -> None:  # fmt: skip
         """`handle` gets the queued items in order, up to `batch` of them at a time, each time once the
-        engine's step work (if given) pauses."""
+        engine's step work (if given) pauses (EngineCpuWork.wait_for_pause)."""
         self._handle, self._batch, self._engine_work = handle, batch, engine_work
         self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=max_queued)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -62,6 +68,10 @@ class BackgroundWorker(Generic[Item]):
 
     def full(self) -> bool:
         return self._queue.full()
+
+    def _backlogged(self) -> bool:
+        """Half full: waiting for the engine's pauses must not let the queue fill and drop items."""
+        return self._queue.qsize() * 2 >= self._queue.maxsize
 
     def flush(self) -> None:
         """Wait until every queued item is handled."""
@@ -86,7 +96,7 @@ class BackgroundWorker(Generic[Item]):
                     break
                 batch.append(more)
             if self._engine_work is not None:
-                self._engine_work.wait_for_pause()
+                self._engine_work.wait_for_pause(self._backlogged)
             try:
                 self._handle(batch)
             except Exception:  # a failing item must not stop the thread: flush() would wait forever

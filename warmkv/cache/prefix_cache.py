@@ -40,6 +40,13 @@ WRITE_BACK_BATCH = 256  # live blocks gathered and copied to the host at a time 
 IDLE_WRITE_BATCH = 64  # live blocks written back per call while the engine is idle: a few ms of work
 HOST_WRITE_HEADROOM = 8  # written back: blocks entering a host tier fuller than 7/8 are written to disk
 IDLE_WRITE_RETRY_S = 0.05  # the wait for a request while the writers are busy, before trying again
+# staged evictions (PrefixCache.stage_evictions): at most this many blocks gathered a step (it bounds the
+# gather's device memory and the step's share of the work), copies of live blocks filling at most this
+# share of the host tier (a smaller tier would push out each step what the step before staged), and at
+# most this many index entries looked at a step to find them
+STAGED_PER_STEP = 128
+STAGED_SHARE_OF_HOST = 4
+STAGING_SCAN = 4096
 
 
 @dataclass(slots=True)
@@ -133,6 +140,7 @@ class PrefixCache:
         self.costs: LoadCosts | None = None  # None: every hit below the live tier is loaded (see calibrate)
         self.recent = RecentPrompts()  # what miss reasons compare against and new turns chain from
         self._staging = _EvictionStaging(pool.k.device) if self.host is not None and on_cuda else None
+        self._releases = 0  # sequences that gave their blocks back: what may be evicted next changed
 
     @property
     def tiers(self) -> list[Tier]:
@@ -202,6 +210,7 @@ class PrefixCache:
         self.remember_tails(namespace, keys, token_ids, blocks, anchors)
         self.pool.decref_many(blocks)
         self.touch(keys)
+        self._releases += 1
 
     def finish(self, namespace: str, token_ids: list[int], keys: list[bytes], prompt_tokens: int,
                cache_breakpoint: int = 0, hit: PrefixHit | None = None) -> None:  # fmt: skip
@@ -488,35 +497,49 @@ class PrefixCache:
         """Called as a step begins, before it queues any work: what staged evictions may read is what the
         device's stream has written up to here."""
         if self._staging is not None:
-            self._staging.written.record()
+            self._staging.step_started()
 
     def stage_evictions(self, count: int) -> None:
         """The `count` blocks the pool would evict next, copied to the host tier now where it lacks them,
         so that evicting them later copies nothing. Called while the device computes a step, it takes a
         demotion's gather, host copies and bookkeeping out of a later step's allocation (a prefill arriving
         at a full pool), where the device would wait for them. Only on a GPU: on a CPU the step has already
-        run, and staging early would only add to it. The blocks stay live; the host tier holds a copy."""
+        run, and staging early would only add to it. The blocks stay live; the host tier holds a copy, and
+        they reach the disk when they leave memory, as any block does. Optional work: a failure is logged
+        and the eviction copies the blocks itself."""
         if self._staging is None or count <= 0:
             return
         assert self.host is not None
-        next_out = self.index.eviction_order(count)
+        state = (self.index.inserts, self.index.evictions, self._releases)
+        if state == self._staging.staged_at:  # nothing indexed, evicted or given back since: staged already
+            return
+        count = min(count, self.host.capacity // STAGED_SHARE_OF_HOST)
+        next_out = self.index.eviction_order(count, STAGING_SCAN)
         wanted = [(key, block) for key, block in next_out if not self.host.contains(key)]
+        if len(wanted) <= STAGED_PER_STEP:
+            self._staging.staged_at = state
+        wanted = wanted[:STAGED_PER_STEP]
         if not wanted:
             return
-        with self._staging.stream():  # beside this step's work, after what earlier steps wrote
-            self._keep_on_host([key for key, _ in wanted], self.pool.read_blocks([b for _, b in wanted]))
-            self._staging.gathered()
+        try:
+            with self._staging.after_written():  # beside this step's work, after what earlier steps wrote
+                kv = self.pool.read_blocks([block for _, block in wanted])
+                self._keep_on_host([key for key, _ in wanted], kv, staged=True)
+                self._staging.gathered()
+        except Exception as err:
+            log.warning("copying blocks to the host tier ahead of their eviction failed: %s", err)
 
-    def _keep_on_host(self, keys: list[bytes], kv: torch.Tensor) -> None:
+    def _keep_on_host(self, keys: list[bytes], kv: torch.Tensor, staged: bool = False) -> None:
         """Blocks `kv` [n, ...] (a gather on the pool's device) onto the host tier. Written back, they also go
         to the disk's writer once the host tier is nearly full, from this gather, so that under host
         pressure the blocks it evicts later are already on disk; while it has room they wait for idle time.
         What the host tier evicts and the disk still lacks goes to the disk's writer from its own slot, which
         the host tier reuses once it is written: no copy. The oldest blocks that find no free slot (those
-        evicted are still being written) go to the disk from the gather instead."""
+        evicted are still being written) go to the disk from the gather instead. Staged blocks (still live)
+        go to the disk neither way: they get there when they leave memory."""
         assert self.host is not None
         filling = self.host.free_blocks < len(keys) + self.host.capacity // HOST_WRITE_HEADROOM
-        handed = self._writes_back and filling
+        handed = self._writes_back and filling and not staged
         if handed:
             self._to_disk(keys, kv)
             for key in keys:
@@ -532,7 +555,7 @@ class PrefixCache:
             else:
                 release()
         unplaced = max(0, len(keys) - self.host.free_blocks)  # the oldest: their tier is the disk
-        if unplaced and not handed:
+        if unplaced and not handed and not staged:
             self._to_disk(keys[:unplaced], kv[:unplaced])
         self.host.put_many(keys[unplaced:], kv[unplaced:])
 
@@ -544,24 +567,30 @@ class PrefixCache:
 
 class _EvictionStaging:
     """The stream and events of staged evictions (PrefixCache.stage_evictions): their gathers wait for
-    what earlier steps wrote (`written`, recorded as each step begins) but not for the step in flight, and
-    the device's own stream waits for the latest gather before it reuses a block."""
+    what earlier steps wrote (recorded as each step begins) but not for the step in flight, and the
+    device's own stream waits for the latest gather before it reuses a block."""
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
         self._stream = torch.cuda.Stream(device)
-        self.written = torch.cuda.Event()
-        self._gathered: torch.cuda.Event | None = None  # the latest gather not yet awaited by the device
+        self._written = torch.cuda.Event()
+        self._gathered = torch.cuda.Event()
+        self._unawaited = False  # a gather the device's stream has not waited for yet
+        self.staged_at: tuple[int, int, int] | None = None  # (inserts, evictions, releases) when staged
 
-    def stream(self) -> torch.cuda.StreamContext:
-        self._stream.wait_event(self.written)
+    def step_started(self) -> None:
+        self._written.record()
+
+    def after_written(self) -> torch.cuda.StreamContext:
+        """The staging stream, made to wait for what the steps before this one wrote."""
+        self._stream.wait_event(self._written)
         return torch.cuda.stream(self._stream)
 
     def gathered(self) -> None:
-        self._gathered = torch.cuda.Event()
         self._gathered.record(self._stream)
+        self._unawaited = True
 
     def before_reuse(self) -> None:
-        if self._gathered is not None:
+        if self._unawaited:
             torch.cuda.current_stream(self._device).wait_event(self._gathered)
-            self._gathered = None
+            self._unawaited = False

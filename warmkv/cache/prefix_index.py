@@ -8,6 +8,7 @@ keeps stays intact after its sequences finish, and only blocks that no sequence 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -108,14 +109,15 @@ class PrefixIndex:
         for key in reversed(keys):
             move(key)
 
-    def eviction_order(self, count: int) -> list[tuple[bytes, int]]:
+    def eviction_order(self, count: int, scan: int | None = None) -> list[tuple[bytes, int]]:
         """The (key, block) pairs `evict(count)` would give up, in its order; nothing changes. Least
         recently used blocks that no sequence holds, sessions' own tails before any prefix that other
         requests shared (a system prompt + tools anchor). One pass over the index, however many blocks:
-        running sequences' blocks are skipped once, not per block."""
+        running sequences' blocks are skipped once, not per block. `scan`: look at no more index entries
+        than this (the order found among them, not beyond)."""
         victims: list[tuple[bytes, int]] = []
         shared: list[tuple[bytes, int]] = []
-        for key, block in self._blocks.items():
+        for key, block in itertools.islice(self._blocks.items(), scan):
             if self._pool.ref_counts[block] != 1:  # a sequence still reads it
                 continue
             if key not in self._shared:
