@@ -473,6 +473,8 @@ def test_blocks_about_to_be_evicted_are_copied_to_host_while_the_device_computes
     model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
     engine = make_engine(model, kv_dir=None, pool_tokens=1024)  # 64 blocks, fewer than a step may take
     assert engine.max_batch_tokens // engine.pool.block_size > engine.pool.num_blocks
+    generate(engine, list(range(4000, 4100)))
+    engine.prefix_cache.index.evict(1)  # the pool has evicted: it is full, so staging is worth its copies
     generate(engine, PROMPT)
     keys = engine.prefix_cache.chain("", PROMPT)
     assert not any(engine.prefix_cache.host.contains(key) for key in keys)  # not yet: it was running
@@ -509,11 +511,16 @@ def test_staged_blocks_are_read_before_the_pool_writes_other_kv_into_them(
     monkeypatch.setattr(prefix_cache._EvictionStaging, "after_written", held_back)
     model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
     engine = make_engine(model, kv_dir=None, pool_tokens=512)  # the tiny model's whole context
+    generate(engine, list(range(4000, 4100)))
+    engine.prefix_cache.index.evict(1)  # the pool has evicted: staging is on
     generate(engine, PROMPT)
+    keys = engine.prefix_cache.chain("", PROMPT)
+    kv = engine.pool.read_blocks([engine.prefix_cache.index.block_of(key) for key in keys]).cpu()
     generate(engine, list(range(3000, 3020)))  # PROMPT's blocks staged, their gather held back
     evict_everything_live(engine)
     filler = list(range(5000, 5000 + engine.pool.num_free * engine.pool.block_size - 8))
     generate(engine, filler, max_tokens=1)  # every free block, PROMPT's among them, rewritten
+    assert torch.equal(torch.stack([engine.prefix_cache.host.peek(key) for key in keys]), kv)
     seq = generate(engine, FOLLOW_UP)
     assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48
     assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
@@ -540,6 +547,21 @@ def test_a_pool_with_room_for_the_next_step_copies_nothing_to_host(tiny: LoadedM
     model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
     cache_config = CacheConfig(disk=False, load_policy=LoadPolicy.ALWAYS)
     engine = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, max_batch_tokens=256, cache=cache_config))
+    generate(engine, list(range(4000, 4100)))
+    engine.prefix_cache.index.evict(1)  # demoted: the host tier's one block
+    generate(engine, PROMPT)
+    generate(engine, list(range(3000, 3020)))
+    assert engine.prefix_cache.host.stats.blocks == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_pool_that_never_evicted_copies_nothing_to_host(tiny: LoadedModel) -> None:
+    """Fewer free blocks than a step may take, but nothing ever evicted (a pool holding every prompt):
+    copies ahead of evictions would only cost."""
+    model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
+    engine = make_engine(model, kv_dir=None, pool_tokens=1024)
+    assert engine.max_batch_tokens // engine.pool.block_size > engine.pool.num_blocks
     generate(engine, PROMPT)
     generate(engine, list(range(3000, 3020)))
     assert engine.prefix_cache.host.stats.blocks == 0

@@ -503,12 +503,14 @@ class PrefixCache:
         """The `count` blocks the pool would evict next, copied to the host tier now where it lacks them,
         so that evicting them later copies nothing. Called while the device computes a step, it takes a
         demotion's gather, host copies and bookkeeping out of a later step's allocation (a prefill arriving
-        at a full pool), where the device would wait for them. Only on a GPU: on a CPU the step has already
+        at a full pool), where the device would wait for them. Only once the pool has evicted: in a pool
+        holding every prompt the copies would only slow the step (a tau-bench replay's mean TTFT on an H100
+        1.11x the GPU tier alone's, against 0.98x). Only on a GPU: on a CPU the step has already
         run, and staging early would only add to it. The blocks stay live; the host tier holds a copy, and
         they reach the disk when they leave memory, as any block does. Optional work: a failure is logged
         and the eviction copies the blocks itself."""
-        if self._staging is None or count <= 0:
-            return
+        if self._staging is None or count <= 0 or not self.index.evictions:
+            return  # (a pool that has never evicted may hold everything: copies would only cost)
         assert self.host is not None
         state = (self.index.inserts, self.index.evictions, self._releases)
         if state == self._staging.staged_at:  # nothing indexed, evicted or given back since: staged already
