@@ -53,19 +53,16 @@ def test_full_queue_refuses_at_once_and_a_failing_item_does_not_stop_the_worker(
     assert not worker._thread.is_alive()
 
 
-def test_items_wait_for_the_engines_step_work_to_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 30.0)
+def waiting_worker(
+    monkeypatch: pytest.MonkeyPatch, longest_wait_s: float
+) -> tuple[EngineCpuWork, list[int], BackgroundWorker[int]]:
+    """A worker whose items wait out an engine's step work, now started, at most `longest_wait_s`."""
+    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", longest_wait_s)
     engine_work = EngineCpuWork()
     handled: list[int] = []
     worker = BackgroundWorker("test-worker", handled.extend, max_queued=4, engine_work=engine_work)
     engine_work.started()
-    worker.put(1)
-    time.sleep(0.2)
-    assert handled == []  # the engine thread is in its step's work
-    engine_work.paused()  # it waits for the device
-    worker.flush()
-    assert handled == [1]
-    worker.close()
+    return engine_work, handled, worker
 
 
 def until(condition, seconds: float = 10.0) -> bool:
@@ -75,12 +72,19 @@ def until(condition, seconds: float = 10.0) -> bool:
     return condition()
 
 
+def test_items_wait_for_the_engines_step_work_to_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine_work, handled, worker = waiting_worker(monkeypatch, 30.0)
+    worker.put(1)
+    time.sleep(0.2)
+    assert handled == []  # the engine thread is in its step's work
+    engine_work.paused()  # it waits for the device
+    worker.flush()
+    assert handled == [1]
+    worker.close()
+
+
 def test_step_work_that_never_pauses_delays_an_item_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 0.05)
-    engine_work = EngineCpuWork()
-    handled: list[int] = []
-    worker = BackgroundWorker("test-worker", handled.extend, max_queued=4, engine_work=engine_work)
-    engine_work.started()
+    _, handled, worker = waiting_worker(monkeypatch, 0.05)
     worker.put(1)
     worker.put(2)
     assert until(lambda: handled == [1, 2])
@@ -88,11 +92,7 @@ def test_step_work_that_never_pauses_delays_an_item_only_so_long(monkeypatch: py
 
 
 def test_a_half_full_queue_goes_on_without_waiting_for_a_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(background, "LONGEST_PAUSE_WAIT_S", 30.0)
-    engine_work = EngineCpuWork()
-    handled: list[int] = []
-    worker = BackgroundWorker("test-worker", handled.extend, max_queued=4, engine_work=engine_work)
-    engine_work.started()
+    engine_work, handled, worker = waiting_worker(monkeypatch, 30.0)
     worker.put(1)
     time.sleep(0.1)
     assert handled == []  # waiting for a pause

@@ -463,6 +463,21 @@ def test_pinned_host_and_disk_hits_on_cuda_are_exact(tiny: LoadedModel, tmp_path
     assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 64 and seq.output_ids == expected
 
 
+def cuda_engine_that_has_evicted(tiny: LoadedModel, pool_tokens: int) -> LLMEngine:
+    """An engine on CUDA, host tier and no disk, whose pool has evicted once (one block, now on the host
+    tier): from then on it stages evictions."""
+    engine = make_engine(load_model(str(tiny.folder), torch.device("cuda"), torch.float32), None, pool_tokens)
+    generate(engine, list(range(4000, 4100)))
+    engine.prefix_cache.index.evict(1)
+    return engine
+
+
+def assert_follow_up_exact_from_host(engine: LLMEngine, tiny: LoadedModel) -> None:
+    seq = generate(engine, FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_blocks_about_to_be_evicted_are_copied_to_host_while_the_device_computes(
@@ -470,11 +485,8 @@ def test_blocks_about_to_be_evicted_are_copied_to_host_while_the_device_computes
 ) -> None:
     """A pool too full for a next step's token budget: finished prompts' blocks reach the host tier while
     still live, during other requests' steps, so evicting them copies nothing, and they come back exact."""
-    model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
-    engine = make_engine(model, kv_dir=None, pool_tokens=1024)  # 64 blocks, fewer than a step may take
+    engine = cuda_engine_that_has_evicted(tiny, pool_tokens=1024)  # 64 blocks, fewer than a step may take
     assert engine.max_batch_tokens // engine.pool.block_size > engine.pool.num_blocks
-    generate(engine, list(range(4000, 4100)))
-    engine.prefix_cache.index.evict(1)  # the pool has evicted: it is full, so staging is worth its copies
     generate(engine, PROMPT)
     keys = engine.prefix_cache.chain("", PROMPT)
     assert not any(engine.prefix_cache.host.contains(key) for key in keys)  # not yet: it was running
@@ -487,9 +499,7 @@ def test_blocks_about_to_be_evicted_are_copied_to_host_while_the_device_computes
     engine.pool.read_blocks = lambda blocks: gathered.extend(blocks) or read_blocks(blocks)
     evict_everything_live(engine)  # (the other request's blocks, released at its last step, are copied now)
     assert gathered and not staged & set(gathered)
-    seq = generate(engine, FOLLOW_UP)
-    assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48
-    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    assert_follow_up_exact_from_host(engine, tiny)
 
 
 @pytest.mark.gpu
@@ -509,10 +519,7 @@ def test_staged_blocks_are_read_before_the_pool_writes_other_kv_into_them(
         return context
 
     monkeypatch.setattr(prefix_cache._EvictionStaging, "after_written", held_back)
-    model = load_model(str(tiny.folder), torch.device("cuda"), torch.float32)
-    engine = make_engine(model, kv_dir=None, pool_tokens=512)  # the tiny model's whole context
-    generate(engine, list(range(4000, 4100)))
-    engine.prefix_cache.index.evict(1)  # the pool has evicted: staging is on
+    engine = cuda_engine_that_has_evicted(tiny, pool_tokens=512)  # the tiny model's whole context
     generate(engine, PROMPT)
     keys = engine.prefix_cache.chain("", PROMPT)
     kv = engine.pool.read_blocks([engine.prefix_cache.index.block_of(key) for key in keys]).cpu()
@@ -521,9 +528,7 @@ def test_staged_blocks_are_read_before_the_pool_writes_other_kv_into_them(
     filler = list(range(5000, 5000 + engine.pool.num_free * engine.pool.block_size - 8))
     generate(engine, filler, max_tokens=1)  # every free block, PROMPT's among them, rewritten
     assert torch.equal(torch.stack([engine.prefix_cache.host.peek(key) for key in keys]), kv)
-    seq = generate(engine, FOLLOW_UP)
-    assert seq.cache_hit.tokens_by_tier[TierName.HOST] == 48
-    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+    assert_follow_up_exact_from_host(engine, tiny)
 
 
 @pytest.mark.gpu
