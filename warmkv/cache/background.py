@@ -25,7 +25,7 @@ class EngineCpuWork:
     launching it, reading its tokens and turning them into outputs. Every torch call there lets go of the
     interpreter lock, and a background thread that takes it meanwhile delays the step until it lets go in
     turn: on an H100, with the disk tier's writers busy, the engine's thread spent 2.5-3.3 ms of a step off
-    its CPU (0.4-0.7 once writers waited for these pauses; bench/results/ttft-steps-nvidia-h100-80gb-hbm3-
+    its CPU (0.4-1.1 once writers waited for these pauses; bench/results/ttft-steps-nvidia-h100-80gb-hbm3-
     staged-evictions.json). Pauses: the engine waits for the device, or is idle."""
 
     def __init__(self) -> None:
