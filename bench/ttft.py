@@ -304,20 +304,27 @@ def trace_replay(model: LoadedModel, args: argparse.Namespace, requests: list[Tr
 def step_times(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     """Step times of the same workload with host + disk tiers and with the GPU tier alone, in alternating
     rounds so drifting machine load falls on both."""
-    times: dict[str, list[float]] = {"tiers": [], "gpu_only": []}
+    times: dict[str, list[tuple[float, float]]] = {"tiers": [], "gpu_only": []}
     for _round in range(2):
         for name in times:
             times[name] += _on_fresh_thread(lambda tiers=name == "tiers": _one_run(model, args, tiers))
-    rows = [{"tiers": name, "steps": len(t), "mean step ms": statistics.mean(t),
-             "median step ms": statistics.median(t), "p90 step ms": sorted(t)[len(t) * 9 // 10]}
-            for name, t in times.items()]  # fmt: skip
+    rows = []
+    for name, steps in times.items():
+        t = [wall for wall, _ in steps]
+        off_cpu = statistics.mean(wall - cpu for wall, cpu in steps)
+        rows.append({"tiers": name, "steps": len(t), "mean step ms": statistics.mean(t),
+                     "median step ms": statistics.median(t), "p90 step ms": sorted(t)[len(t) * 9 // 10],
+                     "engine thread off its CPU ms": off_cpu})  # fmt: skip
     print(f"\nsteps: {args.step_streams} decoding streams, a {args.step_prompt}-token prefill every 4 steps")
     print_table(rows)
     mean = {row["tiers"]: row["mean step ms"] for row in rows}
     return {"rows": rows, "tiers_over_gpu_only_step": mean["tiers"] / mean["gpu_only"]}
 
 
-def _one_run(model: LoadedModel, args: argparse.Namespace, tiers: bool) -> list[float]:
+def _one_run(model: LoadedModel, args: argparse.Namespace, tiers: bool) -> list[tuple[float, float]]:
+    """(wall, engine thread CPU) ms of each timed step. On a GPU the thread spins while it waits for the
+    device, so the difference is time it could not run: waiting for the interpreter lock, or a driver's.
+    (On a CPU, torch's own threads compute part of the step.)"""
     streams, prompt_tokens, steps = args.step_streams, args.step_prompt, args.steps
     # the streams' own KV fits; each arriving prefill evicts earlier ones (demoted when there are tiers)
     pool_tokens = streams * (prompt_tokens + 2 * steps + 64) + 3 * prompt_tokens
@@ -336,10 +343,10 @@ def _one_run(model: LoadedModel, args: argparse.Namespace, tiers: bool) -> list[
             if step % 4 == 0:
                 engine.add_request(new_prompt(), SamplingParams(max_tokens=1))
             synchronize(model.device)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             engine.step()
             synchronize(model.device)
-            times.append((time.perf_counter() - start) * 1000)
+            times.append(((time.perf_counter() - start) * 1000, (time.thread_time() - cpu) * 1000))
         return times[steps:]  # the first half fills the pool
     finally:
         engine.close()
