@@ -26,8 +26,9 @@ class Launch:
     num_stages: int
 
 
-# tuned on an H100 with Qwen2.5-7B's heads (`python -m bench.attention --sweep`): 128 x 64 tiles reach
-# about 300 TFLOP/s for an 8k chunk over a 24k cached prefix; decode of 32 x 32k contexts reads 2.9 TB/s
+# tuned on an H100 with Qwen2.5-7B's heads (`python -m bench.attention --sweep`, then the one-off sweep of
+# attention-nvidia-h100-80gb-hbm3-unmasked-prefetch.json): 128 x 64 tiles in 8 warps reach about 350
+# TFLOP/s for an 8k chunk over a 24k cached prefix; decode of 32 x 32k contexts reads 2.9 TB/s
 BLOCK_KEYS = 64  # the smallest step of keys a split gets
 ROWS_PER_TILE = 128  # query rows (tokens x heads of a group) per program in prefill
 MIN_ROWS = 16  # tl.dot's smallest M
@@ -42,10 +43,13 @@ MIN_ROWS = 16  # tl.dot's smallest M
 DECODE_PROGRAMS_PER_SM = 2
 PREFILL_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 256  # a power of two
-PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
+# a chunk of 2048 new tokens over 16k cached: 1308 us in 8 warps and 3 stages against 1475 in 4 and 2
+PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=8, num_stages=3)
+# float32 models: three stages of float32 tiles need more shared memory than a GPU has
+FLOAT32_PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
 MERGE_FIRST_MAX = 64  # a decode merge of many splits: 64 partial outputs of 128 in 115 registers, 8 warps
-# a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 64 new tokens
-# over 32k cached took 160 us a layer this way against 199 us with PREFILL_LAUNCH (77: 198 against 260 us)
+# a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 77 new tokens
+# over 32k cached took 120 us a layer this way against 137 us with PREFILL_LAUNCH
 SPLIT_PREFILL_LAUNCH = Launch(128, num_warps=8, num_stages=3)
 DECODE_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
 
@@ -156,8 +160,10 @@ def paged_attention(
         partial, lse = out, out  # lse is not written without splits
     if batch.tokens_per_tile * group < ROWS_PER_TILE:
         launch = DECODE_LAUNCH
-    else:  # (float32 tiles of 128 keys in 3 stages need more shared memory than a GPU has)
-        launch = SPLIT_PREFILL_LAUNCH if splits > 1 and q.element_size() == 2 else PREFILL_LAUNCH
+    elif q.element_size() > 2:
+        launch = FLOAT32_PREFILL_LAUNCH
+    else:
+        launch = SPLIT_PREFILL_LAUNCH if splits > 1 else PREFILL_LAUNCH
     pdl, pdl_launch = options(q.device)
     _attention_kernel[(tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, partial, lse, sinks if sinks is not None else q,
@@ -256,27 +262,33 @@ def _attention_kernel(
         best = tl.where(split == 0, sink, best)
         total = tl.where(split == 0, 1.0, total)
     acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
+    table = block_table_ptr + seq * stride_table
+    step_keys = tl.arange(0, BLOCK_N)
+    # whole steps of keys that every row of the tile sees (at or before its first query: a cached prefix)
+    # run without the causal mask; the rest of the split, with it. Sliding windows mask every step
+    if SLIDING_WINDOW > 0:
+        unmasked_end = lo
+    else:
+        seen_by_all = tl.minimum(context_len - query_len + first_query + 1, hi)
+        unmasked_end = lo + tl.maximum(seen_by_all - lo, 0) // BLOCK_N * BLOCK_N
+    # each step's block ids load one step ahead: the keys' addresses depend on them, and a load issued in
+    # the step that uses it stalls the step (77 new tokens over 32k cached: 120 against 151 us a layer)
+    blocks = tl.load(table + (lo + step_keys) // BLOCK_SIZE, mask=lo + step_keys < unmasked_end, other=0)
+    for start in range(lo, unmasked_end, BLOCK_N):
+        keys = start + step_keys
+        ahead = keys + BLOCK_N
+        following = tl.load(table + ahead // BLOCK_SIZE, mask=ahead < unmasked_end, other=0)
+        best, total, acc = _attend(q, k_ptr, v_ptr, blocks, keys, keys < hi, dims, dim_ok, position, kv_head,
+                                   stride_kv_slot, stride_kv_head, scale_log2, best, total, acc,
+                                   False, SLIDING_WINDOW, BLOCK_SIZE, WIDE, PRECISION)  # fmt: skip
+        blocks = following
+    for start in range(unmasked_end, hi, BLOCK_N):
+        keys = start + step_keys
         key_ok = keys < hi
-        block = tl.load(block_table_ptr + seq * stride_table + keys // BLOCK_SIZE, mask=key_ok, other=0)
-        slot = block.to(tl.int64 if WIDE else tl.int32) * BLOCK_SIZE + keys % BLOCK_SIZE
-        kv_offsets = slot[:, None] * stride_kv_slot + kv_head * stride_kv_head + dims[None, :]
-        kv_mask = key_ok[:, None] & dim_ok[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        visible = key_ok[None, :] & (keys[None, :] <= position[:, None])
-        if SLIDING_WINDOW > 0:
-            visible &= keys[None, :] > position[:, None] - SLIDING_WINDOW
-        scores = tl.where(visible, scores, float("-inf"))
-        new_best = tl.maximum(best, tl.max(scores, 1))
-        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a row that sees nothing yet
-        weights = tl.exp2(scores - shift[:, None])
-        rescale = tl.exp2(best - shift)
-        total = total * rescale + tl.sum(weights, 1)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
-        best = new_best
+        blocks = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0)
+        best, total, acc = _attend(q, k_ptr, v_ptr, blocks, keys, key_ok, dims, dim_ok, position, kv_head,
+                                   stride_kv_slot, stride_kv_head, scale_log2, best, total, acc,
+                                   True, SLIDING_WINDOW, BLOCK_SIZE, WIDE, PRECISION)  # fmt: skip
 
     result = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     out_offsets = (row_start + query)[:, None] * stride_out_token + head[:, None] * stride_out_head
@@ -290,6 +302,38 @@ def _attention_kernel(
         tl.store(lse_ptr + lse_offsets, lse, mask=row_ok)
     else:
         tl.store(out_ptr + out_offsets + dims[None, :], result.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _attend(
+    q, k_ptr, v_ptr, blocks, keys, key_ok, dims, dim_ok, position, kv_head, stride_kv_slot, stride_kv_head,
+    scale_log2, best, total, acc, MASK: tl.constexpr, SLIDING_WINDOW: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    WIDE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One step of keys folded into the online softmax: (best, total, acc) updated. MASK: some row may not
+    see some of the keys (causal, sliding window); without it every row sees every key."""
+    slot = blocks.to(tl.int64 if WIDE else tl.int32) * BLOCK_SIZE + keys % BLOCK_SIZE
+    kv_offsets = slot[:, None] * stride_kv_slot + kv_head * stride_kv_head + dims[None, :]
+    kv_mask = key_ok[:, None] & dim_ok[None, :]
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    dots = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASK:
+        visible = key_ok[None, :] & (keys[None, :] <= position[:, None])
+        if SLIDING_WINDOW > 0:
+            visible &= keys[None, :] > position[:, None] - SLIDING_WINDOW
+        scores = tl.where(visible, dots * scale_log2, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a row that sees nothing yet
+        weights = tl.exp2(scores - shift[:, None])
+    else:  # every row sees a key: its maximum is finite; the scale folds into exp2's argument
+        new_best = tl.maximum(best, tl.max(dots, 1) * scale_log2)
+        shift = new_best
+        weights = tl.exp2(dots * scale_log2 - shift[:, None])
+    rescale = tl.exp2(best - shift)
+    total = total * rescale + tl.sum(weights, 1)
+    acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+    return new_best, total, acc
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_p_split", "stride_lse_split"])
