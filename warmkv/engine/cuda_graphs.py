@@ -50,6 +50,12 @@ class GraphShape:
         """A token per sequence row: the graph serves decode steps alone."""
         return self.seqs == self.tokens
 
+    @property
+    def context_tiles(self) -> int:
+        """The tiles whose queries may see a long context: not a prefill's padding sequence's, which sees
+        its scratch block (attention's splits are planned for these)."""
+        return self.tiles if self.decode_only else self.tiles - 1
+
     @classmethod
     def decode(cls, batch: int, group: int) -> GraphShape:
         return cls(batch, batch, batch, tokens_per_tile(1, group), batch)
@@ -232,7 +238,7 @@ def step(
         block_size=pool.block_size,
         tokens_per_tile=shape.tokens_per_tile,
         num_splits=num_splits(
-            shape.tiles, cfg.num_kv_heads, max_context, inputs["slots"].device, shape.decode_only
+            shape.context_tiles, cfg.num_kv_heads, max_context, inputs["slots"].device, shape.decode_only
         ),
     )
     batch = AttentionBatch(slot_mapping=inputs["slots"], sequences=[], paged=paged)

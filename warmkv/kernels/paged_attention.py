@@ -32,16 +32,16 @@ class Launch:
 BLOCK_KEYS = 64  # the smallest step of keys a split gets
 ROWS_PER_TILE = 128  # query rows (tokens x heads of a group) per program in prefill
 MIN_ROWS = 16  # tl.dot's smallest M
-# key splits, where the query tiles alone leave SMs idle, aim at this many attention programs per SM: a
-# decode step's programs each read a short run of keys; a turn's (128 query rows each) compute on theirs,
-# and twice as many hide more of it: 77 new tokens over 32k cached took 185 us a layer against 220 with 2
-# (one-off sweep of programs per SM, rows, keys, warps and stages on an H100, Qwen2.5-7B's heads; 64
-# tokens: 156 against 168)
-# (splits rounded down to whole waves of 3 per SM were 0-24% faster for the kernel alone, eager; through a
-# turn's CUDA graph, which plans for its bucket's spare tile, the rules traded places by turn size, none
-# ahead at all of 77, 128 and 300 new tokens: attention-nvidia-h100-80gb-hbm3-turn-graph-splits.json)
+# key splits, where the query tiles alone leave SMs idle: a decode step's programs (16 rows each, many to an
+# SM) aim at DECODE_PROGRAMS_PER_SM programs per SM. A turn's programs (128 query rows each) take a whole SM
+# each, so they run in waves of one per SM and a wave barely begun costs a whole one: their splits fill whole
+# waves, the fewest waves that keep TURN_WAVE_FILL of the SMs busy. On an H100, Qwen2.5-7B's heads, kernel +
+# merge in graph replays (attention-nvidia-h100-80gb-hbm3-turn-waves.json): 111 new over 5.7k cached, 7
+# tiles, 38.9 us a layer with 4 splits (112 programs) against 52.5 with 5 (140) and 61.4 with the 19 that 4
+# programs per SM gave; 77 over 32k, 5 tiles: 101 us with 6 against 175 with 7 and 124 with 27
 DECODE_PROGRAMS_PER_SM = 2
-PREFILL_PROGRAMS_PER_SM = 4
+TURN_WAVE_FILL = 0.75
+TURN_MAX_WAVES = 4
 MAX_SPLITS = 256  # a power of two
 # a chunk of 2048 new tokens over 16k cached: 1308 us in 8 warps and 3 stages against 1475 in 4 and 2
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=8, num_stages=3)
@@ -83,11 +83,20 @@ def num_splits(tiles: int, num_kv_heads: int, max_context: int, device: torch.de
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if tiles * num_kv_heads >= DECODE_PROGRAMS_PER_SM * sms:
+    programs = tiles * num_kv_heads
+    if programs >= DECODE_PROGRAMS_PER_SM * sms:
         return 1  # the tiles fill the GPU: a chunk of 2048 tokens took 2268 us split in two, 1728 whole
-    per_sm = DECODE_PROGRAMS_PER_SM if decode else PREFILL_PROGRAMS_PER_SM
-    wanted = -(-per_sm * sms // (tiles * num_kv_heads))
+    wanted = -(-DECODE_PROGRAMS_PER_SM * sms // programs) if decode else _whole_waves(programs, sms)
     return max(1, min(wanted, -(-max_context // BLOCK_KEYS), MAX_SPLITS))
+
+
+def _whole_waves(programs: int, sms: int) -> int:
+    """Splits of a turn's tiles that fill whole waves of one program per SM (see TURN_WAVE_FILL)."""
+    for waves in range(1, TURN_MAX_WAVES + 1):
+        splits = waves * sms // programs
+        if splits and programs * splits >= TURN_WAVE_FILL * waves * sms:
+            return splits
+    return TURN_MAX_WAVES * sms // programs
 
 
 def aligned(count: int) -> int:
