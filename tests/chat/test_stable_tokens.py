@@ -72,7 +72,8 @@ def test_a_hundred_sessions_sharing_a_namespace_keep_their_turns() -> None:
 
 
 class CountingTokenizer:
-    """SmolLM2's tokenizer, counting the characters it is asked to tokenise."""
+    """SmolLM2's tokenizer, counting the characters it is asked to tokenise, through its wrapper or
+    straight through its encoder."""
 
     def __init__(self) -> None:
         self.characters = 0
@@ -80,9 +81,25 @@ class CountingTokenizer:
     def __getattr__(self, name: str) -> object:
         return getattr(TOKENIZER, name)
 
-    def __call__(self, text: str, **options: object) -> object:
-        self.characters += len(text)
-        return TOKENIZER(text, **options)
+    def __call__(self, texts: list[str], **options: object) -> object:
+        self.characters += sum(map(len, texts))
+        return TOKENIZER(texts, **options)
+
+    @property
+    def backend_tokenizer(self) -> object:
+        return CountingEncoder(self)
+
+
+class CountingEncoder:
+    def __init__(self, owner: CountingTokenizer) -> None:
+        self.owner = owner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(TOKENIZER.backend_tokenizer, name)
+
+    def encode_batch_fast(self, texts: list[str], **options: object) -> object:
+        self.owner.characters += sum(map(len, texts))
+        return TOKENIZER.backend_tokenizer.encode_batch_fast(texts, **options)
 
 
 def test_a_branch_reuses_the_ids_up_to_the_last_message_end_it_shares() -> None:

