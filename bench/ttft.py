@@ -18,8 +18,8 @@ the lower tiers bring nothing and may only cost).
 Each request's limit is the same one pass over its own cached and new tokens.
 
 Steps (--step-streams): decoding streams with a prefill arriving every few steps, pool small enough to
-evict, once with the host and disk tiers (write-through, demotion) and once with the GPU tier alone:
-the tiers must not lengthen a step.
+evict, with the host and disk tiers (write-through, demotion) and with the GPU tier alone, two rounds each,
+alternating: the tiers must not lengthen a step beyond how far one configuration's rounds differ.
 
 The limit, measured in the same run: every weight and the whole KV read once at the device's copy
 bandwidth, plus the new tokens' FLOPs at its matmul rate (bench/common.py, HardwareLimits).
@@ -105,6 +105,7 @@ def main() -> None:
     if args.step_streams:
         result["steps"] = step_times(model, args)
         result["tiers_over_gpu_only_step"] = result["steps"]["tiers_over_gpu_only_step"]
+        result["step_rounds_apart"] = result["steps"]["rounds_apart"]
     summary = {k: v for k, v in result.items() if isinstance(v, float)}
     print_table([{"measure": k, "value": f"{v:.4g}"} for k, v in summary.items()])
     slug = re.sub(r"[^a-z0-9.]+", "-", f"{result['device']}-{model.name}-{args.cached_tokens}".lower())
@@ -303,22 +304,30 @@ def trace_replay(model: LoadedModel, args: argparse.Namespace, requests: list[Tr
 
 def step_times(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
     """Step times of the same workload with host + disk tiers and with the GPU tier alone, in alternating
-    rounds so drifting machine load falls on both."""
-    times: dict[str, list[tuple[float, float]]] = {"tiers": [], "gpu_only": []}
+    rounds so drifting machine load falls on both. The noise beside the ratio: how far one configuration's
+    two rounds differ from each other."""
+    rounds: dict[str, list[list[tuple[float, float]]]] = {"tiers": [], "gpu_only": []}
     for _round in range(2):
-        for name in times:
-            times[name] += _on_fresh_thread(lambda tiers=name == "tiers": _one_run(model, args, tiers))
+        for name, runs in rounds.items():
+            runs.append(_on_fresh_thread(lambda tiers=name == "tiers": _one_run(model, args, tiers)))
     rows = []
-    for name, steps in times.items():
+    for name, runs in rounds.items():
+        steps = [step for run in runs for step in run]
         t = [wall for wall, _ in steps]
         off_cpu = statistics.mean(wall - cpu for wall, cpu in steps)
+        round_means = [statistics.mean(wall for wall, _ in run) for run in runs]
         rows.append({"tiers": name, "steps": len(t), "mean step ms": statistics.mean(t),
                      "median step ms": statistics.median(t), "p90 step ms": sorted(t)[len(t) * 9 // 10],
-                     "engine thread off its CPU ms": off_cpu})  # fmt: skip
+                     "max step ms": max(t), "engine thread off its CPU ms": off_cpu,
+                     "round means ms": " / ".join(f"{m:.2f}" for m in round_means),
+                     "rounds apart %": 100 * (max(round_means) / min(round_means) - 1)})  # fmt: skip
     print(f"\nsteps: {args.step_streams} decoding streams, a {args.step_prompt}-token prefill every 4 steps")
     print_table(rows)
     mean = {row["tiers"]: row["mean step ms"] for row in rows}
-    return {"rows": rows, "tiers_over_gpu_only_step": mean["tiers"] / mean["gpu_only"]}
+    return {"rows": rows, "tiers_over_gpu_only_step": mean["tiers"] / mean["gpu_only"],
+            "rounds_apart": max(row["rounds apart %"] for row in rows) / 100,
+            "step_ms": {name: [[round(wall, 3) for wall, _ in run] for run in runs]
+                        for name, runs in rounds.items()}}  # fmt: skip
 
 
 def _one_run(model: LoadedModel, args: argparse.Namespace, tiers: bool) -> list[tuple[float, float]]:
