@@ -13,8 +13,8 @@ client. What the end-to-end time holds beyond the stages is HTTP, the queues bet
 engine thread, and the first byte out.
 
 Trace (--trace, JSON lines of chat requests): replayed once to compile every kernel shape it needs, then
-through the HTTP server with every tier on and with the GPU tier alone, the pool holding every prompt (so
-the lower tiers bring nothing and may only cost).
+through the HTTP server with every tier on and with the GPU tier alone, two rounds each, alternating, the
+pool holding every prompt (so the lower tiers bring nothing and may only cost).
 Each request's limit is the same one pass over its own cached and new tokens.
 
 Steps (--step-streams): decoding streams with a prefill arriving every few steps, pool small enough to
@@ -100,6 +100,7 @@ def main() -> None:
         result["tiers_over_gpu_only_ttft"] = result["trace"]["tiers_over_gpu_only_ttft"]
         result["trace_median_ttft_ms"] = result["trace"]["median_ttft_ms"]
         result["trace_median_ttft_over_limit"] = result["trace"]["median_ttft_over_limit"]
+        result["trace_rounds_apart"] = result["trace"]["rounds_apart"]
     elif trace is not None:
         print(f"skipping the trace replay: {trace} does not exist or holds no chat request")
     if args.step_streams:
@@ -277,25 +278,34 @@ def trace_replay(model: LoadedModel, args: argparse.Namespace, requests: list[Tr
     # a first pass compiles the kernels for every shape the trace needs: otherwise the first configuration
     # replayed pays for it (seconds on a GPU) and the second does not
     _replay(model, args, requests, "warm-up", pool_tokens)
-    runs = {name: _replay(model, args, requests, name, pool_tokens) for name in ("tiers", "gpu_only")}
+    # two rounds each, alternating, so drifting machine load falls on both; how far one configuration's two
+    # rounds differ is the noise their ratio is read against
+    runs: dict[str, list[list[TurnResult]]] = {"tiers": [], "gpu_only": []}
+    for _round in range(2):
+        for name, rounds in runs.items():
+            rounds.append(_replay(model, args, requests, name, pool_tokens))
     rows, out = [], {"requests": len(requests), "pool_tokens": pool_tokens}
-    for name, turns in runs.items():
+    for name, rounds in runs.items():
+        turns = [turn for replay in rounds for turn in replay]
+        round_means = [statistics.mean(t.ttft_s * 1000 for t in replay) for replay in rounds]
         ttfts = [t.ttft_s * 1000 for t in turns]
         limit = [limits.forward_seconds(model, t.prompt_tokens - t.cached_tokens, t.cached_tokens) * 1000
                  for t in turns]  # fmt: skip
         row = {"tiers": name, "requests": len(turns), "cached %": 100 * sum(t.cached_tokens for t in turns)
                / sum(t.prompt_tokens for t in turns), "mean TTFT ms": statistics.mean(ttfts),
                "median TTFT ms": statistics.median(ttfts), "median limit ms": statistics.median(limit),
-               "median TTFT / limit": statistics.median(ttfts) / statistics.median(limit)}  # fmt: skip
+               "median TTFT / limit": statistics.median(ttfts) / statistics.median(limit),
+               "rounds apart %": 100 * (max(round_means) / min(round_means) - 1)}  # fmt: skip
         rows.append(row)
         out[name] = row | {"ttft_ms": ttfts, "limit_ms": limit}
-    print(f"\ntrace replay: {len(requests)} requests, pool {pool_tokens} tokens")
+    print(f"\ntrace replay: {len(requests)} requests, twice per configuration, pool {pool_tokens} tokens")
     print_table(rows)
     tiers = out["tiers"]
     return out | {
         "median_ttft_ms": tiers["median TTFT ms"], "median_limit_ms": tiers["median limit ms"],
         "median_ttft_over_limit": tiers["median TTFT / limit"],
         "tiers_over_gpu_only_ttft": tiers["mean TTFT ms"] / out["gpu_only"]["mean TTFT ms"],
+        "rounds_apart": max(row["rounds apart %"] for row in rows) / 100,
     }  # fmt: skip
 
 
