@@ -27,7 +27,7 @@ class Launch:
 
 
 # tuned on an H100 with Qwen2.5-7B's heads (`python -m bench.attention --sweep`, then the one-off sweep of
-# attention-nvidia-h100-80gb-hbm3-unmasked-prefetch.json): 128 x 64 tiles in 8 warps reach about 350
+# attention-nvidia-h100-80gb-hbm3-unmasked-prefetch.json): 128 x 64 tiles in 8 warps reach about 400
 # TFLOP/s for an 8k chunk over a 24k cached prefix; decode of 32 x 32k contexts reads 2.9 TB/s
 BLOCK_KEYS = 64  # the smallest step of keys a split gets
 ROWS_PER_TILE = 128  # query rows (tokens x heads of a group) per program in prefill
