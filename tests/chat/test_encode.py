@@ -28,7 +28,7 @@ def test_prompt_segments_tokenise_as_the_wrapper_does() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer()))
     text = render_chat(tokenizer, CONVERSATION)
     segments = [text[:40], text[40:200], text[200:], "", "<|im_end|>\n"]
-    assert _offsetless_encoder(tokenizer) is not None  # the direct encoder is the one in use
+    assert _offsetless_encoder(tokenizer) is not None  # the probe took the direct encoder
     assert encode_batch(tokenizer, segments) == wrapper_ids(tokenizer, segments)
     assert encode(tokenizer, text) == wrapper_ids(tokenizer, [text])[0]
     assert tokenizer.decode(encode(tokenizer, text)) == text
@@ -39,6 +39,14 @@ def test_truncation_turned_on_behind_its_back_truncates_nothing() -> None:
     text = render_chat(tokenizer, CONVERSATION)
     whole = encode(tokenizer, text)
     tokenizer.backend_tokenizer.enable_truncation(max_length=8)
+    assert encode(tokenizer, text) == whole
+
+
+def test_special_tokens_split_by_someone_elses_call_are_not_split_here() -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer()))
+    text = render_chat(tokenizer, CONVERSATION)
+    whole = encode(tokenizer, text)
+    tokenizer([text], add_special_tokens=False, split_special_tokens=True)  # leaves the encoder so
     assert encode(tokenizer, text) == whole
 
 

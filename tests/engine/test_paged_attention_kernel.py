@@ -171,3 +171,13 @@ def test_float32_short_turn_over_a_long_prefix_on_gpu() -> None:
     """A float32 model's short turn is split along the keys with a launch that fits in shared memory
     (the 16-bit models' split launch does not: Triton refused it with OutOfResources)."""
     run_case([64], [2112], heads=28, kv_heads=4, head_dim=128, dtype=torch.float32)
+
+
+def test_a_turns_splits_fill_whole_waves_of_one_program_per_sm() -> None:
+    """H100 (132 SMs), Qwen2.5-7B's 4 KV heads: 7 tiles take 4 splits (112 programs, one wave), 5 tiles 6
+    (120); 19 tiles 3 (228 programs: two waves 86% full, where one split would fill one wave 58%)."""
+    assert [kernel._whole_waves(tiles * 4, 132) for tiles in (7, 5, 19)] == [4, 6, 3]
+    for sms in (1, 16, 108, 132):  # every turn that does not fill two waves on its own gets at least one
+        for programs in range(1, 2 * sms):
+            splits = kernel._whole_waves(programs, sms)
+            assert splits >= 1 and programs * splits >= 0.75 * sms * -(-programs * splits // sms)

@@ -43,8 +43,14 @@ def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     backend = _offsetless_encoder(tokenizer)
-    # (the wrapper turns truncation and padding off before each call; someone may have turned them on since)
-    if backend is not None and backend.truncation is None and backend.padding is None:
+    # the wrapper sets these before each call and leaves them so: a call of someone else's may have changed
+    # them since (truncation, padding, special tokens split as text)
+    if (
+        backend is not None
+        and backend.truncation is None
+        and backend.padding is None
+        and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
         return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
@@ -53,9 +59,10 @@ def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 _PROBE = [" <|im_start|>user\n  Hello 12345 wörld\t😀<|im_end|>\n", "x", " \n\n ", "<s></s>[INST]"]
 
 
-@functools.lru_cache(maxsize=8)
-def _offsetless_encoder(tokenizer: Any) -> Any | None:
-    """The tokenizers-library encoder behind a fast tokenizer, if it tokenises as the wrapper does."""
+@functools.lru_cache(maxsize=8)  # (a server has one tokenizer; two threads may both probe it, harmlessly)
+def _offsetless_encoder(tokenizer: Any) -> Any:
+    """The tokenizers-library encoder behind a fast tokenizer, if it tokenises as the wrapper does; None
+    otherwise."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
         return None

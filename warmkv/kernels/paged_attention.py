@@ -41,11 +41,10 @@ MIN_ROWS = 16  # tl.dot's smallest M
 # programs per SM gave; 77 over 32k, 5 tiles: 101 us with 6 against 175 with 7 and 124 with 27
 DECODE_PROGRAMS_PER_SM = 2
 TURN_WAVE_FILL = 0.75
-TURN_MAX_WAVES = 4
 MAX_SPLITS = 256  # a power of two
 # a chunk of 2048 new tokens over 16k cached: 1308 us in 8 warps and 3 stages against 1475 in 4 and 2
 PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=8, num_stages=3)
-# float32 models: three stages of float32 tiles need more shared memory than a GPU has
+# float32 models: three stages of float32 tiles need 230 KB of shared memory, more than an A100 has
 FLOAT32_PREFILL_LAUNCH = Launch(BLOCK_KEYS, num_warps=4, num_stages=2)
 MERGE_FIRST_MAX = 64  # a decode merge of many splits: 64 partial outputs of 128 in 115 registers, 8 warps
 # a short turn over a long cached prefix (few tiles, split along the keys), 16-bit models: 77 new tokens
@@ -91,12 +90,14 @@ def num_splits(tiles: int, num_kv_heads: int, max_context: int, device: torch.de
 
 
 def _whole_waves(programs: int, sms: int) -> int:
-    """Splits of a turn's tiles that fill whole waves of one program per SM (see TURN_WAVE_FILL)."""
-    for waves in range(1, TURN_MAX_WAVES + 1):
+    """Splits of a turn's tiles that fill whole waves of one program per SM (see TURN_WAVE_FILL). The fill
+    of w waves nears 1 as w grows, so some w reaches it (at most 4 for fewer programs than 2 waves)."""
+    waves = 1
+    while True:
         splits = waves * sms // programs
         if splits and programs * splits >= TURN_WAVE_FILL * waves * sms:
             return splits
-    return TURN_MAX_WAVES * sms // programs
+        waves += 1
 
 
 def aligned(count: int) -> int:
