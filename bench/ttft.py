@@ -295,7 +295,7 @@ def trace_replay(model: LoadedModel, args: argparse.Namespace, requests: list[Tr
                "mean TTFT ms": statistics.mean(ttfts),
                "median TTFT ms": statistics.median(ttfts), "median limit ms": statistics.median(limit),
                "median TTFT / limit": statistics.median(ttfts) / statistics.median(limit),
-               "rounds apart %": 100 * (max(round_means) / min(round_means) - 1)}  # fmt: skip
+               "rounds apart %": _percent_apart(round_means)}  # fmt: skip
         rows.append(row)
         out[name] = row | {"ttft_ms": ttfts, "limit_ms": limit}
     print(f"\ntrace replay: {len(requests)} requests, twice per configuration, pool {pool_tokens} tokens")
@@ -329,7 +329,7 @@ def step_times(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
                      "median step ms": statistics.median(t), "p90 step ms": sorted(t)[len(t) * 9 // 10],
                      "max step ms": max(t), "engine thread off its CPU ms": off_cpu,
                      "round means ms": " / ".join(f"{m:.2f}" for m in round_means),
-                     "rounds apart %": 100 * (max(round_means) / min(round_means) - 1)})  # fmt: skip
+                     "rounds apart %": _percent_apart(round_means)})  # fmt: skip
     print(f"\nsteps: {args.step_streams} decoding streams, a {args.step_prompt}-token prefill every 4 steps")
     print_table(rows)
     mean = {row["tiers"]: row["mean step ms"] for row in rows}
@@ -337,6 +337,11 @@ def step_times(model: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
             "rounds_apart": max(row["rounds apart %"] for row in rows) / 100,
             "step_ms": {name: [[round(wall, 3) for wall, _ in run] for run in runs]
                         for name, runs in rounds.items()}}  # fmt: skip
+
+
+def _percent_apart(means: list[float]) -> float:
+    """How far the largest of a configuration's round means is above the smallest, in percent."""
+    return 100 * (max(means) / min(means) - 1)
 
 
 def _one_run(model: LoadedModel, args: argparse.Namespace, tiers: bool) -> list[tuple[float, float]]:
