@@ -603,6 +603,25 @@ def test_demotion_to_pinned_host_does_not_wait_for_the_device() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reading_a_landed_host_block_does_not_wait_for_copies_queued_after_it() -> None:
+    """A block demoted earlier is read (or evicted to disk) while a newer demotion still waits behind a
+    step the device is computing: the read waits for its own copy, not for that step."""
+    shape = (2, 2, 16, 2, 8)
+    host = HostTier(capacity_blocks=3, block_shape=shape, dtype=torch.float32, pin=True)
+    host.put(b"a" * 16, torch.full(shape, 1.0, device="cuda"))
+    host.put(b"b" * 16, torch.full(shape, 2.0, device="cuda"))
+    torch.cuda.synchronize()  # these two have landed
+    torch.cuda._sleep(2_000_000_000)  # a long step in flight: seconds
+    host.put(b"c" * 16, torch.full(shape, 3.0, device="cuda"))  # its copy waits behind the step
+    kv = host.get(b"a" * 16)
+    key, evicted, _ = host.evict()  # the least recently used: b, landed too
+    assert not torch.cuda.current_stream().query()  # neither waited for the step
+    assert torch.all(kv == 1.0) and key == b"b" * 16 and torch.all(evicted == 2.0)
+    assert torch.all(host.get(b"c" * 16) == 3.0)  # a read of the newest waits for its copy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_write_through_gather_does_not_wait_for_the_device() -> None:
     pool = KVPool(2, 8, 16, 2, 8, torch.float32, torch.device("cuda"))
     pool.k[:, 16:32] = 5.0

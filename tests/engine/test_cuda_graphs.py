@@ -84,3 +84,22 @@ def test_a_graph_replayed_again_before_the_device_caught_up_keeps_each_steps_inp
     for prompt, table in zip(prompts, blocks, strict=True):
         engine.runner.forward([ForwardItem(prompt, 0, table)], graphs=False)
         torch.testing.assert_close(engine.pool.read_blocks(table), graphed.pop(0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_eager_pass_is_queued_without_waiting_for_the_device(tiny_llama_folder: Path) -> None:
+    """A prompt too long for any graph (a fresh one, then a chunk over its blocks) is queued behind work
+    the device has not done yet, without the host waiting for that work or for the pass itself (staged
+    evictions and the next scheduling run meanwhile), and gives the logits it gives with an idle device."""
+    model = load_model(str(tiny_llama_folder), torch.device("cuda"), torch.float32)
+    engine = LLMEngine(model, EngineConfig(kv_pool_tokens=4096, prefix_cache=False))
+    prompt = list(range(100, 400))
+    blocks = engine.pool.allocate(-(-len(prompt) // engine.pool.block_size))
+    items = [ForwardItem(prompt[:200], 0, blocks), ForwardItem(prompt[200:], 200, blocks)]
+    idle = [engine.runner.forward([item], graphs=False)[0].cpu() for item in items]
+    torch.cuda._sleep(1_000_000_000)  # the device lags behind the host
+    queued = [engine.runner.forward([item], graphs=False)[0] for item in items]
+    assert not torch.cuda.current_stream().query()  # both passes queued, the host not held up
+    for logits, want in zip(queued, idle, strict=True):
+        torch.testing.assert_close(logits.cpu(), want, atol=1e-4, rtol=1e-4)

@@ -13,6 +13,7 @@ from warmkv.engine.forward_item import ForwardItem
 from warmkv.models.attention import AttentionBatch, SequenceSlice
 from warmkv.models.layers import has_kernels
 from warmkv.models.llama import LlamaForCausalLM
+from warmkv.uploads import to_device
 
 if TYPE_CHECKING:
     from warmkv.engine.cuda_graphs import StepGraphs
@@ -80,28 +81,31 @@ class ModelRunner:
         shape = self.graphs.shape_for(items) if graphs and self.graphs else None
         if shape is not None:
             return list(self.graphs.forward(items, shape, new_tokens).split(1))  # type: ignore[union-attr]
+        # every host input goes up before the layers are queued, none of them waiting for the device
         input_ids = (
-            torch.tensor([t for item in items for t in item.token_ids], device=self.device)
+            to_device(torch.tensor([t for item in items for t in item.token_ids]), self.device)
             if new_tokens is None
             else new_tokens
         )
         positions = torch.cat([torch.arange(i.start, i.start + len(i.token_ids)) for i in items])
-        hidden = self.module(
-            input_ids, positions.to(self.device), (self.pool.k, self.pool.v), self._batch(items)
-        )
         rows, sizes, offset = [], [], 0
         for item in items:
             offset += len(item.token_ids)
             first = offset - len(item.token_ids) if item.all_logits else offset - 1
             rows.append(torch.arange(first, offset))
             sizes.append(offset - first)
+        logit_rows = to_device(torch.cat(rows), self.device)
+        hidden = self.module(
+            input_ids, to_device(positions, self.device), (self.pool.k, self.pool.v), self._batch(items)
+        )
         # one lm_head matmul for the whole batch: its weight is read once, not once per sequence
-        return list(self.module.logits(hidden[torch.cat(rows).to(self.device)]).split(sizes))
+        return list(self.module.logits(hidden[logit_rows]).split(sizes))
 
     def _batch(self, items: list[ForwardItem]) -> AttentionBatch:
-        slot_mapping = torch.cat(
-            [self.pool.slots(i.block_ids, i.start, i.start + len(i.token_ids)) for i in items]
-        ).to(self.device)
+        slot_mapping = to_device(
+            torch.cat([self.pool.slots(i.block_ids, i.start, i.start + len(i.token_ids)) for i in items]),
+            self.device,
+        )
         # PyTorch's fused attention takes no sinks (gpt-oss): unfused, a long prompt's scores alone would
         # take gigabytes, so such a model's fresh prompt reads the pool through the kernel too
         sinks = self.module.config.attention_sinks
@@ -124,7 +128,7 @@ class ModelRunner:
                 SequenceSlice(
                     query_start=offset,
                     query_len=len(item.token_ids),
-                    context_slots=self.pool.slots(item.block_ids, 0, context_len).to(self.device),
+                    context_slots=to_device(self.pool.slots(item.block_ids, 0, context_len), self.device),
                     is_whole=item.start == 0,
                 )
             )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from warmkv.errors import InvalidRequest
+from warmkv.uploads import to_device
 
 if TYPE_CHECKING:
     from warmkv.engine.grammar import Grammar
@@ -152,10 +153,9 @@ def sample_rows(
 
 
 def _to_device(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A small host list on `device` without waiting for the work queued there (a plain copy to a GPU
-    would: a decode run launched ahead would be waited for)."""
-    host = torch.tensor(values, dtype=dtype)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    """A small host list on `device` without waiting for the work queued there (a decode run launched
+    ahead)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 @dataclass(slots=True)

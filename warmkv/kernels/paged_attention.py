@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from warmkv.kernels.dependent_launch import options, wait_for_previous
+from warmkv.uploads import to_device
 
 
 @dataclass(slots=True, frozen=True)
@@ -142,7 +143,7 @@ def plan(
     flat = torch.zeros(sum(aligned(size) for size in sizes), dtype=torch.int32)
     for part, values in zip(split_aligned(flat, sizes), host, strict=True):
         part.copy_(values.flatten())
-    on_device = split_aligned(flat.to(device, non_blocking=True), sizes)  # the kernel reads these, not `flat`
+    on_device = split_aligned(to_device(flat, device), sizes)
     parts = [part.view(t.shape) for part, t in zip(on_device, host, strict=True)]
     splits = num_splits(len(tile_seqs), num_kv_heads, max(context_lens), device, max(query_lens) == 1)
     return PagedBatch(*parts, block_size, per_tile, splits)

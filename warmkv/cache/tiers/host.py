@@ -7,7 +7,7 @@ has not landed yet (rare: it was demoted moments ago), which then waits on the C
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from functools import partial
 
@@ -28,8 +28,12 @@ class HostTier:
         self._free = list(range(capacity_blocks))
         self._block_bytes = self._slab[0].numel() * self._slab.element_size() if capacity_blocks else 0
         self.stats = TierStats()
-        self._in_flight: set[int] = set()  # slots whose copy from the device may not have landed yet
-        self._copied = torch.cuda.Event() if pin else None  # recorded after the latest such copy
+        self._pinned = pin
+        # copies from the device that may not have landed yet, oldest first: each batch's event (recorded
+        # after it on the tier's stream) and its slots, and each such slot's batch. A reader waits for its
+        # slot's batch alone, not for copies queued after it (those wait for the step in flight)
+        self._batches: deque[tuple[torch.cuda.Event, list[int]]] = deque()
+        self._in_flight: dict[int, torch.cuda.Event] = {}
         self._stream: torch.cuda.Stream | None = None  # the copies' own stream, made on first use
 
     def contains(self, key: bytes) -> bool:
@@ -59,7 +63,7 @@ class HostTier:
         # list's order, in which slots freed together lie in runs: one copy per run, not per block
         slots = [self._free.pop() for _ in rows][::-1]
         runs = _runs(rows, slots)
-        if kv.is_cuda and self._copied is not None and rows:
+        if kv.is_cuda and self._pinned and rows:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(kv.device)
             # after what the device has queued so far: the gather of kv, and any earlier read of these slots
@@ -68,8 +72,11 @@ class HostTier:
                 for row, slot, count in runs:
                     self._slab[slot : slot + count].copy_(kv[row : row + count], non_blocking=True)
             kv.record_stream(self._stream)  # not reused before the copies have read it
-            self._copied.record(self._stream)
-            self._in_flight.update(slots)
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+            self._forget_landed()
+            self._batches.append((copied, slots))
+            self._in_flight.update(dict.fromkeys(slots, copied))
         else:
             for row, slot, count in runs:
                 self._slab[slot : slot + count].copy_(kv[row : row + count])
@@ -88,9 +95,8 @@ class HostTier:
 
     def items(self) -> list[tuple[bytes, torch.Tensor]]:
         """Every block held, least recently used first: its key and a view of its slot."""
-        in_flight = next(iter(self._in_flight), None)
-        if in_flight is not None:
-            self._landed(in_flight)  # one wait lands them all
+        if self._batches:
+            self._landed(self._batches[-1][1][0])  # the latest batch: one wait lands them all
         return [(key, self._slab[slot]) for key, slot in self._slots.items()]
 
     @property
@@ -115,9 +121,23 @@ class HostTier:
 
     def _landed(self, slot: int) -> None:
         """Wait until the slot's copy from the device has landed (it usually has: then at no cost)."""
-        if slot in self._in_flight:
-            self._copied.synchronize()  # type: ignore[union-attr]
-            self._in_flight.clear()
+        copied = self._in_flight.get(slot)
+        if copied is None:
+            return
+        copied.synchronize()
+        while self._batches:  # one stream: every batch up to this one has landed, none after it need have
+            event, slots = self._batches.popleft()
+            for landed in slots:
+                del self._in_flight[landed]
+            if event is copied:
+                break
+
+    def _forget_landed(self) -> None:
+        """Drop the oldest batches whose copies have landed, asking the device without waiting: the slots
+        read or evicted later are then known to need no wait."""
+        while self._batches and self._batches[0][0].query():
+            for landed in self._batches.popleft()[1]:
+                del self._in_flight[landed]
 
     def _update_size(self) -> None:
         self.stats.blocks = len(self._slots)
