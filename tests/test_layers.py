@@ -1,6 +1,6 @@
 """The package's imports point one way, read from the source (nothing is imported):
 
-    cli / server / router / bench / client  ->  chat  ->  engine  ->  cache, models  ->  kernels
+    cli / server / router / bench / client  ->  chat  ->  engine  ->  cache, models  ->  kernels, uploads
 
 with errors.py, paths.py and text.py below everything. Imports inside `if TYPE_CHECKING:` are names for
 type hints only and are not counted. A thin process must not load torch: that is tested by running one.
@@ -23,7 +23,7 @@ LAYERS = {
     "chat": 4,  # serves the server: templates, messages, tool calls, turn memory
     "engine": 3,
     "cache": 2, "models": 2,
-    "kernels": 1,
+    "kernels": 1, "uploads": 1,  # uploads: host tensors onto the device, for the kernels and the engine
     "errors": 0, "paths": 0, "text": 0,
 }  # fmt: skip
 
