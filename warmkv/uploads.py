@@ -6,9 +6,9 @@ import torch
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` on `device`, queued behind the work already there rather than waited for: a plain copy from
-    pageable memory to a GPU first waits for the device's stream to drain, so an eager prefill whose last
-    upload came after its layers held the host until the whole pass had run, and staged evictions and the
-    next step's scheduling could not overlap it. Pinned memory's caching allocator keeps the buffer until
-    the copy has read it."""
+    """`host` on `device`, queued behind the device's work instead of waiting for it: a copy from pageable
+    memory first drains the stream (an eager prefill's last upload held the engine thread for its whole pass).
+    A pinned `host` is read when the copy runs, so it must not change afterwards; pageable memory is copied to
+    pinned memory first, which the caching allocator reuses only once the copy has read it. (Each step's
+    block lists go through the pool's own pinned buffers instead: KVPool._PinnedUploads.)"""
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)

@@ -29,6 +29,7 @@ from warmkv.models.attention import AttentionBatch, SequenceSlice, attend, build
 from warmkv.models.config import MlaConfig, ModelConfig
 from warmkv.models.layers import Linear, RMSNorm, rotate
 from warmkv.models.rope import yarn_mscale
+from warmkv.uploads import to_device
 
 LATENT_NORM_EPS = 1e-6  # the q and kv latent norms use RMSNorm's default, not the config's rms_norm_eps
 
@@ -151,7 +152,7 @@ def _decode_table(
     for row, seq in enumerate(decoding):
         slots[row, : seq.context_slots.shape[0]] = seq.context_slots
         key_ok[row, : seq.context_slots.shape[0]] = True
-    rows = torch.tensor([seq.query_start for seq in decoding], device=device)
+    rows = to_device(torch.tensor([seq.query_start for seq in decoding]), device)
     return rows, slots, key_ok
 
 

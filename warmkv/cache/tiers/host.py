@@ -30,7 +30,7 @@ class HostTier:
         self.stats = TierStats()
         self._pinned = pin
         # copies from the device that may not have landed yet, oldest first: each batch's event (recorded
-        # after it on the tier's stream) and its slots, and each such slot's batch. A reader waits for its
+        # after it on the tier's stream) and its slots, and each such slot's event. A reader waits for its
         # slot's batch alone, not for copies queued after it (those wait for the step in flight)
         self._batches: deque[tuple[torch.cuda.Event, list[int]]] = deque()
         self._in_flight: dict[int, torch.cuda.Event] = {}
@@ -95,8 +95,10 @@ class HostTier:
 
     def items(self) -> list[tuple[bytes, torch.Tensor]]:
         """Every block held, least recently used first: its key and a view of its slot."""
-        if self._batches:
-            self._landed(self._batches[-1][1][0])  # the latest batch: one wait lands them all
+        if self._batches:  # one wait for the latest copy lands them all
+            self._batches[-1][0].synchronize()
+            self._batches.clear()
+            self._in_flight.clear()
         return [(key, self._slab[slot]) for key, slot in self._slots.items()]
 
     @property
