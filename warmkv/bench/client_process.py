@@ -9,6 +9,7 @@ trace through the embedded server: bench/results/ttft-trace-breakdown-nvidia-h10
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -62,7 +63,9 @@ class ClientProcess:
 
     def close(self) -> None:
         if self._child.stdin is not None:
-            self._child.stdin.close()
+            # a child that stopped cannot take what a failed send left buffered (send said it stopped)
+            with contextlib.suppress(BrokenPipeError):
+                self._child.stdin.close()
         try:
             self._child.wait(timeout=10)
         except subprocess.TimeoutExpired:
