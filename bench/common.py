@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -112,6 +113,16 @@ def prefill_flops(model: LoadedModel, new_tokens: int, cached_tokens: int) -> fl
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def cpu_name() -> str:
+    """The processor's model name, as the results name their machine."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "cpu"
+    found = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    return found.group(1).strip() if found else "cpu"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

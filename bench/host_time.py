@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.common import print_table, write_result
+from bench.common import cpu_name, print_table, write_result
 from warmkv.bench.replay import TurnResult, replay_embedded
 from warmkv.bench.trace import TraceRequest, load_trace
 from warmkv.engine.forward_item import ForwardItem
@@ -105,16 +105,6 @@ def _forward_taken_out(vocab_size: int) -> Iterator[None]:
         yield
     finally:
         ModelRunner.forward = forward  # type: ignore[method-assign]
-
-
-def cpu_name() -> str:
-    """The processor's model name, as the results name their machine."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "cpu"
-    found = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
-    return found.group(1).strip() if found else "cpu"
 
 
 if __name__ == "__main__":
