@@ -95,14 +95,16 @@ def test_load_on_replicas_each_in_its_own_process_routed_and_sharing_a_tier(
     tmp_path: Path, redis_server: RedisProcess, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two replica processes, each making the random model itself (seeded: the same weights, so the same
-    cache fingerprint), against one replica holding both replicas' memory. Round-robin sends a session's
-    turns to either replica: only the shared tier brings the other replica's KV; the router keeps a
-    session where its KV is."""
+    cache fingerprint), against one replica holding both replicas' memory. One session at a time, so that
+    round-robin deals a session's turns to the replicas alternately whatever the timing (with sessions at
+    once, a turn's replica depends on how many other turns came in between: a CI run found round-robin
+    as sticky as the router by luck): only the shared tier brings the other replica's KV; the router keeps
+    a session where its KV is. The router's spreading of concurrent load: tests/server/test_router.py."""
     trace = small_trace(tmp_path / "trace.jsonl")
     out = tmp_path / "results"
     main(["bench", "load", str(trace), "--shape", "llama-tiny-64k", "--tokenizer", str(smollm2_tokenizer()),
           "--device", "cpu", "--replicas", "2", "--redis-url", redis_server.url, "--copies", "2",
-          "--tool-time", "0.05", "--reply-tokens", "4", "--max-batch-tokens", "64",
+          "--concurrency", "1", "--tool-time", "0.05", "--reply-tokens", "4", "--max-batch-tokens", "64",
           "--out", str(out), "--name", "replicas"])  # fmt: skip
     printed = capsys.readouterr().out
     result = json.loads((out / "replicas.json").read_text())
@@ -121,12 +123,12 @@ def test_load_on_replicas_each_in_its_own_process_routed_and_sharing_a_tier(
         assert len(row["per_replica"]) == (1 if name == "1x_all_memory" else 2)
         assert ("--redis-url" in row["flags"]) == name.endswith("_shared")
         assert name in printed
-    for name in ("2x_router", "2x_router_shared"):  # both replicas served, every request once
-        served = rows[name]["served_per_replica"]
-        assert sum(served) == 24 and min(served) > 0
+    for name in ("2x_router", "2x_router_shared"):  # every request once; with neither replica busier,
+        assert sorted(rows[name]["served_per_replica"]) == [0, 24]  # sessions sharing a system prompt meet
     cached = {name: row["cached_tokens"] for name, row in rows.items()}
     assert cached["2x_round_robin_shared"] > cached["2x_round_robin"]  # the other replica's KV, from Redis
     assert cached["2x_router"] > cached["2x_round_robin"]
+    assert cached["2x_router"] > cached["2x_round_robin_shared"]  # the history never has to move
     assert rows["2x_round_robin_shared"]["tiers"]["remote"]["writes"] > 0
     assert "remote" not in rows["2x_round_robin"]["tiers"]
     scaling = result["scaling"]
