@@ -170,3 +170,39 @@ def test_a_sessions_early_message_ends_outlive_its_early_turns() -> None:
     head = session.turns.longest_prefix_of("", branch.text, branch.text_ends)
     assert head is not None and head[0] == branch.text[: branch.spans[0].text_end]
     assert head[1] == branch.token_ids[: branch.spans[0].end]
+
+
+class CountingText(str):
+    """A request's text, counting the remembered turns compared with it."""
+
+    compared = 0
+
+    def startswith(self, prefix: object, *args: object) -> bool:  # type: ignore[override]
+        CountingText.compared += 1
+        return super().startswith(prefix, *args)  # type: ignore[arg-type]
+
+
+def test_a_turn_is_found_among_many_without_comparing_them_all() -> None:
+    """Fifty sessions sharing a system prompt, eight turns each, remembered as the server does: each next
+    request finds the longest turn it begins with (the one comparing every turn held would find) after
+    comparing a few, where comparing all 800 cost each request their shared prefix 800 times."""
+    session = ChatSession(TOKENIZER, TEMPLATE, PARSERS["hermes"])
+    system = {"role": "system", "content": "You are a coding agent with these tools. " * 20}
+    histories = {n: [system, {"role": "user", "content": f"Task {n}."}] for n in range(50)}
+    for step in range(8):
+        for n, history in histories.items():
+            prompt = session.prompt(history, None, None, "")
+            reply = f"Step {step} of task {n} done."
+            session.after_reply("", prompt, encode(TOKENIZER, reply), history, None, [])
+            history += [{"role": "assistant", "content": reply},
+                        {"role": "user", "content": f"Go on {step}."}]  # fmt: skip
+    held = list(session.turns._turns[""])
+    assert len(held) == 50 * 8 * 2
+    for n in (0, 25, 49):
+        request = build(histories[n])
+        text = CountingText(request.text)
+        CountingText.compared = 0
+        found = session.turns.longest_prefix_of("", text, request.text_ends)
+        assert found is not None and found[0] == max((t for t in held if request.text.startswith(t)), key=len)
+        assert CountingText.compared <= 4
+        assert request.text[len(found[0]) :].startswith("<|im_end|>")  # the last reply's turn, whole

@@ -49,10 +49,11 @@ class ChatSession:
         the reply called tools."""
         if reply_ids and reply_ids[-1] in self.tokenizer.all_special_ids:
             reply_ids = reply_ids[:-1]  # the end-of-turn token: the template writes it back itself
-        self.turns.remember(namespace, prompt.text, prompt.token_ids)
-        reply_text = self.tokenizer.decode(reply_ids, skip_special_tokens=False)
-        # the message ends once, with the later of the two turns (the longer lived): they are the prompt's
+        # both turns with the prompt's message ends: a later request finds a turn it begins with at the last
+        # of them (the reply's turn, the longer lived, takes them over for branches)
         ends = prompt.message_ends()
+        self.turns.remember(namespace, prompt.text, prompt.token_ids, ends)
+        reply_text = self.tokenizer.decode(reply_ids, skip_special_tokens=False)
         self.turns.remember(namespace, prompt.text + reply_text, prompt.token_ids + reply_ids, ends)
         if not (self.predictive_prefill and calls):
             return None
