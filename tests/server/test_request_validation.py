@@ -80,6 +80,51 @@ def test_unencodable_text_is_refused_naming_the_field(
     assert_still_serving(server)
 
 
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/messages", {"messages": [{"role": "user", "content": f"hi {LONE_SURROGATE}"}]},
+         "messages.0.content"),
+        ("/v1/messages", {"messages": HELLO, "system": [{"type": "text", "text": LONE_SURROGATE}]},
+         "system.0.text"),
+        ("/v1/messages", {"messages": HELLO, "stop_sequences": [LONE_SURROGATE]}, "stop_sequences.0"),
+        ("/v1/messages/count_tokens",
+         {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE_SURROGATE}]}]},
+         "messages.0.content.0.text"),
+        ("/v1/responses", {"input": f"hi {LONE_SURROGATE}"}, "input"),
+        ("/v1/responses", {"input": "hi", "instructions": LONE_SURROGATE}, "instructions"),
+    ],
+)  # fmt: skip
+def test_unencodable_text_is_refused_by_the_anthropic_and_responses_apis(
+    server: EmbeddedServer, path: str, fields: dict, param: str
+) -> None:
+    """Each in its own error shape (it was a 500: the tokenizer cannot take the text)."""
+    limit = {"max_output_tokens": 16} if path == "/v1/responses" else {"max_tokens": 2}
+    if path.endswith("count_tokens"):
+        limit = {}
+    for stream in (False, True):
+        response = post(server, path, {"model": MODEL, **limit, **fields, "stream": stream})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"].startswith(f"{param}: ")
+        assert "not valid Unicode" in error["message"]
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
+def test_a_body_that_is_not_json_is_refused_saying_so(server: EmbeddedServer, path: str) -> None:
+    headers = {"content-type": "application/json"}
+    broken = httpx.post(f"{server.url}{path}", content=b'{"model": ', headers=headers)
+    assert broken.status_code == 400
+    error = broken.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] == "the body is not valid JSON: Expecting value at character 10"
+    assert error.get("param") is None  # (it named the character offset as the field)
+    empty = httpx.post(f"{server.url}{path}", headers=headers)
+    assert empty.status_code == 400
+    assert empty.json()["error"]["message"] == "the request has no body: send a JSON object"
+
+
 def test_bad_request_does_not_fail_one_in_flight(server: EmbeddedServer) -> None:
     long = {"model": MODEL, "messages": HELLO, "max_tokens": 40, "ignore_eos": True, "temperature": 0,
             "cache_salt": "in-flight"}  # fmt: skip

@@ -7,31 +7,29 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from warmkv.server.protocol import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class CacheControl(_Strict):
+class CacheControl(Strict):
     type: Literal["ephemeral"]
     ttl: Literal["5m", "1h"] | None = None
 
 
-class AnthropicMessage(_Strict):
+class AnthropicMessage(Strict):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
 
 
-class SystemBlock(_Strict):
+class SystemBlock(Strict):
     type: Literal["text"]
     text: str
     cache_control: CacheControl | None = None
     citations: list[dict[str, Any]] | None = None
 
 
-class AnthropicTool(_Strict):
+class AnthropicTool(Strict):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     input_schema: dict[str, Any]
@@ -41,30 +39,30 @@ class AnthropicTool(_Strict):
     strict: Literal[False] | None = Field(default=None, description="strict tool schemas are not supported")
 
 
-class ToolChoiceAuto(_Strict):
+class ToolChoiceAuto(Strict):
     type: Literal["auto"]
     disable_parallel_tool_use: bool = False
 
 
-class ToolChoiceAny(_Strict):
+class ToolChoiceAny(Strict):
     type: Literal["any"]
     disable_parallel_tool_use: bool = False
 
 
-class ToolChoiceTool(_Strict):
+class ToolChoiceTool(Strict):
     type: Literal["tool"]
     name: str
     disable_parallel_tool_use: bool = False
 
 
-class ToolChoiceNone(_Strict):
+class ToolChoiceNone(Strict):
     type: Literal["none"]
 
 
 ToolChoice = ToolChoiceAuto | ToolChoiceAny | ToolChoiceTool | ToolChoiceNone
 
 
-class Thinking(_Strict):
+class Thinking(Strict):
     """Accepted: the served models write no separate thinking, so any budget is kept."""
 
     type: Literal["enabled", "disabled", "adaptive"]
@@ -72,12 +70,12 @@ class Thinking(_Strict):
     display: Literal["summarized", "omitted"] | None = None
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
     effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None  # accepted, as thinking is
     format: None = Field(default=None, description="structured output formats are not supported")
 
 
-class CountTokensRequest(_Strict):
+class CountTokensRequest(Strict):
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[SystemBlock] | None = None

@@ -69,6 +69,12 @@ def install_error_handlers(app: FastAPI, writers: dict[str, ErrorWriter]) -> Non
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
+        if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+            reason = (first.get("ctx") or {}).get("error", "JSON decode error")
+            message = f"the body is not valid JSON: {reason} at character {first['loc'][-1]}"
+            return answer(request, 400, "invalid_request_error", message)
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing":
+            return answer(request, 400, "invalid_request_error", "the request has no body: send a JSON object")
         # a check over the whole body names the field it refused in its context
         param = (first.get("ctx") or {}).get("param") or ".".join(str(p) for p in first.get("loc", ())[1:])
         param = param or None

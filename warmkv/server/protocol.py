@@ -40,8 +40,8 @@ _REFUSED = {
 _TEXT_CHECKED: ContextVar[bool] = ContextVar("warmkv_text_checked", default=False)
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TextChecked(BaseModel):
+    """The base of every request body's models, of every API."""
 
     @model_validator(mode="wrap")
     @classmethod
@@ -63,6 +63,16 @@ class _Lenient(BaseModel):
             return handler(data)
         finally:
             _TEXT_CHECKED.reset(checked)
+
+
+class _Lenient(TextChecked):
+    model_config = ConfigDict(extra="allow")
+
+
+class Strict(TextChecked):
+    """Anthropic's and the Responses API's bodies: an unknown field is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def unencodable_text(value: Any, path: str = "") -> str | None:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from warmkv.server.protocol import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FunctionTool(_Strict):
+class FunctionTool(Strict):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
@@ -22,12 +20,12 @@ class FunctionTool(_Strict):
     strict: bool | None = None
 
 
-class FunctionChoice(_Strict):
+class FunctionChoice(Strict):
     type: Literal["function"]
     name: str
 
 
-class TextFormat(_Strict):
+class TextFormat(Strict):
     """The reply's form: free text, or JSON (under a schema) enforced by grammar on the chat path."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -44,12 +42,12 @@ class TextFormat(_Strict):
         return None if self.type == "text" else {"type": self.type}
 
 
-class TextConfig(_Strict):
+class TextConfig(Strict):
     format: TextFormat | None = None
     verbosity: Literal["medium"] | None = Field(default=None, description="only the default verbosity")
 
 
-class Reasoning(_Strict):
+class Reasoning(Strict):
     """Accepted: the served models write no separate reasoning, so there is none to summarise or limit."""
 
     effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
@@ -57,11 +55,11 @@ class Reasoning(_Strict):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_obfuscation: bool | None = None  # no obfuscation padding is ever added
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(Strict):
     model: str
     input: str | list[dict[str, Any]] = Field(min_length=1)
     instructions: str | None = None
