@@ -148,6 +148,58 @@ def test_a_forced_call_cut_by_max_tokens_finishes_with_length(tiny_server: Embed
     assert response.choices[0].finish_reason == "length" and not response.choices[0].message.tool_calls
 
 
+def test_a_reply_cut_by_max_tokens_after_its_calls_finishes_with_length_on_every_api(
+    server: EmbeddedServer,
+) -> None:
+    """Calls complete, the reply cut before its end: the agent must see that it was cut (it read as a
+    finished tool call on every API, with the cut call's text beside the whole ones)."""
+    ask = [{"role": "user", "content": "Weather in Paris and in Rome, please."}]
+    body = {"model": MODEL, "messages": ask, "tools": TOOLS, "tool_choice": "required", "temperature": 0}
+    chat = f"{server.url}/v1/chat/completions"
+    whole = httpx.post(chat, json={**body, "max_tokens": 300}, timeout=120).json()
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    cut_at = whole["usage"]["completion_tokens"] - 1
+    cut = httpx.post(chat, json={**body, "max_tokens": cut_at}, timeout=120).json()
+    assert cut["choices"][0]["message"]["tool_calls"]  # a whole call before the cut
+    assert cut["choices"][0]["finish_reason"] == "length"
+    anthropic_tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]}
+                       for t in TOOLS]  # fmt: skip
+    message = httpx.post(f"{server.url}/v1/messages", timeout=120, json={
+        "model": MODEL, "messages": ask, "tools": anthropic_tools, "tool_choice": {"type": "any"},
+        "temperature": 0, "max_tokens": cut_at}).json()  # fmt: skip
+    assert any(block["type"] == "tool_use" for block in message["content"])
+    assert message["stop_reason"] == "max_tokens"
+    response_tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    response = httpx.post(f"{server.url}/v1/responses", timeout=120, json={
+        "model": MODEL, "input": ask, "tools": response_tools, "tool_choice": "required", "temperature": 0,
+        "max_output_tokens": cut_at}).json()  # fmt: skip
+    assert any(item["type"] == "function_call" for item in response["output"])
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    messages = [item for item in response["output"] if item["type"] == "message"]
+    assert all(item["status"] == "incomplete" for item in messages[-1:])
+
+
+def test_tools_sharing_a_name_are_a_400_on_every_api(server: EmbeddedServer) -> None:
+    """(A named choice among them was a 500.)"""
+    twice = [TOOLS[0], TOOLS[0]]
+    name = TOOLS[0]["function"]["name"]
+    requests = {
+        "/v1/chat/completions": {"messages": ASK, "tools": twice, "max_tokens": 4,
+                                 "tool_choice": {"type": "function", "function": {"name": name}}},
+        "/v1/messages": {"messages": ASK, "max_tokens": 4, "tool_choice": {"type": "tool", "name": name},
+                         "tools": [{"name": name, "input_schema": TOOLS[0]["function"]["parameters"]}] * 2},
+        "/v1/responses": {"input": "hi", "max_output_tokens": 16,
+                          "tool_choice": {"type": "function", "name": name},
+                          "tools": [{"type": "function", **TOOLS[0]["function"]}] * 2},
+    }  # fmt: skip
+    for path, fields in requests.items():
+        response = httpx.post(f"{server.url}{path}", json={"model": MODEL, **fields}, timeout=120)
+        assert response.status_code == 400, (path, response.text)
+        message = response.json()["error"]["message"]
+        assert message == f"tools: two tools are named {name!r}; each needs a name of its own"
+
+
 def test_json_schema_reply_satisfies_the_schema_on_the_tiny_model(tiny_server: EmbeddedServer) -> None:
     schema = SCHEMAS["get_weather"]
     for seed in range(4):

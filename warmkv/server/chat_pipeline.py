@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,9 +86,9 @@ class ChatReply:
         return piece
 
     def _end(self, sequence: Sequence) -> tuple[ReplyEnd, str | None]:
-        if self.calls:
-            return ReplyEnd.TOOL_CALLS, None
         reason = ReplyEnd(sequence.finish_reason.value)  # type: ignore[union-attr]
+        if self.calls and reason is ReplyEnd.STOP:  # cut by max_tokens, it is cut, whatever calls it made
+            return ReplyEnd.TOOL_CALLS, None
         if reason is not ReplyEnd.STOP or not self._stops or sequence.finish_reason is not FinishReason.STOP:
             return reason, None
         # which stop string ended it: the first one in the text as generated
@@ -121,6 +122,10 @@ async def start_chat(state: ServerState, chat: ChatRequest) -> ChatRun:
     if len(chat.messages) > state.settings.max_messages:
         raise InvalidRequest(f"messages: {len(chat.messages)} messages; this server takes at most "
                              f"{state.settings.max_messages} (--max-messages)")  # fmt: skip
+    names = Counter(tool["function"]["name"] for tool in chat.tools or [])
+    twice = next((name for name, count in names.items() if count > 1), None)
+    if twice is not None:  # a call names its tool: which of the two would it be?
+        raise InvalidRequest(f"tools: two tools are named {twice!r}; each needs a name of its own")
     prompt = await asyncio.to_thread(
         state.session.prompt, chat.messages, chat.tools, chat.tool_choice, chat.namespace
     )

@@ -74,7 +74,8 @@ def install_error_handlers(app: FastAPI, writers: dict[str, ErrorWriter]) -> Non
             message = f"the body is not valid JSON: {reason} at character {first['loc'][-1]}"
             return answer(request, 400, "invalid_request_error", message)
         if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing":
-            return answer(request, 400, "invalid_request_error", "the request has no body: send a JSON object")
+            message = "the request has no body: send a JSON object"
+            return answer(request, 400, "invalid_request_error", message)
         # a check over the whole body names the field it refused in its context
         param = (first.get("ctx") or {}).get("param") or ".".join(str(p) for p in first.get("loc", ())[1:])
         param = param or None

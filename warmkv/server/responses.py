@@ -237,7 +237,9 @@ class ResponseFormat(ReplyFormat):
         if message is None:
             return []
         part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
-        message |= {"status": "completed", "content": [part]}
+        # a message a call follows is whole; the last one is cut with the reply
+        cut = self._end is not None and self._end.end is ReplyEnd.LENGTH
+        message |= {"status": "incomplete" if cut else "completed", "content": [part]}
         index = self.output.index(message)
         ids = {"item_id": message["id"], "output_index": index, "content_index": 0}
         return [self._event("response.output_text.done", **ids, text=self.text, logprobs=[]),
