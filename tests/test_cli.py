@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from warmkv.cache.config import CacheConfig
 from warmkv.cli import build_parser, main
 from warmkv.config_flags import engine_config_from
 from warmkv.errors import WarmkvError
@@ -109,6 +110,8 @@ def test_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         main(["serve", "--help"])
     text = capsys.readouterr().out
     assert "(default: 8000)" in text and "(default: 16)" in text and "(default: auto)" in text
+    assert " ".join(text.split()).count("search bits (default: 600)") == 1  # octal, as the flag takes it
+    assert build_parser().parse_args(["serve"]).kv_dir_mode == 0o600 == CacheConfig().kv_file_mode
 
 
 @pytest.mark.parametrize(

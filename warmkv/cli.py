@@ -198,11 +198,13 @@ def _cache(args: argparse.Namespace) -> None:
     from warmkv.cache.config import default_kv_dir
 
     kv_dir = Path(args.kv_dir) if args.kv_dir else default_kv_dir()
+    if args.kv_dir and not kv_dir.is_dir():  # (the default one is made by the first server that runs)
+        raise WarmkvError(f"--kv-dir {args.kv_dir}: no such folder")
     if args.action == "explain":
-        if not args.trace or not Path(args.trace).is_file():
-            raise WarmkvError(
-                f"cache explain needs a trace file written by `warmkv serve --trace`: {args.trace}"
-            )
+        if not args.trace:
+            raise WarmkvError("cache explain needs a trace file written by `warmkv serve --trace`")
+        if not Path(args.trace).is_file():
+            raise WarmkvError(f"cache explain: no such trace file: {args.trace}")
         print("\n".join(admin.explain(Path(args.trace))))
     elif args.action == "clear":
         cleared = admin.clear(kv_dir)

@@ -96,7 +96,7 @@ def _add_tier_flags(parser: argparse.ArgumentParser, defaults: CacheConfig) -> N
     tiers.add_argument(
         "--kv-dir-mode",
         type=_octal,
-        default=defaults.kv_file_mode,
+        default=f"{defaults.kv_file_mode:o}",  # parsed by _octal, and shown in --help as written
         help="mode of KV files, octal (600: the owner only; 640 or 660 for a shared group); folders get "
         "the matching search bits",
     )

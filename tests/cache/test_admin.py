@@ -78,6 +78,23 @@ def test_cli_clear_says_what_it_deleted_and_left(tmp_path: Path, capsys: pytest.
     assert "deleted 2 KV blocks" in out and "left alone" in out and "photos" in out
 
 
+@pytest.mark.parametrize("action", ["stats", "ls", "clear", "verify"])
+def test_cli_refuses_a_kv_dir_that_is_not_there(tmp_path: Path, action: str) -> None:
+    """A mistyped --kv-dir is not an empty cache (clear said "deleted 0" and exited 0)."""
+    with pytest.raises(SystemExit) as exited:
+        main(["cache", action, "--kv-dir", str(tmp_path / "typo")])
+    assert exited.value.code == f"warmkv: error: --kv-dir {tmp_path / 'typo'}: no such folder"
+
+
+def test_cli_explain_names_what_it_lacks(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["cache", "explain"])
+    assert "cache explain needs a trace file written by `warmkv serve --trace`" in str(exited.value.code)
+    with pytest.raises(SystemExit) as exited:
+        main(["cache", "explain", str(tmp_path / "none.jsonl")])
+    assert "no such trace file" in str(exited.value.code) and "None" not in str(exited.value.code)
+
+
 def test_cli_verify_exits_non_zero_on_corruption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocks = stored_blocks(tmp_path, 2)
     main(["cache", "verify", "--kv-dir", str(tmp_path)])  # all sound: exits normally

@@ -378,3 +378,20 @@ def test_cpu_install_without_triton_generates_the_same_tokens(tiny_model, tiny_l
     assert done.returncode == 0, done.stderr
     want = run(engine_for(tiny_model, prefix_cache=False), PROMPT, max_tokens=6, ignore_eos=True)[0]
     assert json.loads(done.stdout.splitlines()[-1]) == want
+
+
+def test_a_context_window_other_than_asked_is_said_in_the_log(
+    tiny_model, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--max-model-len past the model's positions, or past what the pool holds: served, and said so."""
+    with caplog.at_level("WARNING", logger="warmkv.engine"):
+        engine = LLMEngine(tiny_model, EngineConfig(kv_pool_tokens=256, max_model_len=1024))
+    assert engine.max_model_len == 256
+    said = caplog.text
+    assert "--max-model-len 1024 is past the model's 512 positions" in said
+    assert "--max-model-len 1024: the KV pool holds 256 tokens, so the context window is 256" in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="warmkv.engine"):
+        within = LLMEngine(tiny_model, EngineConfig(kv_pool_tokens=4096, max_model_len=500))
+    assert within.max_model_len == 500
+    assert "--max-model-len" not in caplog.text

@@ -139,6 +139,7 @@ class LLMEngine:
         # every block of a pool smaller than the context would wait for that one forever
         self.pool_tokens = self.pool.num_free * config.block_size
         self.max_model_len = min(self.max_model_len, self.pool_tokens)
+        _explain_context_window(config.max_model_len, cfg.max_position_embeddings, self.max_model_len)
         if self.runner.kernels:
             self.runner.warm_up()
         self._cpu_work = EngineCpuWork()  # this thread's step work, which background writers wait out
@@ -680,3 +681,15 @@ class LLMEngine:
         else:
             self.pool.decref_many(seq.block_ids)
         seq.block_ids, seq.block_hashes, seq.num_computed = [], [], 0
+
+
+def _explain_context_window(asked: int | None, positions: int, window: int) -> None:
+    """Say so when --max-model-len is not the window served, or asks for positions the model never saw."""
+    if asked is None:
+        return
+    if asked > positions:
+        log.warning("--max-model-len %d is past the model's %d positions: it never saw the ones beyond, and "
+                    "may answer long prompts badly", asked, positions)  # fmt: skip
+    if window < asked:
+        log.warning("--max-model-len %d: the KV pool holds %d tokens, so the context window is %d; "
+                    "--kv-pool-tokens or --kv-pool-gib make it larger", asked, window, window)  # fmt: skip
