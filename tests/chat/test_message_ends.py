@@ -163,3 +163,17 @@ def test_a_prefix_the_template_refuses_ends_nowhere() -> None:
     assert anchors.message_ends(TOKENIZER, messages, tools, template, text) == [(1, "user", len(whole))]
     prompt = build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], messages, tools, None)
     assert prompt.text == text
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_ends_of_a_prompt_that_continues_its_last_message_equal_the_definition(name: str) -> None:
+    """An assistant prefill: the text stops inside the last message, which therefore ends nowhere."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "JSON?"},
+                {"role": "assistant", "content": '{"a": '}]  # fmt: skip
+    template = TEMPLATES[name]
+    text = render_chat(TOKENIZER, messages, None, False, template, continue_final=True)
+    assert text.endswith('{"a": ')
+    ends = anchors.message_ends(TOKENIZER, messages, None, template, text, False, continue_final=True)
+    assert ends == by_definition(messages, template, text)
+    assert len(messages) - 1 not in [index for index, _, _ in ends]

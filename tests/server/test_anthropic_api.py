@@ -197,3 +197,42 @@ def test_x_api_key_authenticates(default_model) -> None:
         assert bearer.messages.count_tokens(model=MODEL, messages=FRANCE).input_tokens == 37
     finally:
         guarded.stop()
+
+
+def test_a_final_assistant_message_is_continued_as_a_prefill(server: EmbeddedServer, default_model) -> None:
+    """The reply goes on with the prefill's text (it used to close that turn and start another); chat
+    completions' continue_final_message (vLLM's) gives the same tokens from the same prompt."""
+    from warmkv.chat.prompt import build_chat_prompt
+    from warmkv.chat.tool_calls import PARSERS
+
+    tokenizer = default_model.tokenizer
+    prefill = [{"role": "user", "content": "Describe a dog as JSON."},
+               {"role": "assistant", "content": '{"breed": "'}]  # fmt: skip
+    continued = build_chat_prompt(tokenizer, tokenizer.chat_template, PARSERS["hermes"], prefill, None, None,
+                                  continue_final=True)  # fmt: skip
+    assert continued.text.endswith('<|im_start|>assistant\n{"breed": "')
+    message = create(server, prefill, "prefill", max_tokens=12)
+    assert prompt_tokens(message.usage) == len(continued.token_ids)
+    assert message.stop_reason == "max_tokens" and not message.content[0].text.startswith("{")
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": prefill, "max_tokens": 12, "temperature": 0, "cache_salt": "prefill",
+        "continue_final_message": True, "add_generation_prompt": False}).json()  # fmt: skip
+    assert chat["usage"]["prompt_tokens"] == len(continued.token_ids)
+    assert chat["choices"][0]["message"]["content"] == message.content[0].text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "says"),
+    [
+        ("/v1/messages", {"max_tokens": 4, "messages": [*FRANCE, {"role": "assistant", "content": "Paris "}]},
+         "final assistant content cannot end with trailing whitespace"),
+        ("/v1/chat/completions", {"messages": FRANCE, "continue_final_message": True},
+         "only an assistant message can be continued"),
+        ("/v1/chat/completions", {"messages": FRANCE, "add_generation_prompt": False},
+         "add_generation_prompt: false is supported only with continue_final_message"),
+    ],
+)  # fmt: skip
+def test_a_prefill_that_cannot_be_continued_is_a_400(server: EmbeddedServer, path: str, body: dict,
+                                                    says: str) -> None:  # fmt: skip
+    response = httpx.post(f"{server.url}{path}", json={"model": MODEL, **body}, timeout=120)
+    assert response.status_code == 400 and says in response.json()["error"]["message"], response.text

@@ -38,10 +38,11 @@ def message_ends(
     template: str,
     text: str,
     add_generation_prompt: bool = True,
+    continue_final: bool = False,
 ) -> list[tuple[int, str, int]]:
     """(message index, role, character offset just past it) for each message that ends inside `text`, the
-    conversation as rendered with or without the generation prompt."""
-    render = _Prefixes(tokenizer, messages, tools, template, text, add_generation_prompt)
+    conversation as rendered with or without the generation prompt, or continuing its last message."""
+    render = _Prefixes(tokenizer, messages, tools, template, text, add_generation_prompt, continue_final)
     ends = _ends_from_marked_render(render)
     if ends is not None:
         return ends
@@ -53,13 +54,16 @@ class _Prefixes:
     definition renders it (without the generation prompt)."""
 
     def __init__(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                 template: str, text: str, add_generation_prompt: bool) -> None:  # fmt: skip
+                 template: str, text: str, add_generation_prompt: bool,
+                 continue_final: bool) -> None:  # fmt: skip
         self.messages, self.text = messages, text
-        self._render = lambda some, opened=False: render_chat(tokenizer, some, tools, opened, template)
-        self._opened = add_generation_prompt
+        self._render = lambda some, opened=False, going_on=False: render_chat(
+            tokenizer, some, tools, opened, template, going_on
+        )
+        self._opened, self._continued = add_generation_prompt, continue_final
 
     def marked(self, messages: list[dict[str, Any]]) -> str:
-        return self._render(messages, self._opened)
+        return self._render(messages, self._opened, self._continued)
 
     def end_of(self, index: int) -> int | None:
         """Where message `index` ends, if rendering up to it gives a prefix of the prompt: the definition.

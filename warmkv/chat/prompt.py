@@ -41,18 +41,24 @@ def build_chat_prompt(
     namespace: str = "",
     add_generation_prompt: bool = True,
     stable_tokens: bool = True,
+    continue_final: bool = False,
 ) -> ChatPrompt:
-    """`stable_tokens` False tokenises the text whole, as a text-keyed cache would (no message spans)."""
+    """`stable_tokens` False tokenises the text whole, as a text-keyed cache would (no message spans).
+    `continue_final`: the reply goes on with the last message, an assistant's (a prefill)."""
+    if continue_final and messages[-1:] and messages[-1].get("role") != "assistant":
+        raise InvalidRequest("only an assistant message can be continued: the last message is not one")
     template_messages, template_tools = for_template(messages, tools, template, parser)
-    text = render_chat(tokenizer, template_messages, template_tools, add_generation_prompt, template)
+    text = render_chat(tokenizer, template_messages, template_tools, add_generation_prompt, template,
+                       continue_final)  # fmt: skip
     prefix = _forced_prefix(tools, tool_choice, parser)
+    if continue_final and prefix:
+        raise InvalidRequest("a reply that continues the assistant's message cannot be forced to call a tool")
     forced = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
     names = {t["function"]["name"] for t in tools or []} if tool_choice != "none" else set()
-    ends = (
-        message_ends(tokenizer, template_messages, template_tools, template, text, add_generation_prompt)
-        if stable_tokens
-        else []
-    )
+    ends = []
+    if stable_tokens:
+        ends = message_ends(tokenizer, template_messages, template_tools, template, text,
+                            add_generation_prompt, continue_final)  # fmt: skip
     ends_at = [end for _, _, end in ends]
     head = turns.longest_prefix_of(namespace, text + prefix, ends_at) if turns and stable_tokens else None
     token_ids, spans = encode_segments(tokenizer, text + prefix, ends, head)

@@ -28,11 +28,13 @@ class ChatSession:
         tools: list[dict[str, Any]] | None,
         tool_choice: str | dict[str, Any] | None,
         namespace: str,
+        continue_final: bool = False,
     ) -> ChatPrompt:
-        """The prompt a chat request continues, reusing the ids of a remembered turn it starts with."""
+        """The prompt a chat request continues, reusing the ids of a remembered turn it starts with;
+        `continue_final`: the reply goes on with the last (assistant) message."""
         return build_chat_prompt(
             self.tokenizer, self.template, self.parser, messages, tools, tool_choice, self.turns, namespace,
-            stable_tokens=self.stable_tokens,
+            stable_tokens=self.stable_tokens, continue_final=continue_final,
         )  # fmt: skip
 
     def after_reply(

@@ -16,14 +16,18 @@ def render_chat(
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    continue_final: bool = False,
 ) -> str:
+    """`continue_final`: the text ends inside the last message, left open for the model to go on with
+    (an assistant prefill); no generation prompt then."""
     if not messages:
         raise InvalidRequest("messages must not be empty")
     try:
         return tokenizer.apply_chat_template(
             messages,
             tools=tools or None,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=add_generation_prompt and not continue_final,
+            continue_final_message=continue_final,
             chat_template=chat_template,
             tokenize=False,
         )

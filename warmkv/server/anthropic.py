@@ -62,7 +62,22 @@ def to_chat(body: CountTokensRequest, namespace: str) -> ChatRequest:
         namespace=namespace,
         breakpoints=frozenset(breakpoints),
         max_tool_calls=1 if one_call else None,
+        continue_final=_prefilled(body),
     )
+
+
+def _prefilled(body: CountTokensRequest) -> bool:
+    """A last assistant message of text is the start of the reply (a prefill): the model goes on with it."""
+    last = body.messages[-1] if body.messages else None
+    if last is None or last.role != "assistant":
+        return False
+    blocks = [{"type": "text", "text": last.content}] if isinstance(last.content, str) else last.content
+    if any(block.get("type") != "text" for block in blocks):
+        return False  # (tool uses: rendered as a whole turn, as before)
+    text = "".join(block.get("text", "") for block in blocks)
+    if text != text.rstrip():  # as Anthropic's API: the model would go on from a cut it never makes
+        raise InvalidRequest("final assistant content cannot end with trailing whitespace")
+    return True
 
 
 def _tool_choice(body: CountTokensRequest) -> str | dict[str, Any] | None:

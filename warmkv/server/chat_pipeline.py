@@ -40,6 +40,7 @@ class ChatRequest:
     max_tool_calls: int | None = None  # 1 when the client turned parallel tool calls off
     response_format: dict[str, Any] | None = None  # OpenAI's: the reply must be JSON (under a schema)
     n: int = 1  # choices: sequences sampled from the one prompt
+    continue_final: bool = False  # the reply goes on with the last message, an assistant's (a prefill)
 
 
 class ReplyEnd(str, enum.Enum):
@@ -127,7 +128,7 @@ async def start_chat(state: ServerState, chat: ChatRequest) -> ChatRun:
     if twice is not None:  # a call names its tool: which of the two would it be?
         raise InvalidRequest(f"tools: two tools are named {twice!r}; each needs a name of its own")
     prompt = await asyncio.to_thread(
-        state.session.prompt, chat.messages, chat.tools, chat.tool_choice, chat.namespace
+        state.session.prompt, chat.messages, chat.tools, chat.tool_choice, chat.namespace, chat.continue_final
     )
     prompt_tokens = len(prompt.token_ids)
     # unset: whatever the context window leaves (at least 1, so an overlong prompt is refused as such)
@@ -153,9 +154,11 @@ async def start_chat(state: ServerState, chat: ChatRequest) -> ChatRun:
 async def remember_reply(state: ServerState, run: ChatRun, sequence: Sequence) -> None:
     """After a reply: remember its turn, and prefill the history a tool-calling client will send back."""
     chat = run.chat
+    # (a continued message comes back as the prefill and the reply in one message: not predicted)
+    calls = [] if chat.continue_final else run.reply.calls
     predicted = await asyncio.to_thread(
         state.session.after_reply,
-        chat.namespace, run.prompt, sequence.output_ids, chat.messages, chat.tools, run.reply.calls,
+        chat.namespace, run.prompt, sequence.output_ids, chat.messages, chat.tools, calls,
     )  # fmt: skip
     if predicted is not None:
         state.engine.prefill_when_idle(predicted, chat.namespace)

@@ -79,6 +79,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         max_tool_calls=1 if body.parallel_tool_calls is False else None,
         response_format=body.response_format.model_dump(by_alias=True) if body.response_format else None,
         n=body.n,
+        continue_final=body.continue_final_message,
     )
     run = await start_chat(state, chat)
     formats = [

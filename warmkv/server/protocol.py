@@ -228,6 +228,16 @@ class ChatCompletionRequest(_Generation):
     reasoning_effort: Any = None
     verbosity: Any = None
     web_search_options: Any = None
+    # vLLM's: the reply goes on with the last message, an assistant's (a prefill), instead of a new turn
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True  # vLLM's: false only with continue_final_message
+
+    @field_validator("add_generation_prompt")
+    @classmethod
+    def _opened_unless_continued(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value and not info.data.get("continue_final_message"):
+            raise ValueError("false is supported only with continue_final_message (a reply needs its turn)")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
