@@ -57,8 +57,8 @@ class _Prefixes:
                  template: str, text: str, add_generation_prompt: bool,
                  continue_final: bool) -> None:  # fmt: skip
         self.messages, self.text = messages, text
-        self._render = lambda some, opened=False, going_on=False: render_chat(
-            tokenizer, some, tools, opened, template, going_on
+        self._render = lambda some, opened=False, continued=False: render_chat(
+            tokenizer, some, tools, opened, template, continued
         )
         self._opened, self._continued = add_generation_prompt, continue_final
 
