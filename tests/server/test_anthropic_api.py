@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import pytest
@@ -236,3 +238,28 @@ def test_a_prefill_that_cannot_be_continued_is_a_400(server: EmbeddedServer, pat
                                                     says: str) -> None:  # fmt: skip
     response = httpx.post(f"{server.url}{path}", json={"model": MODEL, **body}, timeout=120)
     assert response.status_code == 400 and says in response.json()["error"]["message"], response.text
+
+
+def test_a_cut_reply_has_its_blocks_in_one_order_streamed_or_not(server: EmbeddedServer) -> None:
+    """A whole call, then the next call cut by max_tokens (returned as text): the message lists the blocks
+    in the order the stream starts them (it put all text first)."""
+    from .test_structured_output import TOOLS
+
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    ask = [{"role": "user", "content": "Weather in Paris and in Rome, please."}]
+    body = {"model": MODEL, "messages": ask, "tools": tools, "tool_choice": {"type": "any"}, "temperature": 0}
+    url = f"{server.url}/v1/messages"
+    whole = httpx.post(url, json={**body, "max_tokens": 300}, timeout=120).json()
+    cut_at = whole["usage"]["output_tokens"] - 10
+    message = httpx.post(url, json={**body, "max_tokens": cut_at}, timeout=120).json()
+    blocks: list[dict] = []
+    streamed = {**body, "max_tokens": cut_at, "stream": True}
+    with httpx.stream("POST", url, json=streamed, timeout=120) as events:
+        for line in events.iter_lines():
+            event = json.loads(line.removeprefix("data: ")) if line.startswith("data: ") else {}
+            if event.get("type") == "content_block_start":
+                blocks.append(dict(event["content_block"]))
+            elif event.get("type") == "content_block_delta" and event["delta"]["type"] == "text_delta":
+                blocks[event["index"]]["text"] += event["delta"]["text"]
+    assert [b["type"] for b in message["content"]] == [b["type"] for b in blocks] == ["tool_use", "text"]
+    assert message["content"][1]["text"] == blocks[1]["text"] and blocks[1]["text"].startswith("<tool_call>")

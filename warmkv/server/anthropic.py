@@ -207,9 +207,14 @@ class MessageFormat(ReplyFormat):
 
     def whole(self, outputs: list[StepOutput], record: RequestRecord) -> dict[str, Any]:
         pieces = [self.reply.feed(output) for output in outputs]
-        text = "".join(piece.text for piece in pieces)
-        content = [{"type": "text", "text": text}] if text or not self.reply.calls else []
-        return self._message(content + [_tool_use(call) for call in self.reply.calls], pieces[-1])
+        content: list[dict[str, Any]] = []  # in the reply's order, the blocks the stream would start
+        for piece in pieces:
+            if piece.text and content and content[-1]["type"] == "text":
+                content[-1]["text"] += piece.text
+            elif piece.text:
+                content.append({"type": "text", "text": piece.text})
+            content += [_tool_use(call) for call in piece.calls]
+        return self._message(content or [{"type": "text", "text": ""}], pieces[-1])
 
     def opening(self) -> list[str]:
         start = {"type": "message_start", "message": self._message([], None)}
