@@ -10,7 +10,7 @@ BLOCK = 16
 
 
 def test_warmups_prefill_the_history_and_the_turn_hits_it(server: EmbeddedServer) -> None:
-    client = WarmClient(server.client(), warmup="always")
+    client = WarmClient(server.client(), warmup="always", warmup_wait_s=60)  # never sent past it
     messages = [{"role": "system", "content": "You answer in one short sentence. " * 10},
                 {"role": "user", "content": "Name a colour."}]  # fmt: skip
     for question in ("Name a fruit.", "Name a city."):

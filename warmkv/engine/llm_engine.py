@@ -661,18 +661,20 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, keep_tail: bool = True) -> None:
         seq.finish_reason = reason
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        if self.prefix_cache is not None and keep_tail:
-            self.prefix_cache.finish(
-                seq.cache_namespace, seq.token_ids, seq.block_hashes, seq.num_prompt_tokens,
-                seq.cache_breakpoint, seq.cache_hit,
-            )  # fmt: skip
-        # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
-        # ended, and where the reply (as computed) ends
-        self._release(seq, (*seq.anchors, seq.num_prompt_tokens, seq.num_computed) if keep_tail else ())
+        try:
+            if self.prefix_cache is not None and keep_tail:
+                self.prefix_cache.finish(
+                    seq.cache_namespace, seq.token_ids, seq.block_hashes, seq.num_prompt_tokens,
+                    seq.cache_breakpoint, seq.cache_hit,
+                )  # fmt: skip
+            # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
+            # ended, and where the reply (as computed) ends
+            self._release(seq, (*seq.anchors, seq.num_prompt_tokens, seq.num_computed) if keep_tail else ())
+        finally:  # last: an engine without work holds no sequence's blocks (another thread may be looking)
+            if seq in self.running:
+                self.running.remove(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
 
     def _release(self, seq: Sequence, anchors: tuple[int, ...] = ()) -> None:
         if self.prefix_cache is not None:
