@@ -139,3 +139,30 @@ def test_bad_request_does_not_fail_one_in_flight(server: EmbeddedServer) -> None
     assert_refused(post(server, "/v1/chat/completions", seeded), "seed")
     worker.join(timeout=120)
     assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 40
+
+
+@pytest.mark.parametrize(
+    ("path", "messages", "says"),
+    [
+        ("/v1/chat/completions", [{"role": "user", "content": None}],
+         "messages.0: content is required in user messages"),
+        ("/v1/chat/completions", [*HELLO, {"role": "tool", "tool_call_id": "c1", "content": None}],
+         "messages.1: content is required in tool messages"),
+        ("/v1/messages", [*HELLO, {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "read", "input": "a.py"}]}],
+         "messages.1.content: a tool_use block's input must be an object"),
+        ("/v1/messages", [*HELLO, {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_9", "content": "done"}]}],
+         "messages.1.content: tool_result for 'toolu_9', which no tool_use block of the assistant message "
+         "before it has"),
+    ],
+)  # fmt: skip
+def test_malformed_turns_are_refused_as_the_hosted_apis_refuse_them(
+    server: EmbeddedServer, path: str, messages: list, says: str
+) -> None:
+    """(They were served: a user turn of null content, a call's input as a string, a tool result answering
+    no call.)"""
+    response = post(server, path, {"model": MODEL, "max_tokens": 2, "messages": messages})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == says
+    assert_still_serving(server)

@@ -99,6 +99,7 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], set[int]]
         out.append({"role": "system", "content": [{"type": "text", "text": b.text} for b in body.system]})
         if any(b.cache_control for b in body.system):
             breakpoints.add(0)
+    called: set[str] = set()  # the tool_use ids of the assistant message before, which results answer
     for at, message in enumerate(body.messages):
         blocks = (
             [{"type": "text", "text": message.content}]
@@ -113,11 +114,12 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], set[int]]
                     f"{message.role} messages (supported: {', '.join(sorted(_BLOCK_TYPES[message.role]))})"
                 )
             if message.role == "assistant":
-                _add_assistant_block(out, block, first)
+                _add_assistant_block(out, block, at, first)
             else:
-                _add_user_block(out, block, at, first)
+                _add_user_block(out, block, at, first, called)
             if block.get("cache_control"):
                 breakpoints.add(len(out) - 1)
+        called = {b.get("id", "") for b in blocks if b.get("type") == "tool_use"}
     return out, breakpoints
 
 
@@ -127,10 +129,14 @@ _BLOCK_TYPES = {
 }
 
 
-def _add_user_block(out: list[dict[str, Any]], block: dict[str, Any], at: int, first: int) -> None:
+def _add_user_block(out: list[dict[str, Any]], block: dict[str, Any], at: int, first: int,
+                    called: set[str]) -> None:  # fmt: skip
     if block["type"] == "tool_result":
         if "tool_use_id" not in block:
             raise InvalidRequest(f"messages.{at}.content: a tool_result block needs its tool_use_id")
+        if block["tool_use_id"] not in called:  # as Anthropic's API: a result answers the call before it
+            raise InvalidRequest(f"messages.{at}.content: tool_result for {block['tool_use_id']!r}, which no "
+                                 "tool_use block of the assistant message before it has")  # fmt: skip
         text = _text_of(block.get("content", ""), f"messages.{at}.content.tool_result")
         # the chat path has no error flag on a tool result: the model reads it in the text
         out.append({"role": "tool", "tool_call_id": block["tool_use_id"],
@@ -143,7 +149,7 @@ def _add_user_block(out: list[dict[str, Any]], block: dict[str, Any], at: int, f
         out.append({"role": "user", "content": [part]})
 
 
-def _add_assistant_block(out: list[dict[str, Any]], block: dict[str, Any], first: int) -> None:
+def _add_assistant_block(out: list[dict[str, Any]], block: dict[str, Any], at: int, first: int) -> None:
     if block["type"] in ("thinking", "redacted_thinking"):
         return  # another model's thinking: the served models read no thinking blocks back
     if len(out) == first:
@@ -152,6 +158,8 @@ def _add_assistant_block(out: list[dict[str, Any]], block: dict[str, Any], first
     if block["type"] == "text":
         message["content"].append({"type": "text", "text": block.get("text", "")})
         return
+    if not isinstance(block.get("input", {}), dict):
+        raise InvalidRequest(f"messages.{at}.content: a tool_use block's input must be an object")
     function = {"name": block.get("name", ""), "arguments": json.dumps(block.get("input", {}))}
     call = {"id": block.get("id", ""), "type": "function", "function": function}
     message.setdefault("tool_calls", []).append(call)

@@ -121,6 +121,12 @@ class ChatMessage(_Lenient):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="after")
+    def _content_unless_calling(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":  # (an assistant's may hold only calls)
+            raise ValueError(f"content is required in {self.role} messages")
+        return self
+
 
 class FunctionDef(_Lenient):
     name: str
