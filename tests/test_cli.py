@@ -187,3 +187,20 @@ def test_generate_uses_model_defaults_and_prints_one_stats_line(
     main([*common, "--temperature", "0", "--repetition-penalty", "1"])
     # a flag beats the model's default
     assert "temperature 0, top_p 1, top_k 7, repetition_penalty 1 (" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [(["serve", "--bogus"], "serve"), (["bench", "load", "--bogus"], "bench load"),
+     (["cache", "stats", "--bogus"], "cache")],
+)  # fmt: skip
+def test_a_stray_flag_is_named_with_its_command_usage(
+    argv: list[str], command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(argparse named it under the top-level usage, which lists no flags of the command.)"""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: warmkv {command} ")
+    assert f"warmkv {command}: error: unrecognized arguments: --bogus" in err

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Handler, help_text: str, into: Any = commands) -> argparse.ArgumentParser:
         sub = into.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, command_parser=sub)  # (it names a stray flag with its own usage)
         return sub
 
     generate = command("generate", "warmkv.cli:_generate", "generate from a prompt or a messages file")
@@ -230,7 +230,9 @@ def _print_left_alone(foreign: list[Path], shown: int = 10) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args, stray = build_parser().parse_known_args(argv)
+    if stray:  # argparse reports a subcommand's stray flag with the top-level usage: `serve --help`'s here
+        args.command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     module, function = args.handler.split(":")
     try:
         getattr(importlib.import_module(module), function)(args)
