@@ -21,6 +21,8 @@ WEATHER_TOOL = {
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
 FORCE_WEATHER = {"type": "tool", "name": "get_weather"}
+CALL_1 = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+CALL_2 = {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Rome"}}
 
 
 def client(server: EmbeddedServer, api_key: str = "unused") -> anthropic.Anthropic:
@@ -215,6 +217,8 @@ def test_a_final_assistant_message_is_continued_as_a_prefill(server: EmbeddedSer
     assert continued.text.endswith('<|im_start|>assistant\n{"breed": "')
     message = create(server, prefill, "prefill", max_tokens=12)
     assert prompt_tokens(message.usage) == len(continued.token_ids)
+    counted = httpx.post(f"{server.url}/v1/messages/count_tokens", json={"model": MODEL, "messages": prefill})
+    assert counted.json() == {"input_tokens": len(continued.token_ids)}
     assert message.stop_reason == "max_tokens" and not message.content[0].text.startswith("{")
     chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
         "model": MODEL, "messages": prefill, "max_tokens": 12, "temperature": 0, "cache_salt": "prefill",
@@ -232,6 +236,10 @@ def test_a_final_assistant_message_is_continued_as_a_prefill(server: EmbeddedSer
          "only an assistant message can be continued"),
         ("/v1/chat/completions", {"messages": FRANCE, "add_generation_prompt": False},
          "add_generation_prompt: false is supported only with continue_final_message"),
+        ("/v1/chat/completions", {"continue_final_message": True, "messages": [*FRANCE, {
+            "role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+         "the last message has no text to continue"),
     ],
 )  # fmt: skip
 def test_a_prefill_that_cannot_be_continued_is_a_400(server: EmbeddedServer, path: str, body: dict,
@@ -263,3 +271,22 @@ def test_a_cut_reply_has_its_blocks_in_one_order_streamed_or_not(server: Embedde
                 blocks[event["index"]]["text"] += event["delta"]["text"]
     assert [b["type"] for b in message["content"]] == [b["type"] for b in blocks] == ["tool_use", "text"]
     assert message["content"][1]["text"] == blocks[1]["text"] and blocks[1]["text"].startswith("<tool_call>")
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        [{"role": "assistant", "content": []}],  # an empty final assistant message: a new turn, as before
+        [{"role": "assistant", "content": [CALL_1, CALL_2]},
+         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a"}]},
+         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": "b"}]}],
+        [{"role": "assistant", "content": [CALL_1]}, {"role": "assistant", "content": [CALL_2]},
+         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "a"},
+                                      {"type": "tool_result", "tool_use_id": "toolu_2", "content": "b"}]}],
+    ],
+)  # fmt: skip
+def test_turns_anthropic_combines_are_served(server: EmbeddedServer, turns: list[dict]) -> None:
+    """Consecutive messages of one role are one turn: results may answer calls split over two messages."""
+    body = {"model": MODEL, "max_tokens": 2, "messages": [*FRANCE, *turns], "tools": [WEATHER_TOOL]}
+    response = httpx.post(f"{server.url}/v1/messages", json=body, timeout=120)
+    assert response.status_code == 200, response.text

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmkv.chat.anchors import MessageSpan, encode_segments, message_ends
-from warmkv.chat.messages import for_template
+from warmkv.chat.messages import for_template, text_of
 from warmkv.chat.template import render_chat
 from warmkv.chat.tool_calls import ToolCallParser
 from warmkv.chat.turns import TurnMemory
@@ -47,6 +47,8 @@ def build_chat_prompt(
     `continue_final`: the reply goes on with the last message, an assistant's (a prefill)."""
     if continue_final and messages[-1:] and messages[-1].get("role") != "assistant":
         raise InvalidRequest("only an assistant message can be continued: the last message is not one")
+    if continue_final and messages[-1:] and not text_of(messages[-1].get("content")):
+        raise InvalidRequest("the last message has no text to continue (its tool calls cannot be)")
     template_messages, template_tools = for_template(messages, tools, template, parser)
     text = render_chat(tokenizer, template_messages, template_tools, add_generation_prompt, template,
                        continue_final)  # fmt: skip

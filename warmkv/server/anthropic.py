@@ -75,6 +75,8 @@ def _prefilled(body: CountTokensRequest) -> bool:
     if any(block.get("type") != "text" for block in blocks):
         return False  # (tool uses: rendered as a whole turn, as before)
     text = "".join(block.get("text", "") for block in blocks)
+    if not text:
+        return False  # nothing to go on with: a new turn, as before
     if text != text.rstrip():  # as Anthropic's API: the model would go on from a cut it never makes
         raise InvalidRequest("final assistant content cannot end with trailing whitespace")
     return True
@@ -99,7 +101,9 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], set[int]]
         out.append({"role": "system", "content": [{"type": "text", "text": b.text} for b in body.system]})
         if any(b.cache_control for b in body.system):
             breakpoints.add(0)
-    called: set[str] = set()  # the tool_use ids of the assistant message before, which results answer
+    # the tool_use ids of the assistant turn before, which results answer (consecutive messages of one role
+    # are one turn, as Anthropic combines them)
+    called: set[str] = set()
     for at, message in enumerate(body.messages):
         blocks = (
             [{"type": "text", "text": message.content}]
@@ -119,7 +123,10 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], set[int]]
                 _add_user_block(out, block, at, first, called)
             if block.get("cache_control"):
                 breakpoints.add(len(out) - 1)
-        called = {b.get("id", "") for b in blocks if b.get("type") == "tool_use"}
+        if message.role == "assistant":
+            opened = at == 0 or body.messages[at - 1].role != "assistant"
+            calls = {b.get("id", "") for b in blocks if b.get("type") == "tool_use"}
+            called = calls if opened else called | calls
     return out, breakpoints
 
 

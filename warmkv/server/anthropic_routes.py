@@ -55,6 +55,6 @@ async def count_tokens(body: CountTokensRequest, request: Request, state: State)
     state.check_model(body.model)
     chat = to_chat(body, cache_namespace(request, body.cache_salt))
     prompt = await asyncio.to_thread(
-        state.session.prompt, chat.messages, chat.tools, chat.tool_choice, chat.namespace
+        state.session.prompt, chat.messages, chat.tools, chat.tool_choice, chat.namespace, chat.continue_final
     )
     return {"input_tokens": len(prompt.token_ids)}
