@@ -8,7 +8,10 @@ request (as the server's session memory does), timed over --repeats builds (the 
 - grows: the next turn of that conversation (its text begins with the remembered turn's);
 - branches: another conversation over the same system prompt (a sub-agent, a retry with another last
   message): no remembered text is a prefix of it, so it reuses ids up to the message end it shares;
-- no memory: the same branch with nothing remembered, tokenised whole.
+- no memory: the same branch with nothing remembered, tokenised whole;
+- grows among many: the next turn of one of --held-sessions conversations over that system prompt, each
+  --held-turns turns long, all remembered as the server remembers them (a shared namespace: clients
+  without a tenant); what finding its remembered turn costs among the others'.
 
 --trace FILE (a chat-request trace, e.g. ../shared/data/traces/tau_bench_airline_gpt4o.jsonl): its requests
 built in order as the server builds them (one session memory, each prompt remembered after a short reply),
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system-tokens", type=int, default=18000, help="system prompt size, about")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--trace", help="also build a chat-request trace's prompts, as the server does")
+    parser.add_argument("--held-sessions", type=int, default=50, help="conversations remembered at once")
+    parser.add_argument("--held-turns", type=int, default=8, help="turns of each conversation remembered")
     parser.add_argument("--name", default="prompt-build-cpu")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(resolve_model_folder(None) if args.tokenizer is None else Path(args.tokenizer))
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             tokens = len(_build(tokenizer, messages(n), turns).token_ids)
             times.append(time.perf_counter() - started)
         rows.append({"request": case, "prompt_tokens": tokens, "build_ms": 1000 * statistics.median(times)})
+    rows.append(_among_many(tokenizer, system, args.held_sessions, args.held_turns, args.repeats))
     print_table(rows)
     result: dict[str, Any] = {"rows": rows}
     if args.trace:
@@ -104,6 +110,27 @@ def _trace_row(tokenizer: Any, requests: list[TraceRequest], repeats: int) -> di
         "trace requests": len(requests), "median prompt_tokens": statistics.median(tokens),
         "build_ms": 1000 * statistics.median(times), "renders_per_request": renders / len(requests),
     }  # fmt: skip
+
+
+def _among_many(tokenizer: Any, system: dict[str, str], sessions: int, turns: int,
+                repeats: int) -> dict[str, Any]:  # fmt: skip
+    """The next turn of one conversation among `sessions` remembered ones, each `turns` turns long."""
+    session = ChatSession(tokenizer, tokenizer.chat_template, PARSERS["hermes"])
+    reply = tokenizer("Done.", add_special_tokens=False)["input_ids"]
+    histories = {n: [system, {"role": "user", "content": f"Task {n}."}] for n in range(sessions)}
+    for step in range(turns):
+        for history in histories.values():
+            built = session.prompt(history, None, None, "")
+            session.after_reply("", built, reply, history, None, [])
+            history += [{"role": "assistant", "content": "Done."},
+                        {"role": "user", "content": f"Step {step}."}]  # fmt: skip
+    times, tokens = [], 0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        tokens = len(session.prompt(histories[0], None, None, "").token_ids)
+        times.append(time.perf_counter() - started)
+    return {"request": f"grows among {sessions} x {turns} turns", "prompt_tokens": tokens,
+            "build_ms": 1000 * statistics.median(times)}  # fmt: skip
 
 
 def _build(tokenizer: Any, messages: list[dict[str, Any]], turns: TurnMemory | None) -> ChatPrompt:
