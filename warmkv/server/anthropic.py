@@ -12,6 +12,7 @@ from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sampling import SamplingParams
 from warmkv.errors import InvalidRequest, WarmkvError, anthropic_error_body
 from warmkv.server.anthropic_protocol import (
+    AnthropicMessage,
     CountTokensRequest,
     MessagesRequest,
     ToolChoiceAny,
@@ -71,7 +72,7 @@ def _prefilled(body: CountTokensRequest) -> bool:
     last = body.messages[-1] if body.messages else None
     if last is None or last.role != "assistant":
         return False
-    blocks = [{"type": "text", "text": last.content}] if isinstance(last.content, str) else last.content
+    blocks = _blocks(last)
     if any(block.get("type") != "text" for block in blocks):
         return False  # (tool uses: rendered as a whole turn, as before)
     text = "".join(block.get("text", "") for block in blocks)
@@ -105,11 +106,7 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], set[int]]
     # are one turn, as Anthropic combines them)
     called: set[str] = set()
     for at, message in enumerate(body.messages):
-        blocks = (
-            [{"type": "text", "text": message.content}]
-            if isinstance(message.content, str)
-            else message.content
-        )
+        blocks = _blocks(message)
         first = len(out)  # blocks of this message join messages from here on, never an earlier turn's
         for block in blocks:
             if block.get("type") not in _BLOCK_TYPES[message.role]:
@@ -128,6 +125,12 @@ def _messages(body: CountTokensRequest) -> tuple[list[dict[str, Any]], set[int]]
             calls = {b.get("id", "") for b in blocks if b.get("type") == "tool_use"}
             called = calls if opened else called | calls
     return out, breakpoints
+
+
+def _blocks(message: AnthropicMessage) -> list[dict[str, Any]]:
+    """A message's content as blocks (a string is one text block)."""
+    content = message.content
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
 _BLOCK_TYPES = {
