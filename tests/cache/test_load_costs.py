@@ -54,6 +54,7 @@ def test_recalibrate_another_model_or_other_tiers_measure_again(pool: KVPool, tm
         lambda p: calibrated_load_costs(pool, p, False, tmp_path / "kv", "model-a", recalibrate=True),
         lambda p: calibrated_load_costs(pool, p, False, tmp_path / "kv", "model-b"),
         lambda p: calibrated_load_costs(pool, p, None, tmp_path / "kv", "model-a"),  # no host tier
+        lambda p: calibrated_load_costs(pool, p, False, tmp_path / "other-disk", "model-a"),  # --kv-dir
     ):
         prefill = CountingPrefill(0.002)
         call(prefill)

@@ -1,6 +1,6 @@
-"""Load or recompute: measured once per machine, model and device (saved under the user cache dir, so a
-restart does not measure again, and a busy machine at one start does not skew every later one), consulted
-for every hit below the live tier."""
+"""Load or recompute: measured once per machine, model, device and disk folder (saved under the user cache
+dir, so a restart does not measure again, and a busy machine at one start does not skew every later one),
+consulted for every hit below the live tier."""
 
 from __future__ import annotations
 
@@ -55,10 +55,11 @@ def calibrated_load_costs(
     model_fingerprint: str,
     recalibrate: bool = False,
 ) -> LoadCosts:
-    """The saved figures of this machine, model, device and set of tiers; measured (and saved) when there
-    are none, when they are unreadable or implausible, or when `recalibrate` asks."""
+    """The saved figures of this machine, model, device and set of tiers (the disk tier's folder among
+    them: another --kv-dir may be another disk); measured (and saved) when there are none, when they are
+    unreadable or implausible, or when `recalibrate` asks."""
     tiers = ([TierName.HOST] if host_pinned is not None else []) + ([TierName.DISK] if disk_dir else [])
-    path = _calibration_file(pool, model_fingerprint, host_pinned, tiers)
+    path = _calibration_file(pool, model_fingerprint, host_pinned, tiers, disk_dir)
     if not recalibrate:
         saved = _read_costs(path, tiers)
         if saved is not None:
@@ -72,12 +73,13 @@ def calibrated_load_costs(
 
 
 def _calibration_file(
-    pool: KVPool, fingerprint: str, host_pinned: bool | None, tiers: list[TierName]
+    pool: KVPool, fingerprint: str, host_pinned: bool | None, tiers: list[TierName], disk_dir: Path | None
 ) -> Path:
     device = pool.k.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     machine = (socket.gethostname(), platform.machine(), os.cpu_count(), device.type, device_name)
-    key = json.dumps([machine, fingerprint, host_pinned, [t.value for t in tiers]])
+    disk = str(disk_dir.resolve()) if disk_dir is not None else None
+    key = json.dumps([machine, fingerprint, host_pinned, [t.value for t in tiers], disk])
     return cache_home() / "calibration" / f"{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.json"
 
 
