@@ -358,6 +358,40 @@ def test_full_writer_queue_skips_and_counts(tmp_path: Path, monkeypatch) -> None
     disk.close()
 
 
+def test_blocks_queued_together_are_written_or_skipped_each_and_every_slot_released_once(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A demotion hands the disk a step's blocks in one call: those past the queue's room (in blocks, not
+    calls) are skipped and counted, one it holds already is not written again, and each block's `done`
+    (which gives the host tier its slot back) is called once, the written ones only after their write."""
+    import threading
+
+    release, writing = threading.Event(), []
+    write = DiskTier._write
+
+    def held_write(self: DiskTier, key: bytes, kv: torch.Tensor) -> None:
+        release.wait(10)
+        writing.append(key)
+        write(self, key, kv)
+
+    monkeypatch.setattr(DiskTier, "_write", held_write)
+    layout = BlockLayout((2, 1, 4, 1, 2), torch.float32)
+    disk = DiskTier(tmp_path, "ab" * 16, layout, capacity_bytes=1 << 30, queue_size=3)
+    done: list[bytes] = []
+    blocks = [(bytes([i]) * 16, torch.full((2, 1, 4, 1, 2), float(i))) for i in range(5)]
+    disk.put_many([(key, kv, lambda key=key: done.append(key)) for key, kv in blocks])
+    assert sorted(done) == [key for key, _ in blocks[3:]] and disk.stats.skipped_writes == 2
+    disk.put_many([(blocks[0][0], blocks[0][1], lambda: done.append(b"again"))])  # queued already
+    assert done[-1] == b"again" and disk.stats.skipped_writes == 2
+    release.set()
+    disk.flush()
+    assert writing == [key for key, _ in blocks[:3]]
+    assert sorted(done) == sorted([b"again", *[key for key, _ in blocks]])
+    for key, kv in blocks[:3]:
+        assert torch.equal(disk.get(key), kv)
+    disk.close()
+
+
 def test_shared_system_prompt_is_stored_once_on_disk(tiny: LoadedModel, tmp_path: Path) -> None:
     engine = make_engine(tiny, tmp_path)
     system = list(range(5000, 5064))  # four full blocks shared by every session

@@ -113,28 +113,30 @@ class KVPool:
         return torch.stack([side[:, rows] for side in self._stored])
 
     def read_blocks(self, blocks: list[int]) -> torch.Tensor:
-        """A copy of several blocks, gathered in one pass: [n, sides, layers, block_size, heads, head_dim]."""
-        size = self.block_size
-        slots = self._block_slots(blocks)
-        kv = torch.stack([side[:, slots] for side in self._stored])  # [sides, layers, n * size, heads, dim]
-        kv = kv.unflatten(2, (len(blocks), size))  # [sides, layers, n, size, heads, dim]
-        return kv.permute(2, 0, 1, 3, 4, 5).contiguous()
+        """A copy of several blocks: [n, sides, layers, block_size, heads, head_dim]. One gather per side,
+        straight into its place in the copy (the staged evictions run this on the engine's thread while
+        the device computes a step: few operations, no intermediate copies competing with it)."""
+        ids = self._block_ids(blocks)
+        kv = torch.empty((len(blocks), *self.block_shape), dtype=self.k.dtype, device=self.k.device)
+        for side, stored in enumerate(self._stored):
+            torch.index_select(self._by_block(stored), 1, ids, out=kv[:, side].transpose(0, 1))
+        return kv
 
     def write_blocks(self, blocks: list[int], kv: torch.Tensor) -> None:
-        """Fill blocks from kv [n, sides, layers, block_size, kv_heads, head_dim], on any device, with one
-        copy each for K and V rather than a small strided copy per block."""
-        size = self.block_size
-        slots = self._block_slots(blocks)
-        layers = kv.shape[2]
-        for side, target in enumerate(self._stored):
-            rows = kv[:, side].transpose(0, 1).reshape(layers, len(blocks) * size, *kv.shape[-2:])
-            target[:, slots] = rows.to(self.k.device, non_blocking=True)
+        """Fill blocks from kv [n, sides, layers, block_size, kv_heads, head_dim], on any device: one copy to
+        the pool's device, then one scatter per side rather than a small strided copy per block."""
+        ids = self._block_ids(blocks)
+        kv = kv.to(self.k.device, non_blocking=True)
+        for side, stored in enumerate(self._stored):
+            self._by_block(stored).index_copy_(1, ids, kv[:, side].transpose(0, 1))
 
-    def _block_slots(self, blocks: list[int]) -> torch.Tensor:
-        """Flat slot indices of whole blocks, on the pool's device."""
-        device = self.k.device
-        ids = self._uploads.upload(blocks) if self._uploads else torch.tensor(blocks, dtype=torch.long)
-        return (ids[:, None] * self.block_size + torch.arange(self.block_size, device=device)).flatten()
+    def _block_ids(self, blocks: list[int]) -> torch.Tensor:
+        """The block ids as a tensor on the pool's device."""
+        return self._uploads.upload(blocks) if self._uploads else torch.tensor(blocks, dtype=torch.long)
+
+    def _by_block(self, stored: torch.Tensor) -> torch.Tensor:
+        """A view of K or V as [layers, blocks, block_size, heads, head_dim]."""
+        return stored.unflatten(1, (self.num_blocks, self.block_size))
 
     @property
     def block_shape(self) -> tuple[int, ...]:

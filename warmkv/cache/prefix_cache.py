@@ -546,15 +546,16 @@ class PrefixCache:
             self._to_disk(keys, kv)
             for key in keys:
                 self._unwritten.pop(key, None)
+        evicted = []
         for _ in range(len(keys) - self.host.free_blocks):  # (slots lent out come back as they are written)
-            evicted = self.host.evict()
-            if evicted is None:
+            if (one := self.host.evict()) is None:
                 break
-            key, view, release = evicted
-            self._unwritten.pop(key, None)
-            if self.disk is not None:
-                self.disk.put(key, view, done=release)  # (the disk has it already: released at once)
-            else:
+            evicted.append(one)
+            self._unwritten.pop(one[0], None)
+        if self.disk is not None:
+            self.disk.put_many(evicted)  # (those the disk has already are released at once)
+        else:
+            for _, _, release in evicted:
                 release()
         unplaced = max(0, len(keys) - self.host.free_blocks)  # the oldest: their tier is the disk
         if unplaced and not handed and not staged:

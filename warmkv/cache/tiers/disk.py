@@ -105,7 +105,8 @@ class DiskTier:
         self._files: OrderedDict[bytes, int] = OrderedDict()  # key -> file size, least recently used first
         self._lock = threading.Lock()
         self._queued: set[bytes] = set()
-        self._writer: BackgroundWorker[_Write | _Probe] = BackgroundWorker(
+        self._queue_size = queue_size  # in blocks: the writer's queue holds lists of them
+        self._writer: BackgroundWorker[list[_Write] | _Probe] = BackgroundWorker(
             "warmkv-disk-writer", self._write_queued, queue_size, engine_work=engine_work
         )
         self._probe()
@@ -187,17 +188,37 @@ class DiskTier:
         once the block is written, or at once when it is not: stored already, the tier down, skipped) or,
         without `done`, ever (pass a copy). With the queue full, the write is skipped, or (wait=True, off
         the request path) waited for."""
+        self.put_many([(key, kv, done)], wait)
+
+    def put_many(self, writes: list[_Write], wait: bool = False) -> None:
+        """`put` of several blocks with one look at the bookkeeping and one queue item: a step demoting a
+        hundred blocks wakes the writer once, not a hundred times (each wake takes the interpreter lock
+        from the engine's thread). The queue holds at most `queue_size` blocks; those past it are skipped."""
+        queued: list[_Write] = []
+        unqueued: list[_Write] = []  # stored or queued already, the tier down, or no room: not written now
+        skipped = 0
         with self._lock:
-            queued = self._up and key not in self._files and key not in self._queued
-            if queued:
-                self._queued.add(key)
-        if queued and not self._writer.put((key, kv, done), wait):
+            room = len(writes) if wait else self._queue_size - len(self._queued)
+            for write in writes:
+                if not self._up or write[0] in self._files or write[0] in self._queued:
+                    unqueued.append(write)
+                elif len(queued) >= room:
+                    unqueued.append(write)
+                    skipped += 1
+                else:
+                    self._queued.add(write[0])
+                    queued.append(write)
+        if queued and not self._writer.put(queued, wait):
             with self._lock:
-                self._queued.discard(key)
-                self.stats.skipped_writes += 1
-            queued = False
-        if not queued and done is not None:
-            done()
+                self._queued.difference_update(key for key, _, _ in queued)
+            unqueued += queued
+            skipped += len(queued)
+        if skipped:
+            with self._lock:
+                self.stats.skipped_writes += skipped
+        for _, _, done in unqueued:
+            if done is not None:
+                done()
 
     def evict(self) -> None:
         """Delete the least recently used block's file (nothing below the disk keeps it)."""
@@ -219,22 +240,22 @@ class DiskTier:
 
     # -- the writer thread ------------------------------------------------------------------------
 
-    def _write_queued(self, batch: list[_Write | _Probe]) -> None:
+    def _write_queued(self, batch: list[list[_Write] | _Probe]) -> None:
         for item in batch:
             if isinstance(item, _Probe):
                 self._probe()
                 continue
-            key, kv, done = item
-            try:
-                if self._up:
-                    self._write(key, kv)
-            except OSError as err:
-                self._disable(err)
-            finally:
-                with self._lock:
-                    self._queued.discard(key)
-                if done is not None:
-                    done()
+            for key, kv, done in item:
+                try:
+                    if self._up:
+                        self._write(key, kv)
+                except OSError as err:
+                    self._disable(err)
+                finally:
+                    with self._lock:
+                        self._queued.discard(key)
+                    if done is not None:
+                        done()
 
     def _write(self, key: bytes, kv: torch.Tensor) -> None:
         # os-level calls and one writev: a step's blocks are written beside the engine thread, and every
