@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from warmkv.cache.kv_pool import KVPool
 from warmkv.cache.load_costs import calibrated_load_costs
 from warmkv.cache.prefix_cache import PrefixCache
 from warmkv.cache.tiers.base import TierName
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.engine.sampling import SamplingParams
 
 
 class CountingPrefill:
@@ -54,11 +59,26 @@ def test_recalibrate_another_model_or_other_tiers_measure_again(pool: KVPool, tm
         lambda p: calibrated_load_costs(pool, p, False, tmp_path / "kv", "model-a", recalibrate=True),
         lambda p: calibrated_load_costs(pool, p, False, tmp_path / "kv", "model-b"),
         lambda p: calibrated_load_costs(pool, p, None, tmp_path / "kv", "model-a"),  # no host tier
-        lambda p: calibrated_load_costs(pool, p, False, tmp_path / "other-disk", "model-a"),  # --kv-dir
     ):
         prefill = CountingPrefill(0.002)
         call(prefill)
         assert prefill.calls > 0
+
+
+def test_a_disk_folder_on_another_file_system_is_measured_again(pool: KVPool, tmp_path: Path) -> None:
+    """The disk tier's speed is its file system's: another folder on the same one reuses the figures, a
+    --kv-dir on another (here a tmpfs) is measured."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    calibrated_load_costs(pool, CountingPrefill(0.002), False, tmp_path / "kv", "model-a")
+    same = CountingPrefill(0.002)
+    calibrated_load_costs(pool, same, False, tmp_path / "elsewhere" / "kv", "model-a")
+    assert same.calls == 0
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        moved = CountingPrefill(0.002)
+        calibrated_load_costs(pool, moved, False, Path(other) / "kv", "model-a")
+        assert moved.calls > 0
 
 
 def test_damaged_or_absurd_saved_costs_are_measured_again(
@@ -102,3 +122,16 @@ def test_the_cache_calibrates_its_own_tiers_only_when_it_weighs_loads(tmp_path: 
         cache.calibrate(prefill)
         assert prefill.calls == 0 and cache.costs is None
         cache.close()
+
+
+def test_a_pool_smaller_than_the_probe_prompt_calibrates_and_serves(tmp_path: Path, tiny_llama) -> None:
+    """The timed prefill fits the pool: an engine of four blocks (64 tokens) measured a prompt of eight and
+    could not start (PoolExhausted), whenever it had no saved figures for its disk folder."""
+    cache = CacheConfig(host_tokens=64, kv_dir=tmp_path / "kv", load_policy=LoadPolicy.AUTO)
+    engine = LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=64, max_batch_tokens=64, cache=cache))
+    assert engine.prefix_cache is not None and engine.prefix_cache.costs is not None
+    seq = engine.add_request(list(range(500, 540)), SamplingParams(max_tokens=8, ignore_eos=True))
+    while engine.has_work:
+        engine.step()
+    assert len(seq.output_ids) == 8
+    engine.close()

@@ -1,9 +1,10 @@
-"""Load or recompute: measured once per machine, model, device and disk folder (saved under the user cache
-dir, so a restart does not measure again, and a busy machine at one start does not skew every later one),
-consulted for every hit below the live tier."""
+"""Load or recompute: measured once per machine, model, device and disk (saved under the user cache dir, so a
+restart does not measure again, and a busy machine at one start does not skew every later one), consulted
+for every hit below the live tier."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ log = logging.getLogger("warmkv.cache")
 PLAUSIBLE_PREFILL_TOK_S = (1.0, 1e8)
 PLAUSIBLE_BYTES_PER_S = (1e6, 1e13)
 ATTEMPTS = 3
+PROBE_BLOCKS = 8  # the timed prefill's length, in blocks
 
 
 @dataclass(slots=True)
@@ -55,9 +57,9 @@ def calibrated_load_costs(
     model_fingerprint: str,
     recalibrate: bool = False,
 ) -> LoadCosts:
-    """The saved figures of this machine, model, device and set of tiers (the disk tier's folder among
-    them: another --kv-dir may be another disk); measured (and saved) when there are none, when they are
-    unreadable or implausible, or when `recalibrate` asks."""
+    """The saved figures of this machine, model, device and set of tiers (the disk tier's file system among
+    them: a --kv-dir on another disk, a tmpfs or a network share loads at another speed); measured (and
+    saved) when there are none, when they are unreadable or implausible, or when `recalibrate` asks."""
     tiers = ([TierName.HOST] if host_pinned is not None else []) + ([TierName.DISK] if disk_dir else [])
     path = _calibration_file(pool, model_fingerprint, host_pinned, tiers, disk_dir)
     if not recalibrate:
@@ -78,9 +80,17 @@ def _calibration_file(
     device = pool.k.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     machine = (socket.gethostname(), platform.machine(), os.cpu_count(), device.type, device_name)
-    disk = str(disk_dir.resolve()) if disk_dir is not None else None
+    disk = _file_system(disk_dir) if disk_dir is not None else None
     key = json.dumps([machine, fingerprint, host_pinned, [t.value for t in tiers], disk])
     return cache_home() / "calibration" / f"{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.json"
+
+
+def _file_system(folder: Path) -> int:
+    """The id of the file system that holds `folder` (or would: its nearest existing parent's)."""
+    for existing in (folder, *folder.parents):
+        with contextlib.suppress(OSError):
+            return os.stat(existing).st_dev
+    return 0
 
 
 def _read_costs(path: Path, tiers: list[TierName]) -> LoadCosts | None:
@@ -153,7 +163,10 @@ def _measure_once(
     pool: KVPool, prefill: Callable[[list[int]], None], host_pinned: bool | None, disk_dir: Path | None
 ) -> LoadCosts:
     """host_pinned: None when there is no host tier; disk_dir: None when there is no disk tier."""
-    tokens = list(range(100, 100 + 8 * pool.block_size))
+    # a prompt of up to PROBE_BLOCKS blocks, leaving one free for the loads timed below: a small pool
+    # (--kv-pool-tokens 64) holds fewer, and a probe it cannot hold would stop the server from starting
+    blocks = max(1, min(PROBE_BLOCKS, pool.num_free - 1))
+    tokens = list(range(100, 100 + blocks * pool.block_size))
     prefill(tokens)  # warm-up
     costs = LoadCosts(len(tokens) / _seconds(lambda: prefill(tokens), pool))
     block = pool.allocate(1)[0]
