@@ -47,18 +47,29 @@ def test_rows_drawn_together_draw_what_each_draws_alone() -> None:
     """sample_tokens draws a batch's sampled rows in one set of tensor operations: each row's token is the
     one its parameters and generator give it alone, a greedy row's is its arg-max."""
     torch.manual_seed(0)
-    logits = [torch.randn(50) * 3 for _ in range(5)]
+    logits = [torch.randn(50) * 3 for _ in range(6)]
     params = [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.7, top_p=0.8, seed=1),
         SamplingParams(temperature=1.3, top_k=5, seed=2),
         SamplingParams(temperature=1.0, min_p=0.2, seed=3),
         SamplingParams(temperature=2.0, seed=4),
+        SamplingParams(temperature=1.0),  # unseeded: drawn with the others in one call
     ]
     cpu = torch.device("cpu")
     for _ in range(20):  # generators of the same seeds on both sides; other logits each round
         together = sample_tokens(logits, params, [p.generator(cpu) for p in params])
         alone = [sample(row, p, p.generator(cpu)) for row, p in zip(logits, params, strict=True)]
-        assert together.tolist() == [int(t) for t in alone]
+        assert together[:5].tolist() == [int(t) for t in alone[:5]]
         assert together[0] == logits[0].argmax()
         logits = [row.roll(1) for row in logits]
+
+
+def test_unseeded_rows_drawn_together_each_follow_their_own_probabilities() -> None:
+    """A step's unseeded rows share one draw of noise: each row must still get noise of its own (the same
+    noise for every row would give every row the same token)."""
+    probs = torch.tensor([0.1, 0.45, 0.05, 0.4])
+    rows = [probs.log()] * 4000
+    draws = sample_tokens(rows, [SamplingParams(temperature=1.0)] * len(rows), [None] * len(rows))
+    counts = torch.bincount(draws, minlength=4).float() / len(draws)
+    torch.testing.assert_close(counts, probs, atol=0.03, rtol=0)

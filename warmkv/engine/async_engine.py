@@ -31,6 +31,9 @@ IDLE_WRITE_DELAY_S = 0.5
 
 log = logging.getLogger("warmkv.engine")
 
+_Outputs = asyncio.Queue[StepOutput | BaseException]  # one request's outputs, read on its event loop
+_Delivery = tuple[_Outputs, StepOutput | BaseException]
+
 
 @dataclass(slots=True)
 class _Submit:
@@ -41,7 +44,7 @@ class _Submit:
     anchors: tuple[int, ...]
     cache_breakpoint: int
     loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue[StepOutput | BaseException]
+    outputs: _Outputs
 
 
 @dataclass(slots=True)
@@ -82,7 +85,7 @@ class AsyncEngine:
         self.engine.check_fits(len(prompt_ids), params.max_tokens)
         if self._pending >= self.max_pending:
             raise QueueFull(f"the server is at its limit of {self.max_pending} pending requests; retry later")
-        outputs: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        outputs: _Outputs = asyncio.Queue()
         loop = asyncio.get_running_loop()
         with self._submitting:
             if self.failure is not None:
@@ -95,7 +98,7 @@ class AsyncEngine:
         return self._outputs(request_id, outputs)
 
     async def _outputs(
-        self, request_id: str, outputs: asyncio.Queue[StepOutput | BaseException]
+        self, request_id: str, outputs: _Outputs
     ) -> AsyncIterator[StepOutput]:
         finished = False
         try:
@@ -207,6 +210,10 @@ class AsyncEngine:
         self._requests[command.request_id] = (sequence, command)
 
     def _step(self) -> None:
+        # a step's outputs go to each event loop in one call: every call_soon_threadsafe wakes the loop
+        # through a socket and gives up the interpreter lock, which the engine's thread then waits to get
+        # back from the loop it just woke (a step of 50 streams waited 50 times)
+        deliveries: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
         for output in self.engine.step():
             entry = self._requests.get(output.sequence.request_id)
             if entry is None:
@@ -215,7 +222,9 @@ class AsyncEngine:
                 del self._requests[output.sequence.request_id]
             submit = entry[1]
             message = output if output.error is None else output.error
-            submit.loop.call_soon_threadsafe(submit.outputs.put_nowait, message)
+            deliveries.setdefault(submit.loop, []).append((submit.outputs, message))
+        for loop, messages in deliveries.items():
+            loop.call_soon_threadsafe(_deliver, messages)
 
     def _fail_all(self, error: BaseException, abort: bool = True) -> None:
         for sequence, submit in self._requests.values():
@@ -226,3 +235,9 @@ class AsyncEngine:
 
     def _abort_all(self) -> None:
         self._fail_all(EngineFailure("the server is shutting down"))
+
+
+def _deliver(messages: list[_Delivery]) -> None:
+    """On the event loop: a step's outputs into their requests' queues, in the step's order."""
+    for outputs, message in messages:
+        outputs.put_nowait(message)

@@ -119,8 +119,9 @@ def sample_rows(
     temperature, top-k, min-p and top-p in batched tensor operations, so a batch costs about what one
     row does. The draw is an exponential race in vocabulary order: with E_t ~ Exp(1) from the row's own
     generator, p_t / E_t is largest for token t with probability p_t / sum(p) (elementwise kernels and an
-    arg-max, where torch.multinomial scans a row in one thread block). A row's draw depends only on its
-    own logits and generator, not on the rows beside it (up to rounding in the batched kernels)."""
+    arg-max, where torch.multinomial scans a row in one thread block). A seeded row's draw depends only on
+    its own logits and generator, not on the rows beside it (up to rounding in the batched kernels); the
+    unseeded rows' draws are made in one call (a step of many streams launched one per row)."""
     vocab = logits.shape[-1]
 
     def per_row(values: list[float]) -> torch.Tensor:
@@ -148,7 +149,10 @@ def sample_rows(
         )
         outside[:, 0] = False  # the likeliest token stays, however small top_p is
         probs = probs.masked_fill(torch.empty_like(outside).scatter_(1, order, outside), 0.0)
-    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    noise = torch.empty_like(probs).exponential_()  # the unseeded rows' draws in one call, not one per row
+    for row, generator in enumerate(generators):
+        if generator is not None:  # a seeded row draws from its own generator alone: reproducible
+            noise[row].exponential_(generator=generator)
     return (probs / noise).argmax(-1)
 
 
