@@ -124,12 +124,16 @@ def test_the_cache_calibrates_its_own_tiers_only_when_it_weighs_loads(tmp_path: 
         cache.close()
 
 
-def test_a_pool_smaller_than_the_probe_prompt_calibrates_and_serves(tmp_path: Path, tiny_llama) -> None:
+def test_a_pool_smaller_than_the_probe_prompt_calibrates_and_serves(
+    tmp_path: Path, tiny_llama, _own_cache_home: Path
+) -> None:
     """The timed prefill fits the pool: an engine of four blocks (64 tokens) measured a prompt of eight and
-    could not start (PoolExhausted), whenever it had no saved figures for its disk folder."""
+    could not start (PoolExhausted), whenever it had no saved figures for its disk. Figures from the
+    shorter prompt are not saved: they would stand for every later start, whatever its pool."""
     cache = CacheConfig(host_tokens=64, kv_dir=tmp_path / "kv", load_policy=LoadPolicy.AUTO)
     engine = LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=64, max_batch_tokens=64, cache=cache))
     assert engine.prefix_cache is not None and engine.prefix_cache.costs is not None
+    assert not list(_own_cache_home.glob("calibration/*.json"))
     seq = engine.add_request(list(range(500, 540)), SamplingParams(max_tokens=8, ignore_eos=True))
     while engine.has_work:
         engine.step()

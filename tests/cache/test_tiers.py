@@ -392,6 +392,62 @@ def test_blocks_queued_together_are_written_or_skipped_each_and_every_slot_relea
     disk.close()
 
 
+def test_a_block_failing_to_encode_leaves_the_others_of_its_list_written_and_released(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """One queue item holds a step's blocks: an unexpected error writing one of them (not an OSError, which
+    turns the tier off) is that block's alone. The others are written, every `done` runs once (each gives
+    a host-tier slot back), and the failed block may be queued again."""
+    write, failing = DiskTier._write, {bytes([1]) * 16}
+
+    def flaky_write(self: DiskTier, key: bytes, kv: torch.Tensor) -> None:
+        if key in failing:
+            raise ValueError("cannot encode")
+        write(self, key, kv)
+
+    monkeypatch.setattr(DiskTier, "_write", flaky_write)
+    layout = BlockLayout((2, 1, 4, 1, 2), torch.float32)
+    disk = DiskTier(tmp_path, "ab" * 16, layout, capacity_bytes=1 << 30)
+    blocks = [(bytes([i]) * 16, torch.full((2, 1, 4, 1, 2), float(i))) for i in range(4)]
+    done: list[bytes] = []
+    disk.put_many([(key, kv, lambda key=key: done.append(key)) for key, kv in blocks])
+    disk.flush()
+    assert sorted(done) == [key for key, _ in blocks]
+    assert [disk.contains(key) for key, _ in blocks] == [True, False, True, True]
+    failing.clear()
+    disk.put(*blocks[1])
+    disk.flush()
+    assert torch.equal(disk.get(blocks[1][0]), blocks[1][1])
+    disk.close()
+
+
+def test_a_put_that_waits_waits_for_room_counted_in_blocks(tmp_path: Path, monkeypatch) -> None:
+    """Off the request path (write-through, write-back) a put waits for the queue rather than skip a block:
+    with `queue_size` blocks queued in one item it waits until the writer has written some."""
+    import threading
+
+    release = threading.Event()
+    write = DiskTier._write
+
+    def held_write(self: DiskTier, key: bytes, kv: torch.Tensor) -> None:
+        release.wait(10)
+        write(self, key, kv)
+
+    monkeypatch.setattr(DiskTier, "_write", held_write)
+    layout = BlockLayout((2, 1, 4, 1, 2), torch.float32)
+    disk = DiskTier(tmp_path, "ab" * 16, layout, capacity_bytes=1 << 30, queue_size=3)
+    disk.put_many([(bytes([i]) * 16, torch.zeros(2, 1, 4, 1, 2), None) for i in range(3)])
+    waiting = threading.Thread(target=disk.put, args=(bytes([9]) * 16, torch.ones(2, 1, 4, 1, 2), True))
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()  # three blocks queued: no room until one is written
+    release.set()
+    waiting.join(10)
+    disk.flush()
+    assert disk.contains(bytes([9]) * 16) and disk.stats.skipped_writes == 0
+    disk.close()
+
+
 def test_shared_system_prompt_is_stored_once_on_disk(tiny: LoadedModel, tmp_path: Path) -> None:
     engine = make_engine(tiny, tmp_path)
     system = list(range(5000, 5064))  # four full blocks shared by every session

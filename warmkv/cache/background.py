@@ -49,11 +49,13 @@ class EngineCpuWork:
 class BackgroundWorker(Generic[Item]):
     def __init__(
         self, name: str, handle: Callable[[list[Item]], None], max_queued: int, batch: int = 1,
-        engine_work: EngineCpuWork | None = None,
+        engine_work: EngineCpuWork | None = None, backlogged: Callable[[], bool] | None = None,
     ) -> None:  # fmt: skip
         """`handle` gets the queued items in order, up to `batch` of them at a time, each time once the
-        engine's step work (if given) pauses (EngineCpuWork.wait_for_pause)."""
+        engine's step work (if given) pauses (EngineCpuWork.wait_for_pause). `backlogged`: whether the
+        work queued is so much that it goes on without waiting (default: the queue half full)."""
         self._handle, self._batch, self._engine_work = handle, batch, engine_work
+        self._backlogged = backlogged or self._half_full
         self._queue: queue.Queue[Item | None] = queue.Queue(maxsize=max_queued)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -69,9 +71,15 @@ class BackgroundWorker(Generic[Item]):
     def full(self) -> bool:
         return self._queue.full()
 
-    def _backlogged(self) -> bool:
-        """Half full: waiting for the engine's pauses must not let the queue fill and drop items."""
+    def _half_full(self) -> bool:
+        """Waiting for the engine's pauses must not let the queue fill and drop items."""
         return self._queue.qsize() * 2 >= self._queue.maxsize
+
+    def pause_for_engine(self) -> None:
+        """On the worker's thread, within an item of several parts: wait for the engine's next pause (as
+        before each item), so that a long item does not run into the engine's step work."""
+        if self._engine_work is not None:
+            self._engine_work.wait_for_pause(self._backlogged)
 
     def flush(self) -> None:
         """Wait until every queued item is handled."""
@@ -95,8 +103,7 @@ class BackgroundWorker(Generic[Item]):
                     stopping = True
                     break
                 batch.append(more)
-            if self._engine_work is not None:
-                self._engine_work.wait_for_pause(self._backlogged)
+            self.pause_for_engine()
             try:
                 self._handle(batch)
             except Exception:  # a failing item must not stop the thread: flush() would wait forever

@@ -70,7 +70,8 @@ def calibrated_load_costs(
             return saved
     log.info("measuring load-or-recompute costs (once for this machine, model and device) ...")
     costs = measure_load_costs(pool, prefill, host_pinned, disk_dir)
-    _write_costs(path, costs)
+    if _probe_blocks(pool) == PROBE_BLOCKS:  # a shorter probe (a tiny pool) times launches more than work
+        _write_costs(path, costs)
     return costs
 
 
@@ -85,12 +86,25 @@ def _calibration_file(
     return cache_home() / "calibration" / f"{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.json"
 
 
-def _file_system(folder: Path) -> int:
-    """The id of the file system that holds `folder` (or would: its nearest existing parent's)."""
-    for existing in (folder, *folder.parents):
-        with contextlib.suppress(OSError):
-            return os.stat(existing).st_dev
-    return 0
+def _file_system(folder: Path) -> str:
+    """The mount point and type of the file system that holds `folder` (or would: its nearest existing
+    parent's). Not the device number: tmpfs, overlay and network file systems get numbers in mount order,
+    a container's every start a new one, and a number freed by one may go to another."""
+    mount = next((p for p in (folder, *folder.parents) if p.exists()), Path(folder.anchor)).resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return f"{mount} {_mount_types().get(str(mount), '')}"
+
+
+def _mount_types() -> dict[str, str]:
+    """Mount point -> file system type, where the system lists them (Linux); empty elsewhere."""
+    types = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3:  # (a mount point with spaces is escaped as \040: it finds no type)
+                types[fields[1]] = fields[2]
+    return types
 
 
 def _read_costs(path: Path, tiers: list[TierName]) -> LoadCosts | None:
@@ -163,10 +177,7 @@ def _measure_once(
     pool: KVPool, prefill: Callable[[list[int]], None], host_pinned: bool | None, disk_dir: Path | None
 ) -> LoadCosts:
     """host_pinned: None when there is no host tier; disk_dir: None when there is no disk tier."""
-    # a prompt of up to PROBE_BLOCKS blocks, leaving one free for the loads timed below: a small pool
-    # (--kv-pool-tokens 64) holds fewer, and a probe it cannot hold would stop the server from starting
-    blocks = max(1, min(PROBE_BLOCKS, pool.num_free - 1))
-    tokens = list(range(100, 100 + blocks * pool.block_size))
+    tokens = list(range(100, 100 + _probe_blocks(pool) * pool.block_size))
     prefill(tokens)  # warm-up
     costs = LoadCosts(len(tokens) / _seconds(lambda: prefill(tokens), pool))
     block = pool.allocate(1)[0]
@@ -186,6 +197,13 @@ def _measure_once(
     finally:
         pool.decref(block)
     return costs
+
+
+def _probe_blocks(pool: KVPool) -> int:
+    """The timed prompt's length in blocks: PROBE_BLOCKS, leaving one free for the loads timed after it. A
+    small pool (--kv-pool-tokens 64) holds fewer, and a probe it cannot hold would stop the server from
+    starting."""
+    return max(1, min(PROBE_BLOCKS, pool.num_free - 1))
 
 
 def _disk_seconds(pool: KVPool, block: int, source: torch.Tensor, disk_dir: Path) -> float:

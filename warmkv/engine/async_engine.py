@@ -214,17 +214,20 @@ class AsyncEngine:
         # through a socket and gives up the interpreter lock, which the engine's thread then waits to get
         # back from the loop it just woke (a step of 50 streams waited 50 times)
         deliveries: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
+        finished = []
         for output in self.engine.step():
             entry = self._requests.get(output.sequence.request_id)
             if entry is None:
                 continue
             if output.finished:
-                del self._requests[output.sequence.request_id]
+                finished.append(output.sequence.request_id)
             submit = entry[1]
             message = output if output.error is None else output.error
             deliveries.setdefault(submit.loop, []).append((submit.outputs, message))
         for loop, messages in deliveries.items():
             loop.call_soon_threadsafe(_deliver, messages)
+        for request_id in finished:  # only once delivered: should a delivery fail, _die still fails them
+            del self._requests[request_id]
 
     def _fail_all(self, error: BaseException, abort: bool = True) -> None:
         for sequence, submit in self._requests.values():

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # names for type hints only: `warmkv cache` reads files witho
 log = logging.getLogger("warmkv.cache")
 
 RETRY_S = 60.0  # between probes of a directory that could not be written
+WAIT_CHECK_S = 0.1  # a put waiting for room in the queue looks again this often
 
 
 class _Probe:
@@ -106,9 +107,11 @@ class DiskTier:
         self._lock = threading.Lock()
         self._queued: set[bytes] = set()
         self._queue_size = queue_size  # in blocks: the writer's queue holds lists of them
+        self._room = threading.Condition(self._lock)  # notified as queued blocks are written
         self._writer: BackgroundWorker[list[_Write] | _Probe] = BackgroundWorker(
-            "warmkv-disk-writer", self._write_queued, queue_size, engine_work=engine_work
-        )
+            "warmkv-disk-writer", self._write_queued, queue_size, engine_work=engine_work,
+            backlogged=lambda: len(self._queued) * 2 >= queue_size,
+        )  # fmt: skip
         self._probe()
         # reading and checksumming release the GIL: a long hit loads on several cores at once
         self._local = threading.local()  # each reader thread's reusable buffer
@@ -193,11 +196,14 @@ class DiskTier:
     def put_many(self, writes: list[_Write], wait: bool = False) -> None:
         """`put` of several blocks with one look at the bookkeeping and one queue item: a step demoting a
         hundred blocks wakes the writer once, not a hundred times (each wake takes the interpreter lock
-        from the engine's thread). The queue holds at most `queue_size` blocks; those past it are skipped."""
+        from the engine's thread). The queue holds at most `queue_size` blocks; those past it are skipped,
+        or (wait=True) waited for."""
         queued: list[_Write] = []
         unqueued: list[_Write] = []  # stored or queued already, the tier down, or no room: not written now
         skipped = 0
-        with self._lock:
+        with self._room:
+            while wait and self._up and self._queued and len(self._queued) + len(writes) > self._queue_size:
+                self._room.wait(timeout=WAIT_CHECK_S)  # (the tier may go down meanwhile)
             room = len(writes) if wait else self._queue_size - len(self._queued)
             for write in writes:
                 if not self._up or write[0] in self._files or write[0] in self._queued:
@@ -245,15 +251,20 @@ class DiskTier:
             if isinstance(item, _Probe):
                 self._probe()
                 continue
-            for key, kv, done in item:
+            for n, (key, kv, done) in enumerate(item):
+                if n:
+                    self._writer.pause_for_engine()  # a demotion's hundred blocks, between engine steps
                 try:
                     if self._up:
                         self._write(key, kv)
                 except OSError as err:
                     self._disable(err)
+                except Exception:  # this block's own failure: the others are written, every slot released
+                    log.exception("writing KV block %s failed", key.hex())
                 finally:
-                    with self._lock:
+                    with self._room:
                         self._queued.discard(key)
+                        self._room.notify_all()
                     if done is not None:
                         done()
 
