@@ -129,11 +129,15 @@ def test_a_pool_smaller_than_the_probe_prompt_calibrates_and_serves(
 ) -> None:
     """The timed prefill fits the pool: an engine of four blocks (64 tokens) measured a prompt of eight and
     could not start (PoolExhausted), whenever it had no saved figures for its disk. Figures from the
-    shorter prompt are not saved: they would stand for every later start, whatever its pool."""
+    shorter prompt are saved apart: they must not stand for a later start with a larger pool."""
     cache = CacheConfig(host_tokens=64, kv_dir=tmp_path / "kv", load_policy=LoadPolicy.AUTO)
     engine = LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=64, max_batch_tokens=64, cache=cache))
     assert engine.prefix_cache is not None and engine.prefix_cache.costs is not None
-    assert not list(_own_cache_home.glob("calibration/*.json"))
+    engine.close()
+    larger = LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=1024, max_batch_tokens=64, cache=cache))
+    assert len(list(_own_cache_home.glob("calibration/*.json"))) == 2  # measured again, saved apart
+    larger.close()
+    engine = LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=64, max_batch_tokens=64, cache=cache))
     seq = engine.add_request(list(range(500, 540)), SamplingParams(max_tokens=8, ignore_eos=True))
     while engine.has_work:
         engine.step()

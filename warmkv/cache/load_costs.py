@@ -70,8 +70,7 @@ def calibrated_load_costs(
             return saved
     log.info("measuring load-or-recompute costs (once for this machine, model and device) ...")
     costs = measure_load_costs(pool, prefill, host_pinned, disk_dir)
-    if _probe_blocks(pool) == PROBE_BLOCKS:  # a shorter probe (a tiny pool) times launches more than work
-        _write_costs(path, costs)
+    _write_costs(path, costs)
     return costs
 
 
@@ -82,7 +81,9 @@ def _calibration_file(
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     machine = (socket.gethostname(), platform.machine(), os.cpu_count(), device.type, device_name)
     disk = _file_system(disk_dir) if disk_dir is not None else None
-    key = json.dumps([machine, fingerprint, host_pinned, [t.value for t in tiers], disk])
+    # the probe's length too: a shorter probe (a tiny pool's) times launches more than work, and its figures
+    # must not stand for a later start's larger pool
+    key = json.dumps([machine, fingerprint, host_pinned, [t.value for t in tiers], disk, _probe_blocks(pool)])
     return cache_home() / "calibration" / f"{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.json"
 
 
