@@ -135,6 +135,23 @@ def test_write_back_writes_nothing_while_memory_has_room_then_idle_time_and_exit
         assert seq.output_ids == cold_tokens(tiny, prompt)
 
 
+def test_written_through_the_blocks_a_busy_writer_skipped_reach_the_disk_at_exit(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-through skips a step's blocks while its helper is busy (never making the step wait); what memory
+    still holds at a clean exit goes to disk then, as written back, so a restart finds the whole prompt."""
+    engine = make_engine(tiny, tmp_path, disk_write=DiskWrite.THROUGH)
+    monkeypatch.setattr(engine.prefix_cache.write_through, "busy", lambda: True)
+    generate(engine, PROMPT)
+    engine.prefix_cache.flush()
+    assert kv_files(tmp_path) == [] and engine.prefix_cache.disk.stats.skipped_writes == 3
+    engine.close()
+    assert len(kv_files(tmp_path)) == 3
+    seq = generate(make_engine(tiny, tmp_path), FOLLOW_UP)
+    assert seq.cache_hit.tokens_by_tier[TierName.DISK] == 48
+    assert seq.output_ids == cold_tokens(tiny, FOLLOW_UP)
+
+
 def test_write_back_under_host_pressure_puts_blocks_on_disk_before_they_are_lost(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:

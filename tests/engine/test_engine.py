@@ -296,6 +296,12 @@ def test_a_request_filling_a_small_pool_on_gpu_completes(tiny_llama_folder: Path
         engine.add_request(list(range(500, 541)), SamplingParams(max_tokens=8))
 
 
+def test_a_pool_too_small_for_two_blocks_is_refused_naming_the_minimum(tiny_llama) -> None:
+    minimum = r"holds 16 tokens; it needs at least 32: two blocks of --block-size 16"
+    with pytest.raises(InvalidRequest, match=minimum):
+        LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=16))
+
+
 def graphs_replayed(engine: LLMEngine) -> list:
     """The shapes of the graphs the engine replays from now on, in order."""
     served, replay = [], engine.runner.graphs.forward

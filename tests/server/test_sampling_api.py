@@ -99,6 +99,18 @@ def test_n_choices_are_distinct_reproducible_and_stream_by_index(tiny_server: Em
     assert [c.index for c in completions.choices] == [0, 1]
 
 
+def test_the_largest_seed_serves_every_choice(tiny_server: EmbeddedServer) -> None:
+    """Choice i samples with seed + i: past 2**64 - 1 (the largest seed accepted) it wraps around, rather
+    than refusing a seed the client never sent after the first choice was computed."""
+    client = tiny_server.client()
+    options = dict(model=TINY, messages=ASK, max_tokens=6, temperature=1.0, n=3, extra_body=FREE)
+    first = client.chat.completions.create(seed=2**64 - 1, **options)
+    texts = [c.message.content for c in first.choices]
+    assert len(set(texts)) == 3
+    again = client.chat.completions.create(seed=2**64 - 1, **options)
+    assert [c.message.content for c in again.choices] == texts
+
+
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [

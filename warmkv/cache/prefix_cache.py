@@ -440,8 +440,7 @@ class PrefixCache:
         if self._disk_writes is not None:
             self._disk_writes.close()
         try:
-            if self.config.disk_write is DiskWrite.BACK:
-                self._write_back()
+            self._write_back()
         finally:
             for tier in (self.disk, self.remote):
                 if tier is not None:
@@ -449,8 +448,9 @@ class PrefixCache:
             self.host = None  # its slab (pinned RAM on CUDA) goes back now
 
     def _write_back(self) -> None:
-        """At shutdown with --kv-disk-write back: every block the memory tiers hold and the disk lacks goes
-        to disk (the host tier's first: they are the older), so a restart finds them."""
+        """At shutdown: every block the memory tiers hold and the disk lacks goes to disk (the host tier's
+        first: they are the older), so a restart finds them. Written back, that is most of them; written
+        through, those the writers skipped while they were busy (the tiers slower than prefill)."""
         if self.disk is None or not self.disk.enabled:
             return
         started = time.perf_counter()

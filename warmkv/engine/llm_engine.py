@@ -117,7 +117,10 @@ class LLMEngine:
         pool_tokens = config.kv_pool_tokens or pool_bytes // per_token
         num_blocks = pool_tokens // config.block_size
         if num_blocks < 2:
-            raise InvalidRequest(f"the KV pool holds {pool_tokens} tokens: too small for one block of two")
+            raise InvalidRequest(
+                f"the KV pool holds {pool_tokens} tokens; it needs at least {2 * config.block_size}: two "
+                f"blocks of --block-size {config.block_size} (--kv-pool-tokens, or the memory given the pool)"
+            )
         self.pool = KVPool(
             cfg.num_layers,
             num_blocks,

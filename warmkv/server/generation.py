@@ -16,7 +16,7 @@ from warmkv.cache.miss_reasons import MissReason, explain_miss
 from warmkv.chat.anchors import MessageSpan
 from warmkv.engine.async_engine import AsyncEngine
 from warmkv.engine.llm_engine import StepOutput
-from warmkv.engine.sampling import SamplingParams
+from warmkv.engine.sampling import SEED_RANGE, SamplingParams
 from warmkv.engine.sequence import Sequence
 from warmkv.server.metrics import ServerMetrics
 from warmkv.server.request_log import RequestLog, RequestRecord
@@ -115,10 +115,12 @@ class Generation:
 
 
 def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:
-    """Choice i samples with seed + i: the choices differ, and the same request repeats them all."""
+    """Choice i samples with seed + i (modulo 2**64, as the generator takes a seed): the choices differ,
+    and the same request repeats them all, whatever seed it gives (the largest one too)."""
     if choice == 0 or params.seed is None:
         return params
-    return dataclasses.replace(params, seed=params.seed + choice)
+    seed = params.seed + choice
+    return dataclasses.replace(params, seed=seed - 2**64 if seed > SEED_RANGE[1] else seed)
 
 
 async def _merged(streams: list[AsyncIterator[StepOutput]]) -> AsyncIterator[StepOutput]:
