@@ -76,7 +76,20 @@ def test_unrelated_prompt_sharing_less_than_a_block_is_new_not_changed() -> None
     recent.remember("", [*range(5), *range(500, 560)])  # shares only a 5-token template header
     unrelated = reason([*range(5), *range(900, 960)], 0, None, recent)
     assert unrelated.kind is MissKind.NEW_TOKENS and "changed" not in unrelated.text
-    assert "no earlier request shares a whole block" in unrelated.text
+    assert "no earlier request with this API key and cache_salt shares a whole block" in unrelated.text
+
+
+def test_a_prompt_only_another_tenant_sent_is_new_and_the_reason_says_whose_requests_count() -> None:
+    recent = RecentPrompts()
+    recent.remember("other key\0", list(range(70)))
+    alone = reason(list(range(70)), 0, None, recent)  # the namespace "": no API key
+    assert alone.kind is MissKind.NEW_TOKENS
+    assert "no earlier request with this API key and cache_salt shares its start" in alone.text
+    recent.remember("", list(range(70)))
+    assert reason(list(range(70)), 69, None, recent).text.endswith(
+        "1 more token matches an earlier request: less than a whole 16-token block, or the prompt's last "
+        "token, which is always computed"
+    )
 
 
 @settings(max_examples=60, deadline=None)

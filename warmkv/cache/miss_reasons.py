@@ -200,6 +200,11 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return length
 
 
+# prompts are compared within a tenant: another API key (curl without one, an SDK with "unused") or
+# cache_salt has a cache of its own, and a user reading the log must be told why the other's does not count
+_OF_TENANT = "with this API key and cache_salt"
+
+
 def explain_miss(
     prompt_ids: list[int],
     cached_tokens: int,
@@ -224,15 +229,16 @@ def explain_miss(
     if entry and common < min(len(entry.token_ids), len(prompt_ids)):  # the two prompts part ways
         if common >= block_size:  # they shared whole blocks: an earlier prompt, edited
             return _changed(prompt_ids, entry.token_ids, common, cached_tokens, spans, tokenizer)
-        text = "new tokens: no earlier request shares a whole block with this prompt's start"
+        text = f"new tokens: no earlier request {_OF_TENANT} shares a whole block with this prompt's start"
         return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
     if common > cached_tokens:
+        more = common - cached_tokens
         text = (
-            f"{common - cached_tokens} more tokens match an earlier request: less than a whole "
-            f"{block_size}-token block, or the prompt's last token, which is always computed"
+            f"{more} more {'token matches' if more == 1 else 'tokens match'} an earlier request: less than a "
+            f"whole {block_size}-token block, or the prompt's last token, which is always computed"
         )
         return MissReason(MissKind.BELOW_MINIMUM, cached_tokens, *_message(span), _where(span) + text)
-    text = "new tokens" if entry else "new tokens: no earlier request shares this prompt's start"
+    text = "new tokens" if entry else f"new tokens: no earlier request {_OF_TENANT} shares its start"
     return MissReason(MissKind.NEW_TOKENS, cached_tokens, *_message(span), _where(span) + text)
 
 
