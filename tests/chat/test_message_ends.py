@@ -177,26 +177,3 @@ def test_ends_of_a_prompt_that_continues_its_last_message_equal_the_definition(n
     ends = anchors.message_ends(TOKENIZER, messages, None, template, text, False, continue_final=True)
     assert ends == by_definition(messages, template, text)
     assert len(messages) - 1 not in [index for index, _, _ in ends]
-
-
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_a_conversation_shaped_like_an_earlier_one_renders_no_prefix(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where a template ends messages in a stretch of its markup is learned once for every request: a later
-    conversation of the same shape (another session, other words) renders only its marked copy, and its
-    ends still equal the definition."""
-    template = TEMPLATES[name]
-
-    def conversation(words: str) -> list[dict[str, Any]]:
-        return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{words}?"},
-                {"role": "assistant", "content": f"Some {words}."},
-                {"role": "user", "content": "More?"}]  # fmt: skip
-
-    build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], conversation("apples"), None, None)
-    renders = Renders(monkeypatch)
-    later = conversation("pears")
-    prompt = build_chat_prompt(TOKENIZER, template, PARSERS["hermes"], later, None, None)
-    assert renders.count == 1
-    definition = by_definition(later, template, prompt.text)
-    assert [(span.index, span.text_end) for span in prompt.spans] == [(i, end) for i, _, end in definition]

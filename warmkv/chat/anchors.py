@@ -6,15 +6,12 @@ there). Rendering every prefix costs O(messages^2), so the ends come from two re
 conversation as the prompt is rendered, and with each message's text wrapped in marker characters, which
 locate every message's text in the first. Between two located texts lies template markup (the end of one
 message, the start of the next); where ends fall inside such a stretch is learned once per distinct
-stretch, by rendering the prefixes that end in it, and reused for every stretch like it, in this request
-and later ones. Should the markers change the rendering in any way, every prefix is rendered, as the
-definition says.
+stretch, by rendering the prefixes that end in it, and reused for every stretch like it. Should the markers
+change the rendering in any way, every prefix is rendered, as the definition says.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +56,7 @@ class _Prefixes:
     def __init__(self, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                  template: str, text: str, add_generation_prompt: bool,
                  continue_final: bool) -> None:  # fmt: skip
-        self.messages, self.text, self.template = messages, text, template
+        self.messages, self.text = messages, text
         self._render = lambda some, opened=False, continued=False: render_chat(
             tokenizer, some, tools, opened, template, continued
         )
@@ -100,6 +97,7 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
+    learned: dict[tuple[str, tuple[tuple[str, bool, tuple[str, ...]], ...], bool], list[tuple[int, int]]] = {}
     ends = []
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
@@ -110,44 +108,12 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
         owned = tuple(
             (messages[i]["role"], _markable(messages[i]), _other_fields(messages[i])) for i in indices
         )
-        key = (render.template, full[low:high], owned, high == len(full))
-        offsets = _LEARNED.get(key)
-        if offsets is None:  # (position among `indices`, offset within the stretch) of each end in it
+        key = (full[low:high], owned, high == len(full))
+        if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
             found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
-            offsets = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
-            _LEARNED.put(key, offsets)
-        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in offsets]
+            learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
+        ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
     return ends
-
-
-class _LearnedStretches:
-    """Where message ends fall in each distinct stretch of a template's markup, learned by rendering
-    prefixes and kept across requests (bounded, least recently used out): the stretch's text, its messages'
-    roles and fields and whether it ends the prompt say where the template ends a message in it, in any
-    conversation, as they do for every stretch like it in one. A conversation's stretches are mostly ones
-    earlier requests learned: each of a tau-bench request's ~4 prefix renders was ~40% of its rendering."""
-
-    CAPACITY = 4096
-
-    def __init__(self) -> None:
-        self._offsets: OrderedDict[tuple[Any, ...], list[tuple[int, int]]] = OrderedDict()
-        self._lock = threading.Lock()  # requests are rendered on several threads at once
-
-    def get(self, key: tuple[Any, ...]) -> list[tuple[int, int]] | None:
-        with self._lock:
-            offsets = self._offsets.get(key)
-            if offsets is not None:
-                self._offsets.move_to_end(key)
-            return offsets
-
-    def put(self, key: tuple[Any, ...], offsets: list[tuple[int, int]]) -> None:
-        with self._lock:
-            self._offsets[key] = offsets
-            if len(self._offsets) > self.CAPACITY:
-                self._offsets.popitem(last=False)
-
-
-_LEARNED = _LearnedStretches()
 
 
 def _other_fields(message: dict[str, Any]) -> tuple[str, ...]:
