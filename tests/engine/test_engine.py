@@ -302,6 +302,21 @@ def test_a_pool_too_small_for_two_blocks_is_refused_naming_the_minimum(tiny_llam
         LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=16))
 
 
+def test_a_failed_write_at_exit_still_gives_the_pool_back(
+    tiny_llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_for(tiny_llama)
+    run(engine, PROMPT, max_tokens=2)
+
+    def failing_close() -> None:
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(engine.prefix_cache, "close", failing_close)
+    with pytest.raises(RuntimeError, match="device fault"):
+        engine.close()
+    assert engine.pool.num_blocks == 0 and engine.pool.k.numel() == 0
+
+
 def graphs_replayed(engine: LLMEngine) -> list:
     """The shapes of the graphs the engine replays from now on, in order."""
     served, replay = [], engine.runner.graphs.forward

@@ -188,11 +188,13 @@ class LLMEngine:
     def close(self) -> None:
         """Finish the disk writer's queue, so what was computed survives the restart, then release the KV
         memory (pool, captured graphs, host tier): the engine serves no more requests."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.close()
-        self._in_flight = None  # the GPU finishes it before the pool's memory is reused (stream order)
-        self.runner.graphs = None
-        self.pool.release()
+        try:
+            if self.prefix_cache is not None:
+                self.prefix_cache.close()
+        finally:  # a failed write at exit (a device fault) must not keep the pool's memory
+            self._in_flight = None  # the GPU finishes it before the pool's memory is reused (stream order)
+            self.runner.graphs = None
+            self.pool.release()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
