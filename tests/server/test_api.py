@@ -266,6 +266,7 @@ def test_full_queue_answers_429(default_model) -> None:
         assert started.wait(30)
         response = httpx.post(f"{busy.url}/v1/chat/completions", json={**body, "stream": False})
         assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
+        assert response.headers["retry-after"] == "1"  # the SDKs wait this long before they retry
     finally:
         done.set()
         worker.join(60)

@@ -16,6 +16,8 @@ from warmkv.errors import WarmkvError, error_body, http_error
 
 log = logging.getLogger("warmkv.server")
 
+RETRY_AFTER_S = 1  # what a 429 (the server at its limit of pending requests) asks a client to wait
+
 
 class ApiError(Exception):
     """An error answered as is: its status, OpenAI error type, code and offending parameter."""
@@ -55,7 +57,10 @@ def install_error_handlers(app: FastAPI, writers: dict[str, ErrorWriter]) -> Non
                param: str | None = None) -> JSONResponse:  # fmt: skip
         path = request.url.path
         write = next((w for prefix, w in writers.items() if path.startswith(prefix)), openai_error)
-        return JSONResponse(write(status, kind, message, code, param), status_code=status)
+        # a full queue drains as requests finish: clients (the OpenAI and Anthropic SDKs) wait this long
+        # before they retry, rather than their own backoff's guess
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+        return JSONResponse(write(status, kind, message, code, param), status_code=status, headers=headers)
 
     @app.exception_handler(WarmkvError)
     async def _warmkv_error(request: Request, err: WarmkvError) -> JSONResponse:
