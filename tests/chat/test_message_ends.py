@@ -111,6 +111,20 @@ def test_turns_with_and_without_reasoning_learn_their_ends_apart() -> None:
     assert [(index, end == len(text)) for index, _, end in ends] == [(1, False), (2, True)]
 
 
+def test_two_turns_with_reasoning_each_end_where_the_definition_says() -> None:
+    """The same markup follows both replies with reasoning; the whole conversation writes the first one's
+    without it (an earlier user message's turn) and the last one's with it: rendered alone, the first ends
+    nowhere, the last one does. Learning the stretch after the first must not drop the last's end."""
+    reply = {"role": "assistant", "content": "ok", "reasoning_content": "think"}
+    tool = {"role": "tool", "content": "result"}
+    messages = [{"role": "user", "content": "a"}, reply, tool,
+                {"role": "user", "content": "b"}, dict(reply), tool]  # fmt: skip
+    text = render_chat(TOKENIZER, messages, None, True, REASONING_TEMPLATE)
+    ends = anchors.message_ends(TOKENIZER, messages, None, REASONING_TEMPLATE, text, True)
+    assert ends == by_definition(messages, REASONING_TEMPLATE, text)
+    assert 4 in [index for index, _, _ in ends]
+
+
 class Renders:
     """Counts the template renders of warmkv.chat.anchors."""
 

@@ -76,6 +76,9 @@ class _Prefixes:
         return len(prefix) if self.text.startswith(prefix) else None
 
 
+_Owner = tuple[str, bool, tuple[str, ...]]  # a message whose end may fall in a stretch: role, marked, fields
+
+
 def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | None:
     messages, full = render.messages, render.text  # every end learned below is checked against the prompt
     if len(messages) > 0xFFFFD - _NUMBER_BASE:
@@ -97,8 +100,9 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
     owners = [range(0, marked[0])] + [
         range(marked[k], marked[k + 1] if k + 1 < len(marked) else len(messages)) for k in range(len(marked))
     ]
-    learned: dict[tuple[str, tuple[tuple[str, bool, tuple[str, ...]], ...], bool], list[tuple[int, int]]] = {}
+    learned: dict[tuple[str, str, tuple[_Owner, ...], bool], list[tuple[int, int]]] = {}
     ends = []
+    before = ""  # the stretch before the text that opens this one: how the template opened that message
     for low, high, indices in zip(*bounds, owners, strict=True):
         if low > high:
             return None
@@ -108,11 +112,15 @@ def _ends_from_marked_render(render: _Prefixes) -> list[tuple[int, str, int]] | 
         owned = tuple(
             (messages[i]["role"], _markable(messages[i]), _other_fields(messages[i])) for i in indices
         )
-        key = (full[low:high], owned, high == len(full))
+        # and how the message before the stretch was opened: a template may write a message one way in the
+        # whole conversation and another way when it is the last (Qwen3's reasoning, kept only after the last
+        # user message), and then it ends there in one place and not in another of the same markup
+        key = (before, full[low:high], owned, high == len(full))
         if key not in learned:  # (position among `indices`, offset within the stretch) of each end in it
             found = [(j, render.end_of(i)) for j, i in enumerate(indices)]
             learned[key] = [(j, end - low) for j, end in found if end is not None and low <= end <= high]
         ends += [(indices[j], messages[indices[j]]["role"], low + offset) for j, offset in learned[key]]
+        before = full[low:high]
     return ends
 
 
