@@ -1,8 +1,20 @@
-"""The router's placement without servers: which replica a request goes to, by its anchors and the load."""
+"""The router's placement without servers: which replica a request goes to, by its anchors and the load;
+and its relay of an answer, against a stand-in replica."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
 from warmkv.router.affinity import Router, anchor_chain
+from warmkv.router.app import create_router_app
+from warmkv.server.embedded import serve_in_thread
 
 SYSTEM = {"role": "system", "content": "You are a helpful agent."}
 
@@ -39,3 +51,43 @@ def test_a_session_stays_with_its_kv_until_its_replica_is_busier_than_the_slack(
     assert router.candidates(grown) == ([other, home], 0)
     router.failed(other)  # a replica that is down is not tried while another is up
     assert router.candidates(grown)[0] == [home]
+
+
+def dying_replica() -> FastAPI:
+    """A replica that answers a stream's first event, then dies (its connection cut mid-answer)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def dying() -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            yield b'data: {"choices": []}\n\n'
+            await asyncio.sleep(0.2)
+            raise RuntimeError("the replica's process died")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def test_a_replica_dying_mid_answer_is_no_longer_counted_busy_and_rests() -> None:
+    """The client's stream is cut (it must not take the part for a whole answer); the router stops
+    counting the request in flight (it weighs every later placement) and rests the replica."""
+    replica = serve_in_thread(dying_replica())
+    router = Router([replica.url], down_s=60)
+    front = serve_in_thread(create_router_app(router))
+    try:
+        body = {"model": "m", "messages": [SYSTEM], "stream": True}
+        with pytest.raises(httpx.HTTPError), httpx.stream(
+            "POST", f"{front.url}/v1/chat/completions", json=body, timeout=30
+        ) as response:
+            assert response.status_code == 200
+            for _ in response.iter_lines():
+                pass
+        deadline = time.monotonic() + 10
+        while router.replicas[0].in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (health,) = httpx.get(f"{front.url}/health").json()["replicas"]
+        assert health["in_flight"] == 0 and health["failures"] == 1 and not health["up"]
+    finally:
+        front.stop()
+        replica.stop()

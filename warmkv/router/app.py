@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 
 from warmkv.errors import anthropic_error_body, error_body
 from warmkv.router.affinity import Replica, Router, anchor_chain, response_anchor
@@ -74,11 +73,10 @@ def create_router_app(router: Router, timeout_s: float = 600.0) -> FastAPI:
             if path == "/v1/responses" and upstream.status_code < 400:
                 answer = _noting_response_id(answer, router, replica)
             return StreamingResponse(
-                answer,
+                _relayed(answer, upstream, router, replica),
                 status_code=upstream.status_code,
                 media_type=upstream.headers.get("content-type"),
                 headers={"x-warmkv-replica": replica.url},
-                background=BackgroundTask(_finish, upstream, replica),
             )
         return _error(path, 503, "no replica is reachable", "service_unavailable")
 
@@ -138,6 +136,19 @@ async def _noting_response_id(answer: AsyncIterator[bytes], router: Router, repl
         yield chunk
 
 
-async def _finish(upstream: httpx.Response, replica: Replica) -> None:
-    await upstream.aclose()
-    replica.in_flight -= 1
+async def _relayed(answer: AsyncIterator[bytes], upstream: httpx.Response, router: Router, replica: Replica
+                   ) -> AsyncIterator[bytes]:  # fmt: skip
+    """The answer passed through. However the relay ends (the whole answer, the client leaving, the replica
+    dying part-way), the replica's connection is closed and its request no longer counted in flight; a
+    replica that dies part-way counts as failed, and the client's connection is cut, as the replica's was
+    (the status has been sent: a client must not read the part as a whole answer)."""
+    try:
+        async for chunk in answer:
+            yield chunk
+    except httpx.HTTPError as err:
+        router.failed(replica)
+        log.warning("replica %s failed part-way through an answer (%s)", replica.url, err)
+        raise
+    finally:
+        replica.in_flight -= 1
+        await upstream.aclose()
