@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,19 @@ def test_cli_explain_names_what_it_lacks(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["cache", "explain", str(tmp_path / "none.jsonl")])
     assert "no such trace file" in str(exited.value.code) and "None" not in str(exited.value.code)
+
+
+def test_explain_skips_lines_that_are_not_requests_and_names_them(tmp_path: Path) -> None:
+    """A trace cut by a crash, a blank line or someone else's JSON: the report names each line it skipped
+    and still totals the others (it was a traceback)."""
+    good = {"id": "chatcmpl-abc", "prompt_tokens": 100, "cached_tokens": 64, "cache_source": "live:64"}
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join([json.dumps(good), '{"a": 1}', "[]", "", json.dumps(good)[:30]]) + "\n")
+    report = admin.explain(trace)
+    skipped = [line.split()[:2] for line in report[2:5]]
+    assert skipped == [["2", "skipped:"], ["3", "skipped:"], ["5", "skipped:"]]
+    assert report[1].split()[:4] == ["1", "chatcmpl-abc", "100", "64"]
+    assert report[-1] == "total: 64 of 100 prompt tokens from cache (64.0%)"
 
 
 def test_cli_verify_exits_non_zero_on_corruption(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

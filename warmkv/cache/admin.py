@@ -164,14 +164,21 @@ def explain(trace: Path) -> list[str]:
     lines = [f"{'#':>3} {'request':14} {'prompt':>7} {'cached':>7} {'hit':>5}  {'from':18} why not more"]
     prompt_total = cached_total = 0
     for number, line in enumerate(trace.read_text().splitlines(), 1):
-        entry = json.loads(line)
-        prompt, cached = entry["prompt_tokens"], entry["cached_tokens"]
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            prompt, cached = int(entry["prompt_tokens"]), int(entry["cached_tokens"])
+            request, source = str(entry["id"])[-14:], entry.get("cache_source", "-")
+            why = ((entry.get("cache") or {}).get("miss") or {}).get("text")
+        except (ValueError, TypeError, KeyError, AttributeError) as err:  # cut by a crash, or not a trace's
+            skipped = f"not a request of `warmkv serve --trace` ({type(err).__name__})"
+            lines.append(f"{number:>3} skipped: {skipped}")
+            continue
         prompt_total, cached_total = prompt_total + prompt, cached_total + cached
-        miss = (entry.get("cache") or {}).get("miss") or {}
-        why = miss.get("text", "fully cached" if cached == prompt else "-")
+        why = why or ("fully cached" if cached == prompt else "-")
         hit = f"{100 * cached / prompt:.0f}%" if prompt else "-"
-        lines.append(f"{number:>3} {entry['id'][-14:]:14} {prompt:>7} {cached:>7} {hit:>5}  "
-                     f"{entry.get('cache_source', '-'):18} {why}")  # fmt: skip
+        lines.append(f"{number:>3} {request:14} {prompt:>7} {cached:>7} {hit:>5}  {source:18} {why}")
     share = 100 * cached_total / prompt_total if prompt_total else 0.0
     lines.append(f"total: {cached_total} of {prompt_total} prompt tokens from cache ({share:.1f}%)")
     return lines
