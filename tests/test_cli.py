@@ -16,6 +16,7 @@ import pytest
 from warmkv.cache.config import CacheConfig
 from warmkv.cli import build_parser, main
 from warmkv.config_flags import engine_config_from
+from warmkv.engine.config import EngineConfig
 from warmkv.errors import WarmkvError
 from warmkv.models.generation_config import generation_defaults
 
@@ -204,3 +205,10 @@ def test_a_stray_flag_is_named_with_its_command_usage(
     err = capsys.readouterr().err
     assert err.startswith(f"usage: warmkv {command} ")
     assert f"warmkv {command}: error: unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:abc", "mps"])
+def test_a_device_warmkv_cannot_run_on_is_one_line_naming_the_flag(device: str) -> None:
+    """It was torch's traceback (an unknown device string) or a failure later on (a device torch knows)."""
+    with pytest.raises(WarmkvError, match=f"^--device {device}: "):
+        EngineConfig(device=device).torch_device()

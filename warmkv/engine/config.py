@@ -47,7 +47,12 @@ class EngineConfig:
 
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:  # torch's own message lists every backend it knows
+            raise WarmkvError(f"--device {self.device}: give auto, cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise WarmkvError(f"--device {self.device}: warmkv runs on cpu or cuda (auto picks one)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise WarmkvError(f"--device {self.device}: CUDA is not available on this machine")
         return device
