@@ -212,3 +212,10 @@ def test_a_device_warmkv_cannot_run_on_is_one_line_naming_the_flag(device: str) 
     """It was torch's traceback (an unknown device string) or a failure later on (a device torch knows)."""
     with pytest.raises(WarmkvError, match=f"^--device {device}: "):
         EngineConfig(device=device).torch_device()
+
+
+def test_a_trace_file_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path: Path) -> None:
+    from warmkv.config_flags import serve_configs
+
+    with pytest.raises(WarmkvError, match=r"^--trace .*/missing/trace.jsonl: No such file or directory"):
+        serve_configs(["--trace", str(tmp_path / "missing" / "trace.jsonl")])

@@ -274,10 +274,23 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         tool_parser=args.tool_parser,
         predictive_prefill=not args.no_predictive_prefill,
         stable_tokens=not args.no_stable_tokens,
-        trace=Path(args.trace) if args.trace else None,
+        trace=_trace_file(args.trace),
         max_request_bytes=args.max_request_bytes,
         max_messages=args.max_messages,
     )
+
+
+def _trace_file(path: str | None) -> Path | None:
+    """The --trace file, known to take lines before the model loads (a folder that does not exist was a
+    traceback once the model had loaded)."""
+    if path is None:
+        return None
+    try:
+        with Path(path).open("a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise WarmkvError(f"--trace {path}: {err.strerror or err}") from err
+    return Path(path)
 
 
 def _read_template(path: str | None) -> str | None:
