@@ -219,3 +219,20 @@ def test_a_trace_file_that_cannot_be_written_is_one_line_before_the_model_loads(
 
     with pytest.raises(WarmkvError, match=r"^--trace .*/missing/trace.jsonl: No such file or directory"):
         serve_configs(["--trace", str(tmp_path / "missing" / "trace.jsonl")])
+
+
+def test_router_flags_are_checked_as_serve_checks_them() -> None:
+    """A port out of range, or in use, and a log level it does not know: one line naming the flag (a
+    traceback, or uvicorn's own words without the flag, before)."""
+    replica = ["router", "--replica", "http://127.0.0.1:1"]
+    with pytest.raises(SystemExit) as exited:
+        main([*replica, "--port", "99999"])
+    assert exited.value.code == "warmkv: error: --port must be between 0 and 65535, got 99999"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit) as exited:
+            main([*replica, "--port", str(taken.getsockname()[1])])
+    assert "is already in use" in str(exited.value.code) and "--port" in str(exited.value.code)
+    with pytest.raises(SystemExit):  # argparse names the flag and its choices
+        main([*replica, "--log-level", "chatty"])

@@ -15,6 +15,7 @@ from warmkv.cache.hit_policy import HitPolicyConfig, HitPolicyName
 from warmkv.engine.config import EngineConfig
 from warmkv.errors import WarmkvError
 from warmkv.server.limits import API_KEY_ENV, DEFAULT_MAX_MESSAGES, DEFAULT_MAX_REQUEST_BYTES
+from warmkv.server.serve import LOG_LEVELS
 
 if TYPE_CHECKING:
     from warmkv.server.app import ServerSettings
@@ -259,7 +260,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="tokenise each prompt's text whole, as text-keyed caches do (for comparisons)",
     )
     group.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level"
+        "--log-level", default="info", choices=LOG_LEVELS, help="server log level"
     )
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from warmkv.errors import WarmkvError
+from warmkv.server.serve import LOG_LEVELS, check_port_free
 
 
 def add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +20,7 @@ def add_router_flags(parser: argparse.ArgumentParser) -> None:
         "beyond the least busy one before the session moves",
     )  # fmt: skip
     parser.add_argument("--down-seconds", type=float, default=10.0, help="how long a failed replica rests")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
 
 def run_router(args: argparse.Namespace) -> None:
@@ -28,6 +29,7 @@ def run_router(args: argparse.Namespace) -> None:
     from warmkv.router.affinity import Router
     from warmkv.router.app import create_router_app
 
+    check_port_free(args.host, args.port)  # one line naming the flag, as serve says it
     if args.balance_slack < 0 or args.down_seconds <= 0:
         raise WarmkvError("--balance-slack must be >= 0 and --down-seconds > 0")
     bad = [url for url in args.replica if not url.startswith(("http://", "https://"))]

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from warmkv.engine.config import EngineConfig
     from warmkv.server.app import ServerSettings
 
+LOG_LEVELS = ("debug", "info", "warning", "error")  # --log-level of serve and router
+
 
 def run_server(
     config: EngineConfig, settings: ServerSettings, host: str, port: int, max_queue: int, log_level: str
