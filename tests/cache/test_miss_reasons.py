@@ -15,6 +15,9 @@ from warmkv.cache.miss_reasons import (
     explain_miss,
 )
 from warmkv.chat.anchors import MessageSpan
+from warmkv.engine.config import EngineConfig
+from warmkv.engine.llm_engine import LLMEngine
+from warmkv.engine.sampling import SamplingParams
 
 
 class Digits:
@@ -123,3 +126,19 @@ def test_nearest_is_the_longest_prefix_shared_with_any(remembered: list[list[int
         recent.remember("", earlier)
     shared = [_common_prefix(np.array(earlier), np.array(query)) for earlier in remembered]
     assert recent.nearest("", query).common == max(shared, default=0)
+
+
+def test_a_reply_resent_whole_is_not_called_evicted_for_its_last_token(tiny_llama) -> None:
+    """A reply's last token is sampled, never computed: a next turn that resends the reply finds all but it
+    cached (a partial block kept at the reply's end), and that token is new, not 'cached and evicted'
+    (a helper's probe saw 'tokens 367-368 were cached by an earlier request and evicted' on a pool that
+    never evicted)."""
+    engine = LLMEngine(tiny_llama, EngineConfig(kv_pool_tokens=4096))
+    first = list(engine.generate(list(range(500, 525)), SamplingParams(max_tokens=7, ignore_eos=True)))[-1]
+    history = first.sequence.token_ids  # 32 tokens, the last of them never computed
+    prompt = [*history, *range(700, 710)]
+    seq = list(engine.generate(prompt, SamplingParams(max_tokens=1)))[-1].sequence
+    assert seq.num_cached == 31
+    miss = explain_miss(prompt, seq.num_cached, seq.cache_hit.stop, seq.cache_hit.stopped_by,
+                        seq.cache_hit.nearest, [], Digits(), 16)  # fmt: skip
+    assert miss.kind is MissKind.NEW_TOKENS and "evicted" not in miss.text

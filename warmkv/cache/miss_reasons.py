@@ -138,6 +138,7 @@ class RecentPrompts:
         token_ids' first tokens as `nearest` converted them (a sequence's prompt, looked up when it was
         admitted; its tokens only grow), so only the rest is converted (a 32k prompt: 0.75 ms a conversion
         on an H100's host)."""
+        head = head[: len(token_ids) * _TOKEN.itemsize]  # (a prompt cut short: only what was computed)
         data = head + _as_bytes(token_ids[len(head) // _TOKEN.itemsize :])
         new = _Remembered(data, list(keys or []), next(self._clock))
         entries = self._by_namespace.setdefault(namespace, _Sorted())

@@ -668,9 +668,9 @@ class LLMEngine:
         seq.finish_reason = reason
         try:
             if self.prefix_cache is not None and keep_tail:
-                self.prefix_cache.finish(
-                    seq.cache_namespace, seq.token_ids, seq.block_hashes, seq.num_prompt_tokens,
-                    seq.cache_breakpoint, seq.cache_hit,
+                self.prefix_cache.finish(  # the tokens whose KV was computed (not the last one sampled)
+                    seq.cache_namespace, seq.token_ids[: seq.num_computed], seq.block_hashes,
+                    seq.num_prompt_tokens, seq.cache_breakpoint, seq.cache_hit,
                 )  # fmt: skip
             # message ends (the system prompt + tools first), and the turn's frontiers: where the prompt
             # ended, and where the reply (as computed) ends
