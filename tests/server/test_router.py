@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from warmkv.router.affinity import Router, anchor_chain
 from warmkv.router.app import create_router_app
@@ -88,6 +88,43 @@ def test_a_replica_dying_mid_answer_is_no_longer_counted_busy_and_rests() -> Non
             time.sleep(0.05)
         (health,) = httpx.get(f"{front.url}/health").json()["replicas"]
         assert health["in_flight"] == 0 and health["failures"] == 1 and not health["up"]
+    finally:
+        front.stop()
+        replica.stop()
+
+
+def slow_replica(seen: list[str]) -> FastAPI:
+    """A replica whose non-streamed answer takes seconds, and which notices its client leaving."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def slow(request: Request) -> Response:
+        for _ in range(200):
+            if await request.is_disconnected():
+                seen.append("client gone")
+                return Response(status_code=499)
+            await asyncio.sleep(0.05)
+        seen.append("answered")
+        return JSONResponse({"choices": []})
+
+    return app
+
+
+def test_a_client_leaving_a_non_streamed_request_cancels_it_on_the_replica() -> None:
+    """The replica stops (its work is the GPU's time) and the router counts nothing in flight; it went on
+    to the end, its answer thrown away."""
+    seen: list[str] = []
+    replica = serve_in_thread(slow_replica(seen))
+    router = Router([replica.url])
+    front = serve_in_thread(create_router_app(router))
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            body = {"model": "m", "messages": [SYSTEM]}
+            httpx.post(f"{front.url}/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 8
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == ["client gone"] and router.replicas[0].in_flight == 0
     finally:
         front.stop()
         replica.stop()

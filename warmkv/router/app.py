@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from warmkv.errors import anthropic_error_body, error_body
 from warmkv.router.affinity import Replica, Router, anchor_chain, response_anchor
+from warmkv.server.errors import ClientGone, until_disconnect
 
 log = logging.getLogger("warmkv.router")
 FORWARDED_HEADERS = ("authorization", "content-type", "openai-organization", "openai-project", "x-api-key",
@@ -50,10 +51,17 @@ def create_router_app(router: Router, timeout_s: float = 600.0) -> FastAPI:
             started = time.perf_counter()
             replica.in_flight += 1
             try:
-                upstream = await client.send(
+                # a non-streamed answer's headers come with its end: a client that leaves meanwhile cancels
+                # the request to the replica (its connection closed, its generation stops), as a replica
+                # asked directly does
+                upstream = await until_disconnect(request, client.send(
                     client.build_request("POST", f"{replica.url}{path}", content=raw, headers=headers),
                     stream=True,
-                )
+                ))  # fmt: skip
+            except ClientGone:
+                replica.in_flight -= 1
+                log.info("client disconnected before %s answered %s", replica.url, path)
+                return Response(status_code=499)
             except FAILOVER_ERRORS as err:
                 replica.in_flight -= 1
                 router.failed(replica)

@@ -3,9 +3,10 @@ them in the style of the API a route belongs to (OpenAI's body, or Anthropic's o
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,9 @@ from warmkv.errors import WarmkvError, error_body, http_error
 
 log = logging.getLogger("warmkv.server")
 
+T = TypeVar("T")
+
+DISCONNECT_CHECK_S = 0.2  # how often a request waiting on work looks whether its client is still there
 RETRY_AFTER_S = 1  # what a 429 (the server at its limit of pending requests) asks a client to wait
 
 
@@ -32,6 +36,23 @@ class ApiError(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before its response was complete."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so the generation, or the request to a replica) if the client
+    disconnects first: ClientGone then."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_CHECK_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def error_kind(err: BaseException) -> tuple[int, str, str | None]:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from warmkv.engine.llm_engine import StepOutput
 from warmkv.engine.sequence import Sequence
 from warmkv.errors import WarmkvError
-from warmkv.server.errors import ClientGone, error_kind
+from warmkv.server.errors import ClientGone, error_kind, until_disconnect
 from warmkv.server.generation import Generation, account
 from warmkv.server.request_log import RequestRecord
 from warmkv.server.state import ServerState
@@ -60,7 +60,7 @@ async def respond(
     so the reply's tool calls are known), with the first choice's sequence (the first output's)."""
     record = generation.record
     try:
-        first = await _until_disconnect(request, generation.first())
+        first = await until_disconnect(request, generation.first())
     except BaseException as err:
         record.status = 499 if isinstance(err, ClientGone) else error_kind(err)[0]
         account(record, state.metrics, state.request_log)
@@ -69,7 +69,7 @@ async def respond(
         events = _stream(state, first, generation, fmt, on_finish)
         return StreamingResponse(events, media_type="text/event-stream")
     try:
-        outputs = [first, *(await _until_disconnect(request, _collect(generation)))]
+        outputs = [first, *(await until_disconnect(request, _collect(generation)))]
     except ClientGone:
         record.status = 499
         raise
@@ -112,19 +112,3 @@ async def _stream(
 
 async def _collect(generation: Generation) -> list[StepOutput]:
     return [output async for output in generation]
-
-
-async def _until_disconnect(request: Request, work: Any) -> Any:
-    """Await `work`, cancelling it (and so the generation) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.2)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise ClientGone
-    finally:
-        if not task.done():
-            task.cancel()
