@@ -86,8 +86,10 @@ def test_a_replica_dying_mid_answer_is_no_longer_counted_busy_and_rests() -> Non
         deadline = time.monotonic() + 10
         while router.replicas[0].in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        (health,) = httpx.get(f"{front.url}/health").json()["replicas"]
+        answer = httpx.get(f"{front.url}/health")
+        (health,) = answer.json()["replicas"]
         assert health["in_flight"] == 0 and health["failures"] == 1 and not health["up"]
+        assert answer.status_code == 503  # its only replica rests: nowhere to send a request
     finally:
         front.stop()
         replica.stop()

@@ -104,9 +104,12 @@ def create_router_app(router: Router, timeout_s: float = 600.0) -> FastAPI:
         return JSONResponse(error_body("no replica is reachable", "service_unavailable"), 503)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"replicas": [{"url": r.url, "up": r.up, "in_flight": r.in_flight, "served": r.served,
-                              "failures": r.failures} for r in router.replicas]}  # fmt: skip
+    async def health() -> JSONResponse:
+        """Each replica's state; 503 while every one is resting after a failure, so that a load balancer's
+        health check sees a router that has nowhere to send requests."""
+        replicas = [{"url": r.url, "up": r.up, "in_flight": r.in_flight, "served": r.served,
+                     "failures": r.failures} for r in router.replicas]  # fmt: skip
+        return JSONResponse({"replicas": replicas}, 200 if any(r.up for r in router.replicas) else 503)
 
     return app
 
