@@ -149,7 +149,9 @@ def sample_rows(
         )
         outside[:, 0] = False  # the likeliest token stays, however small top_p is
         probs = probs.masked_fill(torch.empty_like(outside).scatter_(1, order, outside), 0.0)
-    noise = torch.empty_like(probs).exponential_()  # the unseeded rows' draws in one call, not one per row
+    noise = torch.empty_like(probs)
+    if None in generators:  # the unseeded rows' draws in one call, not one per row
+        noise.exponential_()
     for row, generator in enumerate(generators):
         if generator is not None:  # a seeded row draws from its own generator alone: reproducible
             noise[row].exponential_(generator=generator)
